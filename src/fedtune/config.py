@@ -1,0 +1,247 @@
+"""The configuration of a run: pydantic models, loaded from YAML or TOML.
+
+A run is fully described by :class:`RunConfig`. Files are validated strictly
+(an unknown key is an error naming the valid ones), ``-o key.path=value``
+overrides are applied before validation, and the resolved config is written
+into the run directory so every run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedtune.errors import FedtuneError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the examples come from and which columns mean what."""
+
+    name: str = "sst2"
+    """A registered dataset name (see ``fedtune data list``) or a path to a CSV/TSV/JSON/JSONL file or folder."""
+    text_column: str | None = None
+    """Column holding the input text (registered datasets set it; required for a local file)."""
+    text_pair_column: str | None = None
+    """Optional second text column (sentence pairs, e.g. SNLI's hypothesis)."""
+    label_column: str | None = None
+    """Column holding the label (registered datasets set it; required for a local classification file)."""
+    train_split: str = "train"
+    eval_split: str | None = None
+    """Held-out split for global evaluation; default: the dataset's own dev/test split."""
+    max_train_examples: int | None = Field(default=None, ge=1)
+    """Use a seeded random subset of the training split of at most this size."""
+    max_eval_examples: int | None = Field(default=None, ge=1)
+    on_malformed: Literal["error", "skip"] = "error"
+    """``error``: a malformed row stops the run, naming file and line. ``skip``: it is dropped and counted in the run log."""
+
+
+class PartitionConfig(_Strict):
+    """How the training examples are split across clients."""
+
+    method: Literal["iid", "dirichlet", "pathological", "natural", "quantity"] = "iid"
+    num_clients: int = Field(default=8, ge=1)
+    by: str = "label"
+    """Column to partition over (Dirichlet, pathological, natural)."""
+    alpha: float = Field(default=0.5, gt=0)
+    """Dirichlet concentration: small = skewed, large = close to IID."""
+    classes_per_client: int = Field(default=2, ge=1)
+    """Pathological partition: number of distinct values of ``by`` per client."""
+    quantity_skew: float = Field(default=1.0, gt=0)
+    """Quantity-skew partition: client sizes follow a power law with this exponent (1.0 = Zipf-like)."""
+    min_client_size: int = Field(default=10, ge=0)
+    """Dirichlet: resample until every client has at least this many examples."""
+    client_test_fraction: float = Field(default=0.0, ge=0, lt=1)
+    """Fraction of each client's shard held out as its own test shard (personalised evaluation)."""
+
+
+class ModelConfig(_Strict):
+    """The base model and the task head."""
+
+    name: str = "minilm"
+    """A packaged default (``minilm``, ``smollm2-135m``), a Hugging Face id, or a local folder."""
+    task: Literal["classification"] = "classification"
+    max_length: int = Field(default=128, ge=8)
+    """Inputs are truncated to this many tokens; batches are padded only to their longest member."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class LoraConfig(_Strict):
+    """LoRA adapters (peft): W + (alpha / r) · B A on each target module."""
+
+    r: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    """Module names to adapt; default: the attention projections of the architecture."""
+    train_head: bool = True
+    """Train (and federate) the task head, e.g. the classifier of a classification model."""
+
+
+class TrainConfig(_Strict):
+    """The local objective each client runs per round."""
+
+    local_steps: int | None = Field(default=None, ge=1)
+    """Optimiser steps per client per round (set this or ``local_epochs``; default 10 steps)."""
+    local_epochs: float | None = Field(default=None, gt=0)
+    """Passes over the client's shard per round, instead of ``local_steps``."""
+    batch_size: int = Field(default=16, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=5e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Across rounds: round r uses lr · s(r); cosine decays to ``min_lr_ratio`` · lr at the last round."""
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "TrainConfig":
+        if self.local_epochs is not None and self.local_steps is not None:
+            raise ValueError("set only one of train.local_steps and train.local_epochs")
+        if self.local_epochs is None and self.local_steps is None:
+            self.__dict__["local_steps"] = 10
+        return self
+
+
+class FederationConfig(_Strict):
+    """Rounds and client sampling."""
+
+    rounds: int = Field(default=10, ge=1)
+    clients_per_round: int | None = Field(default=None, ge=1)
+    """Clients sampled each round; default all (or ``fraction`` of them)."""
+    fraction: float | None = Field(default=None, gt=0, le=1)
+
+
+class AlgorithmConfig(_Strict):
+    """Which federated algorithm runs, and its own options."""
+
+    name: str = "fedit"
+    """``fedit``, ``local``, ``centralized`` (see ``fedtune algorithms``)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Algorithm-specific options, validated by the algorithm itself."""
+
+
+class EvalConfig(_Strict):
+    every: int = Field(default=1, ge=0)
+    """Evaluate every this many rounds (0: only after the last round)."""
+    batch_size: int = Field(default=64, ge=1)
+    per_client: bool = False
+    """Also evaluate on every client's own test shard (always on for personalised algorithms)."""
+
+
+class RunConfig(_Strict):
+    """Everything that defines a run."""
+
+    name: str = "run"
+    output_dir: Path = Path("runs")
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    threads: int | None = Field(default=None, ge=1)
+    """torch intra-op threads; default: all cores."""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FedtuneError(f"config file not found: {path} (give the path to a .yaml or .toml file)")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise FedtuneError(f"config file {path} must end in .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        detail = " ".join(str(e).split())
+        raise FedtuneError(f"config file {path} is not valid {path.suffix[1:].upper()}: {detail}") from None
+    if not isinstance(data, dict):
+        raise FedtuneError(f"config file {path} must hold a mapping of sections (data, model, lora, ...)")
+    return data
+
+
+def _model_at(path: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = RunConfig
+    for key in path:
+        if model is None or key not in model.model_fields:
+            return None
+        ann = model.model_fields[key].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (``8``, ``0.5``, ``[q, v]``)."""
+    if "=" not in override:
+        raise FedtuneError(f"override '{override}' must look like key.path=value, e.g. -o lora.r=16")
+    key, _, raw = override.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise FedtuneError(f"override '{override}' has an empty key; use e.g. -o lora.r=16")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise FedtuneError(f"override '{override}': '{p}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _explain(err: ValidationError) -> str:
+    """Turn pydantic's report into one line per problem, naming valid keys for typos."""
+    lines = []
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"]]
+        where = ".".join(loc) or "config"
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(loc[-1], valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"unknown key '{where}'{hint} (valid keys here: {', '.join(valid)})")
+        else:
+            lines.append(f"'{where}': {e['msg']} (got {e.get('input')!r})")
+    return "invalid config: " + "; ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a config file (or the defaults when ``path`` is None), apply overrides, validate."""
+    data = _read_file(Path(path)) if path is not None else {}
+    for o in overrides or []:
+        apply_override(data, o)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise FedtuneError(_explain(e)) from None
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

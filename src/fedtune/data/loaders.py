@@ -1,0 +1,349 @@
+"""A dataset as a task: train and eval splits, which columns are text and label, label names.
+
+:func:`load_task_data` finds the data (:mod:`fedtune.data.sources`), reads the
+train and eval splits (:mod:`fedtune.data.readers`), checks every row (the text
+columns hold non-empty text, the label is in the label set), maps labels to
+integers 0..K-1 and draws the seeded subsets asked for by ``max_train_examples``
+and ``max_eval_examples``. A malformed row stops the load, naming file and
+line, or with ``on_malformed="skip"`` is dropped and counted in
+``TaskData.skipped_rows``. :func:`describe` returns plain data about a dataset
+for ``fedtune data show``; :func:`describe_table` renders it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+from rich.table import Table
+
+from fedtune.config import DataConfig
+from fedtune.data.readers import Problem, RawTable
+from fedtune.data.registry import Kind
+from fedtune.data.sources import Location, locate
+from fedtune.errors import FedtuneError
+
+_EVAL_SPLITS = ("dev", "validation", "val", "test")
+"""Held-out split names tried, in order, for a dataset without a registered default."""
+
+_INT = re.compile(r"[+-]?\d+")
+
+
+@dataclass
+class TaskData:
+    """The examples of one task, ready for partitioning and tokenisation.
+
+    Classification: ``label_column`` holds integers 0..K-1 naming ``label_names``.
+    Multiple choice: the same, and the choice texts lie in the columns named by
+    ``label_names`` (MMLU: ``A``..``D``). Instruction: ``label_column`` is None and
+    ``target_column`` holds the response. Extra columns (e.g. MMLU's ``subject``)
+    are kept so partitioners can use them.
+    """
+
+    name: str
+    kind: Kind
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    text_columns: tuple[str, ...]
+    label_column: str | None
+    label_names: list[str]
+    source: str
+    skipped_rows: int = 0
+    target_column: str | None = None
+
+
+@dataclass(frozen=True)
+class _Schema:
+    """What every row of a task must hold."""
+
+    kind: Kind
+    text_columns: tuple[str, ...]
+    required: tuple[str, ...]
+    """Columns that must hold non-empty text."""
+    label_column: str | None = None
+    label_values: tuple[str, ...] | None = None
+    """Labels as written in the data, in class order; None: the sorted labels of the training split."""
+    label_names: tuple[str, ...] | None = None
+    target_column: str | None = None
+
+
+def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
+    """Load the train and eval splits named by ``cfg``; subsets are drawn with ``np.random.default_rng(seed)``."""
+    loc = locate(cfg.name)
+    train_tables = loc.read(cfg.train_split)
+    schema = _schema(loc, cfg, train_tables[0])
+    if schema is None:
+        raise FedtuneError(
+            f"data.text_column and data.label_column are required to train on {train_tables[0].origin} "
+            f"(columns: {', '.join(train_tables[0].columns)}); set them to the input text and label columns"
+        )
+    values = schema.label_values or _label_order(train_tables, schema.label_column)
+    train, problems = _rows(train_tables, schema, values)
+    eval_split = cfg.eval_split or _default_eval(loc, cfg.train_split)
+    evaluation = None
+    if eval_split is not None:
+        evaluation, eval_problems = _rows(loc.read(eval_split), schema, values)
+        problems += eval_problems
+    if problems and cfg.on_malformed == "error":
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise FedtuneError(
+            f"malformed row at {problems[0]}{more}; fix the data or set data.on_malformed=skip to drop such rows"
+        )
+    if not _length(train):
+        raise FedtuneError(f"split '{cfg.train_split}' of {loc.source} has no usable rows; check the file")
+    return TaskData(
+        name=cfg.name,
+        kind=schema.kind,
+        train=_dataset(_subset(train, cfg.max_train_examples, seed), loc.source),
+        eval=None if evaluation is None else _dataset(_subset(evaluation, cfg.max_eval_examples, seed), loc.source),
+        text_columns=schema.text_columns,
+        label_column=schema.label_column,
+        label_names=list(schema.label_names or values),
+        source=loc.source,
+        skipped_rows=len(problems),
+        target_column=schema.target_column,
+    )
+
+
+def describe(data: str | DataConfig) -> dict[str, Any]:
+    """Plain facts about a dataset: split sizes, malformed rows, columns, labels and the first 3 rows.
+
+    A name or path is described as it would load with default settings; pass a
+    :class:`DataConfig` to name the text and label columns of a user's file.
+    Malformed rows are counted per split, not raised.
+    """
+    cfg = data if isinstance(data, DataConfig) else DataConfig(name=data)
+    loc = locate(cfg.name)
+    train_split = cfg.train_split if cfg.train_split in loc.splits else loc.splits[0]
+    tables = {split: loc.read(split) for split in loc.splits}
+    schema = _schema(loc, cfg, tables[train_split][0])
+    values: tuple[str, ...] = ()
+    if schema is not None:
+        values = schema.label_values or _label_order(tables[train_split], schema.label_column)
+    splits, columns = {}, {}
+    for split, split_tables in tables.items():
+        if schema is None:
+            rows, problems = _concat([t.columns for t in split_tables]), [p for t in split_tables for p in t.problems]
+        else:
+            rows, problems = _rows(split_tables, schema, values)
+        splits[split] = {"rows": _length(rows), "malformed": len(problems)}
+        columns[split] = rows
+    train = columns[train_split]
+    label_column = schema.label_column if schema else None
+    label_names = list(schema.label_names or values) if schema else []
+    counts = Counter(train[label_column]) if label_column else Counter()
+    return {
+        "name": cfg.name,
+        "source": loc.source,
+        "kind": schema.kind if schema else None,
+        "description": loc.spec.description if loc.spec else "",
+        "splits": splits,
+        "train_split": train_split,
+        "eval_split": cfg.eval_split or _default_eval(loc, train_split),
+        "columns": list(train),
+        "text_columns": list(schema.text_columns) if schema else [],
+        "label_column": label_column,
+        "label_names": label_names,
+        "label_counts": {name: counts[i] for i, name in enumerate(label_names)} if label_column else {},
+        "examples": [{c: v[i] for c, v in train.items()} for i in range(min(3, _length(train)))],
+    }
+
+
+def describe_table(info: dict[str, Any], width: int = 100) -> Table:
+    """A rich table of :func:`describe`'s result; long example fields are cut to ``width`` characters."""
+    kind = info["kind"] or "unknown: set data.text_column and data.label_column to train on it"
+    table = Table(title=f"{info['name']} ({kind})", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    sizes = [
+        f"{split} {s['rows']:,}" + (f" ({s['malformed']} malformed)" if s["malformed"] else "")
+        for split, s in info["splits"].items()
+    ]
+    rows = [
+        ("description", info["description"]),
+        ("source", info["source"]),
+        ("splits", " · ".join(sizes)),
+        ("train / eval", f"{info['train_split']} / {info['eval_split'] or '-'}"),
+        ("columns", ", ".join(info["columns"])),
+        ("text", ", ".join(info["text_columns"])),
+        ("label", info["label_column"] or "-"),
+        ("labels", ", ".join(f"{i} {n} ({c:,})" for i, (n, c) in enumerate(info["label_counts"].items()))),
+    ]
+    names, label = info["label_names"], info["label_column"]
+    for i, example in enumerate(info["examples"]):
+        fields = [
+            f"{c}: {_clip(v, width)}" + (f" ({names[v]})" if c == label and v is not None else "")
+            for c, v in example.items()
+        ]
+        rows.append((f"example {i + 1}", "\n".join(fields)))
+    for field, value in rows:
+        if value:
+            table.add_row(field, value)
+    return table
+
+
+def _schema(loc: Location, cfg: DataConfig, first: RawTable) -> _Schema | None:
+    """The registered task, or one read from ``cfg`` and the columns of a user's data (None: not enough said)."""
+    spec = loc.spec
+    if spec is not None:
+        given = {"text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column, "label_column": cfg.label_column}
+        own = {
+            "text_column": spec.text_columns[0],
+            "text_pair_column": spec.text_columns[1] if len(spec.text_columns) > 1 else None,
+            "label_column": spec.label_column,
+        }
+        for key, value in given.items():
+            if value is not None and value != own[key]:
+                raise FedtuneError(
+                    f"dataset '{spec.name}' sets its own columns (text: {', '.join(spec.text_columns)}; "
+                    f"label: {spec.label_column or '-'}); remove data.{key}, or load the files by path to choose columns"
+                )
+        return _Schema(
+            kind=spec.kind,
+            text_columns=spec.text_columns,
+            required=_required(spec.kind, spec.text_columns) + spec.required,
+            label_column=spec.label_column,
+            label_values=spec.label_values or None,
+            label_names=spec.label_names or None,
+            target_column=spec.target_column,
+        )
+    columns = list(first.columns)
+
+    def check(key: str, column: str) -> None:
+        if column not in columns:
+            raise FedtuneError(
+                f"data.{key} '{column}' is not a column of {first.origin} (columns: {', '.join(columns)}); "
+                f"set data.{key} to one of them"
+            )
+
+    if cfg.label_column is not None and cfg.text_column is not None:
+        check("text_column", cfg.text_column)
+        check("label_column", cfg.label_column)
+        if cfg.text_pair_column is not None:
+            check("text_pair_column", cfg.text_pair_column)
+        text = (cfg.text_column,) + ((cfg.text_pair_column,) if cfg.text_pair_column else ())
+        names = loc.class_names(cfg.label_column)
+        return _Schema(
+            kind="classification",
+            text_columns=text,
+            required=text,
+            label_column=cfg.label_column,
+            label_values=tuple(str(i) for i in range(len(names))) if names else None,
+            label_names=names,
+        )
+    if cfg.label_column is None and cfg.text_column is None and {"instruction", "output"} <= set(columns):
+        text = ("instruction", "input") if "input" in columns else ("instruction",)
+        return _Schema("instruction", text, _required("instruction", text) + ("output",), target_column="output")
+    return None
+
+
+def _required(kind: Kind, text_columns: tuple[str, ...]) -> tuple[str, ...]:
+    """Text columns that must be non-empty: all of them, except an instruction's optional ``input``."""
+    return text_columns[:1] if kind == "instruction" else text_columns
+
+
+def _default_eval(loc: Location, train_split: str) -> str | None:
+    candidates = [loc.spec.eval_split] if loc.spec else list(_EVAL_SPLITS)
+    return next((s for s in candidates if s in loc.splits and s != train_split), None)
+
+
+def _raw_label(value: Any) -> str | None:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = "" if value is None else str(value).strip()
+    return text or None
+
+
+def _label_order(tables: Sequence[RawTable], column: str | None) -> tuple[str, ...]:
+    """The distinct labels of the training split: numerically sorted if all are integers, else sorted as text."""
+    if column is None:
+        return ()
+    seen = {_raw_label(v) for t in tables for v in t.columns.get(column, ())} - {None}
+    numeric = all(_INT.fullmatch(v) for v in seen)
+    return tuple(sorted(seen, key=int if numeric else None))
+
+
+def _rows(tables: Sequence[RawTable], schema: _Schema, values: tuple[str, ...]) -> tuple[dict[str, list], list[Problem]]:
+    """The valid rows of a split's tables, labels as class indices, and every malformed row found."""
+    index = {v: i for i, v in enumerate(values)}
+    parts, problems = [], []
+    for table in tables:
+        columns, table_problems = _check(table, schema, index)
+        parts.append(columns)
+        problems += table_problems
+    return _concat(parts), problems
+
+
+def _check(table: RawTable, schema: _Schema, index: dict[str, int]) -> tuple[dict[str, list], list[Problem]]:
+    needed = schema.required + ((schema.label_column,) if schema.label_column else ())
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        raise FedtuneError(
+            f"{table.origin} has no column '{missing[0]}' (columns: {', '.join(table.columns)}); fix the file"
+        )
+    bad: dict[int, str] = {}
+    for column in schema.required:
+        for i, v in enumerate(table.columns[column]):
+            if not isinstance(v, str) or not v.strip():
+                what = "is empty" if v is None or isinstance(v, str) else f"holds {type(v).__name__}, not text"
+                bad.setdefault(i, f"column '{column}' {what}")
+    columns = dict(table.columns)
+    if schema.label_column:
+        labels = []
+        for i, v in enumerate(table.columns[schema.label_column]):
+            raw = _raw_label(v)
+            label = index.get(raw) if raw is not None else None
+            if label is None:
+                bad.setdefault(i, "missing label" if raw is None else f"label '{raw}' is not one of {', '.join(index)}")
+            labels.append(label)
+        columns[schema.label_column] = labels
+    problems = table.problems + [Problem(table.origin, table.lines[i], reason) for i, reason in bad.items()]
+    problems.sort(key=lambda p: p.line)
+    if bad:
+        keep = [i for i in range(len(table)) if i not in bad]
+        columns = {c: [v[i] for i in keep] for c, v in columns.items()}
+    return columns, problems
+
+
+def _concat(parts: Sequence[dict[str, list]]) -> dict[str, list]:
+    """Columns of several tables one after another; a column some table lacks is None there."""
+    if len(parts) == 1:
+        return parts[0]
+    names = list(dict.fromkeys(c for part in parts for c in part))
+    out: dict[str, list] = {c: [] for c in names}
+    for part in parts:
+        n = _length(part)
+        for c in names:
+            out[c].extend(part.get(c, [None] * n))
+    return out
+
+
+def _length(columns: dict[str, list]) -> int:
+    return len(next(iter(columns.values()), []))
+
+
+def _subset(columns: dict[str, list], limit: int | None, seed: int) -> dict[str, list]:
+    """A seeded random subset of at most ``limit`` rows, in their original order."""
+    n = _length(columns)
+    if limit is None or n <= limit:
+        return columns
+    keep = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+    return {c: [v[i] for i in keep] for c, v in columns.items()}
+
+
+def _dataset(columns: dict[str, list], source: str) -> datasets.Dataset:
+    try:
+        return datasets.Dataset.from_dict(columns)
+    except (ValueError, TypeError) as e:  # pyarrow's ArrowInvalid / ArrowTypeError for mixed value types
+        detail = " ".join(str(e).split())[:200]
+        raise FedtuneError(f"{source}: a column mixes value types ({detail}); make every column hold one type") from None
+
+
+def _clip(value: Any, width: int) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,260 @@
+"""Splitting the training examples across clients.
+
+:func:`partition_clients` returns one sorted index array per client. Every
+method is deterministic for a seed; every method but ``natural`` changes with
+the seed. Clients are disjoint, and together they hold every example, except
+under ``pathological``, where the rows of a value of ``by`` that no client
+draws stay unused (possible only when ``num_clients`` is smaller than the
+number of values; :func:`partition_summary` reports the count).
+
+- ``iid``: a seeded permutation cut into near-equal shards.
+- ``dirichlet``: per value of ``by``, client shares ~ Dir(alpha); the draw is
+  repeated (up to 10 times) until every client has ``min_client_size`` rows.
+- ``pathological``: each client holds ``classes_per_client`` distinct values of
+  ``by``; client i's first value is value ``i mod V`` (so all values are used
+  when ``num_clients >= V``), the others are drawn at random.
+- ``natural``: one client per distinct value of ``by`` (sorted); with fewer
+  clients than values, value j goes to client ``j mod num_clients``. It does
+  not depend on the seed.
+- ``quantity``: IID labels; client i (from 1) gets a share proportional to
+  ``i ** -quantity_skew``.
+
+``dirichlet``, ``pathological`` and ``quantity`` are flwr-datasets partitioners
+run on a seeded permutation of the rows, so which rows of a value a client gets
+is random rather than file order. ``iid`` and ``natural`` are written here:
+flwr's ``IidPartitioner`` cuts contiguous unshuffled shards, and
+``NaturalIdPartitioner`` cannot group values into a given number of clients.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+from rich.table import Table
+
+from fedtune.config import PartitionConfig
+from fedtune.errors import FedtuneError
+
+
+def partition_clients(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+    """One sorted int64 index array into ``train`` per client (see the module doc for each method)."""
+    n, k = len(train), cfg.num_clients
+    if k > n:
+        raise FedtuneError(
+            f"partition.num_clients={k} is more than the {n} training examples; lower partition.num_clients"
+        )
+    parts = _METHODS[cfg.method](train, cfg, seed)
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def split_client_test(indices: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split one client's indices into (train, test), ``fraction`` of them (rounded) held out.
+
+    With ``fraction > 0`` and at least two indices, both sides keep at least one.
+    Pass a different seed per client (e.g. ``seed * 100_003 + client_id``).
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    n = len(indices)
+    n_test = int(round(fraction * n))
+    if fraction > 0 and n >= 2:
+        n_test = min(max(n_test, 1), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(indices[order[n_test:]]), np.sort(indices[order[:n_test]])
+
+
+def partition_summary(
+    train: datasets.Dataset,
+    parts: Sequence[np.ndarray],
+    label_column: str | None,
+    label_names: Sequence[str],
+) -> dict[str, Any]:
+    """Client sizes and, given a label column, each client's label counts and entropy (JSON-serialisable).
+
+    ``mean_label_entropy`` is the mean over non-empty clients of the entropy (bits)
+    of their label distribution: low under label skew, near log2(K) when IID.
+    """
+    sizes = np.array([len(p) for p in parts], dtype=np.int64)
+    summary: dict[str, Any] = {
+        "num_clients": len(parts),
+        "num_examples": len(train),
+        "assigned": int(sizes.sum()),
+        "sizes": sizes.tolist(),
+        "size_min": int(sizes.min()),
+        "size_mean": float(sizes.mean()),
+        "size_max": int(sizes.max()),
+        "size_std": float(sizes.std()),
+    }
+    if label_column is None:
+        return summary
+    labels = _values(train, label_column, "label column").astype(np.int64)
+    num_labels = max(len(label_names), int(labels.max()) + 1 if len(labels) else 0)
+    counts = np.stack([np.bincount(labels[p], minlength=num_labels) for p in parts])
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.nansum(np.where(shares > 0, shares * np.log2(shares), 0.0), axis=1)
+    summary.update(
+        label_column=label_column,
+        label_names=list(label_names) or [str(i) for i in range(num_labels)],
+        label_counts=counts.tolist(),
+        labels_per_client=(counts > 0).sum(axis=1).tolist(),
+        mean_label_entropy=float(entropy[sizes > 0].mean()),
+    )
+    return summary
+
+
+def summary_table(summary: dict[str, Any], max_rows: int = 20, max_labels: int = 10) -> Table:
+    """A rich table of :func:`partition_summary`: one row per client (the first ``max_rows``)."""
+    caption = (
+        f"{summary['num_clients']} clients · {summary['assigned']:,} of {summary['num_examples']:,} examples · "
+        f"size min {summary['size_min']:,} / mean {summary['size_mean']:,.1f} / max {summary['size_max']:,}"
+    )
+    if "mean_label_entropy" in summary:
+        caption += f" · mean label entropy {summary['mean_label_entropy']:.3f} bits"
+    table = Table(caption=caption)
+    table.add_column("client", justify="right")
+    table.add_column("examples", justify="right")
+    names = summary.get("label_names", [])
+    per_label = 0 < len(names) <= max_labels
+    if per_label:
+        for name in names:
+            table.add_column(str(name), justify="right")
+    elif names:
+        table.add_column("distinct labels", justify="right")
+    for cid, size in enumerate(summary["sizes"][:max_rows]):
+        cells = [str(cid), f"{size:,}"]
+        if per_label:
+            cells += [f"{c:,}" for c in summary["label_counts"][cid]]
+        elif names:
+            cells.append(str(summary["labels_per_client"][cid]))
+        table.add_row(*cells)
+    if summary["num_clients"] > max_rows:
+        table.add_row("…", f"{summary['num_clients'] - max_rows} more clients")
+    return table
+
+
+# --------------------------------------------------------------------------- methods
+
+_BY = "by"
+"""The one column of the small table handed to flwr-datasets partitioners."""
+
+
+def _iid(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+    return np.array_split(np.random.default_rng(seed).permutation(len(train)), cfg.num_clients)
+
+
+def _natural(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+    values = _values(train, cfg.by, "partition.by")
+    distinct, inverse = np.unique(values, return_inverse=True)
+    if cfg.num_clients > len(distinct):
+        raise FedtuneError(
+            f"partition.method=natural needs at most one client per value of '{cfg.by}', which has "
+            f"{len(distinct)}; set partition.num_clients to at most {len(distinct)}"
+        )
+    client = inverse.ravel() % cfg.num_clients
+    order = np.argsort(client, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(client, minlength=cfg.num_clients))[:-1])
+
+
+def _dirichlet(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    values = _values(train, cfg.by, "partition.by")
+    if cfg.min_client_size * cfg.num_clients > len(values):
+        raise FedtuneError(
+            f"partition.min_client_size={cfg.min_client_size} × {cfg.num_clients} clients exceeds the "
+            f"{len(values)} training examples; lower partition.min_client_size or partition.num_clients"
+        )
+    partitioner = DirichletPartitioner(
+        num_partitions=cfg.num_clients,
+        partition_by=_BY,
+        alpha=float(cfg.alpha),
+        min_partition_size=cfg.min_client_size,
+        self_balancing=False,
+        shuffle=False,
+        seed=seed,
+    )
+    hint = (
+        f"no Dirichlet draw gave all {cfg.num_clients} clients at least {cfg.min_client_size} examples "
+        f"(alpha={cfg.alpha}); raise partition.alpha, or lower partition.min_client_size or partition.num_clients"
+    )
+    return _run_flwr(partitioner, values, seed, hint)
+
+
+def _pathological(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+    from flwr_datasets.partitioner import PathologicalPartitioner
+
+    values = _values(train, cfg.by, "partition.by")
+    distinct = len(np.unique(values))
+    if cfg.classes_per_client > distinct:
+        raise FedtuneError(
+            f"partition.classes_per_client={cfg.classes_per_client} is more than the {distinct} values of "
+            f"'{cfg.by}'; set it to at most {distinct}"
+        )
+    partitioner = PathologicalPartitioner(
+        num_partitions=cfg.num_clients,
+        partition_by=_BY,
+        num_classes_per_partition=cfg.classes_per_client,
+        class_assignment_mode="first-deterministic",
+        shuffle=False,
+        seed=seed,
+    )
+    hint = (
+        f"some value of '{cfg.by}' is drawn by more clients than it has examples; "
+        "lower partition.num_clients or partition.classes_per_client"
+    )
+    return _run_flwr(partitioner, values, seed, hint)
+
+
+def _quantity(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+    from flwr_datasets.partitioner import IdToSizeFncPartitioner
+
+    skew = float(cfg.quantity_skew)
+    partitioner = IdToSizeFncPartitioner(
+        num_partitions=cfg.num_clients, partition_id_to_size_fn=lambda ids: ids**-skew
+    )
+    hint = (
+        f"quantity_skew={skew} leaves some of the {cfg.num_clients} clients without examples; "
+        "lower partition.quantity_skew or partition.num_clients"
+    )
+    return _run_flwr(partitioner, np.zeros(len(train), dtype=np.int8), seed, hint)
+
+
+_METHODS: dict[str, Callable[[datasets.Dataset, PartitionConfig, int], list[np.ndarray]]] = {
+    "iid": _iid,
+    "dirichlet": _dirichlet,
+    "pathological": _pathological,
+    "natural": _natural,
+    "quantity": _quantity,
+}
+
+
+def _run_flwr(partitioner: Any, values: np.ndarray, seed: int, hint: str) -> list[np.ndarray]:
+    """Run a flwr-datasets partitioner over a seeded permutation of ``values``; indices into the original rows.
+
+    flwr exposes a partition only as a ``Dataset.select`` (about 10 ms each), so the
+    assignment it computed is read from its ``_partition_id_to_indices``.
+    """
+    order = np.random.default_rng(seed).permutation(len(values))
+    partitioner.dataset = datasets.Dataset.from_dict({_BY: values[order]}).with_format("arrow")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns on each Dirichlet redraw and on unused values; outcomes are checked
+        try:
+            num_partitions = partitioner.num_partitions  # computes the whole assignment
+        except ValueError:
+            raise FedtuneError(hint) from None
+    assignment = partitioner._partition_id_to_indices
+    return [order[np.asarray(assignment[i], dtype=np.int64)] for i in range(num_partitions)]
+
+
+def _values(train: datasets.Dataset, column: str, what: str) -> np.ndarray:
+    """A column as a numpy array, read through Arrow (``Dataset[column]`` is slow for large datasets)."""
+    if column not in train.column_names:
+        raise FedtuneError(
+            f"{what} '{column}' is not a column of the training data "
+            f"(columns: {', '.join(train.column_names)}); set it to one of them"
+        )
+    return train.with_format("arrow")[column].to_numpy()

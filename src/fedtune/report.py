@@ -1,0 +1,202 @@
+"""Compare runs: a table and two plots, drawn only from run directories.
+
+:func:`build_report` reads run directories (see :mod:`fedtune.runlog`) and
+writes, into ``out_dir``:
+
+- ``report.json``: the table's data, raw numbers (bytes, seconds)
+- ``<metric>_vs_round.png``: the metric over rounds, one line per run
+- ``<metric>_vs_bytes.png``: the metric over cumulative communication
+  (up + down, log axis; round 0, with nothing sent yet, is not drawn there,
+  and a run that never communicates is a dashed line at its final value)
+
+where ``<metric>`` is the metric name with ``/`` replaced by ``_``, e.g.
+``eval_accuracy_vs_round.png``. ``out_dir`` defaults to the run's own directory
+for one run, and to ``report/`` beside the first run (``runs/report/``) for several.
+"Best" is the minimum for losses, perplexities and spreads (``*_std``), the maximum otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from rich import box
+from rich.table import Table
+
+from fedtune.errors import FedtuneError
+from fedtune.runlog import Run, load_run
+
+_METRIC_PREFIXES = ("eval/", "client_eval/")
+_PREFERRED = ("eval/accuracy", "eval/loss")
+_LOWER_IS_BETTER = ("loss", "perplexity", "_std")
+
+
+@dataclass
+class Report:
+    """A built report: the rich table, the per-run rows behind it, the metric, and the files written."""
+
+    metric: str
+    table: Table
+    rows: list[dict[str, Any]]
+    plots: list[Path]
+    out_dir: Path
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in decimal units: 3_200_000 → '3.2 MB'."""
+    units = ("B", "kB", "MB", "GB", "TB")
+    i = 0
+    while abs(n) >= 1000 and i < len(units) - 1:
+        n, i = n / 1000, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def human_seconds(s: float) -> str:
+    """Durations: '8.4 s', '3m 05s', '2h 07m'."""
+    if s < 60:
+        return f"{s:.1f} s"
+    m, sec = divmod(round(s), 60)
+    if m < 60:
+        return f"{m}m {sec:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m"
+
+
+def available_metrics(run: Run) -> list[str]:
+    """The ``eval/`` and ``client_eval/`` keys in any row of the run, first seen first; example counts ``*/n`` aside."""
+    keys = (k for row in run.rows for k in row if k.startswith(_METRIC_PREFIXES) and not k.endswith("/n"))
+    return list(dict.fromkeys(keys))
+
+
+def _default_metric(runs: list[Run]) -> str:
+    """``eval/accuracy`` if every run has it, else ``eval/loss``, else the first metric all runs share."""
+    shared = [m for m in available_metrics(runs[0]) if all(m in available_metrics(r) for r in runs[1:])]
+    for m in _PREFERRED:
+        if m in shared:
+            return m
+    if not shared:
+        raise FedtuneError(
+            f"runs {', '.join(r.name for r in runs)} share no eval/ or client_eval/ metric; "
+            "report them separately or name one with --metric"
+        )
+    return shared[0]
+
+
+def _evaluated(run: Run, metric: str) -> list[dict[str, Any]]:
+    return [row for row in run.rows if row.get(metric) is not None]
+
+
+def _summarise(run: Run, metric: str) -> dict[str, Any]:
+    points = [(row["round"], row[metric]) for row in _evaluated(run, metric)]
+    if not points:
+        raise FedtuneError(
+            f"run {run.name} has no metric '{metric}'; available: {', '.join(available_metrics(run)) or 'none'}"
+        )
+    pick = min if metric.endswith(_LOWER_IS_BETTER) else max
+    best_round, best = pick(points, key=lambda p: p[1])
+    last = run.rows[-1]
+    return {
+        "name": run.name,
+        "path": str(run.path),
+        "algorithm": run.config.get("algorithm", {}).get("name", "?"),
+        "rounds": max(row["round"] for row in run.rows),
+        "final": points[-1][1],
+        "best": best,
+        "best_round": best_round,
+        "bytes_up": last.get("cum_bytes_up", 0),
+        "bytes_down": last.get("cum_bytes_down", 0),
+        "wall_time_s": sum(row.get("time_round_s", 0.0) for row in run.rows),
+    }
+
+
+def _table(rows: list[dict[str, Any]], metric: str) -> Table:
+    title = f"{metric} — {len(rows)} run{'s' * (len(rows) != 1)}"
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
+    table.add_column("run", style="bold", overflow="fold")
+    table.add_column("algorithm", no_wrap=True)
+    for col in ("rounds", "final", "best\n(round)", "bytes\nup", "bytes\ndown", "wall\ntime"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["algorithm"],
+            str(r["rounds"]),
+            f"{r['final']:.4f}",
+            f"{r['best']:.4f} ({r['best_round']})",
+            human_bytes(r["bytes_up"]),
+            human_bytes(r["bytes_down"]),
+            human_seconds(r["wall_time_s"]),
+        )
+    return table
+
+
+def _axes(metric: str, title: str, xlabel: str) -> tuple[Figure, Any]:
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set(title=f"{metric} vs {title}", xlabel=xlabel, ylabel=metric)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _line(ax: Any, xs: list[float], ys: list[float], i: int, label: str) -> None:
+    """Run i keeps colour C<i> on every plot; points are marked while there are few."""
+    ax.plot(xs, ys, color=f"C{i % 10}", marker="o" if len(xs) <= 30 else None, markersize=3, label=label)
+
+
+def _save(fig: Figure, ax: Any, path: Path) -> Path:
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _plot_vs_round(runs: list[Run], metric: str, path: Path) -> Path:
+    fig, ax = _axes(metric, "round", "round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for i, run in enumerate(runs):
+        rows = _evaluated(run, metric)
+        _line(ax, [row["round"] for row in rows], [row[metric] for row in rows], i, run.name)
+    return _save(fig, ax, path)
+
+
+def _plot_vs_bytes(runs: list[Run], metric: str, path: Path) -> Path:
+    """x = cum_bytes_up + cum_bytes_down on a log axis. Points with nothing sent yet (round 0) are left out;
+    a run that never communicates (local training) is a dashed line at its final value."""
+    fig, ax = _axes(metric, "communication", "cumulative communication, up + down (bytes)")
+    for i, run in enumerate(runs):
+        rows = _evaluated(run, metric)
+        pts = [(row.get("cum_bytes_up", 0) + row.get("cum_bytes_down", 0), row[metric]) for row in rows]
+        pts = [(x, y) for x, y in pts if x > 0]
+        if pts:
+            _line(ax, *map(list, zip(*pts)), i, run.name)
+            ax.set_xscale("log")
+        else:
+            ax.axhline(rows[-1][metric], color=f"C{i % 10}", linestyle="--", label=f"{run.name} (no communication)")
+    return _save(fig, ax, path)
+
+
+def build_report(run_dirs: list[Path], metric: str | None = None, out_dir: Path | None = None) -> Report:
+    """Load ``run_dirs``, tabulate and plot ``metric`` (default: :func:`_default_metric`), write into ``out_dir``."""
+    if not run_dirs:
+        raise FedtuneError("no run directories given; pass one or more, e.g. fedtune report runs/a runs/b")
+    runs = [load_run(d) for d in run_dirs]
+    metric = metric or _default_metric(runs)
+    rows = [_summarise(run, metric) for run in runs]
+    if out_dir is None:
+        out_dir = runs[0].path if len(runs) == 1 else runs[0].path.parent / "report"
+    out_dir = Path(out_dir)
+    stem = metric.replace("/", "_")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plots = [
+            _plot_vs_round(runs, metric, out_dir / f"{stem}_vs_round.png"),
+            _plot_vs_bytes(runs, metric, out_dir / f"{stem}_vs_bytes.png"),
+        ]
+        (out_dir / "report.json").write_text(json.dumps({"metric": metric, "runs": rows}, indent=2) + "\n")
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise FedtuneError(f"cannot write report to {out_dir}: {reason}; choose another folder with --out") from None
+    return Report(metric=metric, table=_table(rows, metric), rows=rows, plots=plots, out_dir=out_dir)

@@ -1,0 +1,137 @@
+"""The run directory: everything needed to understand and redraw a run.
+
+Layout of ``<output_dir>/<name>/``::
+
+    config.yaml     the resolved RunConfig
+    metrics.jsonl   one JSON object per round (round 0 = the initial model, untrained)
+    summary.json    final results, written when the run ends
+    *.json          anything else the engine records (e.g. partition.json)
+
+A metrics row is flat: ``round``, ``lr``, ``clients``, ``num_clients``,
+``train_loss``, ``train_examples``, ``bytes_up``/``bytes_down`` and their running
+totals ``cum_bytes_up``/``cum_bytes_down``, ``time_{train,aggregate,eval,round}_s``,
+and, on evaluated rounds, ``eval/<metric>`` and ``client_eval/<metric>`` keys.
+:class:`RunLog` writes a directory, :func:`load_run` reads one back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedtune.errors import FedtuneError
+
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
+
+
+def _plain(obj: Any) -> Any:
+    """JSON fallback for numpy/torch scalars and paths."""
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+class RunLog:
+    """Writer of one run directory.
+
+    The directory is created if needed. A directory that already holds a run
+    (a ``metrics.jsonl``) is refused unless ``overwrite=True``, which deletes it
+    and starts afresh; a directory without one is written into as it is.
+    """
+
+    def __init__(self, run_dir: str | Path, overwrite: bool = False):
+        self.run_dir = Path(run_dir)
+        if (self.run_dir / METRICS).exists():
+            if not overwrite:
+                raise FedtuneError(
+                    f"run directory {self.run_dir} already holds a run; "
+                    "pick a new name with -o name=... or pass --overwrite"
+                )
+            self._guard(shutil.rmtree, self.run_dir)
+        self._guard(self.run_dir.mkdir, parents=True, exist_ok=True)
+        if not os.access(self.run_dir, os.W_OK | os.X_OK):
+            self._fail(PermissionError("permission denied"))
+
+    def _fail(self, err: OSError) -> None:
+        reason = err.strerror or str(err)
+        raise FedtuneError(
+            f"cannot write run directory {self.run_dir}: {reason}; choose another with -o output_dir=..."
+        ) from None
+
+    def _guard(self, fn, *args, **kwargs) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            self._fail(e)
+
+    def _write(self, name: str, text: str) -> Path:
+        path = self.run_dir / name
+        self._guard(path.write_text, text)
+        return path
+
+    def write_config(self, config: Mapping[str, Any]) -> Path:
+        """Write the resolved config as ``config.yaml``."""
+        return self._write(CONFIG, yaml.safe_dump(dict(config), sort_keys=False))
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        """Write ``obj`` as the JSON file ``name`` (e.g. ``partition.json``) in the run directory."""
+        return self._write(name, json.dumps(obj, indent=2, default=_plain) + "\n")
+
+    def log_round(self, row: Mapping[str, Any]) -> None:
+        """Append one round's row to ``metrics.jsonl``; it is on disk when this returns."""
+        line = json.dumps(dict(row), default=_plain) + "\n"
+        try:
+            with open(self.run_dir / METRICS, "a") as f:
+                f.write(line)
+                f.flush()
+        except OSError as e:
+            self._fail(e)
+
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        """Write the end-of-run results as ``summary.json``."""
+        return self.write_json(SUMMARY, dict(summary))
+
+
+@dataclass
+class Run:
+    """A run directory read back: its config, its metrics rows in order, and its summary (None while unfinished)."""
+
+    path: Path
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a run directory written by :class:`RunLog`."""
+    path = Path(run_dir)
+    metrics = path / METRICS
+    if not metrics.is_file():
+        what = "does not exist" if not path.exists() else f"is not a run directory (no {METRICS})"
+        raise FedtuneError(f"{path} {what}; give a folder written by 'fedtune run', e.g. runs/<name>")
+    rows = []
+    for i, line in enumerate(metrics.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise FedtuneError(f"{metrics}:{i} is not valid JSON ({e.msg}); fix or delete that line") from None
+    config = yaml.safe_load((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
+    summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).is_file() else None
+    return Run(path=path, config=config or {}, rows=rows, summary=summary)

@@ -1,0 +1,352 @@
+"""Loading registered datasets and user files; malformed rows; finding data offline."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+from rich.console import Console
+
+from fedtune.config import DataConfig
+from fedtune.data import REGISTRY, describe, describe_table, list_datasets, load_task_data, sources
+from fedtune.errors import FedtuneError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shared_data() -> Path:
+    root = Path(os.environ.get("FEDTUNE_DATA") or REPO.parent / "shared" / "data")
+    if not (root / "sst2").is_dir():
+        pytest.skip(f"shared data not found at {root} (set FEDTUNE_DATA)")
+    return root
+
+
+@pytest.fixture
+def data_env(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("FEDTUNE_DATA", str(shared_data))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return shared_data
+
+
+@pytest.fixture
+def no_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No data root holds anything and nothing may reach the Hub."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("FEDTUNE_DATA", raising=False)
+    monkeypatch.setattr(sources, "_repo_root", lambda: None)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the Hub must not be contacted")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_download)
+    return work
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(cfg: DataConfig) -> str:
+    with pytest.raises(FedtuneError) as info:
+        load_task_data(cfg, seed=0)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# --------------------------------------------------------------------------- registered datasets
+
+
+@pytest.mark.parametrize(
+    "name, split, n_train, n_eval, labels, text",
+    [
+        ("sst2", "train", 67_349, 872, ["negative", "positive"], ("sentence",)),
+        ("sst2_pt", "train", 67_349, 872, ["negative", "positive"], ("sentence",)),
+        ("cola", "train", 8_551, 527, ["unacceptable", "acceptable"], ("sentence",)),
+        ("snli", "train", 9_842, 9_824, ["entailment", "neutral", "contradiction"], ("premise", "hypothesis")),
+        ("mmlu", "val", 1_542, 14_079, ["A", "B", "C", "D"], ("question",)),
+        ("alpaca_en", "train", 999, None, [], ("instruction", "input")),
+        ("alpaca_zh", "train", 1_000, None, [], ("instruction", "input")),
+    ],
+)
+def test_registered_sizes_and_labels(data_env, name, split, n_train, n_eval, labels, text):
+    task = load_task_data(DataConfig(name=name, train_split=split), seed=0)
+    assert (len(task.train), task.eval and len(task.eval)) == (n_train, n_eval)
+    assert task.label_names == labels and task.text_columns == text
+    assert task.kind == REGISTRY[name].kind and task.skipped_rows == 0
+    assert task.source.startswith(str(data_env))
+    if labels:
+        assert set(task.train.unique(task.label_column)) == set(range(len(labels)))
+    else:
+        assert task.label_column is None and task.target_column == "output"
+
+
+def test_sst2_is_fast(data_env):
+    start = time.perf_counter()
+    task = load_task_data(DataConfig(name="sst2"), seed=0)
+    assert time.perf_counter() - start < 2.0
+    assert sum(task.train["label"][:]) == 37_569
+
+
+def test_tsv_quotes_are_text(data_env):
+    sentences = load_task_data(DataConfig(name="cola"), seed=0).train["sentence"][:]
+    assert 'Susan whispered "Shut up".' in sentences
+
+
+def test_mmlu_subjects_and_choices(data_env):
+    task = load_task_data(DataConfig(name="mmlu", train_split="dev"), seed=0)
+    assert len(task.train) == 285 and len(task.eval) == 14_079
+    assert len(set(task.eval["subject"])) == 57
+    assert {"A", "B", "C", "D", "subject"} <= set(task.eval.column_names)
+    assert task.kind == "multiple_choice"
+
+
+def test_mmlu_has_no_train_split(data_env):
+    message = error_of(DataConfig(name="mmlu"))
+    assert "no split 'train'" in message and "dev, val, test" in message
+
+
+def test_registered_columns_cannot_be_renamed(data_env):
+    assert "remove data.text_column" in error_of(DataConfig(name="sst2", text_column="text"))
+
+
+def test_subsets_are_seeded(data_env):
+    def rows(seed: int) -> list[str]:
+        cfg = DataConfig(name="cola", max_train_examples=100, max_eval_examples=50)
+        task = load_task_data(cfg, seed=seed)
+        assert (len(task.train), len(task.eval)) == (100, 50)
+        return task.train["sentence"][:]
+
+    full = load_task_data(DataConfig(name="cola"), seed=0).train["sentence"][:]
+    first = rows(1)
+    assert first == rows(1) and first != rows(2)
+    positions = [full.index(s) for s in first]
+    assert positions == sorted(positions)
+
+
+def test_describe_registered(data_env):
+    info = describe("sst2")
+    assert info["splits"] == {s: {"rows": n, "malformed": 0} for s, n in [("train", 67_349), ("dev", 872), ("test", 1_821)]}
+    assert info["label_counts"] == {"negative": 29_780, "positive": 37_569}
+    assert len(info["examples"]) == 3 and json.dumps(info)
+    out = io.StringIO()
+    Console(file=out, width=120).print(describe_table(info))
+    assert "67,349" in out.getvalue()
+
+
+def test_list_datasets():
+    names = [row[0] for row in list_datasets()]
+    assert names == ["sst2", "sst2_pt", "cola", "snli", "mmlu", "alpaca_en", "alpaca_zh"]
+    assert dict((r[0], r[2]) for r in list_datasets())["snli"] == "stanfordnlp/snli"
+
+
+# --------------------------------------------------------------------------- user files
+
+
+def test_local_csv_string_labels(tmp_path):
+    path = write(tmp_path / "reviews.csv", 'text,sentiment\n"great, really",pos\nbad,neg\nfine,neu\nawful,neg\n')
+    task = load_task_data(DataConfig(name=str(path), text_column="text", label_column="sentiment"), seed=0)
+    assert task.label_names == ["neg", "neu", "pos"]
+    assert task.train["sentiment"] == [2, 0, 1, 0] and task.train["text"][0] == "great, really"
+    assert task.eval is None and task.source == str(path)
+
+
+def test_local_tsv_keeps_quotes_and_sorts_integer_labels(tmp_path):
+    path = write(tmp_path / "d.tsv", 'sentence\tlabel\nhe said "hi\t10\nok\t9\nno\t2\n')
+    task = load_task_data(DataConfig(name=str(path), text_column="sentence", label_column="label"), seed=0)
+    assert task.train["sentence"][0] == 'he said "hi'
+    assert task.label_names == ["2", "9", "10"] and task.train["label"] == [2, 1, 0]
+
+
+def test_local_json_and_jsonl(tmp_path):
+    records = [{"a": "x y", "b": "z", "y": 1}, {"a": "u", "b": "v", "y": 0}]
+    write(tmp_path / "d.json", json.dumps(records, indent=2))
+    write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in records) + "\n")
+    for suffix in ("json", "jsonl"):
+        cfg = DataConfig(name=str(tmp_path / f"d.{suffix}"), text_column="a", text_pair_column="b", label_column="y")
+        task = load_task_data(cfg, seed=0)
+        assert task.text_columns == ("a", "b") and task.train["y"] == [1, 0] and task.label_names == ["0", "1"]
+
+
+def test_local_folder_has_eval_split(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    write(folder / "train.csv", "t,l\na,x\nb,y\n")
+    write(folder / "dev.csv", "t,l\nc,y\n")
+    task = load_task_data(DataConfig(name=str(folder), text_column="t", label_column="l"), seed=0)
+    assert len(task.train) == 2 and task.eval["l"] == [1]
+
+
+def test_folder_in_data_root(tmp_path, monkeypatch):
+    (tmp_path / "mine").mkdir()
+    write(tmp_path / "mine" / "train.jsonl", '{"t": "a", "l": "x"}\n')
+    monkeypatch.setenv("FEDTUNE_DATA", str(tmp_path))
+    task = load_task_data(DataConfig(name="mine", text_column="t", label_column="l"), seed=0)
+    assert len(task.train) == 1
+
+
+def test_local_instruction_file(tmp_path):
+    path = write(tmp_path / "inst.json", json.dumps([{"instruction": "Say hi", "input": "", "output": "hi"}]))
+    task = load_task_data(DataConfig(name=str(path)), seed=0)
+    assert task.kind == "instruction" and task.target_column == "output" and task.label_column is None
+
+
+@pytest.mark.parametrize(
+    "cfg, expected",
+    [
+        ({}, "data.text_column and data.label_column are required"),
+        ({"text_column": "t"}, "data.text_column and data.label_column are required"),
+        ({"text_column": "txt", "label_column": "l"}, "data.text_column 'txt' is not a column"),
+        ({"text_column": "t", "label_column": "lab"}, "data.label_column 'lab' is not a column"),
+    ],
+)
+def test_columns_must_be_named(tmp_path, cfg, expected):
+    path = write(tmp_path / "d.csv", "t,l\na,x\n")
+    message = error_of(DataConfig(name=str(path), **cfg))
+    assert expected in message and "(columns: t, l)" in message
+
+
+@pytest.mark.parametrize(
+    "name, text, line, reason",
+    [
+        ("d.tsv", "t\tl\na\tx\nb\tx\textra\nc\ty\n", 3, "expected 2 tab-separated fields, found 3"),
+        ("d.csv", 't,l\n"multi\nline",x\n,y\nc,y\n', 4, "column 't' is empty"),
+        ("d.jsonl", '{"t": "a", "l": "x"}\n{"t": "b", "l": \n{"t": "c", "l": "y"}\n', 2, "not valid JSON"),
+        ("d.json", '[\n  {"t": "a", "l": "x"},\n  ["b", "x"],\n  {"t": "c", "l": "y"}\n]', 3, "expected a JSON object"),
+        ("d.jsonl", '{"t": "a", "l": "x"}\n{"t": "b"}\n{"t": "c", "l": "y"}\n', 2, "missing label"),
+    ],
+)
+def test_malformed_row_names_file_and_line(tmp_path, name, text, line, reason):
+    path = write(tmp_path / name, text)
+    cfg = DataConfig(name=str(path), text_column="t", label_column="l")
+    message = error_of(cfg)
+    assert f"{path} line {line}: {reason}" in message and "data.on_malformed=skip" in message
+    task = load_task_data(cfg.model_copy(update={"on_malformed": "skip"}), seed=0)
+    assert task.skipped_rows == 1 and len(task.train) == 2
+
+
+def test_eval_label_outside_training_labels(tmp_path):
+    write(tmp_path / "train.csv", "t,l\na,x\nb,y\n")
+    write(tmp_path / "test.csv", "t,l\nc,z\nd,x\n")
+    cfg = DataConfig(name=str(tmp_path), text_column="t", label_column="l")
+    assert f"{tmp_path / 'test.csv'} line 2: label 'z' is not one of x, y" in error_of(cfg)
+    task = load_task_data(cfg.model_copy(update={"on_malformed": "skip"}), seed=0)
+    assert task.skipped_rows == 1 and task.eval["l"] == [0]
+
+
+def test_broken_json_file_is_fatal(tmp_path):
+    path = write(tmp_path / "d.json", '[\n {"t": "a", "l": "x"},\n {"t": "b" "l": "x"}\n]')
+    cfg = DataConfig(name=str(path), text_column="t", label_column="l", on_malformed="skip")
+    assert f"{path} line 3: not valid JSON" in error_of(cfg)
+
+
+def test_describe_user_file_without_columns(tmp_path):
+    path = write(tmp_path / "d.csv", "t,l\na,x\nb\n")
+    info = describe(str(path))
+    assert info["kind"] is None and info["splits"] == {"train": {"rows": 1, "malformed": 1}}
+    Console(file=io.StringIO()).print(describe_table(info))
+
+
+# --------------------------------------------------------------------------- finding data
+
+
+def test_unknown_name_lists_registered(no_data):
+    message = error_of(DataConfig(name="nosuch"))
+    assert "sst2, sst2_pt, cola, snli, mmlu, alpaca_en, alpaca_zh" in message
+
+
+def test_missing_file(no_data):
+    assert "data file not found" in error_of(DataConfig(name="nope/data.csv"))
+
+
+def test_missing_registered_dataset_names_every_place(no_data, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    message = error_of(DataConfig(name="sst2"))
+    assert time.perf_counter() - start < 5
+    expected = ["$FEDTUNE_DATA (not set)", str(no_data.parent / "shared" / "data" / "sst2"), "stanfordnlp/sst2"]
+    assert all(e in message for e in expected)
+    assert "HF_HUB_OFFLINE is set" in message and "set FEDTUNE_DATA" in message
+
+
+def test_hub_id_offline_fails_fast(no_data, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    start = time.perf_counter()
+    message = error_of(DataConfig(name="someone/some-data", text_column="t", label_column="l"))
+    assert time.perf_counter() - start < 5 and "HF_DATASETS_OFFLINE is set" in message
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9", "https://no-hub.invalid"])
+def test_unreachable_hub_fails_fast(no_data, monkeypatch, endpoint):
+    """Without the offline variables an HTTP probe decides: a refused connection or unknown host fails at once."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    start = time.perf_counter()
+    message = error_of(DataConfig(name="cola"))
+    assert time.perf_counter() - start < 5 and f"offline: {endpoint} is unreachable" in message
+
+
+def test_silent_hub_times_out(no_data, monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(sources.urllib.request, "urlopen", lambda *a, **k: time.sleep(30))
+    monkeypatch.setattr(sources, "HUB_TIMEOUT_S", 0.3)
+    start = time.perf_counter()
+    message = error_of(DataConfig(name="cola"))
+    assert time.perf_counter() - start < 2 and "did not answer within 0.3 s" in message
+
+
+def test_reachable_hub_is_asked_and_its_failure_reported(no_data, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    asked = []
+
+    def load_dataset(hub_id, config):
+        asked.append((hub_id, config))
+        raise FileNotFoundError(f"Dataset '{hub_id}' doesn't exist on the Hub")
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    try:
+        message = error_of(DataConfig(name="cola"))
+    finally:
+        server.shutdown()
+    assert asked == [("nyu-mll/glue", "cola")]
+    assert "loading nyu-mll/glue from the Hugging Face Hub failed (FileNotFoundError" in message
+
+
+def test_hub_splits_become_registered_columns(no_data, monkeypatch):
+    """A Hub download is read like the local files: split names, columns and labels as registered."""
+    hub = {
+        ("stanfordnlp/snli", None): datasets.DatasetDict(
+            validation=datasets.Dataset.from_dict({"premise": ["p", "q"], "hypothesis": ["h", "i"], "label": [2, -1]}),
+            test=datasets.Dataset.from_dict({"premise": ["r"], "hypothesis": ["j"], "label": [0]}),
+        ),
+        ("cais/mmlu", "all"): datasets.DatasetDict(
+            dev=datasets.Dataset.from_dict(
+                {"question": ["q?"], "subject": ["law"], "choices": [["w", "x", "y", "z"]], "answer": [3]}
+            ),
+        ),
+    }
+    monkeypatch.setattr(sources, "hub_unavailable", lambda: None)
+    monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, config: hub[hub_id, config])
+    assert "stanfordnlp/snli[validation] line 2: label '-1' is not one of" in error_of(DataConfig(name="snli"))
+    snli = load_task_data(DataConfig(name="snli", on_malformed="skip"), seed=0)
+    assert snli.train["label"][:] == [2] and snli.eval["label"][:] == [0] and snli.skipped_rows == 1
+    assert snli.source == "hub:stanfordnlp/snli"
+    mmlu = load_task_data(DataConfig(name="mmlu", train_split="dev"), seed=0)
+    assert mmlu.train[0] == {"question": "q?", "subject": "law", "label": 3, "A": "w", "B": "x", "C": "y", "D": "z"}

@@ -1,0 +1,150 @@
+import json
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from fedtune.errors import FedtuneError
+from fedtune.report import build_report, human_bytes, human_seconds
+from fedtune.runlog import RunLog, load_run
+
+
+def fake_rows(accuracies, bytes_per_round):
+    """Metrics rows as the engine writes them: round 0 evaluates the initial model and sends nothing."""
+    rows, up, down = [], 0, 0
+    for rnd, acc in enumerate(accuracies):
+        sent = 0 if rnd == 0 else bytes_per_round
+        up, down = up + sent, down + 2 * sent
+        row = {
+            "round": rnd, "lr": 5e-4, "clients": [] if rnd == 0 else [0, 1], "num_clients": 0 if rnd == 0 else 2,
+            "train_loss": None if rnd == 0 else 1.0 / rnd, "train_examples": 0 if rnd == 0 else 64,
+            "bytes_up": sent, "bytes_down": 2 * sent, "cum_bytes_up": up, "cum_bytes_down": down,
+            "time_train_s": 1.0, "time_aggregate_s": 0.1, "time_eval_s": 0.4, "time_round_s": 1.5,
+        }
+        if acc is not None:
+            row |= {"eval/accuracy": acc, "eval/loss": 1.0 - acc, "eval/n": 100}
+        rows.append(row)
+    return rows
+
+
+def write_run(run_dir, algorithm, accuracies, bytes_per_round):
+    log = RunLog(run_dir)
+    log.write_config({"name": run_dir.name, "algorithm": {"name": algorithm, "options": {}}})
+    log.write_json("partition.json", {"0": [1, 2], "1": [3]})
+    for row in fake_rows(accuracies, bytes_per_round):
+        log.log_round(row)
+    log.write_summary({"final/eval/accuracy": accuracies[-1]})
+    return run_dir
+
+
+# --------------------------------------------------------------------------- RunLog
+
+
+def test_runlog_writes_and_reads_back(tmp_path):
+    run_dir = tmp_path / "runs" / "a"
+    log = RunLog(run_dir)
+    log.write_config({"name": "a", "algorithm": {"name": "fedit"}})
+    log.write_json("partition.json", {"sizes": np.array([3, 4]).tolist(), "n": np.int64(7)})
+    log.log_round({"round": 0, "eval/accuracy": np.float32(0.5)})
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1  # on disk after each call
+    log.log_round({"round": 1, "eval/accuracy": 0.75})
+    log.write_summary({"rounds": 1})
+
+    run = load_run(run_dir)
+    assert run.name == "a"
+    assert run.config == {"name": "a", "algorithm": {"name": "fedit"}}
+    assert run.rows == [{"round": 0, "eval/accuracy": 0.5}, {"round": 1, "eval/accuracy": 0.75}]
+    assert run.summary == {"rounds": 1}
+    assert json.loads((run_dir / "partition.json").read_text()) == {"sizes": [3, 4], "n": 7}
+
+
+def test_runlog_refuses_to_overwrite_a_run(tmp_path):
+    log = RunLog(tmp_path / "a")
+    log.log_round({"round": 0})
+    with pytest.raises(FedtuneError, match=r"already holds a run.*-o name=.*--overwrite") as e:
+        RunLog(tmp_path / "a")
+    assert "\n" not in str(e.value)
+
+    RunLog(tmp_path / "a", overwrite=True).log_round({"round": 0, "fresh": True})
+    assert load_run(tmp_path / "a").rows == [{"round": 0, "fresh": True}]
+
+
+def test_runlog_writes_into_a_folder_without_a_run(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "notes.txt").write_text("kept")
+    RunLog(tmp_path / "a").log_round({"round": 0})
+    assert (tmp_path / "a" / "notes.txt").read_text() == "kept"
+
+
+def test_runlog_unwritable_dir_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(FedtuneError, match=r"cannot write run directory .*file/run: .*-o output_dir=") as e:
+        RunLog(blocker / "run")
+    assert "\n" not in str(e.value)
+
+
+def test_load_run_rejects_non_run_dirs(tmp_path):
+    with pytest.raises(FedtuneError, match="is not a run directory"):
+        load_run(tmp_path)
+    with pytest.raises(FedtuneError, match="does not exist"):
+        load_run(tmp_path / "missing")
+    (tmp_path / "metrics.jsonl").write_text('{"round": 0}\n{"round": \n')
+    with pytest.raises(FedtuneError, match=r"metrics.jsonl:2 is not valid JSON"):
+        load_run(tmp_path)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_human_units():
+    assert human_bytes(512) == "512 B"
+    assert human_bytes(3_210_000) == "3.2 MB"
+    assert human_seconds(8.44) == "8.4 s"
+    assert human_seconds(185) == "3m 05s"
+    assert human_seconds(7620) == "2h 07m"
+
+
+def test_report_compares_two_runs(tmp_path):
+    a = write_run(tmp_path / "runs" / "fedit-a", "fedit", [0.5, 0.7, None, 0.9, 0.8], 1_000_000)
+    b = write_run(tmp_path / "runs" / "local-b", "local", [0.5, 0.6, 0.65], 0)  # never communicates
+
+    report = build_report([a, b])
+    assert report.metric == "eval/accuracy"
+    assert report.out_dir == tmp_path / "runs" / "report"
+    ra, rb = report.rows
+    assert (ra["name"], ra["algorithm"], ra["rounds"]) == ("fedit-a", "fedit", 4)
+    assert (ra["final"], ra["best"], ra["best_round"]) == (0.8, 0.9, 3)
+    assert (ra["bytes_up"], ra["bytes_down"]) == (4_000_000, 8_000_000)
+    assert ra["wall_time_s"] == pytest.approx(5 * 1.5)
+    assert (rb["name"], rb["algorithm"], rb["rounds"]) == ("local-b", "local", 2)
+    assert (rb["final"], rb["best_round"]) == (0.65, 2)
+    assert (rb["bytes_up"], rb["bytes_down"]) == (0, 0)
+
+    console = Console(record=True, width=200)
+    console.print(report.table)
+    text = console.export_text()
+    assert "fedit-a" in text and "local-b" in text and "4.0 MB" in text and "0 B" in text and "0.9000 (3)" in text
+    assert report.table.row_count == 2
+
+    assert [p.name for p in report.plots] == ["eval_accuracy_vs_round.png", "eval_accuracy_vs_bytes.png"]
+    for p in report.plots:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    saved = json.loads((report.out_dir / "report.json").read_text())
+    assert saved["metric"] == "eval/accuracy" and saved["runs"] == report.rows
+
+
+def test_report_single_run_lower_is_better_and_metric_choice(tmp_path):
+    a = write_run(tmp_path / "a", "fedit", [0.5, 0.9, 0.7], 100)
+    report = build_report([a], metric="eval/loss")
+    assert report.out_dir == a
+    assert (report.rows[0]["best"], report.rows[0]["best_round"]) == (pytest.approx(0.1), 1)
+    assert (a / "eval_loss_vs_round.png").stat().st_size > 0
+
+
+def test_report_missing_metric_lists_available(tmp_path):
+    a = write_run(tmp_path / "a", "fedit", [0.5, 0.9], 100)
+    expected = r"run a has no metric 'eval/rouge_l'; available: eval/accuracy, eval/loss$"
+    with pytest.raises(FedtuneError, match=expected) as e:
+        build_report([a], metric="eval/rouge_l")
+    assert "\n" not in str(e.value)
