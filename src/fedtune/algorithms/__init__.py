@@ -1,0 +1,23 @@
+"""The registry of federated algorithms: one small class per method, found by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, Payload, ServerState
+from fedtune.algorithms.fedit import Centralized, FedIT
+from fedtune.algorithms.local import LocalOnly
+from fedtune.errors import FedtuneError
+
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedIT, LocalOnly, Centralized)}
+
+
+def build_algorithm(name: str, options: dict[str, Any] | None = None) -> Algorithm:
+    if name not in ALGORITHMS:
+        raise FedtuneError(f"unknown algorithm '{name}'; choose one of: {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[name](options)
+
+
+__all__ = [
+    "ALGORITHMS", "Algorithm", "ClientContext", "ClientUpdate", "Payload", "ServerState", "build_algorithm",
+]

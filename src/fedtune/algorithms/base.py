@@ -1,0 +1,130 @@
+"""The algorithm seam: what every federated method implements, and what a runtime moves.
+
+A round, whatever the runtime::
+
+    payloads = algo.configure(rnd, client_ids, state)          # server
+    for each client i:                                         # client (anywhere)
+        algo.prepare(ctx_i, payloads[i])                       #   payload → model
+        local steps of  algo.loss(ctx, batch, outputs)         #   + algo.after_step(ctx)
+        update_i = algo.update(ctx_i)                          #   model → update
+    state = algo.aggregate(rnd, updates, state)                # server
+
+:class:`Payload` and :class:`ClientUpdate` are named tensors plus plain
+scalars, so a runtime can ship them without knowing the algorithm and count
+their bytes exactly. Client-side state that must survive between rounds
+(personal adapters, control variates) lives in ``ctx.state`` as tensors; the
+runtime keeps it (in memory, or in a Flower node's context).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from fedtune.aggregation import Tensors
+from fedtune.errors import FedtuneError
+from fedtune.models.lora import load_trainable, trainable_state
+
+Scalar = int | float | str | bool
+
+
+@dataclass
+class Payload:
+    """Server → one client: tensors to load and a small config."""
+
+    tensors: Tensors = field(default_factory=dict)
+    config: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass
+class ClientUpdate:
+    """One client → server after local training."""
+
+    client_id: int
+    tensors: Tensors
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ServerState:
+    """The server's state after a round: ``global_tensors`` is the model that is evaluated and saved."""
+
+    round: int
+    global_tensors: Tensors
+    extra: Tensors = field(default_factory=dict)
+
+
+@dataclass
+class ClientContext:
+    """What the client half of an algorithm sees during one round."""
+
+    client_id: int
+    round: int
+    model: torch.nn.Module
+    initial: Tensors
+    """The trainable tensors at initialisation (identical on every client: same seed)."""
+    state: Tensors
+    """Persistent per-client tensors, kept by the runtime between rounds."""
+    num_examples: int = 0
+    train_loss: float = float("nan")
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Algorithm:
+    """Base class: FedAvg-style defaults that subclasses override hook by hook."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    personalized: ClassVar[bool] = False
+    """Each client ends with its own model: evaluate per client, on its own test shard."""
+    pools_data: ClassVar[bool] = False
+    """Train on the union of all shards as one client (the centralized reference)."""
+
+    def __init__(self, options: dict[str, Any] | None = None):
+        try:
+            self.options = self.Options.model_validate(options or {})
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+            valid = ", ".join(self.Options.model_fields) or "none"
+            raise FedtuneError(
+                f"invalid algorithm.options for '{self.name}': {problems} (valid options: {valid})"
+            ) from None
+
+    # ------------------------------------------------------------------ server side
+    def init(self, initial: Tensors) -> ServerState:
+        return ServerState(round=0, global_tensors={k: v.clone() for k, v in initial.items()})
+
+    def configure(self, rnd: int, client_ids: list[int], state: ServerState) -> dict[int, Payload]:
+        """Default: every sampled client receives the global tensors."""
+        return {cid: Payload(tensors=state.global_tensors) for cid in client_ids}
+
+    def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ client side
+    def prepare(self, ctx: ClientContext, payload: Payload) -> None:
+        """Default: load the received tensors into the model."""
+        load_trainable(ctx.model, payload.tensors)
+
+    def loss(self, ctx: ClientContext, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
+        """The local objective; default: the model's own task loss."""
+        return outputs.loss
+
+    def after_step(self, ctx: ClientContext) -> None:
+        """Called after each optimiser step (e.g. a control-variate correction)."""
+
+    def update(self, ctx: ClientContext) -> ClientUpdate:
+        """Default: send back all trainable tensors."""
+        return ClientUpdate(ctx.client_id, trainable_state(ctx.model), ctx.num_examples)
+
+    def personal_tensors(self, ctx: ClientContext) -> Tensors | None:
+        """The client's own model for per-client evaluation; None: it uses the global model."""
+        return None

@@ -1,0 +1,57 @@
+"""The client half of a round, shared by every runtime: payload in, local training, update out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from fedtune.aggregation import Tensors
+from fedtune.algorithms import ClientContext, ClientUpdate, Payload
+from fedtune.evaluation import evaluate_classifier
+from fedtune.experiment import Experiment, derive_seed
+from fedtune.models.lora import load_trainable
+from fedtune.training import batch_stream, eval_batches, local_steps, train_local
+
+
+def client_round(
+    exp: Experiment,
+    client_id: int,
+    rnd: int,
+    payload: Payload,
+    state: Tensors,
+    lr: float,
+    on_step: Callable[[], None] = lambda: None,
+) -> ClientUpdate:
+    """Train client ``client_id`` for one round and return its update; ``state`` is its persistent tensors.
+
+    Seeded by (run seed, round, client): dropout and batch order are the same
+    on any runtime and in any client order.
+    """
+    algo, cfg = exp.algorithm, exp.cfg
+    ctx = ClientContext(client_id=client_id, round=rnd, model=exp.model, initial=exp.initial, state=state)
+    algo.prepare(ctx, payload)
+    seed = derive_seed(cfg.seed, rnd, client_id)
+    torch.manual_seed(seed)
+    shard = exp.shards[client_id]
+    steps = local_steps(cfg.train, len(shard)) * exp.steps_multiplier
+    batches = batch_stream(exp.train, shard, cfg.train.batch_size, np.random.default_rng(seed))
+    loss, seen = train_local(
+        exp.model, batches, steps, cfg.train, lr,
+        loss_fn=lambda batch, out: algo.loss(ctx, batch, out),
+        after_step=lambda: algo.after_step(ctx),
+        on_step=on_step,
+    )
+    ctx.num_examples, ctx.train_loss = len(shard), loss
+    update = algo.update(ctx)
+    update.metrics.update(train_loss=loss, steps=steps, examples_seen=seen)
+    return update
+
+
+def client_evaluate(exp: Experiment, client_id: int, global_tensors: Tensors, state: Tensors) -> dict[str, float]:
+    """Metrics of client ``client_id``'s model (its personal tensors, else the global ones) on its own test shard."""
+    ctx = ClientContext(client_id=client_id, round=0, model=exp.model, initial=exp.initial, state=state)
+    personal = exp.algorithm.personal_tensors(ctx)
+    load_trainable(exp.model, personal if personal is not None else global_tensors)
+    return evaluate_classifier(exp.model, eval_batches(exp.train, exp.client_tests[client_id], exp.cfg.eval.batch_size))
