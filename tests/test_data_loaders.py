@@ -14,6 +14,7 @@ import datasets
 import pytest
 from rich.console import Console
 
+from fedtune import hub
 from fedtune.config import DataConfig
 from fedtune.data import REGISTRY, describe, describe_table, list_datasets, load_task_data, sources
 from fedtune.errors import FedtuneError
@@ -301,8 +302,8 @@ def test_unreachable_hub_fails_fast(no_data, monkeypatch, endpoint):
 def test_silent_hub_times_out(no_data, monkeypatch):
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(sources.urllib.request, "urlopen", lambda *a, **k: time.sleep(30))
-    monkeypatch.setattr(sources, "HUB_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda *a, **k: time.sleep(30))
+    monkeypatch.setattr(hub, "HUB_TIMEOUT_S", 0.3)
     start = time.perf_counter()
     message = error_of(DataConfig(name="cola"))
     assert time.perf_counter() - start < 2 and "did not answer within 0.3 s" in message

@@ -14,9 +14,6 @@ names every place that was looked at.
 from __future__ import annotations
 
 import os
-import threading
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +22,8 @@ import datasets
 from fedtune.data.readers import SUFFIXES, RawTable, read_table
 from fedtune.data.registry import REGISTRY, DatasetSpec
 from fedtune.errors import FedtuneError
+from fedtune.hub import hub_unavailable
 
-HUB_TIMEOUT_S = 2.0
 """Seconds to wait for any HTTP answer from the Hub before calling it unreachable."""
 
 _FIX = "set FEDTUNE_DATA to the folder holding the datasets, pass a file or folder path as data.name, or go online"
@@ -133,40 +130,6 @@ def data_roots() -> list[Path]:
         if c not in roots:
             roots.append(c)
     return roots
-
-
-def hub_unavailable() -> str | None:
-    """Why the Hub cannot be used right now, or None when it answers."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
-            return f"offline: {var} is set"
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    failure = _probe(endpoint, HUB_TIMEOUT_S)
-    return None if failure is None else f"offline: {endpoint} {failure}"
-
-
-def _probe(url: str, timeout: float) -> str | None:
-    """None if ``url`` gives any HTTP response within ``timeout``, else why not.
-
-    The request runs in a daemon thread, so a slow DNS lookup cannot outlast the timeout either.
-    """
-    outcome: list[str | None] = []
-
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-            outcome.append(None)
-        except urllib.error.HTTPError:
-            outcome.append(None)
-        except urllib.error.URLError as e:
-            outcome.append(f"is unreachable ({getattr(e.reason, 'strerror', None) or e.reason})")
-        except (OSError, ValueError) as e:
-            outcome.append(f"is unreachable ({e})")
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return outcome[0] if outcome else f"did not answer within {timeout:g} s"
 
 
 def _repo_root() -> Path | None:

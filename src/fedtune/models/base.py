@@ -15,15 +15,23 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from fedtune.config import ModelConfig
 from fedtune.errors import FedtuneError
+from fedtune.hub import hub_unavailable
+
+# Loading a base model under a new task head reports the head as "missing":
+# expected here, and it would drown the run's own output.
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 @dataclass(frozen=True)
@@ -53,16 +61,6 @@ PACKAGED: dict[str, Packaged] = {
 def cache_dir() -> Path:
     """``$FEDTUNE_CACHE``, else ``~/.cache/fedtune``."""
     return Path(os.environ.get("FEDTUNE_CACHE", Path.home() / ".cache" / "fedtune"))
-
-
-def hub_reachable(timeout: float = 2.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _converted_gguf(name: str, pkg: Packaged) -> Path:
@@ -96,7 +94,7 @@ def resolve_model_path(name: str) -> str:
         return str(path)
     if path.exists() or name.startswith((".", "/", "~")):
         raise FedtuneError(f"model path {name} is not a model folder; give a folder with config.json")
-    if "/" in name and hub_reachable():
+    if "/" in name and hub_unavailable() is None:
         return name
     raise FedtuneError(
         f"unknown model '{name}': not a packaged model ({', '.join(PACKAGED)}), not a local folder, "

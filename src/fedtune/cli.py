@@ -1,0 +1,176 @@
+"""The ``fedtune`` command line: run, report, data, algorithms, models.
+
+Every command imports the heavy parts of the package (torch, transformers,
+datasets) only when it runs, so ``fedtune --help`` and a bad config fail fast.
+A user's mistake ends as one line ``error: ...`` on stderr with exit status 2
+(:func:`main`); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from fedtune.errors import FedtuneError
+
+app = typer.Typer(
+    help="Federated fine-tuning of language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+data_app = typer.Typer(help="Inspect datasets: the registered ones, or your own files.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+class Runtime(str, Enum):
+    """Where the clients of a run execute."""
+
+    inprocess = "inprocess"
+    flower = "flower"
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(show_default=False)],
+    override: Annotated[
+        list[str] | None,
+        typer.Option("--override", "-o", metavar="KEY=VALUE", help="Set a config key, e.g. -o lora.r=16 (repeatable)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing run directory of the same name.")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue a stopped run after its last checkpointed round (same config).")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only the final line, not the partition and progress.")
+    ] = False,
+    runtime: Annotated[Runtime, typer.Option(help="Where the clients run.")] = Runtime.inprocess,
+) -> None:
+    """Run one federated fine-tuning experiment from CONFIG, a .yaml or .toml file (e.g. configs/quickstart.yaml)."""
+    from fedtune.config import load_config
+
+    if resume and overwrite:
+        raise FedtuneError("--resume continues a run and --overwrite deletes it; pass only one of them")
+    cfg = load_config(config, override)
+    from fedtune.report import human_seconds
+    from fedtune.run import execute
+
+    result = execute(cfg, overwrite=overwrite, console=Console(quiet=quiet), runtime=runtime.value, resume=resume)
+    metrics = [f"{k} {v:.4f}" for k, v in result.final.items() if not k.endswith("/n")]
+    line = " · ".join([f"run dir {result.run_dir}", *metrics, human_seconds(result.seconds)])
+    Console().print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...")],
+    metric: Annotated[
+        str | None, typer.Option(help="Metric to compare, e.g. eval/accuracy (default: accuracy, else loss).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for the plots (default: the run's folder; runs/report for several).")
+    ] = None,
+) -> None:
+    """Compare runs (folders written by 'fedtune run'): a table of final and best values, plots vs rounds and bytes."""
+    from fedtune.report import build_report
+
+    result = build_report(run_dirs, metric, out)
+    console = Console()
+    console.print(result.table)
+    for path in result.plots:
+        console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """List the registered datasets."""
+    from fedtune.data import list_datasets
+
+    table = Table(title="registered datasets (use the name as data.name)", title_justify="left")
+    for column in ("name", "kind", "hub id", "description"):
+        table.add_column(column, overflow="fold")
+    for name, kind, hub_id, description in list_datasets():
+        table.add_row(name, kind, hub_id or "-", description)
+    Console().print(table)
+
+
+@data_app.command("show")
+def data_show(
+    name: Annotated[str, typer.Argument(metavar="NAME_OR_PATH")],
+    text_column: Annotated[str | None, typer.Option(help="Input text column of your own file.")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Label column of your own file.")] = None,
+) -> None:
+    """Show a registered dataset or a CSV/TSV/JSON/JSONL file or folder: split sizes, columns, labels, a few rows."""
+    from fedtune.config import DataConfig
+    from fedtune.data import describe, describe_table
+
+    info = describe(DataConfig(name=name, text_column=text_column, label_column=label_column))
+    Console().print(describe_table(info))
+
+
+@app.command()
+def algorithms() -> None:
+    """List the federated algorithms and their options (set them under algorithm.options)."""
+    from fedtune.algorithms import ALGORITHMS
+
+    table = Table(title="algorithms (use the name as algorithm.name)", title_justify="left")
+    for column in ("name", "summary", "options (default)"):
+        table.add_column(column, overflow="fold")
+    for name, cls in ALGORITHMS.items():
+        fields = cls.Options.model_fields
+        options = "\n".join(f"{k}={f.get_default(call_default_factory=True)!r}" for k, f in fields.items())
+        table.add_row(name, cls.summary, options or "-")
+    Console().print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the packaged base models (usable offline as model.name)."""
+    from importlib.util import find_spec
+
+    from fedtune.models.base import PACKAGED
+
+    table = Table(title="packaged models (any local folder or Hugging Face id works too)", title_justify="left")
+    for column in ("name", "installed", "install with"):
+        table.add_column(column, overflow="fold")
+    for name, pkg in PACKAGED.items():
+        table.add_row(name, "yes" if find_spec(pkg.package) else "no", pkg.install)
+    Console().print(table)
+
+
+def _fail(message: str, status: int = 2) -> None:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(status)
+
+
+def main() -> None:
+    """Console-script entry point: user errors as one line with status 2, Ctrl-C as status 130."""
+    try:
+        status = app(standalone_mode=False)
+    except FedtuneError as e:
+        _fail(str(e))
+    except ValidationError as e:
+        _fail("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+    except click.exceptions.NoArgsIsHelpError:
+        sys.exit(0)  # typer has printed the help
+    except click.ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _fail(e.format_message() + hint, e.exit_code)
+    if status == 130:  # typer turns KeyboardInterrupt into exit status 130
+        print("interrupted", file=sys.stderr)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
