@@ -118,6 +118,12 @@ class FederationConfig(_Strict):
     clients_per_round: int | None = Field(default=None, ge=1)
     """Clients sampled each round; default all (or ``fraction`` of them)."""
     fraction: float | None = Field(default=None, gt=0, le=1)
+    min_clients_per_round: int = Field(default=1, ge=1)
+    """Fewest usable updates a round aggregates; with fewer (clients failed, timed out or sent
+    non-finite tensors) the run stops with an error naming them (resume it with ``resume``)."""
+    round_timeout_s: float | None = Field(default=None, gt=0)
+    """Flower runtime: seconds the server waits for a round's replies; late clients count as missing.
+    None: wait for every reply. (In-process clients run synchronously and are never late.)"""
 
 
 class AlgorithmConfig(_Strict):
@@ -130,6 +136,8 @@ class AlgorithmConfig(_Strict):
 
 
 class EvalConfig(_Strict):
+    enabled: bool = True
+    """Switch evaluation off entirely (e.g. to time training alone)."""
     every: int = Field(default=1, ge=0)
     """Evaluate every this many rounds (0: only after the last round)."""
     batch_size: int = Field(default=64, ge=1)

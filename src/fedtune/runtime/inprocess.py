@@ -7,6 +7,7 @@ having those tensors copied into the shared model.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from fedtune.aggregation import Tensors
@@ -14,20 +15,32 @@ from fedtune.algorithms import ClientUpdate, Payload, ServerState
 from fedtune.experiment import Experiment
 from fedtune.runtime.client import client_evaluate, client_round
 
+log = logging.getLogger("fedtune.inprocess")
+
 
 class InProcessPool:
-    """Runs the sampled clients one after another in this process."""
+    """Runs the sampled clients one after another in this process.
+
+    A client whose training raises is left out of the round (``failures`` names
+    it and the error); the round loop decides whether enough updates remain.
+    """
 
     def __init__(self, exp: Experiment, on_step: Callable[[], None] = lambda: None):
         self.exp = exp
         self.on_step = on_step
         self.client_states: dict[int, Tensors] = {cid: {} for cid in range(exp.num_clients)}
+        self.failures: dict[int, str] = {}
 
     def train(self, rnd: int, payloads: dict[int, Payload], lr: float) -> list[ClientUpdate]:
-        return [
-            client_round(self.exp, cid, rnd, payloads[cid], self.client_states[cid], lr, self.on_step)
-            for cid in sorted(payloads)
-        ]
+        updates, self.failures = [], {}
+        for cid in sorted(payloads):
+            try:
+                updates.append(client_round(self.exp, cid, rnd, payloads[cid], self.client_states[cid], lr,
+                                            self.on_step))
+            except Exception as e:  # a failing client must not stop the round; run_rounds enforces the minimum
+                self.failures[cid] = f"{type(e).__name__}: {e}"
+                log.warning("round %d: client %d failed: %s", rnd, cid, self.failures[cid], exc_info=True)
+        return updates
 
     def evaluate(self, state: ServerState) -> dict[int, dict[str, float]]:
         return {

@@ -8,19 +8,25 @@ sampling, learning-rate schedule, byte accounting and run log rows.
 from __future__ import annotations
 
 import math
+import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from fedtune.aggregation import Tensors, tensor_bytes
 from fedtune.algorithms import ClientUpdate, Payload, ServerState
+from fedtune.errors import FedtuneError
 from fedtune.evaluation import evaluate_classifier, mean_metrics
 from fedtune.experiment import Experiment, clients_per_round, derive_seed
 from fedtune.models.lora import load_trainable
 from fedtune.runlog import RunLog
 from fedtune.training import eval_batches, round_lr
+
+
+logger = logging.getLogger("fedtune.server")
 
 
 class ClientPool(Protocol):
@@ -31,6 +37,10 @@ class ClientPool(Protocol):
 
     def evaluate(self, state: ServerState) -> dict[int, dict[str, float]]:
         """Each client's metrics on its own test shard."""
+
+    # Optional, read by run_rounds when present:
+    #   round_bytes: (bytes_up, bytes_down, wire_bytes_up, wire_bytes_down) measured on the wire by the last train()
+    #   failures: {client id: reason} for the sampled clients of the last train() that sent no update
 
 
 def sample_clients(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
@@ -55,22 +65,36 @@ class RoundHooks(Protocol):
     def on_round_end(self, row: dict) -> None: ...
 
 
+def finite(update: ClientUpdate) -> bool:
+    """Every floating-point tensor of the update is finite (no NaN or inf)."""
+    return all(bool(torch.isfinite(t).all()) for t in update.tensors.values() if t.is_floating_point())
+
+
 def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks | None = None,
-               now: Callable[[], float] = time.perf_counter) -> tuple[ServerState, dict]:
+               now: Callable[[], float] = time.perf_counter,
+               start: tuple[ServerState, dict] | None = None,
+               on_state: Callable[[ServerState, dict], None] | None = None) -> tuple[ServerState, dict]:
     """Run every round of ``exp`` through ``pool``, logging one row per round (round 0: the initial model).
 
+    ``start``: continue from the (state, row) of a completed round instead of
+    initialising (resume). ``on_state(state, row)`` is called after each logged
+    round (checkpointing). A round aggregates the finite updates that arrived;
+    its row lists the sampled clients that sent none (``missing``) and those
+    whose tensors were not finite (``rejected``). With fewer than
+    ``federation.min_clients_per_round`` usable updates the run stops with an error.
     Returns the final server state and the last row.
     """
     cfg, algo = exp.cfg, exp.algorithm
     rounds = cfg.federation.rounds
     k = 1 if algo.pools_data else clients_per_round(cfg, exp.num_clients)
-    state = algo.init(exp.initial)
+    min_clients = 1 if algo.pools_data else cfg.federation.min_clients_per_round
+    if min_clients > k:
+        raise FedtuneError(f"federation.min_clients_per_round={min_clients} exceeds the {k} clients sampled per round")
     every = cfg.eval.every
     per_client = algo.personalized or cfg.eval.per_client
-    cum_up = cum_down = 0
 
     def evaluation(rnd: int, state: ServerState) -> dict[str, float]:
-        if not (rnd == rounds or (every and rnd % every == 0)):
+        if not cfg.eval.enabled or not (rnd == rounds or (every and rnd % every == 0)):
             return {}
         out: dict[str, float] = {}
         if exp.eval is not None and not algo.personalized:
@@ -79,17 +103,27 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
             out.update(_prefixed("client_eval", mean_metrics(pool.evaluate(state))))
         return out
 
-    t0 = now()
-    row0 = {"round": 0, "lr": 0.0, "clients": [], "num_clients": 0, "train_loss": None, "train_examples": 0,
-            "bytes_up": 0, "bytes_down": 0, "cum_bytes_up": 0, "cum_bytes_down": 0,
-            "time_train_s": 0.0, "time_aggregate_s": 0.0}
-    row0.update(evaluation(0, state))
-    row0["time_eval_s"] = row0["time_round_s"] = now() - t0
-    log.log_round(row0)
-    if hooks:
-        hooks.on_round_end(row0)
+    def record(state: ServerState, row: dict) -> None:
+        log.log_round(row)
+        if on_state:
+            on_state(state, row)
+        if hooks:
+            hooks.on_round_end(row)
 
-    for rnd in range(1, rounds + 1):
+    if start is not None:
+        state, row = start
+    else:
+        state = algo.init(exp.initial)
+        t0 = now()
+        row = {"round": 0, "lr": 0.0, "clients": [], "num_clients": 0, "train_loss": None, "train_examples": 0,
+               "bytes_up": 0, "bytes_down": 0, "cum_bytes_up": 0, "cum_bytes_down": 0,
+               "time_train_s": 0.0, "time_aggregate_s": 0.0}
+        row.update(evaluation(0, state))
+        row["time_eval_s"] = row["time_round_s"] = now() - t0
+        record(state, row)
+    cum_up, cum_down = row["cum_bytes_up"], row["cum_bytes_down"]
+
+    for rnd in range(row["round"] + 1, rounds + 1):
         t_start = now()
         clients = sample_clients(cfg.seed, rnd, exp.num_clients, k)
         if hooks:
@@ -97,8 +131,25 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         lr = round_lr(cfg.train, rnd, rounds)
         payloads = algo.configure(rnd, clients, state)
         bytes_down = sum(tensor_bytes(p.tensors) for p in payloads.values())
-        updates = pool.train(rnd, payloads, lr)
-        bytes_up = sum(tensor_bytes(u.tensors) for u in updates)
+        received = pool.train(rnd, payloads, lr)
+        bytes_up = sum(tensor_bytes(u.tensors) for u in received)
+        wire = {}
+        if getattr(pool, "round_bytes", None) is not None:  # measured on the wire by the runtime
+            bytes_up, bytes_down, wire_up, wire_down = pool.round_bytes
+            wire = {"wire_bytes_up": wire_up, "wire_bytes_down": wire_down}
+        updates = [u for u in received if finite(u)]
+        rejected = sorted(u.client_id for u in received if not finite(u))
+        missing = sorted(set(clients) - {u.client_id for u in received})
+        if rejected:
+            logger.warning("round %d: rejected non-finite updates of clients %s", rnd, rejected)
+        if len(updates) < min_clients:
+            failures = getattr(pool, "failures", None) or {}
+            why = "; ".join(f"client {c}: {failures[c][-300:]}" for c in missing if c in failures)
+            raise FedtuneError(
+                f"round {rnd}: only {len(updates)} usable updates from {len(clients)} sampled clients "
+                f"(federation.min_clients_per_round={min_clients}); missing {missing}, rejected as non-finite "
+                f"{rejected}" + (f"; {why}" if why else "")
+            )
         t_trained = now()
         state = algo.aggregate(rnd, updates, state)
         t_aggregated = now()
@@ -110,11 +161,11 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         loss = (sum(u.metrics["train_loss"] * u.metrics.get("examples_seen", 0) for u in updates) / n_seen
                 if n_seen else math.nan)
         row = {"round": rnd, "lr": lr, "clients": [u.client_id for u in updates], "num_clients": len(updates),
+               "missing": missing, "rejected": rejected,
                "train_loss": loss, "train_examples": int(n_seen),
                "bytes_up": bytes_up, "bytes_down": bytes_down, "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
+               **wire,
                "time_train_s": t_trained - t_start, "time_aggregate_s": t_aggregated - t_trained,
                "time_eval_s": t_end - t_aggregated, "time_round_s": t_end - t_start, **metrics}
-        log.log_round(row)
-        if hooks:
-            hooks.on_round_end(row)
+        record(state, row)
     return state, row

