@@ -75,6 +75,11 @@ def _converted_gguf(name: str, pkg: Packaged) -> Path:
 
     tok = AutoTokenizer.from_pretrained(src, gguf_file=pkg.gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=pkg.gguf, dtype=torch.float32)
+    # The weights are dequantised to fp32 on load; only the GGUF quantizer marker
+    # remains, and it makes save_pretrained refuse. Drop it: what is saved is plain fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
