@@ -211,6 +211,28 @@ class FlowerPool:
     def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
         return list(self.grid.send_and_receive(messages, timeout=timeout))
 
+    def _exchange_with(self, messages: list[Message], cids: list[int],
+                       timeout: float | None) -> list[tuple[int, Message]]:
+        """Send ``messages`` (``messages[k]`` for client ``cids[k]``); each reply with the client it answers for.
+
+        A reply is matched to the message it answers (``reply_to_message_id``; the
+        grid sets message ids when pushing), not to its sender: the error reply the
+        SuperLink makes for a node that went away comes from the SuperLink's own node id.
+        """
+        replies = self._exchange(messages, timeout)
+        by_msg = {m.metadata.message_id: cid for m, cid in zip(messages, cids)}
+        out = []
+        for reply in replies:
+            cid = by_msg.get(reply.metadata.reply_to_message_id)
+            if cid is None:
+                cid = self.client_of.get(reply.metadata.src_node_id)
+            if cid is None:
+                log.warning("dropping a reply from node %s that answers none of this exchange's messages",
+                            reply.metadata.src_node_id)
+                continue
+            out.append((cid, reply))
+        return out
+
     def _discover(self, connect_timeout_s: float) -> dict[int, int]:
         """Map client id → node id: wait for the nodes, ask each for its partition-id."""
         need = self.exp.num_clients
@@ -239,7 +261,8 @@ class FlowerPool:
     # ------------------------------------------------------------ ClientPool
     def train(self, rnd: int, payloads: dict[int, Payload], lr: float) -> list[ClientUpdate]:
         messages, down, wire_down = [], 0, 0
-        for cid in sorted(payloads):
+        cids = sorted(payloads)
+        for cid in cids:
             p = payloads[cid]
             record = tensors_to_record(p.tensors)
             down += record_tensor_bytes(record)
@@ -249,8 +272,7 @@ class FlowerPool:
             messages.append(Message(content, dst_node_id=self.node_of[cid], message_type="train", group_id=str(rnd)))
         updates, up, wire_up = [], 0, 0
         self.failures = {}
-        for reply in self._exchange(messages, timeout=self.timeout_s):
-            cid = self.client_of[reply.metadata.src_node_id]
+        for cid, reply in self._exchange_with(messages, cids, timeout=self.timeout_s):
             if reply.has_error():
                 self.failures[cid] = reply.error.reason
                 log.warning("round %d: client %d failed: %s", rnd, cid, reply.error.reason[-500:])
@@ -275,8 +297,7 @@ class FlowerPool:
         messages = [Message(RecordDict({"global": record, "fedtune": self._meta(client_id=cid)}),
                             dst_node_id=self.node_of[cid], message_type="evaluate") for cid in cids]
         out: dict[int, dict[str, float]] = {}
-        for reply in self._exchange(messages, timeout=self.timeout_s):
-            cid = self.client_of[reply.metadata.src_node_id]
+        for cid, reply in self._exchange_with(messages, cids, timeout=self.timeout_s):
             if reply.has_error():
                 log.warning("client %d failed to evaluate: %s", cid, reply.error.reason[-500:])
                 continue
@@ -285,14 +306,15 @@ class FlowerPool:
 
     def fetch_client_states(self) -> dict[int, Tensors]:
         """Every client's persistent tensors, read from its node (for saving personalised adapters)."""
-        msgs = [Message(RecordDict({"fedtune": _config_record({"action": "state"})}), dst_node_id=nid,
-                        message_type="query") for nid in self.node_of.values()]
+        cids = sorted(self.node_of)
+        msgs = [Message(RecordDict({"fedtune": _config_record({"action": "state"})}), dst_node_id=self.node_of[cid],
+                        message_type="query") for cid in cids]
         states: dict[int, Tensors] = {}
-        for reply in self._exchange(msgs, timeout=self.timeout_s):
+        for cid, reply in self._exchange_with(msgs, cids, timeout=self.timeout_s):
             if reply.has_error():
-                raise FedtuneError(f"node {reply.metadata.src_node_id} failed to return its state: "
+                raise FedtuneError(f"the node of client {cid} failed to return its state: "
                                    f"{reply.error.reason[-500:]}")
-            states[self.client_of[reply.metadata.src_node_id]] = record_to_tensors(reply.content["state"])
+            states[cid] = record_to_tensors(reply.content["state"])
         return states
 
 
