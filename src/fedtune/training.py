@@ -10,6 +10,7 @@ while the order stays random.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,8 +35,9 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.labels)
 
-    @property
+    @functools.cached_property
     def lengths(self) -> np.ndarray:
+        """Token count of every example (computed once: batching reads it every client round)."""
         return np.fromiter((len(x) for x in self.features["input_ids"]), dtype=np.int64, count=len(self))
 
     def collate(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
