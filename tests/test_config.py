@@ -37,7 +37,8 @@ def test_yaml_and_toml_give_the_same_config(tmp_path):
 
 def test_packaged_quickstart_loads():
     cfg = load_config(QUICKSTART)
-    assert cfg.name == "quickstart" and cfg.algorithm.name == "fedit" and cfg.train.local_steps == 4
+    assert cfg.name == "quickstart" and cfg.algorithm.name == "fedit" and cfg.model.name == "minilm"
+    assert (cfg.data.name, cfg.partition.method, cfg.partition.num_clients, cfg.partition.alpha) == ("sst2", "dirichlet", 8, 0.5)
 
 
 def test_no_file_gives_the_defaults_and_an_empty_file_too(tmp_path):

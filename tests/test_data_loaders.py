@@ -302,7 +302,7 @@ def test_unreachable_hub_fails_fast(no_data, monkeypatch, endpoint):
 def test_silent_hub_times_out(no_data, monkeypatch):
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda *a, **k: time.sleep(30))
+    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda *a, **k: (time.sleep(30), io.BytesIO())[1])
     monkeypatch.setattr(hub, "HUB_TIMEOUT_S", 0.3)
     start = time.perf_counter()
     message = error_of(DataConfig(name="cola"))

@@ -21,20 +21,27 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-psutil = pytest.importorskip("psutil")
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [
     pytest.mark.deployment,
-    pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl"),
-    pytest.mark.skipif(shutil.which("flower-superlink") is None or shutil.which("flwr") is None,
-                       reason="needs the flwr command-line tools"),
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl (apt-get install openssl)"),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _flower_tools_on_path():
+    """The flwr tools (and the processes they start) come from this interpreter's environment, activated or not."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        yield
 
 RUN_TIMEOUT_S = 150
 
