@@ -201,3 +201,8 @@ def test_resolved_config_round_trips(tmp_path, overrides):
     assert again == cfg
     assert again.train.local_steps == cfg.train.local_steps  # the filled-in default survives as an explicit value
     assert again.run_dir == cfg.run_dir
+
+
+def test_clients_per_round_and_fraction_are_exclusive():
+    with pytest.raises(FedtuneError, match="only one of federation.clients_per_round and federation.fraction"):
+        load_config(None, ["federation.clients_per_round=2", "federation.fraction=0.5"])

@@ -125,6 +125,12 @@ class FederationConfig(_Strict):
     """Flower runtime: seconds the server waits for a round's replies; late clients count as missing.
     None: wait for every reply. (In-process clients run synchronously and are never late.)"""
 
+    @model_validator(mode="after")
+    def _count_or_fraction(self) -> "FederationConfig":
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("set only one of federation.clients_per_round and federation.fraction")
+        return self
+
 
 class AlgorithmConfig(_Strict):
     """Which federated algorithm runs, and its own options."""

@@ -18,6 +18,7 @@ runtime keeps it (in memory, or in a Flower node's context).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -77,8 +78,8 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Algorithm:
-    """Base class: FedAvg-style defaults that subclasses override hook by hook."""
+class Algorithm(ABC):
+    """Base class: FedAvg-style defaults that subclasses override hook by hook; ``aggregate`` is theirs to define."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -106,8 +107,9 @@ class Algorithm:
         """Default: every sampled client receives the global tensors."""
         return {cid: Payload(tensors=state.global_tensors) for cid in client_ids}
 
+    @abstractmethod
     def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
-        raise NotImplementedError
+        """The new server state from the round's usable updates."""
 
     # ------------------------------------------------------------------ client side
     def prepare(self, ctx: ClientContext, payload: Payload) -> None:
