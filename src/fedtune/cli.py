@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Inspect datasets: the registered ones, or your own files.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+eval_app = typer.Typer(help="Evaluate a base model, or a run's adapter, on a benchmark.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 
 class Runtime(str, Enum):
@@ -146,6 +148,51 @@ def models() -> None:
     for name, pkg in PACKAGED.items():
         table.add_row(name, "yes" if find_spec(pkg.package) else "no", pkg.install)
     Console().print(table)
+
+
+@eval_app.command("mmlu")
+def eval_mmlu(
+    model: Annotated[str, typer.Option(help="Causal LM: packaged name, local folder or Hub id.")] = "smollm2-135m",
+    adapter: Annotated[
+        Path | None, typer.Option(help="A run directory (its adapter/) or a peft adapter folder to load on the model.")
+    ] = None,
+    shots: Annotated[int, typer.Option(min=0, max=5, help="Solved dev examples before each question (0-5).")] = 0,
+    subset: Annotated[bool, typer.Option(help="A seeded 10% of each subject (1,435 questions) instead of all.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the subset.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    output: Annotated[Path | None, typer.Option(help="Also write the results (per subject) to this JSON file.")] = None,
+) -> None:
+    """MMLU accuracy of a causal LM: per category and macro-averaged over the 57 subjects."""
+    import json
+    import time
+
+    from fedtune.config import ModelConfig
+    from fedtune.mmlu import evaluate_mmlu
+    from fedtune.models.base import load_causal_lm
+    from fedtune.models.lora import load_adapter
+
+    t0 = time.perf_counter()
+    lm, tok = load_causal_lm(ModelConfig(name=model))
+    if adapter is not None:
+        lm = load_adapter(lm, adapter)
+    result = evaluate_mmlu(lm, tok, shots=shots, subset=subset, seed=seed, batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    table = Table(title=f"MMLU {shots}-shot · {model}" + (f" + {adapter}" if adapter else "")
+                  + f" · {result.questions:,} questions", title_justify="left")
+    table.add_column("category")
+    table.add_column("subjects", justify="right")
+    table.add_column("accuracy", justify="right")
+    from fedtune.mmlu import CATEGORIES
+
+    for category, acc in result.categories.items():
+        n = sum(1 for s in result.subjects if CATEGORIES.get(s, "other") == category)
+        table.add_row(category, str(n), f"{acc:.4f}")
+    table.add_row("macro (over subjects)", str(len(result.subjects)), f"{result.macro:.4f}", style="bold")
+    Console().print(table)
+    Console().print(f"{seconds:.0f} s")
+    if output is not None:
+        output.write_text(json.dumps({**result.to_dict(), "model": model, "adapter": str(adapter) if adapter else None,
+                                      "seconds": seconds}, indent=2))
 
 
 def _fail(message: str, status: int = 2) -> None:

@@ -40,6 +40,9 @@ class DataConfig(_Strict):
     max_train_examples: int | None = Field(default=None, ge=1)
     """Use a seeded random subset of the training split of at most this size."""
     max_eval_examples: int | None = Field(default=None, ge=1)
+    tasks: list[str] | None = None
+    """``name: multitask`` only: the datasets to mix (e.g. ``[sst2, snli, alpaca_en]``), each turned into
+    instructions; rows carry a ``task`` column (partition with ``by: task``). ``max_*_examples`` apply per task."""
     on_malformed: Literal["error", "skip"] = "error"
     """``error``: a malformed row stops the run, naming file and line. ``skip``: it is dropped and counted in the run log."""
 
@@ -68,10 +71,26 @@ class ModelConfig(_Strict):
 
     name: str = "minilm"
     """A packaged default (``minilm``, ``smollm2-135m``), a Hugging Face id, or a local folder."""
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "sft"] = "classification"
+    """``classification``: an encoder or decoder with a class head. ``sft``: a causal LM tuned on instructions
+    (classification datasets are verbalised; see the ``sft`` section)."""
     max_length: int = Field(default=128, ge=8)
     """Inputs are truncated to this many tokens; batches are padded only to their longest member."""
     dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class SftConfig(_Strict):
+    """Instruction tuning of a causal LM (``model.task: sft``)."""
+
+    template: Literal["alpaca", "vicuna", "chat"] = "alpaca"
+    """Prompt format: the Alpaca or Vicuna v1.1 text template, or ``chat``: the tokenizer's own chat template."""
+    train_on_inputs: bool = False
+    """Also compute the loss on prompt tokens (default: response tokens only)."""
+
+
+class RankTier(_Strict):
+    clients: int = Field(ge=1)
+    rank: int = Field(ge=1)
 
 
 class LoraConfig(_Strict):
@@ -84,6 +103,34 @@ class LoraConfig(_Strict):
     """Module names to adapt; default: the attention projections of the architecture."""
     train_head: bool = True
     """Train (and federate) the task head, e.g. the classifier of a classification model."""
+    client_ranks: list[int] | None = None
+    """Heterogeneous ranks: client i trains rank ``client_ranks[i]`` (one entry per client). Every client keeps
+    the scale alpha / r, so ranks change capacity, not step size."""
+    rank_tiers: list[RankTier] | None = None
+    """Heterogeneous ranks by client index, e.g. ``[{clients: 10, rank: 64}, {clients: 90, rank: 4}]``:
+    the first 10 clients train rank 64, the rest rank 4. Set this or ``client_ranks``."""
+
+    @model_validator(mode="after")
+    def _ranks_or_tiers(self) -> "LoraConfig":
+        if self.client_ranks is not None and self.rank_tiers is not None:
+            raise ValueError("set only one of lora.client_ranks and lora.rank_tiers")
+        if self.client_ranks is not None and (not self.client_ranks or min(self.client_ranks) < 1):
+            raise ValueError("lora.client_ranks must be a non-empty list of positive ranks")
+        return self
+
+    def ranks(self, num_clients: int) -> list[int] | None:
+        """Each client's rank, or None when every client trains rank ``r``."""
+        if self.rank_tiers is not None:
+            ranks = [t.rank for t in self.rank_tiers for _ in range(t.clients)]
+        elif self.client_ranks is not None:
+            ranks = list(self.client_ranks)
+        else:
+            return None
+        if len(ranks) != num_clients:
+            what = "lora.rank_tiers cover" if self.rank_tiers is not None else "lora.client_ranks has"
+            raise FedtuneError(f"{what} {len(ranks)} clients but partition.num_clients is {num_clients}; "
+                               "give one rank per client")
+        return ranks
 
 
 class TrainConfig(_Strict):
@@ -149,6 +196,12 @@ class EvalConfig(_Strict):
     batch_size: int = Field(default=64, ge=1)
     per_client: bool = False
     """Also evaluate on every client's own test shard (always on for personalised algorithms)."""
+    metrics: list[Literal["choice", "perplexity", "rouge"]] | None = None
+    """``model.task: sft`` only. ``choice``: score each candidate answer (verbalised labels); ``perplexity``:
+    of the reference responses; ``rouge``: ROUGE-L F1 of greedy generations. Default: choice where the data has
+    candidate answers, perplexity always."""
+    max_new_tokens: int = Field(default=64, ge=1)
+    """Generation (``rouge``): tokens generated per example, greedily."""
 
 
 class RunConfig(_Strict):
@@ -161,6 +214,7 @@ class RunConfig(_Strict):
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)

@@ -5,23 +5,26 @@ the number of examples it was computed on, so results from many clients can
 be merged by :func:`mean_metrics`. The engine logs these under ``eval/`` (the
 global held-out split) and ``client_eval/`` (each client's own test shard).
 
-Sections: classification (accuracy, macro-F1, MCC, cross-entropy), then the
-combination over clients. Further task families (perplexity, ROUGE-L, choice
-scoring, MMLU) belong here as further sections of the same shape: a pure
-metric function on arrays, and an ``evaluate_*`` function that runs a model
-over batches and calls it.
+Sections: classification (accuracy, macro-F1, MCC, cross-entropy); decoder
+LMs (choice scoring, response perplexity, greedy generation and ROUGE-L, and
+:func:`evaluate_instructions` combining them); then the combination over
+clients. Each section pairs pure metric functions with the functions that run
+a model. MMLU is built on choice scoring in :mod:`fedtune.mmlu`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rouge_score import rouge_scorer
 from sklearn.metrics import f1_score, matthews_corrcoef
 
 from fedtune.errors import FedtuneError
+from fedtune.models.base import body_and_head
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -85,6 +88,202 @@ def evaluate_classifier(model: torch.nn.Module, batches: Iterable[Mapping[str, t
     if not all_logits:
         raise FedtuneError(_EMPTY)
     return classification_metrics(torch.cat(all_logits), torch.cat(all_labels))
+
+
+# --------------------------------------------------------------------------- decoder LMs
+
+
+def _right_padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+    return ids, mask
+
+
+def _target_logprobs(model, seqs: list[list[int]], spans: list[tuple[int, int]], pad_id: int, batch_size: int) -> list[torch.Tensor]:
+    """For each sequence s with span (a, b): log p(s_t | s_<t) for t in [a, b), as a float64 tensor.
+
+    Runs in length-sorted batches; only the positions a-1 .. b-2 go through the head.
+    """
+    body, head = body_and_head(model)
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, mask = _right_padded([seqs[i] for i in idx], pad_id, device)
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+        rows = [r for r, i in enumerate(idx) for _ in range(*spans[i])]
+        cols = [t - 1 for i in idx for t in range(*spans[i])]
+        targets = ids[rows, [c + 1 for c in cols]]
+        logp = torch.log_softmax(head(hidden[rows, cols]).double(), dim=-1)
+        picked = logp.gather(1, targets[:, None])[:, 0].cpu()
+        sizes = [spans[i][1] - spans[i][0] for i in idx]
+        for i, chunk in zip(idx, picked.split(sizes)):
+            out[i] = chunk
+    return out
+
+
+@torch.no_grad()
+def choice_losses(model: torch.nn.Module, prompts: list[list[int]], choices: list[list[list[int]]], pad_id: int,
+                  batch_size: int = 32) -> list[np.ndarray]:
+    """The mean token loss of each candidate answer given its prompt (lower is more likely)::
+
+        L_ik = −(1 / |c_ik|) Σ_t log p(c_ik,t | prompt_i, c_ik,<t)
+
+    When every candidate is one token, one forward pass of each prompt scores
+    all its candidates; otherwise each prompt + candidate is run.
+    """
+    if not prompts:
+        return []
+    if all(len(c) == 1 for cs in choices for c in cs):
+        body, head = body_and_head(model)
+        device = next(model.parameters()).device
+        out: list[np.ndarray] = [np.zeros(0)] * len(prompts)
+        order = np.argsort([len(p) for p in prompts], kind="stable")
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = _right_padded([prompts[i] for i in idx], pad_id, device)
+            hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+            last = hidden[torch.arange(len(idx)), mask.sum(1) - 1]
+            logp = torch.log_softmax(head(last).double(), dim=-1).cpu()
+            for row, i in enumerate(idx):
+                out[i] = -logp[row, [c[0] for c in choices[i]]].numpy()
+        return out
+    seqs, spans, owner = [], [], []
+    for i, (p, cs) in enumerate(zip(prompts, choices)):
+        for c in cs:
+            seqs.append(p + c)
+            spans.append((len(p), len(p) + len(c)))
+            owner.append(i)
+    logps = _target_logprobs(model, seqs, spans, pad_id, batch_size)
+    out = [[] for _ in prompts]
+    for i, lp in zip(owner, logps):
+        out[i].append(-float(lp.mean()))
+    return [np.asarray(x) for x in out]
+
+
+def choice_metrics(losses: list[np.ndarray], answers: ArrayLike, tasks: list[str] | None = None) -> dict[str, float]:
+    """Accuracy of argmin-loss predictions; with one shared candidate count K also macro-F1 and MCC.
+
+    ``accuracy_<task>`` is added per task when the examples come from several.
+    """
+    answers = np.asarray(answers)
+    if len(losses) == 0:
+        raise FedtuneError(_EMPTY)
+    pred = np.array([int(np.argmin(x)) for x in losses])
+    out = {"accuracy": float((pred == answers).mean())}
+    if len({len(x) for x in losses}) == 1:
+        out["macro_f1"] = float(f1_score(answers, pred, average="macro", zero_division=0.0))
+        out["mcc"] = float(matthews_corrcoef(answers, pred))
+    if tasks is not None and len(set(tasks)) > 1:
+        tasks_arr = np.asarray(tasks)
+        for t in sorted(set(tasks)):
+            out[f"accuracy_{t}"] = float((pred[tasks_arr == t] == answers[tasks_arr == t]).mean())
+    out["n"] = len(pred)
+    return out
+
+
+@torch.no_grad()
+def response_nll(model: torch.nn.Module, ids: list[list[int]], starts: list[int], pad_id: int,
+                 batch_size: int = 32) -> tuple[float, int]:
+    """Σ_t −log p(x_t | x_<t) over each sequence's response tokens (from ``starts[i]`` on), and their count."""
+    spans = [(max(a, 1), len(x)) for x, a in zip(ids, starts)]
+    keep = [i for i, (a, b) in enumerate(spans) if b > a]
+    if not keep:
+        raise FedtuneError("no response tokens to compute perplexity on")
+    logps = _target_logprobs(model, [ids[i] for i in keep], [spans[i] for i in keep], pad_id, batch_size)
+    return -sum(float(lp.sum()) for lp in logps), sum(len(lp) for lp in logps)
+
+
+def perplexity_metrics(nll_sum: float, tokens: int, n: int) -> dict[str, float]:
+    """``loss`` = mean NLL per response token, ``perplexity`` = exp(loss)."""
+    loss = nll_sum / tokens
+    return {"loss": loss, "perplexity": float(np.exp(min(loss, 700.0))), "n": n}
+
+
+@torch.no_grad()
+def generate_greedy(model: torch.nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                    batch_size: int = 16) -> list[str]:
+    """Greedy continuations of token-id prompts, batched with left padding; decoded up to EOS."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    texts: list[str] = [""] * len(prompts)
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
+            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            for row, i in enumerate(idx):
+                new = out[row, width:].tolist()
+                if tokenizer.eos_token_id in new:
+                    new = new[: new.index(tokenizer.eos_token_id)]
+                texts[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+    finally:
+        model.train(was_training)
+    return texts
+
+
+class _RougeTokenizer:
+    """Lower-cased words of letters and digits; each CJK character is a word of its own.
+
+    rouge-score's default tokenizer keeps only ``[a-z0-9]``, which would score any
+    Chinese response as empty.
+    """
+
+    _WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|[^\W_]+", re.UNICODE)
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._WORD.findall(text.lower())
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F1 (longest common subsequence of words) of each prediction against its reference."""
+    if not predictions:
+        raise FedtuneError(_EMPTY)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_RougeTokenizer())
+    return float(np.mean([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]))
+
+
+def evaluate_instructions(model: torch.nn.Module, tokenizer, data, indices: np.ndarray | None,
+                          metrics: list[str], batch_size: int = 32, max_new_tokens: int = 64) -> dict[str, float]:
+    """Score a causal LM on instruction examples (:class:`~fedtune.training.EncodedInstructions`).
+
+    ``metrics``: ``choice`` (examples with candidate answers), ``perplexity`` (of the
+    reference responses), ``rouge`` (ROUGE-L F1 of greedy generations; reported as ``rougeL``).
+    """
+    idx = np.arange(len(data)) if indices is None else np.asarray(indices)
+    if len(idx) == 0:
+        raise FedtuneError(_EMPTY)
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    try:
+        if "choice" in metrics:
+            closed = [int(i) for i in idx if len(data.choices[i])]
+            if closed:
+                losses = choice_losses(model, [data.prompts[i] for i in closed], [data.choices[i] for i in closed],
+                                       data.pad_id, batch_size)
+                found = choice_metrics(losses, data.answers[closed], [data.tasks[i] for i in closed])
+                found.pop("n")
+                out.update(found)
+        if "perplexity" in metrics:
+            nll, tokens = response_nll(model, [data.features["input_ids"][i] for i in idx],
+                                       [data.starts[i] for i in idx], data.pad_id, batch_size)
+            out.update({k: v for k, v in perplexity_metrics(nll, tokens, len(idx)).items() if k != "n"})
+        if "rouge" in metrics:
+            preds = generate_greedy(model, tokenizer, [data.prompts[i] for i in idx], max_new_tokens, batch_size)
+            out["rougeL"] = rouge_l(preds, [data.references[i] for i in idx])
+    finally:
+        model.train(was_training)
+    out["n"] = len(idx)
+    return out
 
 
 # --------------------------------------------------------------------------- over clients

@@ -18,10 +18,21 @@ from fedtune.aggregation import Tensors
 from fedtune.algorithms import Algorithm, build_algorithm
 from fedtune.config import RunConfig
 from fedtune.data import TaskData, load_task_data, partition_clients, partition_summary, split_client_test
+from fedtune.data.instructions import COLUMNS, load_instruction_data
+from fedtune.data.templates import Template
 from fedtune.errors import FedtuneError
-from fedtune.models.base import load_classifier
+from fedtune.evaluation import evaluate_classifier, evaluate_instructions
+from fedtune.models.base import load_causal_lm, load_classifier
 from fedtune.models.lora import apply_lora, trainable_state
-from fedtune.training import Encoded, encode_classification
+from fedtune.training import (
+    Encoded,
+    Forward,
+    causal_lm_forward,
+    encode_classification,
+    encode_instructions,
+    eval_batches,
+    model_forward,
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -55,6 +66,27 @@ class Experiment:
     def num_clients(self) -> int:
         return len(self.shards)
 
+    def evaluate(self, data: Encoded, indices: np.ndarray | None = None) -> dict[str, float]:
+        """Metrics of the model as it is now on ``data`` rows ``indices`` (all: None), for the run's task."""
+        ev = self.cfg.eval
+        if self.cfg.model.task == "sft":
+            return evaluate_instructions(self.model, self.tokenizer, data, indices, self.eval_metrics,
+                                         ev.batch_size, ev.max_new_tokens)
+        return evaluate_classifier(self.model, eval_batches(data, indices, ev.batch_size))
+
+    @property
+    def forward(self) -> Forward:
+        """The training forward pass of the run's task (outputs carry ``.loss``)."""
+        return causal_lm_forward if self.cfg.model.task == "sft" else model_forward
+
+    @property
+    def eval_metrics(self) -> list[str]:
+        """Decoder metrics: as configured, else choice scoring where there are candidates, and perplexity."""
+        if self.cfg.eval.metrics is not None:
+            return list(self.cfg.eval.metrics)
+        closed = any(len(c) for c in self.train.choices)
+        return (["choice"] if closed else []) + ["perplexity"]
+
     @property
     def steps_multiplier(self) -> int:
         """Pooled training runs as many steps per round as the federated round it stands for."""
@@ -82,16 +114,24 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.options)
-    task = load_task_data(cfg.data, cfg.seed)
-    if task.kind != "classification" or task.label_column is None:
+    sft = cfg.model.task == "sft"
+    task = load_instruction_data(cfg.data, cfg.seed) if sft else load_task_data(cfg.data, cfg.seed)
+    if not sft and (task.kind != "classification" or task.label_column is None):
         raise FedtuneError(
             f"dataset '{cfg.data.name}' is a {task.kind} dataset; model.task=classification needs a labelled "
-            "classification dataset (e.g. sst2, cola, snli)"
+            "classification dataset (e.g. sst2, cola, snli), or set model.task=sft to instruction-tune on it"
         )
+    if cfg.data.tasks is not None and not sft:
+        raise FedtuneError("data.tasks (a multitask mixture) is for model.task=sft")
     if algorithm.personalized and cfg.partition.client_test_fraction <= 0:
         raise FedtuneError(
             f"algorithm '{algorithm.name}' is evaluated on each client's own test shard; "
             "set partition.client_test_fraction (e.g. 0.2)"
+        )
+    if cfg.partition.method != "iid" and cfg.partition.by not in task.train.column_names:
+        raise FedtuneError(
+            f"partition.by='{cfg.partition.by}' is not a column of {task.name} "
+            f"(columns: {', '.join(task.train.column_names)}); set partition.by to one of them"
         )
 
     parts = partition_clients(task.train, cfg.partition, cfg.seed)
@@ -111,14 +151,22 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         tests = [np.sort(np.concatenate(tests))]
 
     torch.manual_seed(cfg.seed)
-    base, tokenizer = load_classifier(cfg.model, num_labels=len(task.label_names))
+    if sft:
+        base, tokenizer = load_causal_lm(cfg.model)
+        template = Template(cfg.sft.template, tokenizer)
+
+        def encode(ds) -> Encoded:
+            rows = {c: ds[c][:] for c in COLUMNS}
+            return encode_instructions(tokenizer, template, rows, cfg.model.max_length, cfg.sft.train_on_inputs)
+    else:
+        base, tokenizer = load_classifier(cfg.model, num_labels=len(task.label_names))
+
+        def encode(ds) -> Encoded:
+            texts = [ds[c][:] for c in task.text_columns]
+            return encode_classification(tokenizer, texts, ds[task.label_column][:], cfg.model.max_length)
+
     torch.manual_seed(derive_seed(cfg.seed, 1))
     model = apply_lora(base, cfg.lora, cfg.model.task)
-
-    def encode(ds) -> Encoded:
-        texts = [ds[c][:] for c in task.text_columns]
-        return encode_classification(tokenizer, texts, ds[task.label_column][:], cfg.model.max_length)
-
     return Experiment(
         cfg=cfg,
         task=task,

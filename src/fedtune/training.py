@@ -13,23 +13,35 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from fedtune.config import TrainConfig
+from fedtune.data.templates import Template
+from fedtune.errors import FedtuneError
+from fedtune.models.base import body_and_head
 
 GROUP = 50
 """Batches per length-sorting group."""
 
 
+IGNORE = -100
+"""Target of a token that is not scored (prompt tokens, padding): the convention of torch's cross-entropy."""
+
+
 @dataclass
 class Encoded:
-    """Tokenised examples: one list of ids per example, plus labels."""
+    """Tokenised examples: one list of ids per example, plus targets.
+
+    ``labels`` is one class index per example (classification), or one list of
+    per-token targets per example, :data:`IGNORE` where a token is not scored
+    (instruction tuning).
+    """
 
     features: dict[str, list[list[int]]]  # input_ids, and token_type_ids for pair inputs
-    labels: np.ndarray
+    labels: np.ndarray | list[list[int]]
     pad_id: int
 
     def __len__(self) -> int:
@@ -41,7 +53,7 @@ class Encoded:
         return np.fromiter((len(x) for x in self.features["input_ids"]), dtype=np.int64, count=len(self))
 
     def collate(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Pad the examples ``idx`` to their longest member; attention mask marks real tokens."""
+        """Pad the examples ``idx`` (on the right) to their longest member; attention mask marks real tokens."""
         ids = self.features["input_ids"]
         width = max(len(ids[i]) for i in idx)
         batch: dict[str, torch.Tensor] = {}
@@ -51,8 +63,31 @@ class Encoded:
         batch["attention_mask"] = torch.tensor(
             [[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in idx], dtype=torch.long
         )
-        batch["labels"] = torch.as_tensor(self.labels[np.asarray(idx)], dtype=torch.long)
+        if isinstance(self.labels, np.ndarray):
+            batch["labels"] = torch.as_tensor(self.labels[np.asarray(idx)], dtype=torch.long)
+        else:
+            rows = self.labels
+            batch["labels"] = torch.tensor([rows[i] + [IGNORE] * (width - len(rows[i])) for i in idx], dtype=torch.long)
         return batch
+
+
+@dataclass
+class EncodedInstructions(Encoded):
+    """Instruction examples (prompt + response) and what decoder evaluation needs besides the training view.
+
+    ``prompts[i]`` is the prompt's token ids as scored and generated from,
+    ``choices[i]`` the token ids of each candidate response (empty: open-ended),
+    ``answers[i]`` the index of the correct candidate (-1: open-ended),
+    ``references[i]`` the response text, ``tasks[i]`` the source dataset,
+    ``starts[i]`` where the response begins in ``features["input_ids"][i]``.
+    """
+
+    prompts: list[list[int]] = field(default_factory=list)
+    choices: list[list[list[int]]] = field(default_factory=list)
+    answers: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    references: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
 
 
 def encode_classification(tokenizer, texts: Sequence[Sequence[str]], labels: Sequence[int], max_length: int) -> Encoded:
@@ -60,6 +95,46 @@ def encode_classification(tokenizer, texts: Sequence[Sequence[str]], labels: Seq
     enc = tokenizer(*texts, truncation=True, max_length=max_length, padding=False)
     keep = ["input_ids"] + (["token_type_ids"] if len(texts) > 1 and "token_type_ids" in enc else [])
     return Encoded({k: enc[k] for k in keep}, np.asarray(labels, dtype=np.int64), tokenizer.pad_token_id)
+
+
+def encode_instructions(tokenizer, template: Template, rows: dict[str, list], max_length: int,
+                        train_on_inputs: bool = False) -> EncodedInstructions:
+    """Tokenise instruction rows (:data:`fedtune.data.instructions.COLUMNS`) as prompt + response + EOS.
+
+    Targets are the response tokens (and EOS); prompt tokens are :data:`IGNORE`
+    unless ``train_on_inputs``. Prompt and response are tokenised separately
+    and concatenated, so the boundary is the same in training, scoring and
+    generation. Too long an example keeps its response (up to half of
+    ``max_length`` when the prompt needs the rest) and loses the start of its prompt.
+    """
+    if tokenizer.eos_token_id is None:
+        raise FedtuneError("the tokenizer has no EOS token; instruction tuning needs one to end responses")
+    texts = [template.prompt(i, x) for i, x in zip(rows["instruction"], rows["input"])]
+    prompts = tokenizer(texts, add_special_tokens=not template.prompt_has_special_tokens).input_ids
+    prefix, eos = template.response_prefix, [tokenizer.eos_token_id]
+    responses = [r + eos for r in tokenizer([prefix + o for o in rows["output"]], add_special_tokens=False).input_ids]
+    vocab: dict[str, list[int]] = {}
+
+    def candidate(text: str) -> list[int]:
+        if text not in vocab:
+            vocab[text] = tokenizer(prefix + text, add_special_tokens=False).input_ids + eos
+        return vocab[text]
+
+    choices = [[candidate(c) for c in cs] for cs in rows["choices"]]
+    ids, targets, kept_prompts, starts = [], [], [], []
+    for p, r, cs in zip(prompts, responses, choices):
+        r = r[: max(max_length - len(p), max_length // 2)]
+        p = p[max(0, len(p) - (max_length - len(r))):]
+        ids.append(p + r)
+        starts.append(len(p))
+        targets.append((p if train_on_inputs else [IGNORE] * len(p)) + r)
+        longest = max((len(c) for c in cs), default=0)
+        kept_prompts.append(p[max(0, len(p) - (max_length - longest)):])
+    return EncodedInstructions(
+        features={"input_ids": ids}, labels=targets, pad_id=tokenizer.pad_token_id,
+        prompts=kept_prompts, choices=choices, answers=np.asarray(rows["answer"], dtype=np.int64),
+        references=list(rows["output"]), tasks=list(rows["task"]), starts=starts,
+    )
 
 
 def length_grouped_batches(lengths: np.ndarray, indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -109,6 +184,33 @@ def round_lr(cfg: TrainConfig, rnd: int, rounds: int) -> float:
 
 
 LossFn = Callable[[dict[str, torch.Tensor], object], torch.Tensor]
+Forward = Callable[[torch.nn.Module, dict[str, torch.Tensor]], object]
+
+
+def model_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """The model's own forward pass and task loss (``outputs.loss``)."""
+    return model(**batch)
+
+
+@dataclass
+class LMOutputs:
+    loss: torch.Tensor
+    logits: torch.Tensor
+    """Logits of the scored positions only (those predicting a target ≠ IGNORE), in batch order."""
+
+
+def causal_lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LMOutputs:
+    """Next-token cross-entropy, mean over the scored tokens: −(1/|S|) Σ_{(b,t)∈S} log p(y_bt | x_b,<t).
+
+    The same loss as the model's own ``labels=`` path, but only the positions in S
+    go through the output head.
+    """
+    body, head = body_and_head(model)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    scored = targets != IGNORE
+    logits = head(hidden[:, :-1][scored])
+    return LMOutputs(torch.nn.functional.cross_entropy(logits.float(), targets[scored]), logits)
 
 
 def train_local(
@@ -120,6 +222,7 @@ def train_local(
     loss_fn: LossFn,
     after_step: Callable[[], None] = lambda: None,
     on_step: Callable[[], None] = lambda: None,
+    forward: Forward = model_forward,
 ) -> tuple[float, int]:
     """Run ``steps`` AdamW steps of ``grad_accum`` micro-batches; return (mean loss, examples seen).
 
@@ -132,7 +235,7 @@ def train_local(
     for _ in range(steps):
         for _ in range(cfg.grad_accum):
             batch = next(batches)
-            loss = loss_fn(batch, model(**batch))
+            loss = loss_fn(batch, forward(model, batch))
             (loss / cfg.grad_accum).backward()
             n = len(batch["input_ids"])
             total += loss.item() * n

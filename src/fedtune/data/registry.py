@@ -38,6 +38,12 @@ class DatasetSpec:
     """Instruction data: the column holding the response."""
     eval_split: str | None = None
     """Held-out split used when ``data.eval_split`` is not set."""
+    instruction: str | None = None
+    """Verbaliser for instruction tuning: the instruction, a format string over the row's columns."""
+    input: str | None = None
+    """Verbaliser: the optional input that follows the instruction (format string; None: no input)."""
+    answers: tuple[str, ...] = ()
+    """Verbaliser: the response for each class, in class-index order."""
     fieldnames: tuple[str, ...] | None = None
     """Column names of headerless files; None: the first line is the header."""
     file_column: str | None = None
@@ -66,6 +72,9 @@ _SST2 = dict(
     label_values=("0", "1"),
     label_names=("negative", "positive"),
     eval_split="dev",
+    instruction="Is the sentiment of this movie review positive or negative?",
+    input="{sentence}",
+    answers=("negative", "positive"),
 )
 
 REGISTRY: dict[str, DatasetSpec] = {
@@ -100,6 +109,9 @@ REGISTRY: dict[str, DatasetSpec] = {
             label_values=("0", "1"),
             label_names=("unacceptable", "acceptable"),
             eval_split="dev",
+            instruction="Is this sentence grammatically acceptable or unacceptable?",
+            input="{sentence}",
+            answers=("unacceptable", "acceptable"),
             hub_id="nyu-mll/glue",
             hub_config="cola",
             hub_splits={"train": "train", "dev": "validation"},
@@ -115,6 +127,8 @@ REGISTRY: dict[str, DatasetSpec] = {
             label_values=("entailment", "neutral", "contradiction"),
             label_names=("entailment", "neutral", "contradiction"),
             eval_split="test",
+            instruction='Suppose "{premise}" Can we infer that "{hypothesis}"? Yes, No, or Maybe?',
+            answers=("Yes", "Maybe", "No"),
             hub_id="stanfordnlp/snli",
             hub_splits={"train": "validation", "test": "test"},
         ),

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 from transformers.utils import logging as hf_logging
 
 from fedtune.config import ModelConfig
@@ -71,8 +77,6 @@ def _converted_gguf(name: str, pkg: Packaged) -> Path:
     src = pkg.folder()
     if not (src / pkg.gguf).is_file():
         raise FedtuneError(f"packaged model file {src / pkg.gguf} is missing; reinstall: {pkg.install}")
-    from transformers import AutoModelForCausalLM
-
     tok = AutoTokenizer.from_pretrained(src, gguf_file=pkg.gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=pkg.gguf, dtype=torch.float32)
     # The weights are dequantised to fp32 on load; only the GGUF quantizer marker
@@ -130,3 +134,28 @@ def load_classifier(cfg: ModelConfig, num_labels: int) -> tuple[PreTrainedModel,
     except (OSError, ValueError) as e:
         raise FedtuneError(f"cannot load model '{cfg.name}' from {path}: {' '.join(str(e).split())[:300]}") from None
     return model, tok
+
+
+def load_causal_lm(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
+    """A causal language model and its tokenizer (padding with EOS when it has no pad token)."""
+    path = resolve_model_path(cfg.name)
+    try:
+        tok = load_tokenizer(path)
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, cfg.dtype))
+    except (OSError, ValueError) as e:
+        raise FedtuneError(f"cannot load model '{cfg.name}' from {path} as a causal LM: "
+                           f"{' '.join(str(e).split())[:300]}") from None
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A causal LM's transformer (returning the final hidden states) and its output projection.
+
+    Training and scoring project only the positions they need through the head:
+    the logits of every position would be batch × length × vocabulary floats,
+    and the head is a fifth of a small LM's compute per token.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix), base.get_output_embeddings()

@@ -9,6 +9,8 @@ named tensors that require gradients (LoRA factors, and the task head when
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
@@ -79,3 +81,17 @@ def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> 
             if name not in params:
                 raise KeyError(f"model has no parameter '{name}'")
             params[name].copy_(t)
+
+
+def load_adapter(model: torch.nn.Module, path: Path) -> PeftModel:
+    """``model`` with the peft adapter at ``path``: a run directory (its ``adapter/``) or an adapter folder."""
+    path = Path(path)
+    folder = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+    if not (folder / "adapter_config.json").is_file():
+        clients = sorted(p.name for p in (path / "adapters").glob("client_*")) if (path / "adapters").is_dir() else []
+        hint = f"; this run saved one adapter per client: give {path / 'adapters'}/<client_i>" if clients else ""
+        raise FedtuneError(f"no peft adapter at {path} (expected adapter_config.json there or in {path / 'adapter'}){hint}")
+    try:
+        return PeftModel.from_pretrained(model, folder)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise FedtuneError(f"adapter {folder} does not fit this model: {' '.join(str(e).split())[:300]}") from None

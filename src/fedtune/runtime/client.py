@@ -9,10 +9,9 @@ import torch
 
 from fedtune.aggregation import Tensors
 from fedtune.algorithms import ClientContext, ClientUpdate, Payload
-from fedtune.evaluation import evaluate_classifier
 from fedtune.experiment import Experiment, derive_seed
 from fedtune.models.lora import load_trainable
-from fedtune.training import batch_stream, eval_batches, local_steps, train_local
+from fedtune.training import batch_stream, local_steps, train_local
 
 
 def client_round(
@@ -42,6 +41,7 @@ def client_round(
         loss_fn=lambda batch, out: algo.loss(ctx, batch, out),
         after_step=lambda: algo.after_step(ctx),
         on_step=on_step,
+        forward=exp.forward,
     )
     ctx.num_examples, ctx.train_loss = len(shard), loss
     update = algo.update(ctx)
@@ -54,4 +54,4 @@ def client_evaluate(exp: Experiment, client_id: int, global_tensors: Tensors, st
     ctx = ClientContext(client_id=client_id, round=0, model=exp.model, initial=exp.initial, state=state)
     personal = exp.algorithm.personal_tensors(ctx)
     load_trainable(exp.model, personal if personal is not None else global_tensors)
-    return evaluate_classifier(exp.model, eval_batches(exp.train, exp.client_tests[client_id], exp.cfg.eval.batch_size))
+    return exp.evaluate(exp.train, exp.client_tests[client_id])

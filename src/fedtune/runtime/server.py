@@ -19,11 +19,11 @@ import torch
 from fedtune.aggregation import Tensors, tensor_bytes
 from fedtune.algorithms import ClientUpdate, Payload, ServerState
 from fedtune.errors import FedtuneError
-from fedtune.evaluation import evaluate_classifier, mean_metrics
+from fedtune.evaluation import mean_metrics
 from fedtune.experiment import Experiment, clients_per_round, derive_seed
 from fedtune.models.lora import load_trainable
 from fedtune.runlog import RunLog
-from fedtune.training import eval_batches, round_lr
+from fedtune.training import round_lr
 
 
 logger = logging.getLogger("fedtune.server")
@@ -53,7 +53,7 @@ def sample_clients(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
 
 def evaluate_global(exp: Experiment, tensors: Tensors) -> dict[str, float]:
     load_trainable(exp.model, tensors)
-    return evaluate_classifier(exp.model, eval_batches(exp.eval, None, exp.cfg.eval.batch_size))
+    return exp.evaluate(exp.eval)
 
 
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
