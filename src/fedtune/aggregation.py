@@ -45,3 +45,130 @@ def weighted_mean(tensor_sets: Sequence[Mapping[str, torch.Tensor]], weights: Se
             acc.add_(ts[name].to(torch.float64), alpha=pi)
         out[name] = acc.to(tensor_sets[0][name].dtype)
     return out
+
+
+# ---- heterogeneous-rank LoRA factors
+#
+# Per LoRA module, client i holds A_i (r_i × d_in) and B_i (d_out × r_i); the
+# scale α/r is equal across clients, so the math is on the unscaled ΔW = B·A.
+# Everything is computed in float64 and returned in the input dtype.
+
+
+def _check_pair(A: torch.Tensor, B: torch.Tensor) -> None:
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        raise ValueError(
+            f"LoRA factors need A (r × d_in) and B (d_out × r), got A {tuple(A.shape)}, B {tuple(B.shape)}"
+        )
+
+
+def _check_factors(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], weights: Sequence[float]) -> list[float]:
+    """Validate the clients' factors of one module and return p = normalized ``weights``."""
+    if not As:
+        raise ValueError("cannot aggregate an empty list of LoRA factors")
+    if not len(As) == len(Bs) == len(weights):
+        raise ValueError(f"got {len(As)} A factors, {len(Bs)} B factors and {len(weights)} weights")
+    for A, B in zip(As, Bs):
+        _check_pair(A, B)
+    d_in, d_out = As[0].shape[1], Bs[0].shape[0]
+    for A, B in zip(As, Bs):
+        if A.shape[1] != d_in or B.shape[0] != d_out:
+            raise ValueError(
+                f"clients' LoRA modules differ: d_out × d_in {d_out} × {d_in} vs {B.shape[0]} × {A.shape[1]}"
+            )
+    return normalized_weights(weights)
+
+
+def lora_product(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """ΔW = B·A (d_out × d_in)."""
+    _check_pair(A, B)
+    return (B.to(torch.float64) @ A.to(torch.float64)).to(A.dtype)
+
+
+def fit_rank(A: torch.Tensor, B: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A[:r], B[:, :r]) when r ≤ rank, else A padded with zero rows and B with zero columns up to r."""
+    _check_pair(A, B)
+    if r < 1:
+        raise ValueError(f"rank must be at least 1, got {r}")
+    pad = r - A.shape[0]
+    if pad <= 0:
+        return A[:r], B[:, :r]
+    return torch.nn.functional.pad(A, (0, 0, 0, pad)), torch.nn.functional.pad(B, (0, pad))
+
+
+def zero_pad_mean(
+    As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], weights: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FedIT with zero padding: every (A_i, B_i) padded to r_max = max r_i, then A = Σ p_i A_i, B = Σ p_i B_i."""
+    _check_factors(As, Bs, weights)
+    r_max = max(A.shape[0] for A in As)
+    padded = [dict(zip("AB", fit_rank(A, B, r_max))) for A, B in zip(As, Bs)]
+    mean = weighted_mean(padded, weights)
+    return mean["A"], mean["B"]
+
+
+def stack_factors(
+    As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], weights: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLoRA stacking: A_st = [p_1 A_1; …; p_N A_N] (R × d_in), B_st = [B_1 … B_N] (d_out × R), R = Σ r_i.
+
+    Then B_st A_st = Σ p_i B_i A_i exactly (up to rounding of p_i A_i).
+    """
+    p = _check_factors(As, Bs, weights)
+    A_st = torch.cat([(pi * A.to(torch.float64)).to(A.dtype) for pi, A in zip(p, As)])
+    return A_st, torch.cat(list(Bs), dim=1)
+
+
+def weighted_product_sum(
+    As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], weights: Sequence[float]
+) -> torch.Tensor:
+    """Dense ΔW = Σ p_i B_i A_i (d_out × d_in): the FlexLoRA aggregate."""
+    p = _check_factors(As, Bs, weights)
+    acc = torch.zeros(Bs[0].shape[0], As[0].shape[1], dtype=torch.float64, device=As[0].device)
+    for pi, A, B in zip(p, As, Bs):
+        acc.addmm_(B.to(torch.float64), A.to(torch.float64), alpha=pi)
+    return acc.to(As[0].dtype)
+
+
+def energy_rank(sigma: torch.Tensor, tau: float) -> int:
+    """Smallest k ≥ 1 with Σ_{j≤k} σ_j² ≥ τ · Σ_j σ_j² (σ sorted descending, 0 < τ ≤ 1).
+
+    The threshold is lowered by n·ε (n = len(σ), ε the machine epsilon of σ's dtype) of the
+    total, so rounding in σ cannot push k past a qualifying rank: τ = 1 gives the number of
+    directions holding more than that share of the energy, never len(σ) + 1. All-zero σ gives k = 1.
+    """
+    if not 0 < tau <= 1:
+        raise ValueError(f"energy threshold τ must be in (0, 1], got {tau}")
+    if sigma.numel() == 0:
+        raise ValueError("cannot pick a rank from an empty spectrum")
+    cum = torch.cumsum(sigma.to(torch.float64) ** 2, dim=0)
+    threshold = float(cum[-1]) * (tau - sigma.numel() * torch.finfo(sigma.dtype).eps)
+    k = int(torch.searchsorted(cum, torch.tensor([threshold], dtype=torch.float64))) + 1
+    return min(k, sigma.numel())
+
+
+def florist(A_st: torch.Tensor, B_st: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FLoRIST (Ramesh et al. 2025): truncated SVD of ΔW = B_st A_st without forming ΔW.
+
+    B_st = U_B S_B V_Bᵀ, A_st = U_A S_A V_Aᵀ (thin SVDs), P = S_B (V_Bᵀ U_A) S_A = U_P S_P V_Pᵀ,
+    so ΔW = (U_B U_P) S_P (V_Pᵀ V_Aᵀ). With k = energy_rank(S_P, τ):
+    B_g = (U_B U_P)[:, :k] diag(σ_1..σ_k), A_g = (V_Pᵀ V_Aᵀ)[:k]. Returns (A_g, B_g, S_P), S_P the full spectrum.
+    """
+    _check_pair(A_st, B_st)
+    U_B, S_B, Vh_B = torch.linalg.svd(B_st.to(torch.float64), full_matrices=False)
+    U_A, S_A, Vh_A = torch.linalg.svd(A_st.to(torch.float64), full_matrices=False)
+    P = S_B[:, None] * (Vh_B @ U_A) * S_A
+    U_P, S_P, Vh_P = torch.linalg.svd(P, full_matrices=False)
+    k = energy_rank(S_P, tau)
+    B_g = (U_B @ U_P[:, :k]) * S_P[:k]
+    A_g = Vh_P[:k] @ Vh_A
+    return A_g.to(A_st.dtype), B_g.to(B_st.dtype), S_P.to(A_st.dtype)
+
+
+def dense_svd_factors(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlexLoRA's step: ΔW = U S Vᵀ, B = U[:, :r] diag(S[:r]), A = Vᵀ[:r] (the split FLoRIST uses)."""
+    if delta.dim() != 2:
+        raise ValueError(f"ΔW must be a matrix, got shape {tuple(delta.shape)}")
+    if not 1 <= r <= min(delta.shape):
+        raise ValueError(f"rank {r} is not in [1, {min(delta.shape)}] for a {tuple(delta.shape)} matrix")
+    U, S, Vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    return Vh[:r].to(delta.dtype), (U[:, :r] * S[:r]).to(delta.dtype)
