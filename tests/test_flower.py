@@ -154,6 +154,24 @@ def test_flower_pool_matches_inprocess_for_a_stateful_personalised_algorithm(tmp
     assert meta["has_client_states"] is False and meta["clients_with_state_on_nodes"] == [0, 1, 2]
 
 
+def test_flower_pool_matches_inprocess_for_flora_with_mixed_ranks_and_partial_participation(
+        tmp_path, tiny_model_dir, tiny_tsv_dataset):
+    """FLoRA keeps merged base-weight updates on the nodes; clients that sat out receive the merges they missed."""
+    over = dict(algorithm={"name": "flora"}, lora={"r": 2, "alpha": 4, "client_ranks": [4, 2, 1]},
+                federation={"rounds": 3, "clients_per_round": 2})
+    a = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "inproc", **over)
+    b = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "grid", **over)
+    execute(a)
+    execute_with(b, local_grid_driver(LocalGrid(3)), "flower")
+    merged_a = load_file(a.run_dir / "adapter" / "merged.safetensors")
+    assert max_diff(merged_a, load_file(b.run_dir / "adapter" / "merged.safetensors")) <= 1e-6
+    assert max(v.abs().max().item() for v in merged_a.values()) > 1e-5
+    rows_a, rows_b = load_run(a.run_dir).rows, load_run(b.run_dir).rows
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        for key in ("clients", "bytes_up", "bytes_down", "eval/accuracy"):
+            assert ra.get(key) == rb.get(key), key
+
+
 def test_failed_and_late_clients_are_missing_and_nan_updates_rejected(tmp_path, tiny_model_dir, tiny_tsv_dataset, caplog):
     cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "faults", federation={"rounds": 3})
     grid = LocalGrid(3, fail={(1, 1): "error", (2, 0): "drop", (2, 2): "nan"})

@@ -51,3 +51,20 @@ def test_smollm2_gguf_is_converted_once_then_loads_fast(tmp_path, monkeypatch):
     assert model.config.model_type == "llama"
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     assert load_s < 10  # seconds, not the ~30 s GGUF dequantisation (generous for a loaded CI machine)
+
+
+@pytest.mark.skipif(not any((root / "snli").is_dir() for root in data_roots()), reason="SNLI not found")
+def test_smollm2_instruction_tuning_on_a_handful_of_snli_examples(tmp_path):
+    """The real SmolLM2 through the engine as an instruction tuner: choice scoring, perplexity, generation."""
+    cfg = load_config("configs/snli_instruct_fedit.yaml", [
+        f"output_dir={tmp_path}", "name=sft", "data.max_train_examples=32", "data.max_eval_examples=12",
+        "partition.method=iid", "partition.num_clients=2", "federation.rounds=1", "federation.clients_per_round=2",
+        "train.local_steps=3", "train.batch_size=4", "eval.every=1", "eval.metrics=[choice, perplexity, rouge]",
+        "eval.max_new_tokens=3",
+    ])
+    res = execute(cfg)
+    first, last = (json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines())
+    for row in (first, last):
+        assert 0 <= row["eval/accuracy"] <= 1 and 0 <= row["eval/rougeL"] <= 1
+    assert last["eval/perplexity"] < first["eval/perplexity"]  # 24 examples already teach the answer format
+    assert last["bytes_up"] == 2 * 30 * 8 * (576 + 576 + 576 + 192) * 4  # 2 clients, 30 layers, r = 8 on q and v

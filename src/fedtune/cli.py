@@ -167,7 +167,7 @@ def eval_mmlu(
     import time
 
     from fedtune.config import ModelConfig
-    from fedtune.mmlu import evaluate_mmlu
+    from fedtune.mmlu import CATEGORIES, evaluate_mmlu
     from fedtune.models.base import load_causal_lm
     from fedtune.models.lora import load_adapter
 
@@ -182,8 +182,6 @@ def eval_mmlu(
     table.add_column("category")
     table.add_column("subjects", justify="right")
     table.add_column("accuracy", justify="right")
-    from fedtune.mmlu import CATEGORIES
-
     for category, acc in result.categories.items():
         n = sum(1 for s in result.subjects if CATEGORIES.get(s, "other") == category)
         table.add_row(category, str(n), f"{acc:.4f}")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fedtune.aggregation import Tensors
-from fedtune.algorithms import Algorithm, build_algorithm
+from fedtune.algorithms import Algorithm, LoraSetup, build_algorithm
 from fedtune.config import RunConfig
 from fedtune.data import TaskData, load_task_data, partition_clients, partition_summary, split_client_test
 from fedtune.data.instructions import COLUMNS, load_instruction_data
@@ -23,7 +23,7 @@ from fedtune.data.templates import Template
 from fedtune.errors import FedtuneError
 from fedtune.evaluation import evaluate_classifier, evaluate_instructions
 from fedtune.models.base import load_causal_lm, load_classifier
-from fedtune.models.lora import apply_lora, trainable_state
+from fedtune.models.lora import adapted_base_weights, apply_lora, load_state, trainable_state
 from fedtune.training import (
     Encoded,
     Forward,
@@ -61,10 +61,16 @@ class Experiment:
     client_tests: list[np.ndarray]
     partition: dict[str, Any]
     initial: Tensors = field(default_factory=dict)
+    base: Tensors = field(default_factory=dict)
+    """Pristine frozen weights of the adapted modules, for algorithms that merge updates into them."""
 
     @property
     def num_clients(self) -> int:
         return len(self.shards)
+
+    def load(self, tensors: Tensors) -> None:
+        """Put a model state (trainable tensors, and ``merged/`` base-weight updates) into ``model``."""
+        load_state(self.model, tensors, self.base)
 
     def evaluate(self, data: Encoded, indices: np.ndarray | None = None) -> dict[str, float]:
         """Metrics of the model as it is now on ``data`` rows ``indices`` (all: None), for the run's task."""
@@ -113,7 +119,11 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.options)
+    ranks = cfg.lora.ranks(cfg.partition.num_clients)
+    lora = LoraSetup(scale=cfg.lora.alpha / cfg.lora.r, client_ranks=tuple(ranks) if ranks else None)
+    algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora)
+    if ranks and algorithm.pools_data:
+        raise FedtuneError(f"algorithm '{algorithm.name}' trains one pooled model; remove lora.client_ranks / rank_tiers")
     sft = cfg.model.task == "sft"
     task = load_instruction_data(cfg.data, cfg.seed) if sft else load_task_data(cfg.data, cfg.seed)
     if not sft and (task.kind != "classification" or task.label_column is None):
@@ -166,7 +176,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
             return encode_classification(tokenizer, texts, ds[task.label_column][:], cfg.model.max_length)
 
     torch.manual_seed(derive_seed(cfg.seed, 1))
-    model = apply_lora(base, cfg.lora, cfg.model.task)
+    model = apply_lora(base, cfg.lora, cfg.model.task, rank=lora.max_rank)
     return Experiment(
         cfg=cfg,
         task=task,
@@ -179,4 +189,5 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         client_tests=tests,
         partition=summary,
         initial=trainable_state(model),
+        base=adapted_base_weights(model) if algorithm.uses_base_weights else {},
     )

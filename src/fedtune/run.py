@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from safetensors.torch import save_file
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -30,7 +31,8 @@ from fedtune.config import RunConfig
 from fedtune.data import summary_table
 from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment, build_experiment
-from fedtune.models.lora import load_trainable
+from fedtune.algorithms import ClientContext
+from fedtune.models.lora import MERGED, MERGED_FILE
 from fedtune.runlog import METRICS, RunLog
 from fedtune.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.runtime.inprocess import InProcessPool
@@ -179,11 +181,20 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
 
 
 def save_adapters(exp: Experiment, global_tensors, client_states, run_dir: Path) -> None:
-    """Save the final model(s) in peft format, loadable by ``PeftModel.from_pretrained``."""
+    """Save the final model(s) in peft format, loadable by ``PeftModel.from_pretrained``.
+
+    Updates merged into base weights (``merged/`` tensors) go beside the adapter in
+    ``merged.safetensors`` (:func:`~fedtune.models.lora.load_adapter` applies them).
+    """
     if exp.algorithm.personalized:
         for cid, state in client_states.items():
-            load_trainable(exp.model, state or exp.initial)
+            exp.algorithm.load(ClientContext(cid, 0, exp.model, exp.initial, {}, exp.base),
+                               state or exp.algorithm.at_client_rank(cid, exp.initial))
             exp.model.save_pretrained(run_dir / "adapters" / f"client_{cid}")
-    else:
-        load_trainable(exp.model, global_tensors)
-        exp.model.save_pretrained(run_dir / "adapter")
+        return
+    exp.load(global_tensors)
+    exp.model.save_pretrained(run_dir / "adapter")
+    merged = {k: v.contiguous() for k, v in global_tensors.items() if k.startswith(MERGED)}
+    if merged:
+        save_file(merged, str(run_dir / "adapter" / MERGED_FILE))
+    exp.load(exp.initial)

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, Payload, ServerState
+from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, LoraSetup, Payload, ServerState
 from fedtune.algorithms.fedit import Centralized, FedIT
+from fedtune.algorithms.hetero_lora import FLoRA, FLoRIST, FlexLoRA
 from fedtune.algorithms.local import LocalOnly
 from fedtune.errors import FedtuneError
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedIT, LocalOnly, Centralized)}
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (FedIT, LocalOnly, Centralized, FLoRA, FLoRIST, FlexLoRA)
+}
 
 
-def build_algorithm(name: str, options: dict[str, Any] | None = None) -> Algorithm:
+def build_algorithm(name: str, options: dict[str, Any] | None = None, lora: LoraSetup | None = None) -> Algorithm:
     if name not in ALGORITHMS:
         raise FedtuneError(f"unknown algorithm '{name}'; choose one of: {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[name](options)
+    return ALGORITHMS[name](options, lora)
 
 
 __all__ = [
-    "ALGORITHMS", "Algorithm", "ClientContext", "ClientUpdate", "Payload", "ServerState", "build_algorithm",
+    "ALGORITHMS", "Algorithm", "ClientContext", "ClientUpdate", "LoraSetup", "Payload", "ServerState", "build_algorithm",
 ]

@@ -14,6 +14,11 @@ scalars, so a runtime can ship them without knowing the algorithm and count
 their bytes exactly. Client-side state that must survive between rounds
 (personal adapters, control variates) lives in ``ctx.state`` as tensors; the
 runtime keeps it (in memory, or in a Flower node's context).
+
+Heterogeneous ranks (:class:`LoraSetup`): the model carries LoRA of the
+largest client rank; client i sends and receives factors of its own rank r_i,
+which the default hooks cut and zero-pad (:func:`fit_lora_rank`), so every
+algorithm runs with mixed ranks.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fedtune.aggregation import Tensors
 from fedtune.errors import FedtuneError
-from fedtune.models.lora import load_trainable, trainable_state
+from fedtune.models.lora import fit_lora_rank, load_state, trainable_state
 
 Scalar = int | float | str | bool
 
@@ -52,11 +57,33 @@ class ClientUpdate:
 
 @dataclass
 class ServerState:
-    """The server's state after a round: ``global_tensors`` is the model that is evaluated and saved."""
+    """The server's state after a round: ``global_tensors`` is the model that is evaluated and saved.
+
+    ``global_tensors`` may hold ``merged/<W>`` entries: dense updates added to the
+    frozen base weights W (see :func:`~fedtune.models.lora.load_state`).
+    ``metrics`` are logged in the round's row (e.g. the ranks an aggregation kept).
+    """
 
     round: int
     global_tensors: Tensors
     extra: Tensors = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoraSetup:
+    """What algorithms know of the adapters: the scale s = alpha / r, and each client's rank."""
+
+    scale: float = 1.0
+    client_ranks: tuple[int, ...] | None = None
+    """Rank r_i of client i; None: every client trains the model's rank."""
+
+    def rank(self, client_id: int) -> int | None:
+        return None if self.client_ranks is None else self.client_ranks[client_id]
+
+    @property
+    def max_rank(self) -> int | None:
+        return None if self.client_ranks is None else max(self.client_ranks)
 
 
 @dataclass
@@ -70,6 +97,8 @@ class ClientContext:
     """The trainable tensors at initialisation (identical on every client: same seed)."""
     state: Tensors
     """Persistent per-client tensors, kept by the runtime between rounds."""
+    base: Tensors = field(default_factory=dict)
+    """The frozen base weights of the adapted modules, as loaded (only for ``uses_base_weights`` algorithms)."""
     num_examples: int = 0
     train_loss: float = float("nan")
 
@@ -88,8 +117,11 @@ class Algorithm(ABC):
     """Each client ends with its own model: evaluate per client, on its own test shard."""
     pools_data: ClassVar[bool] = False
     """Train on the union of all shards as one client (the centralized reference)."""
+    uses_base_weights: ClassVar[bool] = False
+    """The global model holds ``merged/`` updates of the base weights, so clients reset them each round."""
 
-    def __init__(self, options: dict[str, Any] | None = None):
+    def __init__(self, options: dict[str, Any] | None = None, lora: LoraSetup | None = None):
+        self.lora = lora or LoraSetup()
         try:
             self.options = self.Options.model_validate(options or {})
         except ValidationError as e:
@@ -104,8 +136,8 @@ class Algorithm(ABC):
         return ServerState(round=0, global_tensors={k: v.clone() for k, v in initial.items()})
 
     def configure(self, rnd: int, client_ids: list[int], state: ServerState) -> dict[int, Payload]:
-        """Default: every sampled client receives the global tensors."""
-        return {cid: Payload(tensors=state.global_tensors) for cid in client_ids}
+        """Default: every sampled client receives the global tensors (LoRA factors at its own rank)."""
+        return {cid: Payload(tensors=self.at_client_rank(cid, state.global_tensors)) for cid in client_ids}
 
     @abstractmethod
     def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
@@ -114,7 +146,7 @@ class Algorithm(ABC):
     # ------------------------------------------------------------------ client side
     def prepare(self, ctx: ClientContext, payload: Payload) -> None:
         """Default: load the received tensors into the model."""
-        load_trainable(ctx.model, payload.tensors)
+        self.load(ctx, payload.tensors)
 
     def loss(self, ctx: ClientContext, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
         """The local objective; default: the model's own task loss."""
@@ -124,9 +156,26 @@ class Algorithm(ABC):
         """Called after each optimiser step (e.g. a control-variate correction)."""
 
     def update(self, ctx: ClientContext) -> ClientUpdate:
-        """Default: send back all trainable tensors."""
-        return ClientUpdate(ctx.client_id, trainable_state(ctx.model), ctx.num_examples)
+        """Default: send back all trainable tensors (LoRA factors at the client's rank)."""
+        return ClientUpdate(ctx.client_id, self.at_client_rank(ctx.client_id, trainable_state(ctx.model)),
+                            ctx.num_examples)
 
     def personal_tensors(self, ctx: ClientContext) -> Tensors | None:
         """The client's own model for per-client evaluation; None: it uses the global model."""
         return None
+
+    # ------------------------------------------------------------------ ranks
+    def at_client_rank(self, client_id: int, tensors: Tensors) -> Tensors:
+        """``tensors`` with LoRA factors cut or zero-padded to client ``client_id``'s rank (as is: one rank)."""
+        rank = self.lora.rank(client_id)
+        return tensors if rank is None else fit_lora_rank(tensors, rank)
+
+    def load(self, ctx: ClientContext, tensors: Tensors) -> None:
+        """Load tensors of the client's rank into the model (padded to the model's rank; base weights reset)."""
+        if self.lora.max_rank is not None:
+            tensors = fit_lora_rank(tensors, self.lora.max_rank)
+        load_state(ctx.model, tensors, ctx.base)
+
+    def initial_at_rank(self, ctx: ClientContext) -> Tensors:
+        """The common initialisation at the client's rank (A's rows beyond it zero, like B)."""
+        return self.at_client_rank(ctx.client_id, ctx.initial)

@@ -9,12 +9,17 @@ n_i examples and returns its trainable tensors θ_i (LoRA A and B, and the task
 head when it is trained). The server averages each tensor separately::
 
     θ ← Σ_i p_i θ_i,    p_i = n_i / Σ_j n_j   over the round's clients.
+
+With heterogeneous ranks (``lora.client_ranks``) this is FedIT with zero
+padding: A_i gets zero rows and B_i zero columns up to r_max before the
+average, and client i receives the global factors cut to its rank r_i.
 """
 
 from __future__ import annotations
 
 from fedtune.aggregation import weighted_mean
 from fedtune.algorithms.base import Algorithm, ClientUpdate, ServerState
+from fedtune.models.lora import fit_lora_rank
 
 
 class FedIT(Algorithm):
@@ -22,7 +27,10 @@ class FedIT(Algorithm):
     summary = "FedAvg of LoRA A, B (and head), weighted by client data size"
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
-        tensors = weighted_mean([u.tensors for u in updates], [u.num_examples for u in updates])
+        sets = [u.tensors for u in updates]
+        if self.lora.max_rank is not None:
+            sets = [fit_lora_rank(t, self.lora.max_rank) for t in sets]
+        tensors = weighted_mean(sets, [u.num_examples for u in updates])
         return ServerState(round=rnd, global_tensors=tensors, extra=state.extra)
 
 

@@ -9,7 +9,7 @@ shard.
 from __future__ import annotations
 
 from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, Payload, ServerState
-from fedtune.models.lora import load_trainable, trainable_state
+from fedtune.models.lora import trainable_state
 
 
 class LocalOnly(Algorithm):
@@ -21,14 +21,14 @@ class LocalOnly(Algorithm):
         return {cid: Payload() for cid in client_ids}
 
     def prepare(self, ctx: ClientContext, payload: Payload) -> None:
-        load_trainable(ctx.model, ctx.state or ctx.initial)
+        self.load(ctx, ctx.state or self.initial_at_rank(ctx))
 
     def update(self, ctx: ClientContext) -> ClientUpdate:
-        ctx.state.update(trainable_state(ctx.model))
+        ctx.state.update(self.at_client_rank(ctx.client_id, trainable_state(ctx.model)))
         return ClientUpdate(ctx.client_id, {}, ctx.num_examples)
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
         return ServerState(round=rnd, global_tensors=state.global_tensors, extra=state.extra)
 
     def personal_tensors(self, ctx: ClientContext):
-        return ctx.state or ctx.initial
+        return ctx.state or self.initial_at_rank(ctx)

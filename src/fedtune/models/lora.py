@@ -15,6 +15,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
 
+from fedtune.aggregation import Tensors, fit_rank
 from fedtune.config import LoraConfig
 from fedtune.errors import FedtuneError
 
@@ -42,8 +43,13 @@ def default_targets(model_type: str) -> list[str]:
     return DEFAULT_TARGETS[model_type]
 
 
-def apply_lora(model: torch.nn.Module, cfg: LoraConfig, task: str = "classification") -> PeftModel:
-    """Wrap ``model`` with LoRA adapters (initialised from the current torch RNG state)."""
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig, task: str = "classification", rank: int | None = None) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters (initialised from the current torch RNG state).
+
+    ``rank``: the adapters' rank when clients train different ranks (their largest);
+    alpha is scaled with it, so the scale alpha / r of ``cfg`` holds at every rank.
+    """
+    rank = rank or cfg.r
     targets = cfg.target_modules or default_targets(model.config.model_type)
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
@@ -54,8 +60,8 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig, task: str = "classificat
         )
     peft_cfg = PeftLoraConfig(
         task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
+        r=rank,
+        lora_alpha=cfg.alpha * rank / cfg.r,
         lora_dropout=cfg.dropout,
         target_modules=targets,
         modules_to_save=None,
@@ -92,6 +98,69 @@ def load_adapter(model: torch.nn.Module, path: Path) -> PeftModel:
         hint = f"; this run saved one adapter per client: give {path / 'adapters'}/<client_i>" if clients else ""
         raise FedtuneError(f"no peft adapter at {path} (expected adapter_config.json there or in {path / 'adapter'}){hint}")
     try:
-        return PeftModel.from_pretrained(model, folder)
+        peft_model = PeftModel.from_pretrained(model, folder)
+        if (folder / MERGED_FILE).is_file():
+            from safetensors.torch import load_file
+
+            params = dict(peft_model.named_parameters())
+            with torch.no_grad():
+                for key, delta in load_file(str(folder / MERGED_FILE)).items():
+                    params[key[len(MERGED):]].add_(delta)
     except (RuntimeError, ValueError, KeyError) as e:
         raise FedtuneError(f"adapter {folder} does not fit this model: {' '.join(str(e).split())[:300]}") from None
+    return peft_model
+
+
+# --------------------------------------------------------------------------- factors by module and rank
+
+_A, _B = ".lora_A.default.weight", ".lora_B.default.weight"
+MERGED = "merged/"
+"""Key prefix of a dense update ΔW merged into a base weight: ``merged/<base weight name>``."""
+MERGED_FILE = "merged.safetensors"
+"""Beside a saved adapter: the updates merged into its base weights (``merged/<W>`` → ΔW)."""
+
+
+def lora_modules(tensors: Tensors) -> dict[str, tuple[str, str]]:
+    """Adapted module → (name of A, name of B), for the LoRA factors among ``tensors``."""
+    return {n[: -len(_A)]: lora_factor_names(n[: -len(_A)]) for n in tensors if n.endswith(_A)}
+
+
+def lora_factor_names(module: str) -> tuple[str, str]:
+    """The parameter names of an adapted module's A and B."""
+    return module + _A, module + _B
+
+
+def base_weight_name(module: str) -> str:
+    """The frozen weight W of an adapted module (peft keeps it as ``<module>.base_layer.weight``)."""
+    return module + ".base_layer.weight"
+
+
+def fit_lora_rank(tensors: Tensors, rank: int) -> Tensors:
+    """Every LoRA factor cut to ``rank`` (A's first rows, B's first columns) or zero-padded up to it.
+
+    A rank-r client inside a rank-R model (R ≥ r) is exact: the padded rows of A and
+    columns of B are zero, so they add nothing to B·A and their gradients stay zero.
+    """
+    out = dict(tensors)
+    for a, b in lora_modules(tensors).values():
+        out[a], out[b] = fit_rank(tensors[a], tensors[b], rank)
+    return out
+
+
+def adapted_base_weights(model: torch.nn.Module) -> Tensors:
+    """Copies of the frozen weights W of every LoRA-adapted module, by parameter name."""
+    names = {base_weight_name(m) for m in lora_modules(dict(model.named_parameters()))}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+
+
+def load_state(model: torch.nn.Module, tensors: Tensors, base: Tensors | None = None) -> None:
+    """Load trainable ``tensors``; given ``base`` (pristine W by name), also set every W to
+    ``base[W] + tensors["merged/" + W]`` (just ``base[W]`` when no update is merged)."""
+    load_trainable(model, {k: v for k, v in tensors.items() if not k.startswith(MERGED)})
+    if not base:
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, w in base.items():
+            delta = tensors.get(MERGED + name)
+            params[name].copy_(w if delta is None else w + delta)

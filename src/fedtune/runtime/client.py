@@ -10,7 +10,6 @@ import torch
 from fedtune.aggregation import Tensors
 from fedtune.algorithms import ClientContext, ClientUpdate, Payload
 from fedtune.experiment import Experiment, derive_seed
-from fedtune.models.lora import load_trainable
 from fedtune.training import batch_stream, local_steps, train_local
 
 
@@ -29,7 +28,8 @@ def client_round(
     on any runtime and in any client order.
     """
     algo, cfg = exp.algorithm, exp.cfg
-    ctx = ClientContext(client_id=client_id, round=rnd, model=exp.model, initial=exp.initial, state=state)
+    ctx = ClientContext(client_id=client_id, round=rnd, model=exp.model, initial=exp.initial, state=state,
+                        base=exp.base)
     algo.prepare(ctx, payload)
     seed = derive_seed(cfg.seed, rnd, client_id)
     torch.manual_seed(seed)
@@ -51,7 +51,11 @@ def client_round(
 
 def client_evaluate(exp: Experiment, client_id: int, global_tensors: Tensors, state: Tensors) -> dict[str, float]:
     """Metrics of client ``client_id``'s model (its personal tensors, else the global ones) on its own test shard."""
-    ctx = ClientContext(client_id=client_id, round=0, model=exp.model, initial=exp.initial, state=state)
+    ctx = ClientContext(client_id=client_id, round=0, model=exp.model, initial=exp.initial, state=state,
+                        base=exp.base)
     personal = exp.algorithm.personal_tensors(ctx)
-    load_trainable(exp.model, personal if personal is not None else global_tensors)
+    if personal is not None:
+        exp.algorithm.load(ctx, personal)
+    else:
+        exp.load(global_tensors)
     return exp.evaluate(exp.train, exp.client_tests[client_id])

@@ -21,7 +21,6 @@ from fedtune.algorithms import ClientUpdate, Payload, ServerState
 from fedtune.errors import FedtuneError
 from fedtune.evaluation import mean_metrics
 from fedtune.experiment import Experiment, clients_per_round, derive_seed
-from fedtune.models.lora import load_trainable
 from fedtune.runlog import RunLog
 from fedtune.training import round_lr
 
@@ -52,7 +51,7 @@ def sample_clients(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
 
 
 def evaluate_global(exp: Experiment, tensors: Tensors) -> dict[str, float]:
-    load_trainable(exp.model, tensors)
+    exp.load(tensors)
     return exp.evaluate(exp.eval)
 
 
@@ -166,6 +165,7 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
                "bytes_up": bytes_up, "bytes_down": bytes_down, "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
                **wire,
                "time_train_s": t_trained - t_start, "time_aggregate_s": t_aggregated - t_trained,
-               "time_eval_s": t_end - t_aggregated, "time_round_s": t_end - t_start, **metrics}
+               "time_eval_s": t_end - t_aggregated, "time_round_s": t_end - t_start,
+               **{f"agg/{k}": v for k, v in state.metrics.items()}, **metrics}
         record(state, row)
     return state, row

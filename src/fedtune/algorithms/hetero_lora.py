@@ -1,0 +1,240 @@
+"""Heterogeneous-rank LoRA aggregation: FLoRA, FLoRIST and FlexLoRA (FedIT zero-padding is :class:`FedIT`).
+
+Client i trains LoRA of rank r_i (``lora.client_ranks`` / ``rank_tiers``):
+A_i is r_i × d_in, B_i is d_out × r_i, and every client uses the scale
+s = alpha / r. Per module, with p_i = n_i / Σ_j n_j over the round's clients,
+the exact aggregate is ΔW = s Σ_i p_i B_i A_i, which averaging A and B
+separately does not give.
+
+- **FLoRA** (Wang et al., NeurIPS 2024): stack A_st = [p_1 A_1; …; p_N A_N],
+  B_st = [B_1 … B_N], so B_st A_st = Σ p_i B_i A_i exactly. Every client merges
+  s B_st A_st into its base weights and starts a fresh LoRA next round; the
+  download is the stacked factors (rank R = Σ r_i).
+- **FLoRIST** (Ramesh et al., 2025): thin SVDs of the stacked factors give
+  ΔW's SVD without forming it (:func:`~fedtune.aggregation.florist`); the
+  smallest k holding a fraction τ of the energy Σσ² is kept, per module.
+  ``merge``: clients merge s B_g A_g (rank k) and start fresh; ``truncate``:
+  client i continues from (A_g, B_g) cut or zero-padded to r_i, and the server
+  model is W + s B_g A_g.
+- **FlexLoRA** (Bai et al., NeurIPS 2024): the dense ΔW = Σ p_i B_i A_i, then a
+  truncated SVD to each client's rank r_i; the server model is W + s ΔW.
+
+Merged updates reach a client that missed rounds: the server keeps each
+round's merge factors until every client has them, and a client receives the
+rounds it has not yet merged (its state records the last one), so nothing is
+lost under partial participation or failures and bytes are counted as sent.
+The task head, when trained, is averaged as in FedIT.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedtune.aggregation import (
+    Tensors,
+    dense_svd_factors,
+    florist,
+    stack_factors,
+    weighted_mean,
+    weighted_product_sum,
+)
+from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, Payload, ServerState
+from fedtune.models.lora import MERGED, base_weight_name, lora_factor_names, lora_modules
+
+_SYNCED = "synced"
+"""Client state: the last round whose merge the client has applied (a 0-d tensor)."""
+
+
+def _history_key(rnd: int, module: str, factor: str) -> str:
+    return f"round/{rnd}/{module}/{factor}"
+
+
+class _FactorAggregation(Algorithm):
+    """Shared parts: split updates into per-module factors and the rest; the server model holds dense merges."""
+
+    uses_base_weights = True
+
+    def _split(self, updates: list[ClientUpdate]) -> tuple[dict[str, tuple[list, list]], list[float], Tensors]:
+        """Per module (As, Bs) over the updates, their weights n_i, and the weighted mean of the other tensors."""
+        weights = [float(u.num_examples) for u in updates]
+        modules = lora_modules(updates[0].tensors)
+        factors = {m: ([u.tensors[a] for u in updates], [u.tensors[b] for u in updates])
+                   for m, (a, b) in modules.items()}
+        lora_names = {n for pair in modules.values() for n in pair}
+        rest = [{k: v for k, v in u.tensors.items() if k not in lora_names} for u in updates]
+        return factors, weights, weighted_mean(rest, weights) if rest[0] else {}
+
+    def _fresh(self, initial: Tensors, head: Tensors) -> Tensors:
+        """The global trainable tensors when the update lives in the base weights: the initial LoRA (B = 0), the head."""
+        lora = {k: v for m in lora_modules(initial) for k in lora_factor_names(m) for v in [initial[k]]}
+        return {**lora, **head}
+
+
+class _MergeEachRound(_FactorAggregation):
+    """Clients merge each round's aggregate s·B·A into their base weights and restart LoRA from the initialisation."""
+
+    @abstractmethod
+    def merge_factors(self, As: list[torch.Tensor], Bs: list[torch.Tensor],
+                      weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The round's merge of one module as factors (A, B) with B·A ≈ Σ p_i B_i A_i."""
+
+    def configure(self, rnd: int, client_ids: list[int], state: ServerState) -> dict[int, Payload]:
+        trainable = {k: v for k, v in state.global_tensors.items() if not k.startswith(MERGED)}
+        head = {k: v for k, v in trainable.items() if "lora_" not in k}
+        payloads = {}
+        for cid in client_ids:
+            synced = int(state.extra.get(f"{_SYNCED}/{cid}", torch.tensor(0)))
+            history = {k: v for k, v in state.extra.items()
+                       if k.startswith("round/") and int(k.split("/")[1]) > synced}
+            payloads[cid] = Payload(tensors={**head, **history})
+        return payloads
+
+    def prepare(self, ctx: ClientContext, payload: Payload) -> None:
+        synced = int(ctx.state.get(_SYNCED, torch.tensor(0)))
+        rounds = sorted({int(k.split("/")[1]) for k in payload.tensors if k.startswith("round/")})
+        for t in rounds:
+            if t <= synced:
+                continue
+            for key in [k for k in payload.tensors if k.startswith(f"round/{t}/") and k.endswith("/A")]:
+                module = key[len(f"round/{t}/"):-2]
+                A, B = payload.tensors[key], payload.tensors[_history_key(t, module, "B")]
+                name = MERGED + base_weight_name(module)
+                delta = self.lora.scale * (B.double() @ A.double())
+                ctx.state[name] = (ctx.state[name].double() + delta if name in ctx.state else delta).float()
+            synced = t
+        ctx.state[_SYNCED] = torch.tensor(synced)
+        head = {k: v for k, v in payload.tensors.items() if not k.startswith("round/")}
+        merged = {k: v for k, v in ctx.state.items() if k.startswith(MERGED)}
+        self.load(ctx, {**self.initial_at_rank(ctx), **head, **merged})
+
+    def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
+        factors, weights, head = self._split(updates)
+        merged = {k: v for k, v in state.global_tensors.items() if k.startswith(MERGED)}
+        extra = dict(state.extra)
+        ranks = []
+        for module, (As, Bs) in factors.items():
+            A, B = self.merge_factors(As, Bs, weights)
+            ranks.append(A.shape[0])
+            extra[_history_key(rnd, module, "A")], extra[_history_key(rnd, module, "B")] = A, B
+            name = MERGED + base_weight_name(module)
+            delta = self.lora.scale * (B.double() @ A.double())
+            merged[name] = (merged[name].double() + delta).float() if name in merged else delta.float()
+        for u in updates:  # these clients applied every merge before this round
+            extra[f"{_SYNCED}/{u.client_id}"] = torch.tensor(rnd - 1)
+        self._prune(extra)
+        initial = {k: v for k, v in state.global_tensors.items() if not k.startswith(MERGED)}
+        return ServerState(round=rnd, global_tensors={**self._fresh(initial, head), **merged}, extra=extra,
+                           metrics=_rank_metrics(ranks))
+
+    def _prune(self, extra: Tensors) -> None:
+        """Drop the merges every client has applied (known only when the number of clients is)."""
+        if self.lora.client_ranks is None:
+            return
+        synced = [int(extra.get(f"{_SYNCED}/{cid}", torch.tensor(0))) for cid in range(len(self.lora.client_ranks))]
+        for k in [k for k in extra if k.startswith("round/") and int(k.split("/")[1]) <= min(synced)]:
+            del extra[k]
+
+
+def _rank_metrics(ranks: list[int]) -> dict:
+    return {"kept_rank_mean": sum(ranks) / len(ranks), "kept_rank_min": min(ranks), "kept_rank_max": max(ranks),
+            "kept_ranks": ranks} if ranks else {}
+
+
+class FLoRA(_MergeEachRound):
+    name = "flora"
+    summary = "stack clients' LoRA factors (exact Σ p_i B_i A_i); merge into the base each round"
+
+    def merge_factors(self, As, Bs, weights):
+        return stack_factors(As, Bs, weights)
+
+
+class FLoRISTOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tau: float = Field(default=0.9, gt=0, le=1)
+    """Energy threshold: keep the fewest singular directions holding this fraction of Σσ²."""
+    mode: Literal["merge", "truncate"] = "merge"
+    """``merge``: clients merge the rank-k update and restart LoRA; ``truncate``: clients continue from it at their rank."""
+
+
+class FLoRIST(_MergeEachRound):
+    name = "florist"
+    summary = "SVD of the stacked factors via thin SVDs; keep the directions holding τ of the energy"
+    Options = FLoRISTOptions
+
+    def merge_factors(self, As, Bs, weights):
+        A, B, _ = florist(*stack_factors(As, Bs, weights), self.options.tau)
+        return A, B
+
+    # truncate mode: no merging; the global factors are the model, cut to each client's rank
+    def configure(self, rnd, client_ids, state):
+        if self.options.mode == "merge":
+            return super().configure(rnd, client_ids, state)
+        return _send_global_factors(self, client_ids, state)
+
+    def prepare(self, ctx, payload):
+        if self.options.mode == "merge":
+            return super().prepare(ctx, payload)
+        self.load(ctx, payload.tensors)
+
+    def update(self, ctx):
+        if self.options.mode == "merge":
+            return super().update(ctx)
+        return Algorithm.update(self, ctx)
+
+    def aggregate(self, rnd, updates, state):
+        if self.options.mode == "merge":
+            return super().aggregate(rnd, updates, state)
+        factors, weights, head = self._split(updates)
+        result: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for module, (As, Bs) in factors.items():
+            A, B, _ = florist(*stack_factors(As, Bs, weights), self.options.tau)
+            result[module] = (A, B)
+        return _global_from_factors(self, rnd, state, result, head)
+
+
+class FlexLoRA(_FactorAggregation):
+    name = "flexlora"
+    summary = "dense Σ p_i B_i A_i, then a truncated SVD to each client's rank"
+
+    def configure(self, rnd, client_ids, state):
+        return _send_global_factors(self, client_ids, state)
+
+    def aggregate(self, rnd, updates, state):
+        factors, weights, head = self._split(updates)
+        r_keep = self.lora.max_rank or max(A.shape[0] for A in next(iter(factors.values()))[0])
+        result = {}
+        for module, (As, Bs) in factors.items():
+            delta = weighted_product_sum(As, Bs, weights)
+            result[module] = dense_svd_factors(delta, min(r_keep, *delta.shape))
+        return _global_from_factors(self, rnd, state, result, head)
+
+
+def _global_from_factors(algo: _FactorAggregation, rnd: int, state: ServerState,
+                         result: dict[str, tuple[torch.Tensor, torch.Tensor]], head: Tensors) -> ServerState:
+    """The server model W + s·B·A per module (dense, for evaluation) and the factors to send (in ``extra``)."""
+    merged, extra = {}, {}
+    for module, (A, B) in result.items():
+        merged[MERGED + base_weight_name(module)] = (algo.lora.scale * (B.double() @ A.double())).float()
+        extra[f"global/{module}/A"], extra[f"global/{module}/B"] = A, B
+    initial = {k: v for k, v in state.global_tensors.items() if not k.startswith(MERGED)}
+    ranks = [A.shape[0] for A, _ in result.values()]
+    return ServerState(round=rnd, global_tensors={**algo._fresh(initial, head), **merged}, extra=extra,
+                       metrics=_rank_metrics(ranks))
+
+
+def _send_global_factors(algo: _FactorAggregation, client_ids: list[int], state: ServerState) -> dict[int, Payload]:
+    """Each client gets the global factors at its own rank, and the head; before round 1, the initial tensors."""
+    trainable = {k: v for k, v in state.global_tensors.items() if not k.startswith(MERGED)}
+    payloads = {}
+    for cid in client_ids:
+        tensors = dict(trainable)
+        for key in [k for k in state.extra if k.startswith("global/") and k.endswith("/A")]:
+            module = key[len("global/"):-2]
+            a_name, b_name = lora_factor_names(module)
+            tensors[a_name], tensors[b_name] = state.extra[key], state.extra[f"global/{module}/B"]
+        payloads[cid] = Payload(tensors=algo.at_client_rank(cid, tensors))
+    return payloads

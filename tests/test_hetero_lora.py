@@ -1,0 +1,215 @@
+"""Heterogeneous-rank LoRA algorithms: FedIT zero-padding, FLoRA, FLoRIST (merge / truncate), FlexLoRA.
+
+Server and client halves are checked on a one-layer peft model against the
+math of :mod:`fedtune.aggregation`; whole runs check ranks on the wire, byte
+counts, and that both runtimes agree.
+"""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from fedtune.aggregation import (
+    dense_svd_factors,
+    stack_factors,
+    tensor_bytes,
+    weighted_product_sum,
+    zero_pad_mean,
+)
+from fedtune.algorithms import ClientContext, ClientUpdate, LoraSetup, build_algorithm
+from fedtune.config import load_config
+from fedtune.models.lora import MERGED, adapted_base_weights, fit_lora_rank, trainable_state
+
+A_NAME = "base_model.model.lin.lora_A.default.weight"
+B_NAME = "base_model.model.lin.lora_B.default.weight"
+W_NAME = "base_model.model.lin.base_layer.weight"
+SCALE = 2.0
+
+
+class _One(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 5, bias=False)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _model(rank: int = 4):
+    torch.manual_seed(0)
+    return get_peft_model(_One(), LoraConfig(r=rank, lora_alpha=SCALE * rank, target_modules=["lin"]))
+
+
+def _update(cid: int, rank: int, n: int, seed: int) -> ClientUpdate:
+    g = torch.Generator().manual_seed(seed)
+    return ClientUpdate(cid, {A_NAME: torch.randn(rank, 6, generator=g), B_NAME: torch.randn(5, rank, generator=g)}, n)
+
+
+def _delta(updates):
+    return weighted_product_sum([u.tensors[A_NAME] for u in updates], [u.tensors[B_NAME] for u in updates],
+                                [u.num_examples for u in updates])
+
+
+def _ctx(model, cid, state=None):
+    return ClientContext(cid, 1, model, trainable_state(model), state if state is not None else {},
+                         adapted_base_weights(model))
+
+
+RANKS = (4, 2, 1)
+
+
+def _algo(name, **options):
+    return build_algorithm(name, options, LoraSetup(scale=SCALE, client_ranks=RANKS))
+
+
+# --------------------------------------------------------------------------- server side
+
+
+def test_fedit_zero_padding_with_equal_ranks_is_plain_fedit_and_pads_otherwise():
+    ups = [_update(0, 4, 30, 1), _update(1, 4, 10, 2)]
+    plain = build_algorithm("fedit").aggregate(1, ups, _state0())
+    padded = build_algorithm("fedit", {}, LoraSetup(SCALE, (4, 4))).aggregate(1, ups, _state0())
+    for k in (A_NAME, B_NAME):
+        assert torch.equal(plain.global_tensors[k], padded.global_tensors[k])
+    mixed = [_update(0, 4, 30, 1), _update(1, 2, 10, 2), _update(2, 1, 20, 3)]
+    got = _algo("fedit").aggregate(1, mixed, _state0())
+    A, B = zero_pad_mean([u.tensors[A_NAME] for u in mixed], [u.tensors[B_NAME] for u in mixed], [30, 10, 20])
+    assert torch.allclose(got.global_tensors[A_NAME], A) and torch.allclose(got.global_tensors[B_NAME], B)
+    assert _algo("fedit").configure(2, [2], got)[2].tensors[A_NAME].shape == (1, 6)  # cut to client 2's rank
+
+
+def _state0():
+    m = _model()
+    return build_algorithm("fedit").init(trainable_state(m))
+
+
+def test_flora_merges_the_exact_weighted_sum_of_products():
+    algo = _algo("flora")
+    state = algo.init(trainable_state(_model()))
+    ups = [_update(0, 4, 30, 1), _update(1, 2, 10, 2), _update(2, 1, 20, 3)]
+    state = algo.aggregate(1, ups, state)
+    assert torch.allclose(state.global_tensors[MERGED + W_NAME], SCALE * _delta(ups), atol=1e-6)
+    assert torch.count_nonzero(state.global_tensors[B_NAME]) == 0  # clients restart LoRA: B = 0
+    assert state.metrics["kept_ranks"] == [7]  # R = 4 + 2 + 1
+
+
+def test_florist_with_tau_one_reproduces_flora_and_flexlora_is_the_dense_svd():
+    ups = [_update(0, 4, 30, 1), _update(1, 2, 10, 2), _update(2, 1, 20, 3)]
+    flora = _algo("flora").aggregate(1, ups, _algo("flora").init(trainable_state(_model())))
+    florist = _algo("florist", tau=1.0).aggregate(1, ups, _algo("florist").init(trainable_state(_model())))
+    a, b = flora.global_tensors[MERGED + W_NAME], florist.global_tensors[MERGED + W_NAME]
+    assert (a - b).norm() / a.norm() <= 1e-5
+
+    flex = _algo("flexlora").aggregate(1, ups, _algo("flexlora").init(trainable_state(_model())))
+    A, B = dense_svd_factors(_delta(ups), 4)  # kept at the largest client rank
+    assert torch.allclose(flex.global_tensors[MERGED + W_NAME], SCALE * (B @ A), atol=1e-5)
+    payloads = _algo("flexlora").configure(2, [0, 1, 2], flex)
+    assert [payloads[c].tensors[A_NAME].shape[0] for c in (0, 1, 2)] == list(RANKS)
+
+
+def test_florist_truncate_sends_each_client_the_global_factors_at_its_rank():
+    algo = _algo("florist", tau=0.99, mode="truncate")
+    ups = [_update(0, 4, 30, 1), _update(1, 2, 10, 2), _update(2, 1, 20, 3)]
+    state = algo.aggregate(1, ups, algo.init(trainable_state(_model())))
+    k = state.metrics["kept_ranks"][0]
+    payloads = algo.configure(2, [0, 1, 2], state)
+    assert [payloads[c].tensors[A_NAME].shape[0] for c in (0, 1, 2)] == list(RANKS)
+    assert 1 <= k <= 7
+    A_st, B_st = stack_factors([u.tensors[A_NAME] for u in ups], [u.tensors[B_NAME] for u in ups], [30, 10, 20])
+    full = B_st @ A_st
+    kept = state.global_tensors[MERGED + W_NAME] / SCALE
+    assert (full - kept).norm() ** 2 <= (1 - 0.99) * full.norm() ** 2 + 1e-6  # the dropped energy is below 1 - τ
+
+
+# --------------------------------------------------------------------------- client side
+
+
+@pytest.mark.parametrize("name", ["flora", "florist"])
+def test_a_client_that_missed_rounds_receives_every_merge_it_lacks(name):
+    algo = _algo(name, tau=1.0) if name == "florist" else _algo(name)
+    model = _model()
+    state = algo.init(trainable_state(model))
+    for rnd, clients in ((1, [0, 1]), (2, [0])):  # client 2 sits out rounds 1 and 2
+        state = algo.aggregate(rnd, [_update(c, RANKS[c], 10 + c, 10 * rnd + c) for c in clients], state)
+    payload = algo.configure(3, [2], state)[2]
+    assert {k.split("/")[1] for k in payload.tensors if k.startswith("round/")} == {"1", "2"}
+    ctx = _ctx(model, 2)
+    w0 = ctx.base[W_NAME].clone()
+    algo.prepare(ctx, payload)
+    merged = state.global_tensors[MERGED + W_NAME]
+    assert torch.allclose(ctx.state[MERGED + W_NAME], merged, atol=1e-5)
+    params = dict(model.named_parameters())
+    assert torch.allclose(params[W_NAME], w0 + merged, atol=1e-5)
+    assert torch.count_nonzero(params[A_NAME][1:]) == 0  # rank-1 client: A's rows beyond 1 are zero
+    algo.prepare(ctx, payload)  # a repeated delivery is not merged twice
+    assert torch.allclose(ctx.state[MERGED + W_NAME], merged, atol=1e-5)
+    assert int(ctx.state["synced"]) == 2
+
+
+def test_merges_every_client_has_are_dropped_from_the_server_history():
+    algo = _algo("flora")
+    state = algo.init(trainable_state(_model()))
+    for rnd in (1, 2):
+        state = algo.aggregate(rnd, [_update(c, RANKS[c], 10, rnd + c) for c in range(3)], state)
+    # after round 2 every client has merged round 1: only round 2's factors remain
+    assert {k.split("/")[1] for k in state.extra if k.startswith("round/")} == {"2"}
+
+
+def test_rank_r_client_in_a_larger_model_stays_rank_r_through_training():
+    model = _model(4)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        params[B_NAME].normal_()
+    tensors = fit_lora_rank(fit_lora_rank(trainable_state(model), 2), 4)
+    model.load_state_dict(tensors, strict=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.01)
+    for _ in range(5):
+        model(torch.randn(8, 6)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.count_nonzero(params[A_NAME][2:]) == 0 and torch.count_nonzero(params[B_NAME][:, 2:]) == 0
+    assert torch.count_nonzero(params[A_NAME][:2]) > 0
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+def _cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, algo, *extra):
+    return load_config(None, [
+        f"output_dir={tmp_path}", f"name={algo}", f"model.name={tiny_model_dir}", f"data.name={tiny_tsv_dataset}",
+        "data.text_column=sentence", "data.label_column=label", "partition.num_clients=3",
+        "lora.client_ranks=[4, 2, 1]", "lora.r=2", "lora.alpha=4", "federation.rounds=2", "train.local_steps=2",
+        "train.batch_size=8", "train.lr=5e-3", f"algorithm.name={algo}", *extra,
+    ])
+
+
+@pytest.mark.parametrize("algo,options", [
+    ("fedit", []), ("flora", []), ("florist", ["algorithm.options.tau=0.9"]),
+    ("florist", ["algorithm.options.mode=truncate"]), ("flexlora", []),
+])
+def test_each_method_runs_and_counts_the_bytes_it_sends(tmp_path, tiny_model_dir, tiny_tsv_dataset, algo, options):
+    from fedtune.experiment import build_experiment
+    from fedtune.run import execute
+
+    cfg = _cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, algo, *options)
+    res = execute(cfg)
+    rows = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    exp = build_experiment(cfg)
+    modules = [n for n in exp.initial if n.endswith("lora_A.default.weight")]
+    head = tensor_bytes({k: v for k, v in exp.initial.items() if "lora_" not in k})
+    per_rank = sum(4 * (exp.initial[n].shape[1] + exp.initial[n.replace("lora_A", "lora_B")].shape[0])
+                   for n in modules)  # bytes of one rank of every module's A and B
+    assert rows[1]["bytes_up"] == 3 * head + sum(RANKS) * per_rank  # each client sends its own rank
+    assert "eval/accuracy" in rows[-1]
+    down2 = rows[2]["bytes_down"]
+    merges = algo == "flora" or (algo == "florist" and options != ["algorithm.options.mode=truncate"])
+    if merges:  # round 2 sends each of the 3 clients round 1's merge factors: rank R = 7 (FLoRA) or k per module
+        kept = rows[1]["agg/kept_ranks"]  # every module here has the same shape
+        assert down2 == 3 * head + 3 * sum(kept) * per_rank // len(modules)
+    else:  # the global factors at each client's own rank
+        assert down2 == 3 * head + sum(RANKS) * per_rank
+    assert (res.run_dir / "adapter" / "adapter_config.json").is_file()
+    if algo in ("flora", "florist", "flexlora"):
+        assert (res.run_dir / "adapter" / "merged.safetensors").is_file()
