@@ -100,26 +100,33 @@ def _right_padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
     return ids, mask
 
 
-def _target_logprobs(model, seqs: list[list[int]], spans: list[tuple[int, int]], pad_id: int, batch_size: int) -> list[torch.Tensor]:
-    """For each sequence s with span (a, b): log p(s_t | s_<t) for t in [a, b), as a float64 tensor.
+def _final_hidden(model, seqs: list[list[int]], pad_id: int, batch_size: int):
+    """Length-sorted, right-padded batches of ``seqs`` through the transformer body.
 
-    Runs in length-sorted batches; only the positions a-1 .. b-2 go through the head.
+    Yields (indices into ``seqs``, ids, mask, final hidden states, output head).
     """
     body, head = body_and_head(model)
     device = next(model.parameters()).device
-    out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
     order = np.argsort([len(s) for s in seqs], kind="stable")
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         ids, mask = _right_padded([seqs[i] for i in idx], pad_id, device)
-        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+        yield idx, ids, mask, body(input_ids=ids, attention_mask=mask).last_hidden_state, head
+
+
+def _target_logprobs(model, seqs: list[list[int]], spans: list[tuple[int, int]], pad_id: int, batch_size: int) -> list[torch.Tensor]:
+    """For each sequence s with span (a, b): log p(s_t | s_<t) for t in [a, b), as a float64 tensor.
+
+    Only the positions a-1 .. b-2 go through the head.
+    """
+    out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    for idx, ids, _, hidden, head in _final_hidden(model, seqs, pad_id, batch_size):
         rows = [r for r, i in enumerate(idx) for _ in range(*spans[i])]
         cols = [t - 1 for i in idx for t in range(*spans[i])]
         targets = ids[rows, [c + 1 for c in cols]]
         logp = torch.log_softmax(head(hidden[rows, cols]).double(), dim=-1)
         picked = logp.gather(1, targets[:, None])[:, 0].cpu()
-        sizes = [spans[i][1] - spans[i][0] for i in idx]
-        for i, chunk in zip(idx, picked.split(sizes)):
+        for i, chunk in zip(idx, picked.split([spans[i][1] - spans[i][0] for i in idx])):
             out[i] = chunk
     return out
 
@@ -137,14 +144,8 @@ def choice_losses(model: torch.nn.Module, prompts: list[list[int]], choices: lis
     if not prompts:
         return []
     if all(len(c) == 1 for cs in choices for c in cs):
-        body, head = body_and_head(model)
-        device = next(model.parameters()).device
         out: list[np.ndarray] = [np.zeros(0)] * len(prompts)
-        order = np.argsort([len(p) for p in prompts], kind="stable")
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = _right_padded([prompts[i] for i in idx], pad_id, device)
-            hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+        for idx, _, mask, hidden, head in _final_hidden(model, prompts, pad_id, batch_size):
             last = hidden[torch.arange(len(idx)), mask.sum(1) - 1]
             logp = torch.log_softmax(head(last).double(), dim=-1).cpu()
             for row, i in enumerate(idx):
