@@ -125,7 +125,7 @@ def test_typo_names_the_key_and_lists_the_valid_ones(tmp_path):
         load_config(write(tmp_path / "c.yaml", "lora:\n  rank: 4\n"))
     message = one_line(err)
     assert "unknown key 'lora.rank'" in message
-    assert "valid keys here: alpha, dropout, r, target_modules, train_head" in message
+    assert "valid keys here: alpha, client_ranks, dropout, r, rank_tiers, target_modules, train_head" in message
 
 
 def test_typo_suggests_the_close_key():

@@ -213,3 +213,15 @@ def test_each_method_runs_and_counts_the_bytes_it_sends(tmp_path, tiny_model_dir
     assert (res.run_dir / "adapter" / "adapter_config.json").is_file()
     if algo in ("flora", "florist", "flexlora"):
         assert (res.run_dir / "adapter" / "merged.safetensors").is_file()
+
+
+def test_client_ranks_come_from_a_list_or_from_tiers_and_must_cover_every_client():
+    from fedtune.errors import FedtuneError
+
+    cfg = load_config(None, ["lora.rank_tiers=[{clients: 2, rank: 64}, {clients: 3, rank: 4}]"])
+    assert cfg.lora.ranks(5) == [64, 64, 4, 4, 4]
+    assert load_config(None).lora.ranks(5) is None
+    with pytest.raises(FedtuneError, match="cover 5 clients but partition.num_clients is 8"):
+        cfg.lora.ranks(8)
+    with pytest.raises(FedtuneError, match="only one of lora.client_ranks and lora.rank_tiers"):
+        load_config(None, ["lora.client_ranks=[4]", "lora.rank_tiers=[{clients: 1, rank: 4}]"])
