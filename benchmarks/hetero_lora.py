@@ -58,7 +58,7 @@ def run_model(model: str, args, out_root: Path) -> list[dict]:
         "partition.num_clients=8", "partition.method=dirichlet", "partition.alpha=0.5",
         "federation.clients_per_round=8", f"federation.rounds={args.rounds}", f"train.local_steps={args.steps}",
         f"eval.every={args.eval_every}", "lora.r=8", "lora.alpha=16",
-    ] + ([f"threads={args.threads}"] if args.threads else [])
+    ] + ([f"threads={args.threads}"] if args.threads else []) + list(args.override)
     if args.eval_examples:
         sizes.append(f"data.max_eval_examples={args.eval_examples}")
     if args.train_examples:
@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--eval-examples", type=int, default=None, help="cap the held-out examples (default: all)")
     ap.add_argument("--train-examples", type=int, default=None, help="cap the training examples (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE",
+                    help="further config overrides for every run, e.g. -o train.lr=5e-3")
     ap.add_argument("--runs", default="/tmp/fedtune-bench/hetero", help="where the run directories go")
     ap.add_argument("--results", default="benchmarks/results")
     args = ap.parse_args()
@@ -123,7 +125,7 @@ def main() -> None:
     for model in args.models:
         previous[model] = {"sizes": {"rounds": args.rounds, "local_steps": args.steps, "eval_every": args.eval_every,
                                      "eval_examples": args.eval_examples, "train_examples": args.train_examples,
-                                     "ranks": RANKS},
+                                     "overrides": args.override, "ranks": RANKS},
                            "results": [r for r in results if r["model"] == model]}
     out.write_text(json.dumps(previous, indent=2) + "\n")
     print(f"wrote {out}")

@@ -225,3 +225,25 @@ def test_client_ranks_come_from_a_list_or_from_tiers_and_must_cover_every_client
         cfg.lora.ranks(8)
     with pytest.raises(FedtuneError, match="only one of lora.client_ranks and lora.rank_tiers"):
         load_config(None, ["lora.client_ranks=[4]", "lora.rank_tiers=[{clients: 1, rank: 4}]"])
+
+
+def test_a_saved_flora_run_loads_with_its_merged_updates(tmp_path, tiny_model_dir, tiny_tsv_dataset):
+    from safetensors.torch import load_file
+
+    from fedtune.config import ModelConfig
+    from fedtune.models.base import load_classifier
+    from fedtune.models.lora import load_adapter
+    from fedtune.run import execute
+
+    res = execute(_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "flora"))
+    base, _ = load_classifier(ModelConfig(name=str(tiny_model_dir)), num_labels=2)
+    w0 = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = load_adapter(base, res.run_dir)
+    merged = load_file(res.run_dir / "adapter" / "merged.safetensors")
+    params = dict(model.named_parameters())
+    for key, delta in merged.items():
+        name = key[len(MERGED):]
+        plain = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+        assert torch.allclose(params[name], w0[plain] + delta, atol=1e-6)
+    with pytest.raises(Exception, match="no peft adapter"):
+        load_adapter(base, tmp_path / "nowhere")
