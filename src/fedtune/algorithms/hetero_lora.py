@@ -70,7 +70,7 @@ class _FactorAggregation(Algorithm):
 
     def _fresh(self, initial: Tensors, head: Tensors) -> Tensors:
         """The global trainable tensors when the update lives in the base weights: the initial LoRA (B = 0), the head."""
-        lora = {k: v for m in lora_modules(initial) for k in lora_factor_names(m) for v in [initial[k]]}
+        lora = {k: initial[k] for m in lora_modules(initial) for k in lora_factor_names(m)}
         return {**lora, **head}
 
 
