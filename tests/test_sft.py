@@ -65,6 +65,16 @@ def test_chat_template_comes_from_the_tokenizer(tiny):
         Template("chat", SimpleNamespace(chat_template=None))
 
 
+def test_chat_system_prompt_replaces_the_templates_default(tiny, tmp_path):
+    _, tok = tiny
+    assert Template("chat", tok, "Be brief.").prompt("Hi") == "<system> Be brief. [SEP] <user> Hi [SEP] <assistant>"
+    assert Template("chat", tok, "").prompt("Hi") == "<system>  [SEP] <user> Hi [SEP] <assistant>"
+    path = tmp_path / "c.yaml"
+    path.write_text("sft: {template: alpaca, system_prompt: Be brief.}\n")
+    with pytest.raises(FedtuneError, match="sft.system_prompt applies to sft.template=chat"):
+        load_config(path)
+
+
 # --------------------------------------------------------------------------- encoding and masking
 
 
@@ -86,6 +96,13 @@ def test_prompt_tokens_are_masked_response_and_eos_are_targets_padding_is_never_
     everything = encode_instructions(tok, Template("alpaca"), _rows(["Say yes."], [""], ["yes"]), 128,
                                      train_on_inputs=True)
     assert everything.labels[0] == everything.features["input_ids"][0]
+
+
+def test_candidate_answers_are_scored_without_eos(tiny):
+    _, tok = tiny
+    data = encode_instructions(tok, Template("vicuna"), _rows(["Is it?"], [""], ["yes"], [["yes", "no"]], [0]), 128)
+    assert data.choices[0] == [tok(" yes", add_special_tokens=False).input_ids, tok(" no", add_special_tokens=False).input_ids]
+    assert data.features["input_ids"][0][data.starts[0]:] == data.choices[0][0] + [tok.eos_token_id]
 
 
 def test_long_examples_keep_their_response_and_lose_the_start_of_the_prompt(tiny):
@@ -118,7 +135,7 @@ class _BigramLM(torch.nn.Module):
     def __init__(self, table: torch.Tensor):
         super().__init__()
         v = table.shape[0]
-        self.model = lambda input_ids, attention_mask: SimpleNamespace(
+        self.model = lambda input_ids, attention_mask, **_: SimpleNamespace(
             last_hidden_state=torch.nn.functional.one_hot(input_ids, v).float())
         self.head = torch.nn.Linear(v, v, bias=False)
         with torch.no_grad():
@@ -146,16 +163,35 @@ def test_choice_scoring_picks_the_candidate_with_the_lowest_mean_token_loss():
     assert np.allclose(single[0], [-math.log(p[1, 2]), -math.log(p[1, 4])])
 
 
+def _full_forward_losses(model, prompts, choices):
+    out = []
+    for p, cs in zip(prompts, choices):
+        with torch.no_grad():
+            logps = [torch.log_softmax(model(torch.tensor([p + c])).logits[0].double(), -1) for c in cs]
+        out.append([-np.mean([float(lp[len(p) + j - 1, t]) for j, t in enumerate(c)]) for lp, c in zip(logps, cs)])
+    return out
+
+
 def test_choice_scoring_matches_full_forward_on_a_real_transformer(tiny):
     model, _ = tiny
     prompts, choices = [[5, 6, 7, 8], [9, 10]], [[[11, 12], [13]], [[14], [15, 16, 17]]]
     losses = choice_losses(model, prompts, choices, pad_id=0, batch_size=4)
-    for p, cs, got in zip(prompts, choices, losses):
-        for c, value in zip(cs, got):
-            with torch.no_grad():
-                logp = torch.log_softmax(model(torch.tensor([p + c])).logits[0].double(), -1)
-            want = -np.mean([float(logp[len(p) + j - 1, t]) for j, t in enumerate(c)])
-            assert value == pytest.approx(want, abs=1e-5)
+    for got, want in zip(losses, _full_forward_losses(model, prompts, choices)):
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("multi_token", [False, True])
+def test_a_shared_prompt_prefix_runs_once_and_scores_the_same(tiny, multi_token):
+    """Prompts of a group share their common prefix's key/value cache; the losses are unchanged."""
+    model, _ = tiny
+    head_a, head_b = [5, 6, 7, 8, 9], [30, 31, 32]
+    prompts = [head_a + [10, 11], head_a + [12], head_a + [13, 14, 15], head_b + [16], head_b + [17, 18], [19, 20]]
+    choices = [[[40, 41], [42]] if multi_token else [[40], [42]] for _ in prompts]
+    groups = ["a", "a", "a", "b", "b", "c"]
+    want = _full_forward_losses(model, prompts, choices)
+    for g in (groups, None):
+        for got, w in zip(choice_losses(model, prompts, choices, pad_id=0, batch_size=2, groups=g), want):
+            assert got == pytest.approx(w, abs=1e-5)
 
 
 def test_response_perplexity_counts_response_tokens_only(tiny):

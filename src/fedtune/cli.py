@@ -187,7 +187,7 @@ def eval_mmlu(
         table.add_row(category, str(n), f"{acc:.4f}")
     table.add_row("macro (over subjects)", str(len(result.subjects)), f"{result.macro:.4f}", style="bold")
     Console().print(table)
-    Console().print(f"{seconds:.0f} s")
+    Console().print(f"{seconds:.0f} s for {result.prompt_tokens:,} prompt tokens")
     if output is not None:
         output.write_text(json.dumps({**result.to_dict(), "model": model, "adapter": str(adapter) if adapter else None,
                                       "seconds": seconds}, indent=2))

@@ -14,6 +14,7 @@ a model. MMLU is built on choice scoring in :mod:`fedtune.mmlu`.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterable, Mapping
 
@@ -100,29 +101,64 @@ def _right_padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
     return ids, mask
 
 
-def _final_hidden(model, seqs: list[list[int]], pad_id: int, batch_size: int):
-    """Length-sorted, right-padded batches of ``seqs`` through the transformer body.
+def _shared_prefix(seqs: list[list[int]], limit: int) -> int:
+    """Length of the longest common prefix of ``seqs``, at most ``limit``."""
+    n = min(limit, *(len(s) for s in seqs))
+    first = seqs[0]
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return n
 
-    Yields (indices into ``seqs``, ids, mask, final hidden states, output head).
+
+def _final_hidden(model, seqs: list[list[int]], pad_id: int, batch_size: int, limits: list[int],
+                  groups: list | None = None):
+    """The transformer body over ``seqs`` in length-sorted, right-padded batches.
+
+    The sequences of each group (``groups[i]``; default: one group) share their
+    longest common prefix, capped at ``min(limits)`` of the group: it runs once,
+    and its key/value cache is repeated for every batch, so only the suffixes are
+    computed per sequence (a chat template's system turn, MMLU's header and shots).
+    Yields (indices into ``seqs``, suffix ids, suffix mask, suffix hidden states,
+    output head, prefix length).
     """
     body, head = body_and_head(model)
     device = next(model.parameters()).device
-    order = np.argsort([len(s) for s in seqs], kind="stable")
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        ids, mask = _right_padded([seqs[i] for i in idx], pad_id, device)
-        yield idx, ids, mask, body(input_ids=ids, attention_mask=mask).last_hidden_state, head
+    members: dict = {}
+    for i, g in enumerate(groups if groups is not None else [0] * len(seqs)):
+        members.setdefault(g, []).append(i)
+    for group in members.values():
+        p = _shared_prefix([seqs[i] for i in group], min(limits[i] for i in group))
+        prefix = (body(input_ids=torch.tensor([seqs[group[0]][:p]], device=device), use_cache=True).past_key_values
+                  if p else None)
+        order = [group[j] for j in np.argsort([len(seqs[i]) for i in group], kind="stable")]
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = _right_padded([seqs[i][p:] for i in idx], pad_id, device)
+            if prefix is None:
+                hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            else:
+                past = copy.deepcopy(prefix)
+                past.batch_repeat_interleave(len(idx))
+                full_mask = torch.cat([mask.new_ones(len(idx), p), mask], dim=1)
+                hidden = body(input_ids=ids, attention_mask=full_mask, past_key_values=past,
+                              use_cache=True).last_hidden_state
+            yield idx, ids, mask, hidden, head, p
 
 
-def _target_logprobs(model, seqs: list[list[int]], spans: list[tuple[int, int]], pad_id: int, batch_size: int) -> list[torch.Tensor]:
+def _target_logprobs(model, seqs: list[list[int]], spans: list[tuple[int, int]], pad_id: int, batch_size: int,
+                     groups: list | None = None) -> list[torch.Tensor]:
     """For each sequence s with span (a, b): log p(s_t | s_<t) for t in [a, b), as a float64 tensor.
 
     Only the positions a-1 .. b-2 go through the head.
     """
     out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
-    for idx, ids, _, hidden, head in _final_hidden(model, seqs, pad_id, batch_size):
+    limits = [a - 1 for a, _ in spans]
+    for idx, ids, _, hidden, head, p in _final_hidden(model, seqs, pad_id, batch_size, limits, groups):
         rows = [r for r, i in enumerate(idx) for _ in range(*spans[i])]
-        cols = [t - 1 for i in idx for t in range(*spans[i])]
+        cols = [t - 1 - p for i in idx for t in range(*spans[i])]
         targets = ids[rows, [c + 1 for c in cols]]
         logp = torch.log_softmax(head(hidden[rows, cols]).double(), dim=-1)
         picked = logp.gather(1, targets[:, None])[:, 0].cpu()
@@ -133,19 +169,21 @@ def _target_logprobs(model, seqs: list[list[int]], spans: list[tuple[int, int]],
 
 @torch.no_grad()
 def choice_losses(model: torch.nn.Module, prompts: list[list[int]], choices: list[list[list[int]]], pad_id: int,
-                  batch_size: int = 32) -> list[np.ndarray]:
+                  batch_size: int = 32, groups: list | None = None) -> list[np.ndarray]:
     """The mean token loss of each candidate answer given its prompt (lower is more likely)::
 
         L_ik = −(1 / |c_ik|) Σ_t log p(c_ik,t | prompt_i, c_ik,<t)
 
     When every candidate is one token, one forward pass of each prompt scores
-    all its candidates; otherwise each prompt + candidate is run.
+    all its candidates; otherwise each prompt + candidate is run. Prompts of a
+    group (``groups``; default: all prompts) compute their common prefix once.
     """
     if not prompts:
         return []
     if all(len(c) == 1 for cs in choices for c in cs):
         out: list[np.ndarray] = [np.zeros(0)] * len(prompts)
-        for idx, _, mask, hidden, head in _final_hidden(model, prompts, pad_id, batch_size):
+        limits = [len(x) - 1 for x in prompts]
+        for idx, _, mask, hidden, head, _ in _final_hidden(model, prompts, pad_id, batch_size, limits, groups):
             last = hidden[torch.arange(len(idx)), mask.sum(1) - 1]
             logp = torch.log_softmax(head(last).double(), dim=-1).cpu()
             for row, i in enumerate(idx):
@@ -157,7 +195,8 @@ def choice_losses(model: torch.nn.Module, prompts: list[list[int]], choices: lis
             seqs.append(p + c)
             spans.append((len(p), len(p) + len(c)))
             owner.append(i)
-    logps = _target_logprobs(model, seqs, spans, pad_id, batch_size)
+    logps = _target_logprobs(model, seqs, spans, pad_id, batch_size,
+                             None if groups is None else [groups[i] for i in owner])
     out = [[] for _ in prompts]
     for i, lp in zip(owner, logps):
         out[i].append(-float(lp.mean()))

@@ -5,8 +5,9 @@ paper's format (a header naming the subject, k solved examples from the
 subject's ``dev`` split, then the question and ``Answer:``) and the model's
 answer is the letter among `` A`` … `` D`` with the highest next-token
 log-likelihood (:func:`fedtune.evaluation.choice_losses`, one forward pass per
-question). Accuracy is reported per subject, per category (the mean of its
-subjects) and as the macro average over the 57 subjects.
+question; the header and shots that a subject's questions share run once).
+Accuracy is reported per subject, per category (the mean of its subjects) and
+as the macro average over the 57 subjects.
 
 ``subset``: a seeded ⌈10%⌉ of each subject's test questions, the
 1,444-question protocol of FLoRIST (Ramesh et al., 2025) for quick runs.
@@ -88,9 +89,12 @@ class MMLUResult:
     """Mean accuracy over subjects."""
     questions: int
     shots: int
+    prompt_tokens: int
+    """Σ prompt lengths: the tokens a model without prefix sharing would run."""
 
     def to_dict(self) -> dict:
         return {"macro_accuracy": self.macro, "questions": self.questions, "shots": self.shots,
+                "prompt_tokens": self.prompt_tokens,
                 "categories": self.categories, "subjects": self.subjects, "counts": self.counts}
 
 
@@ -125,9 +129,10 @@ def evaluate_mmlu(model: torch.nn.Module, tokenizer, shots: int = 0, subset: boo
                 break
             solved = solved[1:]
         prompts.append(ids[-max_length:])
-    losses = choice_losses(model, prompts, [letters] * len(prompts), tokenizer.pad_token_id, batch_size)
+    subj = [rows[i]["subject"] for i in idx]  # a subject's questions share their header and shots: computed once
+    losses = choice_losses(model, prompts, [letters] * len(prompts), tokenizer.pad_token_id, batch_size, groups=subj)
     correct = np.array([int(np.argmin(x)) == rows[i]["label"] for x, i in zip(losses, idx)])
-    subj = np.array([rows[i]["subject"] for i in idx])
+    subj = np.asarray(subj)
     per_subject = {s: float(correct[subj == s].mean()) for s in sorted(set(subj))}
     counts = {s: int((subj == s).sum()) for s in per_subject}
     by_category: dict[str, list[float]] = {}
@@ -140,4 +145,5 @@ def evaluate_mmlu(model: torch.nn.Module, tokenizer, shots: int = 0, subset: boo
         macro=float(np.mean(list(per_subject.values()))),
         questions=len(idx),
         shots=shots,
+        prompt_tokens=sum(len(x) for x in prompts),
     )

@@ -76,7 +76,8 @@ class EncodedInstructions(Encoded):
     """Instruction examples (prompt + response) and what decoder evaluation needs besides the training view.
 
     ``prompts[i]`` is the prompt's token ids as scored and generated from,
-    ``choices[i]`` the token ids of each candidate response (empty: open-ended),
+    ``choices[i]`` the token ids of each candidate answer, without EOS, as choice
+    scoring compares them (empty: open-ended),
     ``answers[i]`` the index of the correct candidate (-1: open-ended),
     ``references[i]`` the response text, ``tasks[i]`` the source dataset,
     ``starts[i]`` where the response begins in ``features["input_ids"][i]``.
@@ -117,7 +118,7 @@ def encode_instructions(tokenizer, template: Template, rows: dict[str, list], ma
 
     def candidate(text: str) -> list[int]:
         if text not in vocab:
-            vocab[text] = tokenizer(prefix + text, add_special_tokens=False).input_ids + eos
+            vocab[text] = tokenizer(prefix + text, add_special_tokens=False).input_ids
         return vocab[text]
 
     choices = [[candidate(c) for c in cs] for cs in rows["choices"]]
