@@ -86,6 +86,14 @@ class SftConfig(_Strict):
     """Prompt format: the Alpaca or Vicuna v1.1 text template, or ``chat``: the tokenizer's own chat template."""
     train_on_inputs: bool = False
     """Also compute the loss on prompt tokens (default: response tokens only)."""
+    system_prompt: str | None = None
+    """The system message of the ``chat`` template ('' for an empty one); default: the chat template's own."""
+
+    @model_validator(mode="after")
+    def _system_prompt_needs_chat(self) -> SftConfig:
+        if self.system_prompt is not None and self.template != "chat":
+            raise ValueError(f"sft.system_prompt applies to sft.template=chat, not '{self.template}'; remove it or use chat")
+        return self
 
 
 class RankTier(_Strict):

@@ -163,7 +163,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     torch.manual_seed(cfg.seed)
     if sft:
         base, tokenizer = load_causal_lm(cfg.model)
-        template = Template(cfg.sft.template, tokenizer)
+        template = Template(cfg.sft.template, tokenizer, cfg.sft.system_prompt)
 
         def encode(ds) -> Encoded:
             rows = {c: ds[c][:] for c in COLUMNS}

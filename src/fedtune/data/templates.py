@@ -6,7 +6,8 @@ so training, choice scoring and generation all see the same boundary.
 
 - ``alpaca``: the Stanford Alpaca prompt (two variants: with and without input).
 - ``vicuna``: the Vicuna v1.1 conversation (``USER: … ASSISTANT:``), response after a space.
-- ``chat``: the tokenizer's own chat template (one user turn, generation prompt added).
+- ``chat``: the tokenizer's own chat template (one user turn, generation prompt
+  added), with an optional system message replacing the template's default.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Template:
 
     name: str
     tokenizer: object = None
+    system_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if self.name not in TEMPLATES:
@@ -63,6 +65,7 @@ class Template:
         message = f"{instruction}\n\n{input}" if input else instruction
         if self.name == "vicuna":
             return _VICUNA.format(message=message)
+        system = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
         return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+            system + [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
         )
