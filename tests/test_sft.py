@@ -118,10 +118,15 @@ def test_lm_loss_on_scored_positions_equals_the_models_own_loss(tiny):
     model, tok = tiny
     data = encode_instructions(tok, Template("alpaca"), _rows(["a b c", "d"], ["e f", ""], ["g h", "i j k l"]), 128)
     batch = data.collate([0, 1])
-    with torch.no_grad():
-        ours = causal_lm_forward(model, batch).loss
-        theirs = model(**batch).loss
+    prompts = [data.features["input_ids"][i][: data.starts[i]] for i in (0, 1)]
+    assert prompts[0][:5] == prompts[1][:5]  # the shared preamble runs once: loss and gradients are unchanged
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    ours = causal_lm_forward(model, batch).loss
+    (ours_grad,) = torch.autograd.grad(ours, weight)
+    theirs = model(**batch).loss
+    (theirs_grad,) = torch.autograd.grad(theirs, weight)
     assert torch.allclose(ours, theirs, atol=1e-5)
+    assert torch.allclose(ours_grad, theirs_grad, atol=1e-6) and theirs_grad.abs().sum() > 0
 
 
 # --------------------------------------------------------------------------- choice scoring

@@ -203,15 +203,36 @@ class LMOutputs:
 def causal_lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LMOutputs:
     """Next-token cross-entropy, mean over the scored tokens: −(1/|S|) Σ_{(b,t)∈S} log p(y_bt | x_b,<t).
 
-    The same loss as the model's own ``labels=`` path, but only the positions in S
-    go through the output head.
+    The same loss and gradients as the model's own ``labels=`` path, computed
+    with less work: only the positions in S go through the output head, and the
+    prompt prefix every row of the batch shares (a template's preamble), up to
+    the first scored position, runs once; its key/value cache is repeated over
+    the batch, and gradients flow back through it (with ``lora.dropout`` > 0 the
+    batch shares the prefix's dropout mask).
     """
     body, head = body_and_head(model)
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     targets = batch["labels"][:, 1:]
     scored = targets != IGNORE
-    logits = head(hidden[:, :-1][scored])
+    p = _shared_prefix_length(ids, mask, scored)
+    if p > 0 and len(ids) > 1:
+        past = body(input_ids=ids[:1, :p], use_cache=True).past_key_values
+        past.batch_repeat_interleave(len(ids))
+        hidden = body(input_ids=ids[:, p:], attention_mask=mask, past_key_values=past, use_cache=True).last_hidden_state
+        scored_hidden = hidden[:, :-1][scored[:, p:]]
+    else:
+        hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        scored_hidden = hidden[:, :-1][scored]
+    logits = head(scored_hidden)
     return LMOutputs(torch.nn.functional.cross_entropy(logits.float(), targets[scored]), logits)
+
+
+def _shared_prefix_length(ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor) -> int:
+    """Leading positions identical (and unpadded) in every row, none of them scored and one left for the suffix."""
+    same = ((ids == ids[:1]) & (mask == 1)).all(dim=0)
+    same[scored.any(dim=0).nonzero()[:1, 0]] = False  # hidden position t scores token t+1: in the suffix
+    differ = (~same).nonzero()
+    return min(int(differ[0, 0]) if len(differ) else ids.shape[1], ids.shape[1] - 1)
 
 
 def train_local(
