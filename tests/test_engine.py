@@ -99,3 +99,28 @@ def test_client_sampling_and_cosine_schedule(tmp_path, tiny_model_dir, tiny_tsv_
     assert all(r["num_clients"] == 2 for r in rows[1:])
     assert [r["lr"] for r in rows[1:]] == pytest.approx([5e-3, 5e-3 * 0.55, 5e-4])
     assert "eval/accuracy" not in rows[1] and "eval/accuracy" in rows[3]  # every=0: only after the last round
+
+
+def test_lora_plus_trains_b_at_ratio_times_the_learning_rate(tiny_model_dir):
+    """Adam's first step moves each parameter with a nonzero gradient by lr: B (from zero) by λ·lr, the head by lr."""
+    from fedtune.config import LoraConfig, TrainConfig
+    from fedtune.models.base import load_classifier
+    from fedtune.models.lora import apply_lora
+    from fedtune.training import model_forward, train_local
+
+    torch.manual_seed(0)
+    base, _ = load_classifier(load_config(None, [f"model.name={tiny_model_dir}"]).model, num_labels=2)
+    model = apply_lora(base, LoraConfig(r=4, alpha=8))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batch = {"input_ids": torch.randint(5, 90, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 0, 1])}
+    lr, ratio = 1e-3, 16.0
+    cfg = TrainConfig(local_steps=1, lr=lr, lora_plus_ratio=ratio, max_grad_norm=None)
+    train_local(model, iter([batch]), 1, cfg, lr, lambda b, out: out.loss, forward=model_forward)
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad}
+    b_moves = [v for n, v in moved.items() if "lora_B" in n]
+    head_moves = [v for n, v in moved.items() if "lora_" not in n]
+    assert b_moves and head_moves
+    assert all(v == pytest.approx(ratio * lr, rel=2e-2) for v in b_moves)  # |g| / (|g| + eps) of tiny gradients
+    assert all(v == pytest.approx(lr, rel=2e-2) for v in head_moves)
+    assert all(v == 0 for n, v in moved.items() if "lora_A" in n)  # B = 0: A has no gradient at step 1

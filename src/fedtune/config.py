@@ -156,6 +156,10 @@ class TrainConfig(_Strict):
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
+    lora_plus_ratio: float | None = Field(default=None, gt=0)
+    """LoRA+ (Hayou et al., ICML 2024): LoRA's B factors train at ``lora_plus_ratio × lr``, A and the rest at
+    ``lr`` (the paper suggests 16). In federated runs a slowly moving A also keeps FedAvg of A and B, taken
+    separately, close to the average of the clients' products B A."""
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainConfig":

@@ -249,9 +249,14 @@ def train_local(
     """Run ``steps`` AdamW steps of ``grad_accum`` micro-batches; return (mean loss, examples seen).
 
     A fresh optimiser per call: client optimiser state does not travel between rounds.
+    With ``cfg.lora_plus_ratio`` λ the LoRA B factors train at λ · lr (LoRA+).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    ratio = cfg.lora_plus_ratio or 1.0
+    groups = [{"params": [p for n, p in named if "lora_B" not in n], "lr": lr},
+              {"params": [p for n, p in named if "lora_B" in n], "lr": lr * ratio}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
     model.train()
     total, seen = 0.0, 0
     for _ in range(steps):
