@@ -56,3 +56,88 @@ def test_unknown_algorithm_and_bad_options_are_one_line_errors():
     with pytest.raises(FedtuneError, match="invalid algorithm.options for 'fedit'"):
         build_algorithm("fedit", {"momentum": 0.9})
     assert {"fedit", "local", "centralized"} <= set(ALGORITHMS)
+
+
+def _round(algo, state, *client_tensors, sizes=None):
+    sizes = sizes or [1] * len(client_tensors)
+    updates = [ClientUpdate(i, {"w": w}, num_examples=n) for i, (w, n) in enumerate(zip(client_tensors, sizes))]
+    return algo.aggregate(state.round + 1, updates, state)
+
+
+def test_fedavgm_is_fedit_without_momentum_and_accumulates_with_it():
+    x0 = torch.tensor([1.0, -2.0])
+    plain = build_algorithm("fedavgm", {"momentum": 0.0, "server_lr": 1.0})
+    state = _round(plain, ServerState(0, {"w": x0}), torch.tensor([3.0, 0.0]), torch.tensor([1.0, 0.0]), sizes=[1, 3])
+    assert torch.allclose(state.global_tensors["w"], torch.tensor([1.5, 0.0]))  # FedIT: 0.25·3 + 0.75·1
+
+    algo = build_algorithm("fedavgm", {"momentum": 0.5, "server_lr": 2.0})
+    s1 = _round(algo, ServerState(0, {"w": x0}), x0 + 1.0)  # Δ1 = 1: v = 1, x = x0 + 2
+    assert torch.allclose(s1.global_tensors["w"], x0 + 2.0)
+    s2 = _round(algo, s1, s1.global_tensors["w"] - 1.0)  # Δ2 = -1: v = 0.5·1 − 1 = −0.5, x −= 1
+    assert torch.allclose(s2.global_tensors["w"], x0 + 1.0)
+
+
+@pytest.mark.parametrize("name, reference", [
+    ("fedadam", lambda p, o: torch.optim.Adam([p], lr=o["server_lr"], betas=(o["beta1"], o["beta2"]), eps=o["tau"])),
+    ("fedadagrad", lambda p, o: torch.optim.Adagrad([p], lr=o["server_lr"], eps=o["tau"])),
+])
+def test_adaptive_server_optimisers_equal_torch_optimisers_on_minus_the_pseudo_gradient(name, reference):
+    """Δ = mean(x_i) − x plays the role of −g: the server step is the torch optimiser's step on g = −Δ."""
+    opts = {"server_lr": 0.05, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3} if name == "fedadam" else \
+        {"server_lr": 0.05, "beta1": 0.0, "tau": 1e-3}
+    algo = build_algorithm(name, opts)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, generator=gen)
+    p = torch.nn.Parameter(x.clone())
+    ref = reference(p, opts)
+    state = ServerState(0, {"w": x})
+    for _ in range(4):
+        clients = [state.global_tensors["w"] + 0.1 * torch.randn(3, 4, generator=gen) for _ in range(3)]
+        delta = torch.stack(clients).mean(0) - state.global_tensors["w"]
+        state = _round(algo, state, *clients)
+        p.grad = -delta
+        ref.step()
+        assert torch.allclose(state.global_tensors["w"], p.detach(), atol=1e-6)
+    assert int(state.extra["server_opt/step"]) == 4
+
+
+def test_fedyogi_second_moment_moves_additively_by_sign():
+    algo = build_algorithm("fedyogi", {"server_lr": 1.0, "beta1": 0.0, "beta2": 0.5, "tau": 0.0})
+    x = torch.tensor([0.0, 0.0])
+    # v0 = [4, 0.25], Δ = [1, 1]: v = v0 − 0.5·Δ²·sign(v0 − Δ²) = [3.5, 0.75]; t = 2: v̂ = v / (1 − 0.25)
+    state = ServerState(1, {"w": x}, extra={"server_opt/step": torch.tensor(1),
+                                            "server_opt/v/w": torch.tensor([4.0, 0.25])})
+    state = _round(algo, state, x + 1.0)
+    assert torch.allclose(state.extra["server_opt/v/w"], torch.tensor([3.5, 0.75]))
+    v_hat = torch.tensor([3.5, 0.75]) / 0.75
+    assert torch.allclose(state.global_tensors["w"], 1.0 / v_hat.sqrt())
+
+
+def test_fedadam_over_one_sgd_step_is_adam_on_the_union_batch():
+    """Clients take one SGD step (lr 1) on their batches; FedAdam then moves like Adam on all the batches at once."""
+    from fedtune.config import TrainConfig
+    from fedtune.training import train_local
+
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randn(4, 3, generator=gen), "y": torch.randn(4, 1, generator=gen)} for _ in range(2)]
+    forward = lambda m, b: m(b["input_ids"])  # noqa: E731
+    loss_fn = lambda b, out: torch.nn.functional.mse_loss(out, b["y"])  # noqa: E731
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(local_steps=1, lr=1.0, optimizer="sgd", max_grad_norm=None)
+    updates = []
+    for i, batch in enumerate(batches):
+        model.load_state_dict(start)
+        train_local(model, iter([batch]), 1, cfg, 1.0, loss_fn, forward=forward)
+        updates.append(ClientUpdate(i, {n: p.detach().clone() for n, p in model.named_parameters()}, num_examples=4))
+    opts = {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.999, "tau": 1e-8}
+    state = build_algorithm("fedadam", opts).aggregate(1, updates, ServerState(0, start))
+
+    model.load_state_dict(start)
+    adam = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.9, 0.999), eps=1e-8)
+    union = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    loss_fn(union, forward(model, union)).backward()
+    adam.step()
+    for n, p in model.named_parameters():
+        assert torch.allclose(state.global_tensors[n], p.detach(), atol=1e-6)

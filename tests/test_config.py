@@ -177,6 +177,13 @@ def test_local_steps_and_epochs_together_are_refused():
     one_line(err)
 
 
+def test_momentum_needs_the_sgd_client_optimiser():
+    with pytest.raises(FedtuneError, match="train.momentum applies to train.optimizer: sgd") as err:
+        load_config(overrides=["train.momentum=0.9"])
+    one_line(err)
+    assert load_config(overrides=["train.optimizer=sgd", "train.momentum=0.9"]).train.momentum == 0.9
+
+
 @pytest.mark.parametrize("override", ["train.local_steps=0", "train.local_epochs=0"])
 def test_local_steps_and_epochs_must_be_positive(override):
     with pytest.raises(FedtuneError, match=override.split("=")[0]):

@@ -151,6 +151,12 @@ class TrainConfig(_Strict):
     batch_size: int = Field(default=16, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     lr: float = Field(default=5e-4, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """The client optimiser, fresh each round. ``sgd`` (with ``momentum``) is the client of Reddi et al.'s
+    FedAdam / FedYogi / FedAdagrad: with one local step its update is the plain (clipped) gradient, so the
+    server optimiser sees the round's union batch gradient."""
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    """Heavy-ball momentum of ``optimizer: sgd``."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """Across rounds: round r uses lr · s(r); cosine decays to ``min_lr_ratio`` · lr at the last round."""
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
@@ -167,6 +173,8 @@ class TrainConfig(_Strict):
             raise ValueError("set only one of train.local_steps and train.local_epochs")
         if self.local_epochs is None and self.local_steps is None:
             self.__dict__["local_steps"] = 10
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError("train.momentum applies to train.optimizer: sgd (AdamW keeps its own moments)")
         return self
 
 

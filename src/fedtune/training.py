@@ -246,7 +246,7 @@ def train_local(
     on_step: Callable[[], None] = lambda: None,
     forward: Forward = model_forward,
 ) -> tuple[float, int]:
-    """Run ``steps`` AdamW steps of ``grad_accum`` micro-batches; return (mean loss, examples seen).
+    """Run ``steps`` optimiser steps (``cfg.optimizer``) of ``grad_accum`` micro-batches; return (mean loss, examples seen).
 
     A fresh optimiser per call: client optimiser state does not travel between rounds.
     With ``cfg.lora_plus_ratio`` λ the LoRA B factors train at λ · lr (LoRA+).
@@ -256,7 +256,11 @@ def train_local(
     ratio = cfg.lora_plus_ratio or 1.0
     groups = [{"params": [p for n, p in named if "lora_B" not in n], "lr": lr},
               {"params": [p for n, p in named if "lora_B" in n], "lr": lr * ratio}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     model.train()
     total, seen = 0.0, 0
     for _ in range(steps):

@@ -8,10 +8,12 @@ from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, Lora
 from fedtune.algorithms.fedit import Centralized, FedIT
 from fedtune.algorithms.hetero_lora import FLoRA, FLoRIST, FlexLoRA
 from fedtune.algorithms.local import LocalOnly
+from fedtune.algorithms.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from fedtune.errors import FedtuneError
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (FedIT, LocalOnly, Centralized, FLoRA, FLoRIST, FlexLoRA)
+    cls.name: cls
+    for cls in (FedIT, FedAvgM, FedAdam, FedYogi, FedAdagrad, LocalOnly, Centralized, FLoRA, FLoRIST, FlexLoRA)
 }
 
 
