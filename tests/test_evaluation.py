@@ -111,3 +111,36 @@ def test_mean_metrics_weights_by_examples():
     assert m["loss"] == pytest.approx((0.2 + 3 * 1.0) / 4)
     assert m["accuracy_std"] == pytest.approx(0.5)  # population std of [1, 0]
     assert "loss_std" not in m
+
+
+def _all_splits(n: int, max_rows: int):
+    """Every split of range(n) into consecutive batches of at most max_rows (brute force)."""
+    if n == 0:
+        yield []
+        return
+    for first in range(1, min(max_rows, n) + 1):
+        for rest in _all_splits(n - first, max_rows):
+            yield [slice(0, first)] + [slice(s.start + first, s.stop + first) for s in rest]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_padded_batches_minimise_padded_positions_plus_overhead(seed):
+    from fedtune.evaluation import padded_batches
+
+    rng = np.random.default_rng(seed)
+    lengths = sorted(rng.integers(5, 400, size=9).tolist())
+
+    def cost(split):
+        return sum((s.stop - s.start) * lengths[s.stop - 1] + 64 for s in split)
+
+    split = padded_batches(lengths, max_rows=4, overhead=64)
+    assert [i for s in split for i in range(s.start, s.stop)] == list(range(9))  # every row once, in order
+    assert all(s.stop - s.start <= 4 for s in split)
+    assert cost(split) == min(cost(s) for s in _all_splits(9, 4))
+
+
+def test_padded_batches_cut_where_lengths_jump():
+    from fedtune.evaluation import padded_batches
+
+    assert padded_batches([10, 10, 11, 300, 300], max_rows=16, overhead=64) == [slice(0, 3), slice(3, 5)]
+    assert len(padded_batches([10] * 5, max_rows=2, overhead=64)) == 3  # equal lengths: full batches
