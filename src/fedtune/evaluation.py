@@ -25,7 +25,7 @@ from rouge_score import rouge_scorer
 from sklearn.metrics import f1_score, matthews_corrcoef
 
 from fedtune.errors import FedtuneError
-from fedtune.models.base import body_and_head
+from fedtune.models.base import body_and_head, continue_prefix, prefix_cache
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -158,8 +158,7 @@ def _final_hidden(model, seqs: list[list[int]], pad_id: int, batch_size: int, li
         members.setdefault(g, []).append(i)
     for group in members.values():
         p = _shared_prefix([seqs[i] for i in group], min(limits[i] for i in group)) if len(group) > 1 else 0
-        prefix = (body(input_ids=torch.tensor([seqs[group[0]][:p]], device=device), use_cache=True).past_key_values
-                  if p else None)
+        prefix = prefix_cache(body, torch.tensor([seqs[group[0]][:p]], device=device)) if p else None
         order = [group[j] for j in np.argsort([len(seqs[i]) for i in group], kind="stable")]
         for cut in padded_batches([len(seqs[i]) - p for i in order], batch_size):
             idx = order[cut]
@@ -167,11 +166,8 @@ def _final_hidden(model, seqs: list[list[int]], pad_id: int, batch_size: int, li
             if prefix is None:
                 hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             else:
-                past = copy.deepcopy(prefix)
-                past.batch_repeat_interleave(len(idx))
                 full_mask = torch.cat([mask.new_ones(len(idx), p), mask], dim=1)
-                hidden = body(input_ids=ids, attention_mask=full_mask, past_key_values=past,
-                              use_cache=True).last_hidden_state
+                hidden = continue_prefix(body, copy.deepcopy(prefix), ids, full_mask)
             yield idx, ids, mask, hidden, head, p
 
 

@@ -21,7 +21,7 @@ import torch
 from fedtune.config import TrainConfig
 from fedtune.data.templates import Template
 from fedtune.errors import FedtuneError
-from fedtune.models.base import body_and_head
+from fedtune.models.base import body_and_head, continue_prefix, prefix_cache
 
 GROUP = 50
 """Batches per length-sorting group."""
@@ -216,9 +216,7 @@ def causal_lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     scored = targets != IGNORE
     p = _shared_prefix_length(ids, mask, scored)
     if p > 0 and len(ids) > 1:
-        past = body(input_ids=ids[:1, :p], use_cache=True).past_key_values
-        past.batch_repeat_interleave(len(ids))
-        hidden = body(input_ids=ids[:, p:], attention_mask=mask, past_key_values=past, use_cache=True).last_hidden_state
+        hidden = continue_prefix(body, prefix_cache(body, ids[:1, :p]), ids[:, p:], mask)
         scored_hidden = hidden[:, :-1][scored[:, p:]]
     else:
         hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state

@@ -159,3 +159,18 @@ def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mod
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+
+
+def prefix_cache(body: torch.nn.Module, prefix_ids: torch.Tensor):
+    """The key/value cache of one prefix, ``prefix_ids`` of shape (1, p), for a batch of continuations to share."""
+    return body(input_ids=prefix_ids, use_cache=True).past_key_values
+
+
+def continue_prefix(body: torch.nn.Module, past, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states of ``ids`` (batch × t), each row continuing the one-row cached prefix ``past``.
+
+    ``past`` is repeated over the batch in place (pass a copy to reuse it); ``mask`` covers prefix and
+    continuation. Gradients flow back through the prefix when it was computed with them.
+    """
+    past.batch_repeat_interleave(len(ids))
+    return body(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True).last_hidden_state
