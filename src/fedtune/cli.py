@@ -174,7 +174,7 @@ def eval_mmlu(
     t0 = time.perf_counter()
     lm, tok = load_causal_lm(ModelConfig(name=model))
     if adapter is not None:
-        lm = load_adapter(lm, adapter)
+        lm = load_adapter(lm, adapter).merge_and_unload()  # W + s·BA once: the same model at the base model's cost
     result = evaluate_mmlu(lm, tok, shots=shots, subset=subset, seed=seed, batch_size=batch_size)
     seconds = time.perf_counter() - t0
     table = Table(title=f"MMLU {shots}-shot · {model}" + (f" + {adapter}" if adapter else "")
