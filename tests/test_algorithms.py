@@ -141,3 +141,16 @@ def test_fedadam_over_one_sgd_step_is_adam_on_the_union_batch():
     adam.step()
     for n, p in model.named_parameters():
         assert torch.allclose(state.global_tensors[n], p.detach(), atol=1e-6)
+
+
+def test_server_step_size_schedules():
+    cos = build_algorithm("fedadam", {"schedule": "cosine", "min_lr_ratio": 0.1}, rounds=5)
+    assert [round(cos.schedule_factor(r), 6) for r in (1, 3, 5)] == [1.0, 0.55, 0.1]
+    cool = build_algorithm("fedavgm", {"schedule": "cooldown", "cooldown_fraction": 0.5, "min_lr_ratio": 0.0}, rounds=5)
+    assert [cool.schedule_factor(r) for r in range(1, 6)] == [1.0, 1.0, 1.0, 0.5, 0.0]
+    # the step applied is η_r times the optimiser's direction
+    state = _round(cool, ServerState(3, {"w": torch.zeros(1)}, extra={"server_opt/step": torch.tensor(3)}),
+                   torch.ones(1))
+    assert torch.allclose(state.global_tensors["w"], torch.tensor([0.5])) and state.metrics["server_lr"] == 0.5
+    with pytest.raises(FedtuneError, match="needs the run's number of rounds"):
+        build_algorithm("fedadam", {"schedule": "cosine"}).schedule_factor(1)

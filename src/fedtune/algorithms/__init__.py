@@ -17,10 +17,11 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
 }
 
 
-def build_algorithm(name: str, options: dict[str, Any] | None = None, lora: LoraSetup | None = None) -> Algorithm:
+def build_algorithm(name: str, options: dict[str, Any] | None = None, lora: LoraSetup | None = None,
+                    rounds: int | None = None) -> Algorithm:
     if name not in ALGORITHMS:
         raise FedtuneError(f"unknown algorithm '{name}'; choose one of: {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[name](options, lora)
+    return ALGORITHMS[name](options, lora, rounds)
 
 
 __all__ = [

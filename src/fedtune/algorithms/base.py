@@ -120,8 +120,11 @@ class Algorithm(ABC):
     uses_base_weights: ClassVar[bool] = False
     """The global model holds ``merged/`` updates of the base weights, so clients reset them each round."""
 
-    def __init__(self, options: dict[str, Any] | None = None, lora: LoraSetup | None = None):
+    def __init__(self, options: dict[str, Any] | None = None, lora: LoraSetup | None = None,
+                 rounds: int | None = None):
         self.lora = lora or LoraSetup()
+        self.rounds = rounds
+        """The run's ``federation.rounds``, for server-side schedules (None outside a run)."""
         try:
             self.options = self.Options.model_validate(options or {})
         except ValidationError as e:

@@ -14,7 +14,10 @@ size, zero-padded under heterogeneous ranks) defines the pseudo-gradient
     FedAdagrad  m as Adam,              v ← v + Δ²
                 x ← x + η m̂ / (√v̂ + τ)
 
-m and v start at 0; m̂ = m / (1 − β₁ᵗ) and, for Adam and Yogi, v̂ = v / (1 − β₂ᵗ)
+The step size η_r of round r follows ``schedule``: ``constant``; ``cosine``
+from η to ``min_lr_ratio``·η at the last round; or ``cooldown``: constant,
+then over the last ``cooldown_fraction`` of the rounds linearly down to
+``min_lr_ratio``·η. m and v start at 0; m̂ = m / (1 − β₁ᵗ) and, for Adam and Yogi, v̂ = v / (1 − β₂ᵗ)
 at server step t (Adam's bias correction, which Reddi et al. omit; it only
 changes the first rounds). FedAvgM with β = 0, η = 1 is FedIT. With one local
 step of ``train.optimizer: sgd`` (lr 1), Δ is minus the round's union-batch
@@ -24,6 +27,7 @@ state (``extra``), so they are checkpointed and resumed with the run.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from typing import ClassVar, Literal
 
@@ -33,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedtune.aggregation import Tensors
 from fedtune.algorithms.base import ClientUpdate, ServerState
 from fedtune.algorithms.fedit import FedIT
+from fedtune.errors import FedtuneError
 
 STEP = "server_opt/step"
 
@@ -41,16 +46,23 @@ def _moment(kind: str, name: str) -> str:
     return f"server_opt/{kind}/{name}"
 
 
-class FedAvgMOptions(BaseModel):
+class _Schedule(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    schedule: Literal["constant", "cosine", "cooldown"] = "constant"
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Where ``cosine`` and ``cooldown`` end, as a fraction of ``server_lr``."""
+    cooldown_fraction: float = Field(default=0.2, gt=0, le=1)
+    """``cooldown``: the last fraction of the rounds, over which η decays linearly."""
+
+
+class FedAvgMOptions(_Schedule):
     server_lr: float = Field(default=1.0, gt=0)
     """η: the step along the momentum (1 with momentum 0 is FedIT)."""
     momentum: float = Field(default=0.9, ge=0, lt=1)
     """β: server momentum."""
 
 
-class AdagradOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AdagradOptions(_Schedule):
     server_lr: float = Field(default=1e-2, gt=0)
     """η: the server step size (each coordinate moves about η per round)."""
     beta1: float = Field(default=0.9, ge=0, lt=1)
@@ -71,15 +83,29 @@ class _ServerOptimizer(FedIT):
         extra = dict(state.extra)
         t = int(extra.get(STEP, torch.tensor(0)).item()) + 1
         extra[STEP] = torch.tensor(t)
+        eta = self.options.server_lr * self.schedule_factor(rnd)
         new = {}
         for name, mean in average.items():
             delta = mean.float() - x[name].float()
-            new[name] = (x[name].float() + self.step(name, delta, extra, t)).to(mean.dtype)
-        return ServerState(round=rnd, global_tensors=new, extra=extra)
+            new[name] = (x[name].float() + eta * self.direction(name, delta, extra, t)).to(mean.dtype)
+        return ServerState(round=rnd, global_tensors=new, extra=extra, metrics={"server_lr": eta})
+
+    def schedule_factor(self, rnd: int) -> float:
+        """η_r / η for round ``rnd`` (1-based) of ``self.rounds``."""
+        o = self.options
+        if o.schedule == "constant":
+            return 1.0
+        if self.rounds is None:
+            raise FedtuneError(f"algorithm '{self.name}' with schedule '{o.schedule}' needs the run's number of rounds")
+        progress = (rnd - 1) / max(self.rounds - 1, 1)
+        if o.schedule == "cosine":
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        start = 1 - o.cooldown_fraction
+        return 1.0 if progress <= start else 1 - (1 - o.min_lr_ratio) * (progress - start) / o.cooldown_fraction
 
     @abstractmethod
-    def step(self, name: str, delta: torch.Tensor, extra: Tensors, t: int) -> torch.Tensor:
-        """The change applied to tensor ``name`` at server step t; updates its moments in ``extra``."""
+    def direction(self, name: str, delta: torch.Tensor, extra: Tensors, t: int) -> torch.Tensor:
+        """The change applied to tensor ``name`` at server step t, per unit of η; updates its moments in ``extra``."""
 
 
 class FedAvgM(_ServerOptimizer):
@@ -87,17 +113,16 @@ class FedAvgM(_ServerOptimizer):
     summary = "FedIT average as a pseudo-gradient, applied with server momentum (Hsu et al. 2019)"
     Options = FedAvgMOptions
 
-    def step(self, name, delta, extra, t):
-        o = self.options
-        v = o.momentum * extra.get(_moment("v", name), torch.zeros_like(delta)) + delta
+    def direction(self, name, delta, extra, t):
+        v = self.options.momentum * extra.get(_moment("v", name), torch.zeros_like(delta)) + delta
         extra[_moment("v", name)] = v
-        return o.server_lr * v
+        return v
 
 
 class _Adaptive(_ServerOptimizer):
     second_moment: ClassVar[Literal["adam", "yogi", "adagrad"]]
 
-    def step(self, name, delta, extra, t):
+    def direction(self, name, delta, extra, t):
         o = self.options
         m = o.beta1 * extra.get(_moment("m", name), torch.zeros_like(delta)) + (1 - o.beta1) * delta
         v = extra.get(_moment("v", name), torch.zeros_like(delta))
@@ -111,7 +136,7 @@ class _Adaptive(_ServerOptimizer):
         extra[_moment("m", name)], extra[_moment("v", name)] = m, v
         m_hat = m / (1 - o.beta1**t) if o.beta1 > 0 else m
         v_hat = v if self.second_moment == "adagrad" else v / (1 - o.beta2**t)
-        return o.server_lr * m_hat / (v_hat.sqrt() + o.tau)
+        return m_hat / (v_hat.sqrt() + o.tau)
 
 
 class FedAdam(_Adaptive):
