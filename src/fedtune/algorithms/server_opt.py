@@ -14,15 +14,19 @@ size, zero-padded under heterogeneous ranks) defines the pseudo-gradient
     FedAdagrad  m as Adam,              v ← v + Δ²
                 x ← x + η m̂ / (√v̂ + τ)
 
-The step size η_r of round r follows ``schedule``: ``constant``; ``cosine``
-from η to ``min_lr_ratio``·η at the last round; or ``cooldown``: constant,
-then over the last ``cooldown_fraction`` of the rounds linearly down to
-``min_lr_ratio``·η. m and v start at 0; m̂ = m / (1 − β₁ᵗ) and, for Adam and Yogi, v̂ = v / (1 − β₂ᵗ)
+m and v start at 0; m̂ = m / (1 − β₁ᵗ) and, for Adam and Yogi, v̂ = v / (1 − β₂ᵗ)
 at server step t (Adam's bias correction, which Reddi et al. omit; it only
 changes the first rounds). FedAvgM with β = 0, η = 1 is FedIT. With one local
 step of ``train.optimizer: sgd`` (lr 1), Δ is minus the round's union-batch
 gradient, and FedAdam is Adam on that batch. The moments live in the server
 state (``extra``), so they are checkpointed and resumed with the run.
+
+The step size η_r of round r follows ``schedule``: ``constant``; ``cosine``
+from η to ``min_lr_ratio``·η at the last round; or ``cooldown``: constant,
+then over the last ``cooldown_fraction`` of the rounds linearly down to
+``min_lr_ratio``·η. Schedule η here rather than the clients' lr: under the
+adaptive optimisers a client lr schedule rescales Δ over time, which v turns
+into a step-size change of its own (about lr_r / RMS of the past lrs).
 """
 
 from __future__ import annotations
