@@ -5,6 +5,7 @@ import torch
 
 from fedtune.aggregation import tensor_bytes, weighted_mean
 from fedtune.algorithms import ALGORITHMS, ClientUpdate, ServerState, build_algorithm
+from fedtune.config import TrainConfig
 from fedtune.errors import FedtuneError
 
 
@@ -154,3 +155,12 @@ def test_server_step_size_schedules():
     assert torch.allclose(state.global_tensors["w"], torch.tensor([0.5])) and state.metrics["server_lr"] == 0.5
     with pytest.raises(FedtuneError, match="needs the run's number of rounds"):
         build_algorithm("fedadam", {"schedule": "cosine"}).schedule_factor(1)
+
+
+def test_adaptive_server_optimisers_advise_against_a_client_lr_schedule():
+    cosine = TrainConfig(optimizer="sgd", lr=1.0, lr_schedule="cosine")
+    for name in ("fedadam", "fedyogi", "fedadagrad"):
+        (line,) = build_algorithm(name).advice(cosine)
+        assert name in line and "algorithm.options.schedule" in line
+        assert build_algorithm(name).advice(TrainConfig(optimizer="sgd", lr=1.0)) == []
+    assert build_algorithm("fedavgm").advice(cosine) == [] and build_algorithm("fedit").advice(cosine) == []

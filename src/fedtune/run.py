@@ -144,6 +144,8 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
     console.print(summary_table(exp.partition))
     if exp.task.skipped_rows:
         console.print(f"[yellow]skipped {exp.task.skipped_rows} malformed rows (data.on_malformed=skip)")
+    for line in exp.algorithm.advice(cfg.train):
+        console.print(f"[yellow]note: {line}")
 
     def federate(pool: ClientPool):
         start = None

@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fedtune.aggregation import Tensors
+from fedtune.config import TrainConfig
 from fedtune.errors import FedtuneError
 from fedtune.models.lora import fit_lora_rank, load_state, trainable_state
 
@@ -133,6 +134,10 @@ class Algorithm(ABC):
             raise FedtuneError(
                 f"invalid algorithm.options for '{self.name}': {problems} (valid options: {valid})"
             ) from None
+
+    def advice(self, train: TrainConfig) -> list[str]:
+        """Lines to show before a run: valid combinations with the clients' ``train`` config that are rarely meant."""
+        return []
 
     # ------------------------------------------------------------------ server side
     def init(self, initial: Tensors) -> ServerState:

@@ -126,6 +126,13 @@ class FedAvgM(_ServerOptimizer):
 class _Adaptive(_ServerOptimizer):
     second_moment: ClassVar[Literal["adam", "yogi", "adagrad"]]
 
+    def advice(self, train):
+        if train.lr_schedule == "constant":
+            return []
+        return [f"train.lr_schedule: {train.lr_schedule} under {self.name} shrinks Δ over the rounds, which v turns "
+                f"into a server step of about lr_r / RMS(past lr); to decay the step, set "
+                f"algorithm.options.schedule instead"]
+
     def direction(self, name, delta, extra, t):
         o = self.options
         m = o.beta1 * extra.get(_moment("m", name), torch.zeros_like(delta)) + (1 - o.beta1) * delta
