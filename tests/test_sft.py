@@ -15,6 +15,7 @@ from fedtune.data.sources import data_roots
 from fedtune.data.templates import Template
 from fedtune.errors import FedtuneError
 from fedtune.evaluation import choice_losses, choice_metrics, generate_greedy, response_nll, rouge_l
+from fedtune.models.packed import packed_linears, packing_available
 from fedtune.training import IGNORE, causal_lm_forward, encode_instructions
 
 
@@ -197,6 +198,26 @@ def test_a_shared_prompt_prefix_runs_once_and_scores_the_same(tiny, multi_token)
     for g in (groups, None):
         for got, w in zip(choice_losses(model, prompts, choices, pad_id=0, batch_size=2, groups=g), want):
             assert got == pytest.approx(w, abs=1e-5)
+
+
+@pytest.mark.skipif(not packing_available(), reason="this PyTorch build has no oneDNN")
+def test_packed_linears_compute_the_same_outputs_and_give_the_layers_back(tiny):
+    """Scoring runs the linear layers on packed weights: same hidden states, and only inside the block."""
+    model, _ = tiny
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        want = model(ids).logits
+    with packed_linears(model):
+        assert all("forward" in m.__dict__ for m in linears)
+        with torch.no_grad():
+            got = model(ids).logits
+        trained = model(ids).logits  # with gradients: the layers' own forward, so backward works
+        trained.sum().backward()
+    assert all("forward" not in m.__dict__ for m in linears)
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(trained, want, atol=1e-6)
+    assert all(m.weight.grad is not None for m in linears)
+    model.zero_grad(set_to_none=True)
 
 
 def test_response_perplexity_counts_response_tokens_only(tiny):

@@ -26,6 +26,7 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 
 from fedtune.errors import FedtuneError
 from fedtune.models.base import body_and_head, continue_prefix, prefix_cache
+from fedtune.models.packed import packed_linears
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -148,6 +149,7 @@ def _final_hidden(model, seqs: list[list[int]], pad_id: int, batch_size: int, li
     longest common prefix, capped at ``min(limits)`` of the group: it runs once,
     and its key/value cache is repeated for every batch, so only the suffixes are
     computed per sequence (a chat template's system turn, MMLU's header and shots).
+    The body's linear layers run with packed weights (:mod:`fedtune.models.packed`).
     Yields (indices into ``seqs``, suffix ids, suffix mask, suffix hidden states,
     output head, prefix length).
     """
@@ -156,19 +158,20 @@ def _final_hidden(model, seqs: list[list[int]], pad_id: int, batch_size: int, li
     members: dict = {}
     for i, g in enumerate(groups if groups is not None else [0] * len(seqs)):
         members.setdefault(g, []).append(i)
-    for group in members.values():
-        p = _shared_prefix([seqs[i] for i in group], min(limits[i] for i in group)) if len(group) > 1 else 0
-        prefix = prefix_cache(body, torch.tensor([seqs[group[0]][:p]], device=device)) if p else None
-        order = [group[j] for j in np.argsort([len(seqs[i]) for i in group], kind="stable")]
-        for cut in padded_batches([len(seqs[i]) - p for i in order], batch_size):
-            idx = order[cut]
-            ids, mask = _right_padded([seqs[i][p:] for i in idx], pad_id, device)
-            if prefix is None:
-                hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            else:
-                full_mask = torch.cat([mask.new_ones(len(idx), p), mask], dim=1)
-                hidden = continue_prefix(body, copy.deepcopy(prefix), ids, full_mask)
-            yield idx, ids, mask, hidden, head, p
+    with packed_linears(body):
+        for group in members.values():
+            p = _shared_prefix([seqs[i] for i in group], min(limits[i] for i in group)) if len(group) > 1 else 0
+            prefix = prefix_cache(body, torch.tensor([seqs[group[0]][:p]], device=device)) if p else None
+            order = [group[j] for j in np.argsort([len(seqs[i]) for i in group], kind="stable")]
+            for cut in padded_batches([len(seqs[i]) - p for i in order], batch_size):
+                idx = order[cut]
+                ids, mask = _right_padded([seqs[i][p:] for i in idx], pad_id, device)
+                if prefix is None:
+                    hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                else:
+                    full_mask = torch.cat([mask.new_ones(len(idx), p), mask], dim=1)
+                    hidden = continue_prefix(body, copy.deepcopy(prefix), ids, full_mask)
+                yield idx, ids, mask, hidden, head, p
 
 
 def _target_logprobs(model, seqs: list[list[int]], spans: list[tuple[int, int]], pad_id: int, batch_size: int,
