@@ -328,7 +328,7 @@ def test_sft_config_errors_are_one_line(tmp_path, tiny_llama_dir, tiny_alpaca_da
 
 
 def test_mmlu_prompt_categories_and_subset():
-    from fedtune.mmlu import CATEGORIES, prompt, subset_indices
+    from fedtune.mmlu import CATEGORIES, prompt, question_indices, subset_indices
 
     assert len(CATEGORIES) == 57 and set(CATEGORIES.values()) == {"STEM", "humanities", "social sciences", "other"}
     row = {"question": "2+2?", "A": "3", "B": "4", "C": "5", "D": "6", "label": 1}
@@ -340,6 +340,13 @@ def test_mmlu_prompt_categories_and_subset():
     idx = subset_indices(subjects, 0.1, seed=3)
     assert sum(subjects[i] == "a" for i in idx) == 3 and sum(subjects[i] == "b" for i in idx) == 1
     assert (idx == subset_indices(subjects, 0.1, seed=3)).all()
+    # a subject's subset questions do not depend on which other subjects are asked
+    subjects = ["a"] * 25 + ["b"] * 7 + ["c"] * 40
+    full = question_indices(subjects, True, None, seed=3)
+    assert (full == subset_indices(subjects, 0.1, seed=3)).all()
+    for only in (["b"], ["c"], ["a", "c"]):
+        assert (question_indices(subjects, True, only, seed=3) == [i for i in full if subjects[i] in only]).all()
+    assert (question_indices(subjects, False, ["b"], seed=3) == np.arange(25, 32)).all()
 
 
 @pytest.mark.skipif(not _have("mmlu"), reason="MMLU not found: set FEDTUNE_DATA or provide ../shared/data")

@@ -78,6 +78,19 @@ def subset_indices(subjects: list[str], fraction: float, seed: int) -> np.ndarra
     return np.sort(np.concatenate(keep))
 
 
+def question_indices(row_subjects: list[str], subset: bool, subjects: list[str] | None, seed: int) -> np.ndarray:
+    """The test rows to ask: all, or the seeded subset; then only those of ``subjects`` (None: all).
+
+    The subset is drawn over every subject before the filter, so a subject gets the same questions
+    whichever other subjects are asked with it.
+    """
+    idx = subset_indices(row_subjects, 0.1, seed) if subset else np.arange(len(row_subjects))
+    if subjects is not None:
+        keep = set(subjects)
+        idx = idx[[row_subjects[i] in keep for i in idx]]
+    return idx
+
+
 @dataclass
 class MMLUResult:
     subjects: dict[str, float]
@@ -109,11 +122,7 @@ def evaluate_mmlu(model: torch.nn.Module, tokenizer, shots: int = 0, subset: boo
     test = data.train.to_dict()
     dev = data.eval.to_dict()
     rows = [{k: test[k][i] for k in test} for i in range(len(data.train))]
-    idx = np.arange(len(rows))
-    if subjects is not None:
-        idx = np.array([i for i in idx if rows[i]["subject"] in set(subjects)], dtype=np.int64)
-    if subset:
-        idx = idx[subset_indices([rows[i]["subject"] for i in idx], 0.1, seed)]
+    idx = question_indices([r["subject"] for r in rows], subset, subjects, seed)
     dev_rows: dict[str, list[dict]] = {}
     for i in range(len(data.eval)):
         dev_rows.setdefault(dev["subject"][i], []).append({k: dev[k][i] for k in dev})
