@@ -242,6 +242,19 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny):
     assert any(batched)
 
 
+def test_generation_on_packed_weights_equals_the_models_own_greedy_decoding(tiny):
+    model, tok = tiny
+    prompts = [tok(t).input_ids for t in ["the film", "a very long and quite dull story about a plot", "good"]]
+    ours = generate_greedy(model, tok, prompts, max_new_tokens=8, batch_size=2)
+    for p, text in zip(prompts, ours):
+        out = model.generate(input_ids=torch.tensor([p]), max_new_tokens=8, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, len(p):].tolist()
+        if tok.eos_token_id in out:
+            out = out[: out.index(tok.eos_token_id)]
+        assert text == tok.decode(out, skip_special_tokens=True).strip()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
 def test_rouge_l_against_hand_computed_values():
     # LCS("the cat sat on the mat", "the cat is on the mat") = the cat on the mat: 5 of 6 words each way
     assert rouge_l(["the cat sat on the mat"], ["the cat is on the mat"]) == pytest.approx(5 / 6)

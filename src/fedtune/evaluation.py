@@ -271,7 +271,10 @@ def perplexity_metrics(nll_sum: float, tokens: int, n: int) -> dict[str, float]:
 @torch.no_grad()
 def generate_greedy(model: torch.nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,
                     batch_size: int = 16) -> list[str]:
-    """Greedy continuations of token-id prompts, batched with left padding; decoded up to EOS."""
+    """Greedy continuations of token-id prompts, batched with left padding; decoded up to EOS.
+
+    Decoding runs the linear layers (output head included) on packed weights (:mod:`fedtune.models.packed`).
+    """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     texts: list[str] = [""] * len(prompts)
@@ -279,18 +282,20 @@ def generate_greedy(model: torch.nn.Module, tokenizer, prompts: list[list[int]],
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
-            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-            for row, i in enumerate(idx):
-                new = out[row, width:].tolist()
-                if tokenizer.eos_token_id in new:
-                    new = new[: new.index(tokenizer.eos_token_id)]
-                texts[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+        with packed_linears(model):
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                width = max(len(prompts[i]) for i in idx)
+                ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
+                mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx],
+                                    device=device)
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                for row, i in enumerate(idx):
+                    new = out[row, width:].tolist()
+                    if tokenizer.eos_token_id in new:
+                        new = new[: new.index(tokenizer.eos_token_id)]
+                    texts[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
     finally:
         model.train(was_training)
     return texts

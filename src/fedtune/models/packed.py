@@ -6,7 +6,8 @@ each weight once per evaluation and calling oneDNN's linear on the packed copy
 (the kernels ``torch.compile``'s freezing pass selects, without its minutes of
 compilation) scored MMLU 11% faster on the 2-core reference machine
 (SmolLM2-135M, half of the 0-shot subset's subjects, run interleaved with the
-plain layers: 433 s → 385 s, the same answers).
+plain layers: 433 s → 385 s, the same answers), and greedy decoding 30% faster
+(32 prompts × 48 new tokens, batches of 16: 24.8 s → 17.1 s, the same texts).
 
 Only gradient-free fp32 CPU calls take the packed path (its outputs match the
 layer's own up to float rounding); anything else (a training step, another
