@@ -122,3 +122,27 @@ def test_stopped_inprocess_run_resumes_on_flower_simulation(tmp_path, tiny_model
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     assert "wire_bytes_up" in rows[3] and "wire_bytes_up" not in rows[2]  # rounds 3-4 went over Flower
     assert rows[-1]["cum_bytes_up"] == load_run(full.run_dir).rows[-1]["cum_bytes_up"]
+
+
+def test_per_client_state_of_an_inprocess_checkpoint_is_never_dropped_on_flower(
+        tmp_path, tiny_model_dir, tiny_tsv_dataset, monkeypatch):
+    """LocalOnly's adapters live in the in-process checkpoint; Flower's nodes cannot take them: refused, not lost."""
+    import fedtune.runtime.inprocess as inprocess
+
+    cut = _four_rounds(tmp_path, tiny_model_dir, tiny_tsv_dataset, "cut", algorithm={"name": "local"},
+                       partition__client_test_fraction=0.25)
+    real = inprocess.client_round
+
+    def stop_at_round_2(exp, cid, rnd, *args, **kw):
+        if rnd >= 2:
+            raise Stop
+        return real(exp, cid, rnd, *args, **kw)
+
+    monkeypatch.setattr(inprocess, "client_round", stop_at_round_2)
+    with pytest.raises(Stop):
+        execute(cut)
+    monkeypatch.undo()
+    with pytest.raises(FedtuneError, match=r"per-client state of clients \[0, 1, 2\].*--runtime inprocess"):
+        execute(cut, runtime="flower", resume=True)
+    execute(cut, resume=True)  # the checkpoint is intact
+    assert [r["round"] for r in load_run(cut.run_dir).rows] == [0, 1, 2, 3, 4]

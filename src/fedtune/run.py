@@ -151,22 +151,15 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
         start = None
         if ckpt is not None:
             start = (ckpt.state, ckpt.row)
-            if ckpt.client_states is not None and hasattr(pool, "client_states"):
-                pool.client_states.update(ckpt.client_states)
+            if ckpt.client_states is not None:
+                pool.restore_client_states(ckpt.client_states)
 
         def on_state(state, row):
-            states = getattr(pool, "client_states", None)
-            on_nodes = sorted(getattr(pool, "stateful_clients", ()))
-            save_checkpoint(cfg.run_dir, Checkpoint(state, row, runtime, states, on_nodes))
+            save_checkpoint(cfg.run_dir, Checkpoint(state, row, runtime, pool.held_client_states(),
+                                                    pool.clients_with_state_on_nodes()))
 
         state, last = run_rounds(exp, pool, log, hooks, start=start, on_state=on_state)
-        if hasattr(pool, "client_states"):
-            client_states = pool.client_states
-        elif exp.algorithm.personalized:
-            client_states = pool.fetch_client_states()
-        else:
-            client_states = {}
-        return state, last, client_states
+        return state, last, pool.final_client_states() if exp.algorithm.personalized else {}
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=console.quiet) as progress:

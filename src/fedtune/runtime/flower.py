@@ -304,8 +304,20 @@ class FlowerPool:
             out[cid] = dict(reply.content["metrics"])
         return out
 
-    def fetch_client_states(self) -> dict[int, Tensors]:
-        """Every client's persistent tensors, read from its node (for saving personalised adapters)."""
+    def held_client_states(self) -> None:
+        return None  # each node keeps its client's state
+
+    def restore_client_states(self, states: dict[int, Tensors]) -> None:
+        held = sorted(cid for cid, s in states.items() if s)
+        if held:
+            raise FedtuneError(f"this checkpoint holds the per-client state of clients {held}, which the Flower "
+                               "runtime cannot hand to its nodes; resume it with --runtime inprocess")
+
+    def clients_with_state_on_nodes(self) -> list[int]:
+        return sorted(self.stateful_clients)
+
+    def final_client_states(self) -> dict[int, Tensors]:
+        """Every client's persistent tensors, read from its node."""
         cids = sorted(self.node_of)
         msgs = [Message(RecordDict({"fedtune": _config_record({"action": "state"})}), dst_node_id=self.node_of[cid],
                         message_type="query") for cid in cids]

@@ -30,6 +30,7 @@ class InProcessPool:
         self.on_step = on_step
         self.client_states: dict[int, Tensors] = {cid: {} for cid in range(exp.num_clients)}
         self.failures: dict[int, str] = {}
+        self.round_bytes = None  # nothing crosses a wire
 
     def train(self, rnd: int, payloads: dict[int, Payload], lr: float) -> list[ClientUpdate]:
         updates, self.failures = [], {}
@@ -48,3 +49,15 @@ class InProcessPool:
             for cid in range(self.exp.num_clients)
             if len(self.exp.client_tests[cid])
         }
+
+    def held_client_states(self) -> dict[int, Tensors]:
+        return self.client_states
+
+    def restore_client_states(self, states: dict[int, Tensors]) -> None:
+        self.client_states.update(states)
+
+    def clients_with_state_on_nodes(self) -> list[int]:
+        return []
+
+    def final_client_states(self) -> dict[int, Tensors]:
+        return self.client_states

@@ -29,7 +29,14 @@ logger = logging.getLogger("fedtune.server")
 
 
 class ClientPool(Protocol):
-    """How a runtime reaches its clients."""
+    """How a runtime reaches its clients, and where their persistent state (:meth:`Algorithm.client_round`'s
+    ``state``: control variates, personal adapters) lives."""
+
+    failures: dict[int, str]
+    """{client id: reason} for the clients of the last :meth:`train` that sent no update."""
+    round_bytes: tuple[int, int, int, int] | None
+    """(bytes_up, bytes_down, wire_bytes_up, wire_bytes_down) measured on the wire by the last :meth:`train`;
+    None where nothing crossed a wire (the loop counts the tensors' bytes)."""
 
     def train(self, rnd: int, payloads: dict[int, Payload], lr: float) -> list[ClientUpdate]:
         """Deliver each payload, train, and return the updates that arrived."""
@@ -37,9 +44,17 @@ class ClientPool(Protocol):
     def evaluate(self, state: ServerState) -> dict[int, dict[str, float]]:
         """Each client's metrics on its own test shard."""
 
-    # Optional, read by run_rounds when present:
-    #   round_bytes: (bytes_up, bytes_down, wire_bytes_up, wire_bytes_down) measured on the wire by the last train()
-    #   failures: {client id: reason} for the sampled clients of the last train() that sent no update
+    def held_client_states(self) -> dict[int, Tensors] | None:
+        """Every client's state, where this process holds it (for checkpoints); None where the clients do."""
+
+    def restore_client_states(self, states: dict[int, Tensors]) -> None:
+        """Resume from the states a checkpoint took from :meth:`held_client_states`."""
+
+    def clients_with_state_on_nodes(self) -> list[int]:
+        """Clients whose non-empty state lives only where they run, out of a checkpoint's reach."""
+
+    def final_client_states(self) -> dict[int, Tensors]:
+        """Every client's state after the last round (personalised adapters are saved from it)."""
 
 
 def sample_clients(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
@@ -133,7 +148,7 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         received = pool.train(rnd, payloads, lr)
         bytes_up = sum(tensor_bytes(u.tensors) for u in received)
         wire = {}
-        if getattr(pool, "round_bytes", None) is not None:  # measured on the wire by the runtime
+        if pool.round_bytes is not None:  # measured on the wire by the runtime
             bytes_up, bytes_down, wire_up, wire_down = pool.round_bytes
             wire = {"wire_bytes_up": wire_up, "wire_bytes_down": wire_down}
         updates = [u for u in received if finite(u)]
@@ -142,8 +157,7 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         if rejected:
             logger.warning("round %d: rejected non-finite updates of clients %s", rnd, rejected)
         if len(updates) < min_clients:
-            failures = getattr(pool, "failures", None) or {}
-            why = "; ".join(f"client {c}: {failures[c][-300:]}" for c in missing if c in failures)
+            why = "; ".join(f"client {c}: {pool.failures[c][-300:]}" for c in missing if c in pool.failures)
             raise FedtuneError(
                 f"round {rnd}: only {len(updates)} usable updates from {len(clients)} sampled clients "
                 f"(federation.min_clients_per_round={min_clients}); missing {missing}, rejected as non-finite "
