@@ -21,7 +21,7 @@ def build_algorithm(name: str, options: dict[str, Any] | None = None, lora: Lora
                     rounds: int | None = None) -> Algorithm:
     if name not in ALGORITHMS:
         raise FedtuneError(f"unknown algorithm '{name}'; choose one of: {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[name](options, lora, rounds)
+    return ALGORITHMS[name].create(options, lora, rounds)
 
 
 __all__ = [

@@ -135,6 +135,12 @@ class Algorithm(ABC):
                 f"invalid algorithm.options for '{self.name}': {problems} (valid options: {valid})"
             ) from None
 
+    @classmethod
+    def create(cls, options: dict[str, Any] | None = None, lora: LoraSetup | None = None,
+               rounds: int | None = None) -> Algorithm:
+        """The algorithm for ``options``: this class, or the variant of it that an option selects."""
+        return cls(options, lora, rounds)
+
     def advice(self, train: TrainConfig) -> list[str]:
         """Lines to show before a run: valid combinations with the clients' ``train`` config that are rarely meant."""
         return []

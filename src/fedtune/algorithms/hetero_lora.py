@@ -160,81 +160,79 @@ class FLoRISTOptions(BaseModel):
     """``merge``: clients merge the rank-k update and restart LoRA; ``truncate``: clients continue from it at their rank."""
 
 
+def _florist_factors(As: list[torch.Tensor], Bs: list[torch.Tensor], weights: list[float],
+                     tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    A, B, _ = florist(*stack_factors(As, Bs, weights), tau)
+    return A, B
+
+
 class FLoRIST(_MergeEachRound):
+    """FLoRIST, ``merge`` mode; :meth:`create` gives :class:`FLoRISTTruncate` for ``mode: truncate``."""
+
     name = "florist"
     summary = "SVD of the stacked factors via thin SVDs; keep the directions holding τ of the energy"
     Options = FLoRISTOptions
 
+    @classmethod
+    def create(cls, options=None, lora=None, rounds=None) -> Algorithm:
+        algo = cls(options, lora, rounds)
+        return FLoRISTTruncate(options, lora, rounds) if algo.options.mode == "truncate" else algo
+
     def merge_factors(self, As, Bs, weights):
-        A, B, _ = florist(*stack_factors(As, Bs, weights), self.options.tau)
-        return A, B
+        return _florist_factors(As, Bs, weights, self.options.tau)
 
-    # truncate mode: no merging; the global factors are the model, cut to each client's rank
-    def configure(self, rnd, client_ids, state):
-        if self.options.mode == "merge":
-            return super().configure(rnd, client_ids, state)
-        return _send_global_factors(self, client_ids, state)
 
-    def prepare(self, ctx, payload):
-        if self.options.mode == "merge":
-            return super().prepare(ctx, payload)
-        self.load(ctx, payload.tensors)
+class _ContinueFromGlobal(_FactorAggregation):
+    """Clients continue from the round's global factors, cut or zero-padded to their rank; no merging."""
 
-    def update(self, ctx):
-        if self.options.mode == "merge":
-            return super().update(ctx)
-        return Algorithm.update(self, ctx)
+    @abstractmethod
+    def global_factors(self, As: list[torch.Tensor], Bs: list[torch.Tensor],
+                       weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One module's global factors (A, B) from the clients' factors and weights n_i."""
 
-    def aggregate(self, rnd, updates, state):
-        if self.options.mode == "merge":
-            return super().aggregate(rnd, updates, state)
+    def configure(self, rnd: int, client_ids: list[int], state: ServerState) -> dict[int, Payload]:
+        """Each client gets the global factors at its own rank, and the head; before round 1, the initial tensors."""
+        trainable = {k: v for k, v in state.global_tensors.items() if not k.startswith(MERGED)}
+        payloads = {}
+        for cid in client_ids:
+            tensors = dict(trainable)
+            for key in [k for k in state.extra if k.startswith("global/") and k.endswith("/A")]:
+                module = key[len("global/"):-2]
+                a_name, b_name = lora_factor_names(module)
+                tensors[a_name], tensors[b_name] = state.extra[key], state.extra[f"global/{module}/B"]
+            payloads[cid] = Payload(tensors=self.at_client_rank(cid, tensors))
+        return payloads
+
+    def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
+        """The server model W + s·B·A per module (dense, for evaluation) and the factors to send (in ``extra``)."""
         factors, weights, head = self._split(updates)
-        result: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        merged, extra, ranks = {}, {}, []
         for module, (As, Bs) in factors.items():
-            A, B, _ = florist(*stack_factors(As, Bs, weights), self.options.tau)
-            result[module] = (A, B)
-        return _global_from_factors(self, rnd, state, result, head)
+            A, B = self.global_factors(As, Bs, weights)
+            ranks.append(A.shape[0])
+            merged[MERGED + base_weight_name(module)] = (self.lora.scale * (B.double() @ A.double())).float()
+            extra[f"global/{module}/A"], extra[f"global/{module}/B"] = A, B
+        initial = {k: v for k, v in state.global_tensors.items() if not k.startswith(MERGED)}
+        return ServerState(round=rnd, global_tensors={**self._fresh(initial, head), **merged}, extra=extra,
+                           metrics=_rank_metrics(ranks))
 
 
-class FlexLoRA(_FactorAggregation):
+class FLoRISTTruncate(_ContinueFromGlobal):
+    """FLoRIST, ``truncate`` mode: the rank-k global factors are the model, cut to each client's rank."""
+
+    name = FLoRIST.name
+    summary = FLoRIST.summary
+    Options = FLoRISTOptions
+
+    def global_factors(self, As, Bs, weights):
+        return _florist_factors(As, Bs, weights, self.options.tau)
+
+
+class FlexLoRA(_ContinueFromGlobal):
     name = "flexlora"
     summary = "dense Σ p_i B_i A_i, then a truncated SVD to each client's rank"
 
-    def configure(self, rnd, client_ids, state):
-        return _send_global_factors(self, client_ids, state)
-
-    def aggregate(self, rnd, updates, state):
-        factors, weights, head = self._split(updates)
-        r_keep = self.lora.max_rank or max(A.shape[0] for A in next(iter(factors.values()))[0])
-        result = {}
-        for module, (As, Bs) in factors.items():
-            delta = weighted_product_sum(As, Bs, weights)
-            result[module] = dense_svd_factors(delta, min(r_keep, *delta.shape))
-        return _global_from_factors(self, rnd, state, result, head)
-
-
-def _global_from_factors(algo: _FactorAggregation, rnd: int, state: ServerState,
-                         result: dict[str, tuple[torch.Tensor, torch.Tensor]], head: Tensors) -> ServerState:
-    """The server model W + s·B·A per module (dense, for evaluation) and the factors to send (in ``extra``)."""
-    merged, extra = {}, {}
-    for module, (A, B) in result.items():
-        merged[MERGED + base_weight_name(module)] = (algo.lora.scale * (B.double() @ A.double())).float()
-        extra[f"global/{module}/A"], extra[f"global/{module}/B"] = A, B
-    initial = {k: v for k, v in state.global_tensors.items() if not k.startswith(MERGED)}
-    ranks = [A.shape[0] for A, _ in result.values()]
-    return ServerState(round=rnd, global_tensors={**algo._fresh(initial, head), **merged}, extra=extra,
-                       metrics=_rank_metrics(ranks))
-
-
-def _send_global_factors(algo: _FactorAggregation, client_ids: list[int], state: ServerState) -> dict[int, Payload]:
-    """Each client gets the global factors at its own rank, and the head; before round 1, the initial tensors."""
-    trainable = {k: v for k, v in state.global_tensors.items() if not k.startswith(MERGED)}
-    payloads = {}
-    for cid in client_ids:
-        tensors = dict(trainable)
-        for key in [k for k in state.extra if k.startswith("global/") and k.endswith("/A")]:
-            module = key[len("global/"):-2]
-            a_name, b_name = lora_factor_names(module)
-            tensors[a_name], tensors[b_name] = state.extra[key], state.extra[f"global/{module}/B"]
-        payloads[cid] = Payload(tensors=algo.at_client_rank(cid, tensors))
-    return payloads
+    def global_factors(self, As, Bs, weights):
+        delta = weighted_product_sum(As, Bs, weights)
+        r_keep = self.lora.max_rank or max(A.shape[0] for A in As)
+        return dense_svd_factors(delta, min(r_keep, *delta.shape))
