@@ -196,8 +196,12 @@ def test_a_shared_prompt_prefix_runs_once_and_scores_the_same(tiny, multi_token)
     groups = ["a", "a", "a", "b", "b", "c"]
     want = _full_forward_losses(model, prompts, choices)
     for g in (groups, None):
-        for got, w in zip(choice_losses(model, prompts, choices, pad_id=0, batch_size=2, groups=g), want):
-            assert got == pytest.approx(w, abs=1e-5)
+        passes = []
+        got = choice_losses(model, prompts, choices, pad_id=0, batch_size=2, groups=g, progress=passes.append)
+        for x, w in zip(got, want):
+            assert x == pytest.approx(w, abs=1e-5)
+        # progress counts the sequences of each pass: prompts, or prompt + candidate pairs
+        assert sum(passes) == (12 if multi_token else 6) and max(passes) <= 2
 
 
 @pytest.mark.skipif(not packing_available(), reason="this PyTorch build has no oneDNN")
@@ -360,6 +364,19 @@ def test_mmlu_prompt_categories_and_subset():
     for only in (["b"], ["c"], ["a", "c"]):
         assert (question_indices(subjects, True, only, seed=3) == [i for i in full if subjects[i] in only]).all()
     assert (question_indices(subjects, False, ["b"], seed=3) == np.arange(25, 32)).all()
+
+
+@pytest.mark.skipif(not _have("mmlu"), reason="MMLU not found: set FEDTUNE_DATA or provide ../shared/data")
+def test_mmlu_reports_progress_as_questions_are_scored(tiny):
+    from fedtune.mmlu import evaluate_mmlu
+
+    model, tok = tiny
+    seen = []
+    result = evaluate_mmlu(model, tok, subset=True, subjects=["anatomy", "virology"], batch_size=4,
+                           progress=lambda done, total: seen.append((done, total)))
+    assert result.questions == 14 + 17
+    assert [t for _, t in seen] == [result.questions] * len(seen) and seen[-1][0] == result.questions
+    assert all(a < b for (a, _), (b, _) in zip(seen, seen[1:])) and len(seen) > 2
 
 
 @pytest.mark.skipif(not _have("mmlu"), reason="MMLU not found: set FEDTUNE_DATA or provide ../shared/data")

@@ -17,6 +17,7 @@ import click
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from fedtune.errors import FedtuneError
@@ -175,7 +176,11 @@ def eval_mmlu(
     lm, tok = load_causal_lm(ModelConfig(name=model))
     if adapter is not None:
         lm = load_adapter(lm, adapter).merge_and_unload()  # W + s·BA once: the same model at the base model's cost
-    result = evaluate_mmlu(lm, tok, shots=shots, subset=subset, seed=seed, batch_size=batch_size)
+    with Progress(TextColumn("MMLU questions"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("left"), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("mmlu", total=None)
+        result = evaluate_mmlu(lm, tok, shots=shots, subset=subset, seed=seed, batch_size=batch_size,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
     seconds = time.perf_counter() - t0
     table = Table(title=f"MMLU {shots}-shot · {model}" + (f" + {adapter}" if adapter else "")
                   + f" · {result.questions:,} questions", title_justify="left")

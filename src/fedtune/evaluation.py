@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -175,7 +175,7 @@ def _final_hidden(model, seqs: list[list[int]], pad_id: int, batch_size: int, li
 
 
 def _target_logprobs(model, seqs: list[list[int]], spans: list[tuple[int, int]], pad_id: int, batch_size: int,
-                     groups: list | None = None) -> list[torch.Tensor]:
+                     groups: list | None = None, progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """For each sequence s with span (a, b): log p(s_t | s_<t) for t in [a, b), as a float64 tensor.
 
     Only the positions a-1 .. b-2 go through the head.
@@ -190,12 +190,15 @@ def _target_logprobs(model, seqs: list[list[int]], spans: list[tuple[int, int]],
         picked = logp.gather(1, targets[:, None])[:, 0].cpu()
         for i, chunk in zip(idx, picked.split([spans[i][1] - spans[i][0] for i in idx])):
             out[i] = chunk
+        if progress is not None:
+            progress(len(idx))
     return out
 
 
 @torch.no_grad()
 def choice_losses(model: torch.nn.Module, prompts: list[list[int]], choices: list[list[list[int]]], pad_id: int,
-                  batch_size: int = 32, groups: list | None = None) -> list[np.ndarray]:
+                  batch_size: int = 32, groups: list | None = None,
+                  progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
     """The mean token loss of each candidate answer given its prompt (lower is more likely)::
 
         L_ik = −(1 / |c_ik|) Σ_t log p(c_ik,t | prompt_i, c_ik,<t)
@@ -203,6 +206,9 @@ def choice_losses(model: torch.nn.Module, prompts: list[list[int]], choices: lis
     When every candidate is one token, one forward pass of each prompt scores
     all its candidates; otherwise each prompt + candidate is run. Prompts of a
     group (``groups``; default: all prompts) compute their common prefix once.
+    ``progress(k)`` is called after each forward pass with the k sequences it
+    scored: prompts when every candidate is one token, else prompt + candidate
+    pairs (Σ_i |choices_i| in all).
     """
     if not prompts:
         return []
@@ -214,6 +220,8 @@ def choice_losses(model: torch.nn.Module, prompts: list[list[int]], choices: lis
             logp = torch.log_softmax(head(last).double(), dim=-1).cpu()
             for row, i in enumerate(idx):
                 out[i] = -logp[row, [c[0] for c in choices[i]]].numpy()
+            if progress is not None:
+                progress(len(idx))
         return out
     seqs, spans, owner = [], [], []
     for i, (p, cs) in enumerate(zip(prompts, choices)):
@@ -222,7 +230,7 @@ def choice_losses(model: torch.nn.Module, prompts: list[list[int]], choices: lis
             spans.append((len(p), len(p) + len(c)))
             owner.append(i)
     logps = _target_logprobs(model, seqs, spans, pad_id, batch_size,
-                             None if groups is None else [groups[i] for i in owner])
+                             None if groups is None else [groups[i] for i in owner], progress)
     out = [[] for _ in prompts]
     for i, lp in zip(owner, logps):
         out[i].append(-float(lp.mean()))

@@ -16,6 +16,7 @@ as the macro average over the 57 subjects.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,10 +114,12 @@ class MMLUResult:
 
 @torch.no_grad()
 def evaluate_mmlu(model: torch.nn.Module, tokenizer, shots: int = 0, subset: bool = False, seed: int = 0,
-                  batch_size: int = 16, max_length: int = 2048, subjects: list[str] | None = None) -> MMLUResult:
+                  batch_size: int = 16, max_length: int = 2048, subjects: list[str] | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> MMLUResult:
     """Accuracy of a causal LM on the MMLU test split (``subjects``: only those; default all 57).
 
     A k-shot prompt longer than ``max_length`` tokens drops shots, oldest first, until it fits.
+    ``progress(done, total)`` is called as questions are scored.
     """
     data = load_task_data(DataConfig(name="mmlu", train_split="test", eval_split="dev"), seed)
     test = data.train.to_dict()
@@ -139,7 +142,15 @@ def evaluate_mmlu(model: torch.nn.Module, tokenizer, shots: int = 0, subset: boo
             solved = solved[1:]
         prompts.append(ids[-max_length:])
     subj = [rows[i]["subject"] for i in idx]  # a subject's questions share their header and shots: computed once
-    losses = choice_losses(model, prompts, [letters] * len(prompts), tokenizer.pad_token_id, batch_size, groups=subj)
+    done = 0
+
+    def scored(k: int) -> None:
+        nonlocal done
+        done += k
+        progress(done, len(prompts))
+
+    losses = choice_losses(model, prompts, [letters] * len(prompts), tokenizer.pad_token_id, batch_size, groups=subj,
+                           progress=scored if progress is not None else None)
     correct = np.array([int(np.argmin(x)) == rows[i]["label"] for x, i in zip(losses, idx)])
     subj = np.asarray(subj)
     per_subject = {s: float(correct[subj == s].mean()) for s in sorted(set(subj))}
