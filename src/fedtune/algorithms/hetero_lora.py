@@ -68,6 +68,11 @@ class _FactorAggregation(Algorithm):
         rest = [{k: v for k, v in u.tensors.items() if k not in lora_names} for u in updates]
         return factors, weights, weighted_mean(rest, weights) if rest[0] else {}
 
+    @abstractmethod
+    def module_factors(self, As: list[torch.Tensor], Bs: list[torch.Tensor],
+                       weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The round's factors (A, B) of one module from the clients' factors and weights n_i."""
+
     def _fresh(self, initial: Tensors, head: Tensors) -> Tensors:
         """The global trainable tensors when the update lives in the base weights: the initial LoRA (B = 0), the head."""
         lora = {k: initial[k] for m in lora_modules(initial) for k in lora_factor_names(m)}
@@ -75,12 +80,8 @@ class _FactorAggregation(Algorithm):
 
 
 class _MergeEachRound(_FactorAggregation):
-    """Clients merge each round's aggregate s·B·A into their base weights and restart LoRA from the initialisation."""
-
-    @abstractmethod
-    def merge_factors(self, As: list[torch.Tensor], Bs: list[torch.Tensor],
-                      weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The round's merge of one module as factors (A, B) with B·A ≈ Σ p_i B_i A_i."""
+    """Clients merge each round's aggregate s·B·A (:meth:`module_factors`, B·A ≈ Σ p_i B_i A_i) into their
+    base weights and restart LoRA from the initialisation."""
 
     def configure(self, rnd: int, client_ids: list[int], state: ServerState) -> dict[int, Payload]:
         trainable = {k: v for k, v in state.global_tensors.items() if not k.startswith(MERGED)}
@@ -117,7 +118,7 @@ class _MergeEachRound(_FactorAggregation):
         extra = dict(state.extra)
         ranks = []
         for module, (As, Bs) in factors.items():
-            A, B = self.merge_factors(As, Bs, weights)
+            A, B = self.module_factors(As, Bs, weights)
             ranks.append(A.shape[0])
             extra[_history_key(rnd, module, "A")], extra[_history_key(rnd, module, "B")] = A, B
             name = MERGED + base_weight_name(module)
@@ -148,7 +149,7 @@ class FLoRA(_MergeEachRound):
     name = "flora"
     summary = "stack clients' LoRA factors (exact Σ p_i B_i A_i); merge into the base each round"
 
-    def merge_factors(self, As, Bs, weights):
+    def module_factors(self, As, Bs, weights):
         return stack_factors(As, Bs, weights)
 
 
@@ -160,13 +161,17 @@ class FLoRISTOptions(BaseModel):
     """``merge``: clients merge the rank-k update and restart LoRA; ``truncate``: clients continue from it at their rank."""
 
 
-def _florist_factors(As: list[torch.Tensor], Bs: list[torch.Tensor], weights: list[float],
-                     tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    A, B, _ = florist(*stack_factors(As, Bs, weights), tau)
-    return A, B
+class _FloristFactors:
+    """FLoRIST's factors, in either mode: the rank-k SVD of the stacked factors holding τ of the energy."""
+
+    options: FLoRISTOptions
+
+    def module_factors(self, As, Bs, weights):
+        A, B, _ = florist(*stack_factors(As, Bs, weights), self.options.tau)
+        return A, B
 
 
-class FLoRIST(_MergeEachRound):
+class FLoRIST(_FloristFactors, _MergeEachRound):
     """FLoRIST, ``merge`` mode; :meth:`create` gives :class:`FLoRISTTruncate` for ``mode: truncate``."""
 
     name = "florist"
@@ -178,17 +183,10 @@ class FLoRIST(_MergeEachRound):
         algo = cls(options, lora, rounds)
         return FLoRISTTruncate(options, lora, rounds) if algo.options.mode == "truncate" else algo
 
-    def merge_factors(self, As, Bs, weights):
-        return _florist_factors(As, Bs, weights, self.options.tau)
-
 
 class _ContinueFromGlobal(_FactorAggregation):
-    """Clients continue from the round's global factors, cut or zero-padded to their rank; no merging."""
-
-    @abstractmethod
-    def global_factors(self, As: list[torch.Tensor], Bs: list[torch.Tensor],
-                       weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One module's global factors (A, B) from the clients' factors and weights n_i."""
+    """Clients continue from the round's global factors (:meth:`module_factors`), cut or zero-padded to their
+    rank; no merging."""
 
     def configure(self, rnd: int, client_ids: list[int], state: ServerState) -> dict[int, Payload]:
         """Each client gets the global factors at its own rank, and the head; before round 1, the initial tensors."""
@@ -208,7 +206,7 @@ class _ContinueFromGlobal(_FactorAggregation):
         factors, weights, head = self._split(updates)
         merged, extra, ranks = {}, {}, []
         for module, (As, Bs) in factors.items():
-            A, B = self.global_factors(As, Bs, weights)
+            A, B = self.module_factors(As, Bs, weights)
             ranks.append(A.shape[0])
             merged[MERGED + base_weight_name(module)] = (self.lora.scale * (B.double() @ A.double())).float()
             extra[f"global/{module}/A"], extra[f"global/{module}/B"] = A, B
@@ -217,22 +215,19 @@ class _ContinueFromGlobal(_FactorAggregation):
                            metrics=_rank_metrics(ranks))
 
 
-class FLoRISTTruncate(_ContinueFromGlobal):
+class FLoRISTTruncate(_FloristFactors, _ContinueFromGlobal):
     """FLoRIST, ``truncate`` mode: the rank-k global factors are the model, cut to each client's rank."""
 
     name = FLoRIST.name
     summary = FLoRIST.summary
     Options = FLoRISTOptions
 
-    def global_factors(self, As, Bs, weights):
-        return _florist_factors(As, Bs, weights, self.options.tau)
-
 
 class FlexLoRA(_ContinueFromGlobal):
     name = "flexlora"
     summary = "dense Σ p_i B_i A_i, then a truncated SVD to each client's rank"
 
-    def global_factors(self, As, Bs, weights):
+    def module_factors(self, As, Bs, weights):
         delta = weighted_product_sum(As, Bs, weights)
         r_keep = self.lora.max_rank or max(A.shape[0] for A in As)
         return dense_svd_factors(delta, min(r_keep, *delta.shape))
