@@ -29,8 +29,8 @@ logger = logging.getLogger("fedtune.server")
 
 
 class ClientPool(Protocol):
-    """How a runtime reaches its clients, and where their persistent state (:meth:`Algorithm.client_round`'s
-    ``state``: control variates, personal adapters) lives."""
+    """How a runtime reaches its clients, and where their persistent state (:attr:`ClientContext.state
+    <fedtune.algorithms.ClientContext>`: control variates, personal adapters) lives."""
 
     failures: dict[int, str]
     """{client id: reason} for the clients of the last :meth:`train` that sent no update."""
