@@ -186,7 +186,6 @@ class Deployment:
 
 
 def test_tls_superlink_three_supernodes_flwr_run(tmp_path, tiny_model_dir, tiny_tsv_dataset):
-    t0 = time.monotonic()
     dep = Deployment(tmp_path, tiny_model_dir, tiny_tsv_dataset, round_timeout_s=120)
     try:
         dep.start_link_and_nodes(3)
@@ -211,12 +210,10 @@ def test_tls_superlink_three_supernodes_flwr_run(tmp_path, tiny_model_dir, tiny_
         assert dep.activated() == 3
     finally:
         dep.close()
-    assert time.monotonic() - t0 < 180
 
 
 def test_supernode_killed_during_round_2_is_left_out(tmp_path, tiny_model_dir, tiny_tsv_dataset):
     """SIGKILL SuperNode 2 (and its ClientApp processes) once round 1 is logged: round 2 aggregates 0 and 1."""
-    t0 = time.monotonic()
     dep = Deployment(tmp_path, tiny_model_dir, tiny_tsv_dataset, round_timeout_s=60)
     try:
         dep.start_link_and_nodes(3)
@@ -232,4 +229,3 @@ def test_supernode_killed_during_round_2_is_left_out(tmp_path, tiny_model_dir, t
         assert "eval/accuracy" in rows[2]
     finally:
         dep.close()
-    assert time.monotonic() - t0 < 180

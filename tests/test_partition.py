@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 
 import datasets
 import numpy as np
@@ -166,11 +165,10 @@ def test_summary_is_json_and_renders(train):
 
 
 @pytest.mark.parametrize("method", ["iid", "dirichlet", "pathological", "natural", "quantity"])
-def test_67k_rows_into_100_clients_under_a_second(method):
+def test_67k_rows_into_100_clients_cover_every_row_once(method):
+    """SST-2's size (its time: ``benchmarks/load_speed.py``)."""
     big = make_train(67_349)
     cfg = PartitionConfig(method=method, num_clients=6 if method == "natural" else 100, by="lang" if method == "natural" else "label")
-    partition_clients(make_train(200), PartitionConfig(method=method, num_clients=2, min_client_size=1), seed=0)  # imports
-    start = time.perf_counter()
     parts = partition_clients(big, cfg, seed=0)
-    assert time.perf_counter() - start < 1.0
-    assert sum(len(p) for p in parts) == len(big)
+    assert len(parts) == cfg.num_clients
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(big)))

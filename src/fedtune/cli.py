@@ -84,12 +84,15 @@ def report(
         Path | None, typer.Option(help="Folder for the plots (default: the run's folder; runs/report for several).")
     ] = None,
 ) -> None:
-    """Compare runs (folders written by 'fedtune run'): a table of final and best values, plots vs rounds and bytes."""
-    from fedtune.report import build_report
+    """Compare runs (folders written by 'fedtune run'): a table of final and best values, plots vs rounds and bytes,
+    and every client left out of a round (failed, dropped or rejected)."""
+    from fedtune.report import build_report, left_out_lines
 
     result = build_report(run_dirs, metric, out)
     console = Console()
     console.print(result.table)
+    for line in left_out_lines(result.rows):
+        console.print(line, markup=False, highlight=False, soft_wrap=True, style="yellow")
     for path in result.plots:
         console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
 

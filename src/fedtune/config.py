@@ -186,8 +186,12 @@ class FederationConfig(_Strict):
     """Clients sampled each round; default all (or ``fraction`` of them)."""
     fraction: float | None = Field(default=None, gt=0, le=1)
     min_clients_per_round: int = Field(default=1, ge=1)
-    """Fewest usable updates a round aggregates; with fewer (clients failed, timed out or sent
+    """Fewest usable updates a round aggregates; with fewer (clients failed, were dropped or sent
     non-finite tensors) the run stops with an error naming them (resume it with ``resume``)."""
+    tolerate_client_failures: bool = False
+    """A client whose own code raises (in training or evaluation) stops the run with its error. ``true``: leave
+    it out of that round and go on (``min_clients_per_round`` still applies). Clients that are merely unreachable
+    or late (Flower) are always left out. Every client left out is listed in the run's summary and report."""
     round_timeout_s: float | None = Field(default=None, gt=0)
     """Flower runtime: seconds the server waits for a round's replies; late clients count as missing.
     None: wait for every reply. (In-process clients run synchronously and are never late.)"""

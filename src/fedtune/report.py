@@ -110,7 +110,20 @@ def _summarise(run: Run, metric: str) -> dict[str, Any]:
         "bytes_up": last.get("cum_bytes_up", 0),
         "bytes_down": last.get("cum_bytes_down", 0),
         "wall_time_s": sum(row.get("time_round_s", 0.0) for row in run.rows),
+        "clients_left_out": left_out(run),
     }
+
+
+def left_out(run: Run) -> list[dict[str, Any]]:
+    """Every time a client was left out of a round's training or evaluation (failed, dropped, rejected), in order."""
+    return [p for row in run.rows for p in row.get("client_problems", [])]
+
+
+def left_out_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per client left out of a round, per run: what the report prints under its table."""
+    return [f"{r['name']}: round {p['round']}, client {p['client']} {p['kind']} in {p['phase']}: "
+            f"{p['reason'].strip().splitlines()[-1] if p['reason'].strip() else '?'}"
+            for r in rows for p in r["clients_left_out"]]
 
 
 def _table(rows: list[dict[str, Any]], metric: str) -> Table:
@@ -118,7 +131,7 @@ def _table(rows: list[dict[str, Any]], metric: str) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
     table.add_column("run", style="bold", overflow="fold")
     table.add_column("algorithm", no_wrap=True)
-    for col in ("rounds", "final", "best\n(round)", "bytes\nup", "bytes\ndown", "wall\ntime"):
+    for col in ("rounds", "final", "best\n(round)", "bytes\nup", "bytes\ndown", "wall\ntime", "clients\nleft out"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         table.add_row(
@@ -130,6 +143,7 @@ def _table(rows: list[dict[str, Any]], metric: str) -> Table:
             human_bytes(r["bytes_up"]),
             human_bytes(r["bytes_down"]),
             human_seconds(r["wall_time_s"]),
+            str(len(r["clients_left_out"])),
         )
     return table
 

@@ -33,7 +33,7 @@ from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment, build_experiment
 from fedtune.algorithms import ClientContext
 from fedtune.models.lora import MERGED, MERGED_FILE
-from fedtune.runlog import METRICS, RunLog
+from fedtune.runlog import METRICS, RunLog, load_run
 from fedtune.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.runtime.inprocess import InProcessPool
 from fedtune.runtime.server import ClientPool, run_rounds
@@ -169,9 +169,15 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
     save_adapters(exp, state.global_tensors, client_states, cfg.run_dir)
     final = {k: v for k, v in last.items() if k.startswith(("eval/", "client_eval/"))}
     seconds = time.perf_counter() - t0
+    problems = [p for row in load_run(cfg.run_dir).rows for p in row.get("client_problems", [])]
     log.write_summary({"final": final, "rounds": cfg.federation.rounds, "seconds": seconds, "runtime": runtime,
                        "resumed_after_round": ckpt.round if ckpt else None,
-                       "cum_bytes_up": last["cum_bytes_up"], "cum_bytes_down": last["cum_bytes_down"]})
+                       "cum_bytes_up": last["cum_bytes_up"], "cum_bytes_down": last["cum_bytes_down"],
+                       "client_problems": problems})
+    if problems:
+        clients = sorted({p["client"] for p in problems})
+        console.print(f"[yellow]clients {clients} were left out of {len(problems)} client-rounds (failed, dropped or "
+                      f"rejected); see client_problems in {cfg.run_dir / 'summary.json'}")
     return RunResult(cfg.run_dir, final, seconds)
 
 

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.aggregation import Tensors
@@ -64,6 +65,9 @@ RAW_STYPE = "fedtune.torch_raw"
 """Serialisation type of tensors numpy cannot hold (bfloat16): the raw little-endian bytes."""
 
 T = TypeVar("T")
+
+RAISED = frozenset({ErrorCode.UNKNOWN, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.CLIENT_APP_RAISED_EXCEPTION})
+"""Error codes of a reply whose ClientApp raised: the client's own code failed (the others: it could not answer)."""
 
 
 # --------------------------------------------------------------------------- record conversion
@@ -190,8 +194,11 @@ class FlowerPool:
     """A :class:`~fedtune.runtime.server.ClientPool` over a Flower ``Grid``.
 
     After each :meth:`train`, ``round_bytes`` holds the round's measured
-    ``(bytes_up, bytes_down, wire_bytes_up, wire_bytes_down)`` and ``failures``
-    maps each client that sent no update to the reason.
+    ``(bytes_up, bytes_down, wire_bytes_up, wire_bytes_down)``. After each
+    :meth:`train` or :meth:`evaluate`, ``failures`` maps each client whose
+    ClientApp raised (error codes in :data:`RAISED`) to its error, and
+    ``dropped`` each client that could not answer (node gone, message lost,
+    process crashed, or no reply within the timeout) to the reason.
     """
 
     def __init__(self, grid: Grid, exp: Experiment, timeout_s: float | None = None, connect_timeout_s: float = 300.0):
@@ -200,6 +207,7 @@ class FlowerPool:
         self.run_json = json.dumps(exp.cfg.to_dict(), sort_keys=True)
         self.round_bytes: tuple[int, int, int, int] | None = None
         self.failures: dict[int, str] = {}
+        self.dropped: dict[int, str] = {}
         self.stateful_clients: set[int] = set()
         self.node_of = self._discover(connect_timeout_s)
         self.client_of = {nid: cid for cid, nid in self.node_of.items()}
@@ -271,11 +279,10 @@ class FlowerPool:
                                   "fedtune": self._meta(round=rnd, lr=float(lr), client_id=cid)})
             messages.append(Message(content, dst_node_id=self.node_of[cid], message_type="train", group_id=str(rnd)))
         updates, up, wire_up = [], 0, 0
-        self.failures = {}
+        self.failures, self.dropped = {}, {}
         for cid, reply in self._exchange_with(messages, cids, timeout=self.timeout_s):
             if reply.has_error():
-                self.failures[cid] = reply.error.reason
-                log.warning("round %d: client %d failed: %s", rnd, cid, reply.error.reason[-500:])
+                self._lost(cid, reply, f"round {rnd}")
                 continue
             record = reply.content["update"]
             up += record_tensor_bytes(record)
@@ -285,11 +292,21 @@ class FlowerPool:
                 self.stateful_clients.add(cid)
             metrics = {k[2:]: v for k, v in m.items() if k.startswith("m.")}
             updates.append(ClientUpdate(cid, record_to_tensors(record), int(m["num_examples"]), metrics))
-        for cid in sorted(set(payloads) - {u.client_id for u in updates} - set(self.failures)):
-            self.failures[cid] = f"no reply within round_timeout_s={self.timeout_s}"
-            log.warning("round %d: client %d sent no reply within %ss", rnd, cid, self.timeout_s)
+        self._late(set(payloads) - {u.client_id for u in updates}, f"round {rnd}")
         self.round_bytes = (up, down, wire_up, wire_down)
         return sorted(updates, key=lambda u: u.client_id)
+
+    def _lost(self, cid: int, reply: Message, what: str) -> None:
+        """File an error reply: the client's code raised (``failures``), or it could not answer (``dropped``)."""
+        lost = self.failures if reply.error.code in RAISED else self.dropped
+        lost[cid] = reply.error.reason
+        log.warning("%s: client %d %s: %s", what, cid, "failed" if lost is self.failures else "was dropped",
+                    reply.error.reason[-500:])
+
+    def _late(self, silent: set[int], what: str) -> None:
+        for cid in sorted(silent - set(self.failures) - set(self.dropped)):
+            self.dropped[cid] = f"no reply within round_timeout_s={self.timeout_s}"
+            log.warning("%s: client %d sent no reply within %ss", what, cid, self.timeout_s)
 
     def evaluate(self, state: ServerState) -> dict[int, dict[str, float]]:
         record = tensors_to_record(state.global_tensors)
@@ -297,11 +314,13 @@ class FlowerPool:
         messages = [Message(RecordDict({"global": record, "fedtune": self._meta(client_id=cid)}),
                             dst_node_id=self.node_of[cid], message_type="evaluate") for cid in cids]
         out: dict[int, dict[str, float]] = {}
+        self.failures, self.dropped = {}, {}
         for cid, reply in self._exchange_with(messages, cids, timeout=self.timeout_s):
             if reply.has_error():
-                log.warning("client %d failed to evaluate: %s", cid, reply.error.reason[-500:])
+                self._lost(cid, reply, "evaluation")
                 continue
             out[cid] = dict(reply.content["metrics"])
+        self._late(set(cids) - set(out), "evaluation")
         return out
 
     def held_client_states(self) -> None:
