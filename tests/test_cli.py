@@ -115,6 +115,7 @@ def test_models_lists_the_packaged_models():
 
     out = invoke("models")
     assert all(name in out for name in PACKAGED)
+    assert "Q4_1 GGUF" in " ".join(out.split())  # the SmolLM2 figures are on dequantised Q4_1 weights
 
 
 def write_run(run_dir):

