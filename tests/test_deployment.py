@@ -9,8 +9,8 @@ SuperNode started with ``--insecure`` claims partition 0: the TLS SuperLink must
 SIGKILLs SuperNode 2 once round 1 is logged: the run completes and round 2 lists ``missing: [2]``.
 
 Every wait has a hard timeout and every process started here (and its children:
-SuperExec, ServerApp, ClientApps) is killed in ``finally``. ~2.3 min per test on 2 cores,
-most of it Flower starting one ClientApp process (torch import + model build) per message.
+SuperExec, ServerApp, ClientApps) is killed in ``finally``. These are the slowest tests: most of their time
+is Flower starting one ClientApp process (torch import + model build) per message.
 """
 
 from __future__ import annotations

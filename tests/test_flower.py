@@ -4,7 +4,7 @@ The fast tests drive :class:`FlowerPool` through :class:`LocalGrid`, a Grid
 that hands each Message to the real ClientApp in this process (one Context
 per node, as a SuperNode keeps it), so failures and timeouts can be injected.
 ``test_flower_simulation_matches_inprocess`` runs Flower's real simulation
-engine (Ray actors) and is the slow one (~40 s).
+engine (Ray actors) and is the slow one.
 """
 
 import itertools
