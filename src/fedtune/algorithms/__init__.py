@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, LoraSetup, Payload, ServerState
+from fedtune.algorithms.clustered import Clustered
 from fedtune.algorithms.fedit import Centralized, FedIT
 from fedtune.algorithms.fedprox import FedProx
 from fedtune.algorithms.hetero_lora import FLoRA, FLoRIST, FlexLoRA
@@ -15,7 +16,7 @@ from fedtune.errors import FedtuneError
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls
-    for cls in (FedIT, FedProx, Scaffold, FedAvgM, FedAdam, FedYogi, FedAdagrad, LocalOnly, Centralized,
+    for cls in (FedIT, FedProx, Scaffold, FedAvgM, FedAdam, FedYogi, FedAdagrad, Clustered, LocalOnly, Centralized,
                 FLoRA, FLoRIST, FlexLoRA)
 }
 

@@ -2,7 +2,8 @@
 
 A round, whatever the runtime::
 
-    payloads = algo.configure(rnd, client_ids, state)          # server
+    client_ids = algo.participants(rnd, sampled)               # server
+    payloads = algo.configure(rnd, client_ids, state)
     for each client i:                                         # client (anywhere)
         algo.prepare(ctx_i, payloads[i])                       #   payload → model
         local steps of  algo.loss(ctx, batch, outputs)         #   + algo.after_step(ctx)
@@ -19,6 +20,12 @@ Heterogeneous ranks (:class:`LoraSetup`): the model carries LoRA of the
 largest client rank; client i sends and receives factors of its own rank r_i,
 which the default hooks cut and zero-pad (:func:`fit_lora_rank`), so every
 algorithm runs with mixed ranks.
+
+Several models (:attr:`ServerState.models`, e.g. one per cluster): the
+algorithm decides which model each client trains from (``configure``), is
+evaluated with (:meth:`Algorithm.configure_evaluate`) and which are scored on
+the held-out split (:meth:`Algorithm.evaluation_models`); the run saves every
+model the state ends with.
 """
 
 from __future__ import annotations
@@ -145,6 +152,9 @@ class Algorithm(ABC):
         """The run's ``federation.rounds``, for server-side schedules (None outside a run)."""
         self.num_clients = num_clients
         """How many clients the federation has (None outside a run)."""
+        self.client_groups: list[str] | None = None
+        """Each client's group (the most frequent value of ``partition.by`` in its shard), set by the run when
+        the partition is over a column; reference variants (e.g. oracle clusters) and agreement scores use it."""
         try:
             self.options = self.Options.model_validate(options or {})
         except ValidationError as e:
@@ -167,6 +177,10 @@ class Algorithm(ABC):
     # ------------------------------------------------------------------ server side
     def init(self, initial: Tensors) -> ServerState:
         return ServerState(round=0, global_tensors={k: v.clone() for k, v in initial.items()})
+
+    def participants(self, rnd: int, sampled: list[int]) -> list[int]:
+        """The clients that train in round ``rnd``; default: the ones the run sampled."""
+        return sampled
 
     def configure(self, rnd: int, client_ids: list[int], state: ServerState) -> dict[int, Payload]:
         """Default: every sampled client receives the global tensors (LoRA factors at its own rank)."""

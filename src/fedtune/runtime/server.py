@@ -176,7 +176,7 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
 
     for rnd in range(row["round"] + 1, rounds + 1):
         t_start = now()
-        clients = sample_clients(cfg.seed, rnd, exp.num_clients, k)
+        clients = algo.participants(rnd, sample_clients(cfg.seed, rnd, exp.num_clients, k))
         if hooks:
             hooks.on_round_start(rnd, clients)
         lr = round_lr(cfg.train, rnd, rounds)
