@@ -101,6 +101,20 @@ class Experiment:
         return clients_per_round(self.cfg, self.cfg.partition.num_clients)
 
 
+GROUP_PARTITIONS = ("natural",)
+"""Partitions that give each client a group (a value of ``partition.by``), e.g. a language or a task."""
+
+
+def client_groups(column, shards: list[np.ndarray]) -> list[str]:
+    """Each client's group: the most frequent value of ``column`` among its rows (ties: the first in order)."""
+    values = np.asarray([str(v) for v in column[:]])
+    groups = []
+    for shard in shards:
+        names, counts = np.unique(values[shard], return_counts=True)
+        groups.append(str(names[int(np.argmax(counts))]))
+    return groups
+
+
 def clients_per_round(cfg: RunConfig, num_clients: int) -> int:
     fed = cfg.federation
     if fed.clients_per_round is not None:
@@ -121,7 +135,8 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     seed_everything(cfg.seed)
     ranks = cfg.lora.ranks(cfg.partition.num_clients)
     lora = LoraSetup(scale=cfg.lora.alpha / cfg.lora.r, client_ranks=tuple(ranks) if ranks else None)
-    algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora, cfg.federation.rounds)
+    algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora, cfg.federation.rounds,
+                                cfg.partition.num_clients)
     if ranks and algorithm.pools_data:
         raise FedtuneError(f"algorithm '{algorithm.name}' trains one pooled model; remove lora.client_ranks / rank_tiers")
     sft = cfg.model.task == "sft"
@@ -151,6 +166,8 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         shards.append(tr)
         tests.append(te)
     summary = partition_summary(task.train, parts, task.label_column, task.label_names)
+    if cfg.partition.method in GROUP_PARTITIONS:
+        algorithm.client_groups = client_groups(task.train[cfg.partition.by], shards)
     if any(len(s) == 0 for s in shards):
         empty = [i for i, s in enumerate(shards) if len(s) == 0]
         raise FedtuneError(

@@ -31,7 +31,7 @@ from fedtune.config import RunConfig
 from fedtune.data import summary_table
 from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment, build_experiment
-from fedtune.algorithms import ClientContext
+from fedtune.algorithms import ClientContext, ServerState
 from fedtune.models.lora import MERGED, MERGED_FILE
 from fedtune.runlog import METRICS, RunLog, load_run
 from fedtune.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -166,7 +166,7 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
         hooks = _ProgressHooks(progress, exp, console, steps=driver is _inprocess, done=ckpt.round if ckpt else 0)
         state, last, client_states = driver(exp, hooks, federate)
 
-    save_adapters(exp, state.global_tensors, client_states, cfg.run_dir)
+    save_adapters(exp, state, client_states, cfg.run_dir)
     final = {k: v for k, v in last.items() if k.startswith(("eval/", "client_eval/"))}
     seconds = time.perf_counter() - t0
     problems = [p for row in load_run(cfg.run_dir).rows for p in row.get("client_problems", [])]
@@ -181,12 +181,23 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
     return RunResult(cfg.run_dir, final, seconds)
 
 
-def save_adapters(exp: Experiment, global_tensors, client_states, run_dir: Path) -> None:
+def save_adapters(exp: Experiment, state: ServerState, client_states, run_dir: Path) -> None:
     """Save the final model(s) in peft format, loadable by ``PeftModel.from_pretrained``.
 
+    ``adapter/`` holds the global model; a state with several models adds each under
+    ``adapters/<name>/`` and ``models.json`` ({"assignment": {client: name}}); a
+    personalised algorithm saves each client's under ``adapters/client_<i>/``.
     Updates merged into base weights (``merged/`` tensors) go beside the adapter in
     ``merged.safetensors`` (:func:`~fedtune.models.lora.load_adapter` applies them).
     """
+    global_tensors = state.global_tensors
+    for name, tensors in state.models.items():
+        exp.load(tensors)
+        exp.model.save_pretrained(run_dir / "adapters" / name)
+    if state.models:
+        (run_dir / "models.json").write_text(json.dumps(
+            {"models": sorted(state.models),
+             "assignment": {str(c): name for c, name in sorted(state.assignment.items())}}, indent=2) + "\n")
     if exp.algorithm.personalized:
         for cid, state in client_states.items():
             exp.algorithm.load(ClientContext(cid, 0, exp.model, exp.initial, {}, exp.base),

@@ -16,7 +16,8 @@ Wire format (one ``RecordDict`` per message)::
                                 "fedtune": ConfigRecord  round, lr, client_id, run (the resolved RunConfig, JSON)
               client → server   "update":  ArrayRecord   ClientUpdate.tensors
                                 "metrics": MetricRecord  num_examples, client_id, state_tensors, ClientUpdate.metrics
-    evaluate  server → client   "global":  ArrayRecord   the global tensors;  "fedtune" as above
+    evaluate  server → client   "model":   ArrayRecord   the tensors the client is evaluated with
+                                                         (Algorithm.configure_evaluate);  "fedtune" as above
               client → server   "metrics": MetricRecord  the client's test metrics
     query     server → client   "fedtune": ConfigRecord  action = "hello" | "state"
               client → server   "metrics": MetricRecord  partition_id;  "state": ArrayRecord (action "state")
@@ -52,7 +53,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.aggregation import Tensors
-from fedtune.algorithms import ClientUpdate, Payload, ServerState
+from fedtune.algorithms import ClientUpdate, Payload
 from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment, build_experiment
@@ -170,7 +171,7 @@ def _train(msg: Message, context: Context) -> Message:
 @clientapp.evaluate()
 def _evaluate(msg: Message, context: Context) -> Message:
     exp, cid, _ = _client_id(msg, context)
-    metrics = client_evaluate(exp, cid, record_to_tensors(msg.content["global"]), _state(context))
+    metrics = client_evaluate(exp, cid, record_to_tensors(msg.content["model"]), _state(context))
     return Message(RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()})}), reply_to=msg)
 
 
@@ -308,10 +309,13 @@ class FlowerPool:
             self.dropped[cid] = f"no reply within round_timeout_s={self.timeout_s}"
             log.warning("%s: client %d sent no reply within %ss", what, cid, self.timeout_s)
 
-    def evaluate(self, state: ServerState) -> dict[int, dict[str, float]]:
-        record = tensors_to_record(state.global_tensors)
-        cids = [cid for cid in range(self.exp.num_clients) if len(self.exp.client_tests[cid])]
-        messages = [Message(RecordDict({"global": record, "fedtune": self._meta(client_id=cid)}),
+    def evaluate(self, models: dict[int, Tensors]) -> dict[int, dict[str, float]]:
+        cids = sorted(models)
+        records: dict[int, ArrayRecord] = {}  # one record per distinct model (clients of a cluster share theirs)
+        for cid in cids:
+            if id(models[cid]) not in records:
+                records[id(models[cid])] = tensors_to_record(models[cid])
+        messages = [Message(RecordDict({"model": records[id(models[cid])], "fedtune": self._meta(client_id=cid)}),
                             dst_node_id=self.node_of[cid], message_type="evaluate") for cid in cids]
         out: dict[int, dict[str, float]] = {}
         self.failures, self.dropped = {}, {}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from fedtune.aggregation import Tensors
-from fedtune.algorithms import ClientUpdate, Payload, ServerState
+from fedtune.algorithms import ClientUpdate, Payload
 from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment
 from fedtune.runtime.client import client_evaluate, client_round
@@ -60,10 +60,9 @@ class InProcessPool:
             self.exp, cid, rnd, payloads[cid], self.client_states[cid], lr, self.on_step), f"round {rnd}")
         return list(done.values())
 
-    def evaluate(self, state: ServerState) -> dict[int, dict[str, float]]:
-        cids = [cid for cid in range(self.exp.num_clients) if len(self.exp.client_tests[cid])]
-        return self._guarded(cids, lambda cid: client_evaluate(
-            self.exp, cid, state.global_tensors, self.client_states[cid]), "evaluation")
+    def evaluate(self, models: dict[int, Tensors]) -> dict[int, dict[str, float]]:
+        return self._guarded(sorted(models), lambda cid: client_evaluate(
+            self.exp, cid, models[cid], self.client_states[cid]), "evaluation")
 
     def held_client_states(self) -> dict[int, Tensors]:
         return self.client_states

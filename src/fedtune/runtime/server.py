@@ -45,8 +45,9 @@ class ClientPool(Protocol):
     def train(self, rnd: int, payloads: dict[int, Payload], lr: float) -> list[ClientUpdate]:
         """Deliver each payload, train, and return the updates that arrived."""
 
-    def evaluate(self, state: ServerState) -> dict[int, dict[str, float]]:
-        """Each client's metrics on its own test shard (``failures``/``dropped`` name those that gave none)."""
+    def evaluate(self, models: dict[int, Tensors]) -> dict[int, dict[str, float]]:
+        """Each listed client's metrics on its own test shard, with the model ``models[client]`` (or its personal
+        one); ``failures``/``dropped`` name those that gave none."""
 
     def held_client_states(self) -> dict[int, Tensors] | None:
         """Every client's state, where this process holds it (for checkpoints); None where the clients do."""
@@ -143,9 +144,11 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         out: dict[str, float] = {}
         lost: list[dict] = []
         if exp.eval is not None and not algo.personalized:
-            out.update(_prefixed("eval", evaluate_global(exp, state.global_tensors)))
+            for name, tensors in algo.evaluation_models(state).items():
+                out.update(_prefixed(f"eval/{name}" if name else "eval", evaluate_global(exp, tensors)))
         if per_client:
-            per = pool.evaluate(state)
+            cids = [cid for cid in range(exp.num_clients) if len(exp.client_tests[cid])]
+            per = pool.evaluate(algo.configure_evaluate(cids, state))
             lost = lost_clients(rnd, "evaluate", pool, tolerate)
             out.update(_prefixed("client_eval", mean_metrics(per)))
         return out, lost
@@ -173,7 +176,7 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
 
     for rnd in range(row["round"] + 1, rounds + 1):
         t_start = now()
-        clients = sample_clients(cfg.seed, rnd, exp.num_clients, k)
+        clients = algo.participants(rnd, sample_clients(cfg.seed, rnd, exp.num_clients, k))
         if hooks:
             hooks.on_round_start(rnd, clients)
         lr = round_lr(cfg.train, rnd, rounds)
