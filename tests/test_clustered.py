@@ -135,3 +135,12 @@ def test_clustered_runs_identically_on_both_runtimes_and_saves_every_model(tmp_p
         b = load_file(flw.run_dir / "adapters" / name / "adapter_model.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert load_run(cfg.run_dir).rows[2]["bytes_down"] == load_run(flw.run_dir).rows[2]["bytes_down"]
+
+    assert (cfg.run_dir / "clustering_round1_similarity.png").is_file()
+    assert (cfg.run_dir / "clustering_round1_dendrogram.png").is_file()
+    from fedtune.report import build_report
+
+    report = build_report([cfg.run_dir], metric="client_eval/accuracy", out_dir=tmp_path / "report")
+    assert report.rows[0]["models"] == {name: sorted(int(c) for c, m in models["assignment"].items() if m == name)
+                                        for name in models["models"]}
+    assert (tmp_path / "report" / "clustering_round1_dendrogram.png").is_file()

@@ -91,6 +91,10 @@ def report(
     result = build_report(run_dirs, metric, out)
     console = Console()
     console.print(result.table)
+    for r in result.rows:
+        for name, clients in r["models"].items():
+            console.print(f"{r['name']}: {name} ← clients {clients} (adapters/{name}/)", markup=False,
+                          highlight=False, soft_wrap=True)
     for line in left_out_lines(result.rows):
         console.print(line, markup=False, highlight=False, soft_wrap=True, style="yellow")
     for path in result.plots:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from rich import box
@@ -111,7 +112,17 @@ def _summarise(run: Run, metric: str) -> dict[str, Any]:
         "bytes_down": last.get("cum_bytes_down", 0),
         "wall_time_s": sum(row.get("time_round_s", 0.0) for row in run.rows),
         "clients_left_out": left_out(run),
+        "models": _models(run),
     }
+
+
+def _models(run: Run) -> dict[str, list[int]]:
+    """The run's final models (several: ``models.json``, e.g. one per cluster) and the clients of each."""
+    path = run.path / "models.json"
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    return {name: sorted(int(c) for c, m in saved["assignment"].items() if m == name) for name in saved["models"]}
 
 
 def left_out(run: Run) -> list[dict[str, Any]]:
@@ -192,6 +203,42 @@ def _plot_vs_bytes(runs: list[Run], metric: str, path: Path) -> Path:
     return _save(fig, ax, path)
 
 
+def clustering_plots(run: Run, out_dir: Path, prefix: str = "") -> list[Path]:
+    """For each round that clustered the clients (rows with ``agg/similarity``): the cosine-similarity heat map
+    and the Ward dendrogram (:mod:`fedtune.clustering`), as ``<prefix>clustering_round<r>_{similarity,dendrogram}.png``."""
+    from scipy.cluster.hierarchy import dendrogram
+
+    from fedtune.clustering import ward_linkage
+
+    paths = []
+    for row in run.rows:
+        if "agg/similarity" not in row:
+            continue
+        sim = np.asarray(row["agg/similarity"], dtype=float)
+        clients = [str(c) for c in row.get("agg/similarity_clients", range(len(sim)))]
+        cluster_of = row.get("agg/cluster_of", {})
+        labels = [f"{c} ({cluster_of[c].removeprefix('cluster_')})" if c in cluster_of else c for c in clients]
+        rnd = row["round"]
+        fig = Figure(figsize=(5.6, 4.8), layout="constrained")
+        ax = fig.add_subplot()
+        im = ax.imshow(sim, vmin=-1, vmax=1, cmap="RdBu_r")
+        ax.set(title=f"{run.name}: cosine similarity of updates, round {rnd}", xlabel="client (cluster)",
+               ylabel="client (cluster)", xticks=range(len(sim)), yticks=range(len(sim)))
+        ax.set_xticklabels(labels, rotation=90, fontsize="small")
+        ax.set_yticklabels(labels, fontsize="small")
+        fig.colorbar(im, ax=ax)
+        paths.append(out_dir / f"{prefix}clustering_round{rnd}_similarity.png")
+        fig.savefig(paths[-1], dpi=120)
+        fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+        ax = fig.add_subplot()
+        if len(sim) >= 2:
+            dendrogram(ward_linkage(sim), labels=labels, ax=ax, leaf_rotation=90)
+        ax.set(title=f"{run.name}: Ward dendrogram, round {rnd}", ylabel="Ward distance on √(2 − 2 cos)")
+        paths.append(out_dir / f"{prefix}clustering_round{rnd}_dendrogram.png")
+        fig.savefig(paths[-1], dpi=120)
+    return paths
+
+
 def build_report(run_dirs: list[Path], metric: str | None = None, out_dir: Path | None = None) -> Report:
     """Load ``run_dirs``, tabulate and plot ``metric`` (default: :func:`_default_metric`), write into ``out_dir``."""
     if not run_dirs:
@@ -209,6 +256,8 @@ def build_report(run_dirs: list[Path], metric: str | None = None, out_dir: Path 
             _plot_vs_round(runs, metric, out_dir / f"{stem}_vs_round.png"),
             _plot_vs_bytes(runs, metric, out_dir / f"{stem}_vs_bytes.png"),
         ]
+        for run in runs:
+            plots += clustering_plots(run, out_dir, prefix="" if len(runs) == 1 else f"{run.name}_")
         (out_dir / "report.json").write_text(json.dumps({"metric": metric, "runs": rows}, indent=2) + "\n")
     except OSError as e:
         reason = e.strerror or str(e)

@@ -33,6 +33,7 @@ from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment, build_experiment
 from fedtune.algorithms import ClientContext, ServerState
 from fedtune.models.lora import MERGED, MERGED_FILE
+from fedtune.report import clustering_plots
 from fedtune.runlog import METRICS, RunLog, load_run
 from fedtune.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.runtime.inprocess import InProcessPool
@@ -169,7 +170,9 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
     save_adapters(exp, state, client_states, cfg.run_dir)
     final = {k: v for k, v in last.items() if k.startswith(("eval/", "client_eval/"))}
     seconds = time.perf_counter() - t0
-    problems = [p for row in load_run(cfg.run_dir).rows for p in row.get("client_problems", [])]
+    run = load_run(cfg.run_dir)
+    problems = [p for row in run.rows for p in row.get("client_problems", [])]
+    clustering_plots(run, cfg.run_dir)
     log.write_summary({"final": final, "rounds": cfg.federation.rounds, "seconds": seconds, "runtime": runtime,
                        "resumed_after_round": ckpt.round if ckpt else None,
                        "cum_bytes_up": last["cum_bytes_up"], "cum_bytes_down": last["cum_bytes_down"],
