@@ -3,8 +3,9 @@
 ``runs/<name>/`` receives ``config.yaml`` (resolved), ``partition.json``,
 ``metrics.jsonl`` (one row per round), ``checkpoint/`` (the server state after
 the last completed round; see :mod:`fedtune.runtime.checkpoint`), ``adapter/``
-(peft format; per client under ``adapters/client_<i>/`` for personalised
-algorithms) and ``summary.json``.
+(peft format with tokenizer and model card, see :mod:`fedtune.saved_model`;
+per client under ``adapters/client_<i>/`` for personalised algorithms) and
+``summary.json``.
 
 Runtimes: ``inprocess`` (every client in this process) and ``flower``
 (Flower's simulation engine, one virtual SuperNode per client). Both drive the
@@ -32,12 +33,15 @@ from fedtune.data import summary_table
 from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment, build_experiment
 from fedtune.algorithms import ClientContext, ServerState
+from fedtune.model_card import write_model_cards
+from fedtune.models.base import public_model_name
 from fedtune.models.lora import MERGED, MERGED_FILE
 from fedtune.report import clustering_plots
 from fedtune.runlog import METRICS, RunLog, load_run
 from fedtune.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.runtime.inprocess import InProcessPool
 from fedtune.runtime.server import ClientPool, run_rounds
+from fedtune.saved_model import save_model_folder
 from fedtune.training import local_steps
 
 
@@ -141,7 +145,7 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
         log.write_config(cfg.to_dict())
     exp = build_experiment(cfg)
     log.write_json("partition.json", {**exp.partition, "skipped_rows": exp.task.skipped_rows,
-                                      "source": exp.task.source})
+                                      "source": exp.task.source, "text_columns": list(exp.task.text_columns)})
     console.print(summary_table(exp.partition))
     if exp.task.skipped_rows:
         console.print(f"[yellow]skipped {exp.task.skipped_rows} malformed rows (data.on_malformed=skip)")
@@ -177,6 +181,7 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
                        "resumed_after_round": ckpt.round if ckpt else None,
                        "cum_bytes_up": last["cum_bytes_up"], "cum_bytes_down": last["cum_bytes_down"],
                        "client_problems": problems})
+    write_model_cards(cfg.run_dir)
     if problems:
         clients = sorted({p["client"] for p in problems})
         console.print(f"[yellow]clients {clients} were left out of {len(problems)} client-rounds (failed, dropped or "
@@ -185,7 +190,8 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
 
 
 def save_adapters(exp: Experiment, state: ServerState, client_states, run_dir: Path) -> None:
-    """Save the final model(s) in peft format, loadable by ``PeftModel.from_pretrained``.
+    """Save the final model(s) in peft format with the tokenizer, loadable by ``PeftModel.from_pretrained``
+    (folder contents: :mod:`fedtune.saved_model`).
 
     ``adapter/`` holds the global model; a state with several models adds each under
     ``adapters/<name>/`` and ``models.json`` ({"assignment": {client: name}}); a
@@ -193,10 +199,12 @@ def save_adapters(exp: Experiment, state: ServerState, client_states, run_dir: P
     Updates merged into base weights (``merged/`` tensors) go beside the adapter in
     ``merged.safetensors`` (:func:`~fedtune.models.lora.load_adapter` applies them).
     """
+    base_name = public_model_name(exp.cfg.model.name)
+    classification = exp.cfg.model.task == "classification"
     global_tensors = state.global_tensors
     for name, tensors in state.models.items():
         exp.load(tensors)
-        exp.model.save_pretrained(run_dir / "adapters" / name)
+        save_model_folder(exp.model, exp.tokenizer, run_dir / "adapters" / name, base_name, classification)
     if state.models:
         (run_dir / "models.json").write_text(json.dumps(
             {"models": sorted(state.models),
@@ -205,10 +213,11 @@ def save_adapters(exp: Experiment, state: ServerState, client_states, run_dir: P
         for cid, state in client_states.items():
             exp.algorithm.load(ClientContext(cid, 0, exp.model, exp.initial, {}, exp.base),
                                state or exp.algorithm.at_client_rank(cid, exp.initial))
-            exp.model.save_pretrained(run_dir / "adapters" / f"client_{cid}")
+            save_model_folder(exp.model, exp.tokenizer, run_dir / "adapters" / f"client_{cid}", base_name,
+                              classification)
         return
     exp.load(global_tensors)
-    exp.model.save_pretrained(run_dir / "adapter")
+    save_model_folder(exp.model, exp.tokenizer, run_dir / "adapter", base_name, classification)
     merged = {k: v.contiguous() for k, v in global_tensors.items() if k.startswith(MERGED)}
     if merged:
         save_file(merged, str(run_dir / "adapter" / MERGED_FILE))

@@ -1,0 +1,173 @@
+"""The model card (``README.md``) of each adapter folder a run saves, written from the run directory.
+
+Everything in it comes from the run's ``config.yaml``, ``summary.json``,
+``partition.json`` and the folder's ``adapter_config.json``: how the adapter was
+trained (method, data, partition, clients, rounds, local training, LoRA), its
+final metrics and the bytes it cost, and the lines of plain transformers + peft
+that load it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import RunConfig, load_config
+from fedtune.data.templates import Template
+from fedtune.models.base import PACKAGED
+from fedtune.models.lora import MERGED_FILE
+from fedtune.report import human_bytes, human_seconds
+from fedtune.runlog import CONFIG, SUMMARY
+from fedtune.saved_model import CLASSIFIER_CONFIG, PARTITION, adapter_folders
+
+CARD = "README.md"
+
+
+def write_model_cards(run_dir: Path) -> list[Path]:
+    """Write ``README.md`` into every adapter folder of the finished run at ``run_dir``; return the paths."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / CONFIG)
+    summary = json.loads((run_dir / SUMMARY).read_text())
+    partition = json.loads((run_dir / PARTITION).read_text()) if (run_dir / PARTITION).is_file() else {}
+    written = []
+    for client, folder in adapter_folders(run_dir).items():
+        adapter = json.loads((folder / "adapter_config.json").read_text())
+        (folder / CARD).write_text(model_card(cfg, summary, partition, adapter, folder, client))
+        written.append(folder / CARD)
+    return written
+
+
+def model_card(cfg: RunConfig, summary: dict[str, Any], partition: dict[str, Any], adapter: dict[str, Any],
+               folder: Path, client: int | None = None) -> str:
+    """The card of the adapter in ``folder`` (``client``'s own for personalised runs), as Markdown."""
+    from fedtune.algorithms import ALGORITHMS
+
+    base = adapter["base_model_name_or_path"]
+    classification = cfg.model.task == "classification"
+    on_hub = not Path(base).is_absolute()
+    front = ["---", "library_name: peft"] + ([f"base_model: {base}"] if on_hub else []) + [
+        f"pipeline_tag: {'text-classification' if classification else 'text-generation'}",
+        "tags:", "- fedtune", "- lora", "- federated-learning", f"- {cfg.algorithm.name}", "---", ""]
+    who = f" (client {client}'s own model)" if client is not None else ""
+    algo = ALGORITHMS.get(cfg.algorithm.name)
+    lines = [f"# {cfg.name}: a LoRA adapter for {base}{who}", "",
+             f"Trained by fedtune with `{cfg.algorithm.name}`" + (f": {algo.summary}." if algo else "."), ""]
+    lines += ["## Training", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in _training_rows(cfg, summary, partition, adapter, base)]
+    lines += ["", "## Results after the last round", ""]
+    lines += _results(summary, personalized=client is not None)
+    lines += ["", "## Using it", ""]
+    lines += _usage(cfg, partition, folder, base, client)
+    if (folder / MERGED_FILE).is_file():
+        lines += ["", f"`{cfg.algorithm.name}` merges part of the update into the base weights: add "
+                  f"`{MERGED_FILE}` (ΔW by parameter name) to them after loading, or the model is incomplete:", "",
+                  "```python", "from safetensors.torch import load_file", "",
+                  "params = dict(model.named_parameters())",
+                  f'for key, delta in load_file(f"{{folder}}/{MERGED_FILE}").items():',
+                  '    params[key.removeprefix("merged/")].data += delta', "```"]
+    if cfg.model.name in PACKAGED and PACKAGED[cfg.model.name].gguf:
+        pkg = PACKAGED[cfg.model.name]
+        lines += ["", f"fedtune trained on the packaged `{pkg.gguf}`, dequantised to float32; the full-precision "
+                  f"weights of `{base}` on the Hub differ slightly from it. `fedtune predict` loads the same "
+                  "weights as training did."]
+    return "\n".join(front + lines) + "\n"
+
+
+def _training_rows(cfg: RunConfig, summary: dict, partition: dict, adapter: dict, base: str) -> list[tuple[str, str]]:
+    options = ", ".join(f"{k}={v}" for k, v in cfg.algorithm.options.items())
+    p, fed, train = cfg.partition, cfg.federation, cfg.train
+    skew = {"dirichlet": f" (α = {p.alpha:g} over `{p.by}`)", "pathological": f" ({p.classes_per_client} classes each)",
+            "natural": f" (by `{p.by}`)", "quantity": f" (size skew {p.quantity_skew:g})"}.get(p.method, "")
+    sizes = partition.get("sizes")
+    per_round = (f"{fed.clients_per_round} clients" if fed.clients_per_round else
+                 f"a fraction {fed.fraction:g} of the clients" if fed.fraction else "all clients")
+    steps = f"{train.local_steps} steps" if train.local_steps else f"{train.local_epochs:g} epochs"
+    data = f"`{cfg.data.name}`"
+    if partition.get("num_examples"):
+        data += f", {partition['num_examples']:,} training examples"
+    rows = [
+        ("method", f"`{cfg.algorithm.name}`" + (f" ({options})" if options else "")),
+        ("base model", f"`{base}`" + (f" (fedtune: `{cfg.model.name}`)" if cfg.model.name != base else "")),
+        ("task", _task(cfg, partition)),
+        ("data", data),
+        ("partition", f"{p.method}{skew}, {p.num_clients} clients"
+         + (f" of {min(sizes):,}–{max(sizes):,} examples" if sizes else "")
+         + (f", {p.client_test_fraction:g} of each held out" if p.client_test_fraction else "")),
+        ("rounds", f"{summary.get('rounds', fed.rounds)}, {per_round} per round"),
+        ("local training", f"{steps} of batch {train.batch_size}, {train.optimizer} lr {train.lr:g}"
+         + (f" ({train.lr_schedule})" if train.lr_schedule != "constant" else "")),
+        ("LoRA", f"r = {adapter['r']}, α = {adapter['lora_alpha']:g} on {', '.join(sorted(adapter['target_modules']))}"
+         + ("; classifier head trained" if cfg.model.task == "classification" and cfg.lora.train_head else "")),
+        ("communication", f"{human_bytes(summary['cum_bytes_up'])} up, {human_bytes(summary['cum_bytes_down'])} down"),
+        ("time", f"{human_seconds(summary['seconds'])} ({summary.get('runtime', 'inprocess')} runtime)"),
+    ]
+    return rows
+
+
+def _task(cfg: RunConfig, partition: dict) -> str:
+    if cfg.model.task == "sft":
+        return f"instruction tuning, `{cfg.sft.template}` prompt template"
+    names = partition.get("label_names", [])
+    text = " + ".join(f"`{c}`" for c in partition.get("text_columns", []))
+    return f"classification of {text} into {len(names)} classes: " + ", ".join(f"`{n}`" for n in names)
+
+
+def _results(summary: dict, personalized: bool) -> list[str]:
+    final = summary.get("final") or {}
+    if not final:
+        return ["The run recorded no metrics for its final model: it had no held-out split or client test shards "
+                "(partition.client_test_fraction), or evaluation was off."]
+    out = ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in final.items()]
+    notes = []
+    if any(k.startswith("eval/") for k in final):
+        notes.append("`eval/` is the held-out split")
+    if any(k.startswith("client_eval/") for k in final):
+        notes.append("`client_eval/` the example-weighted mean over the clients' own test shards"
+                     + (", each client scored with its own model" if personalized else ""))
+    return out + ["", "; ".join(notes) + "."]
+
+
+def _usage(cfg: RunConfig, partition: dict, folder: Path, base: str, client: int | None) -> list[str]:
+    where = f"folder = {json.dumps(str(folder))}  # this folder"
+    run = f"{folder.parent.parent if client is not None else folder.parent}"
+    flag = f" --client {client}" if client is not None else ""
+    if cfg.model.task == "classification":
+        pair = len(partition.get("text_columns", [])) > 1
+        inputs = '["the first text"], ["the second text"]' if pair else '["a text to classify"]'
+        code = [
+            "from peft import PeftModel",
+            "from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer", "", where,
+            f'config = AutoConfig.from_pretrained(f"{{folder}}/{CLASSIFIER_CONFIG}")  # with the label names',
+            f"base = AutoModelForSequenceClassification.from_pretrained({json.dumps(base)}, config=config)",
+            "model = PeftModel.from_pretrained(base, folder).eval()",
+            "tokenizer = AutoTokenizer.from_pretrained(folder)", "",
+            f"probs = model(**tokenizer({inputs}, return_tensors=\"pt\")).logits.softmax(-1)[0]",
+            "print(model.config.id2label[int(probs.argmax())], float(probs.max()))",
+        ]
+        cli = f"fedtune predict {run}{flag} --text " + ("$'the first text\\tthe second text'" if pair else
+                                                        '"a text to classify"')
+    else:
+        template = Template(cfg.sft.template) if cfg.sft.template != "chat" else None
+        if template is not None:
+            prompt = [f"prompt = {template.prompt('{instruction}')!r}.format(instruction=\"Name three colours.\")",
+                      'ids = tokenizer(prompt, return_tensors="pt").input_ids']
+        else:
+            system = (f'{{"role": "system", "content": {json.dumps(cfg.sft.system_prompt)}}}, '
+                      if cfg.sft.system_prompt is not None else "")
+            prompt = [f'messages = [{system}{{"role": "user", "content": "Name three colours."}}]',
+                      "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)",
+                      'ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids']
+        code = [
+            "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "", where,
+            f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})",
+            "model = PeftModel.from_pretrained(base, folder).eval()",
+            "tokenizer = AutoTokenizer.from_pretrained(folder)", "", *prompt,
+            f"out = model.generate(input_ids=ids, max_new_tokens={cfg.eval.max_new_tokens}, do_sample=False)",
+            "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))",
+        ]
+        cli = f'fedtune predict {run}{flag} --text "Name three colours."'
+    head = (["", "transformers reports the classifier head as missing from the base model: the adapter holds it."]
+            if cfg.model.task == "classification" else [])
+    return ["With transformers and peft alone:", "", "```python", *code, "```", *head, "",
+            "Or with fedtune (offline, from the run directory):", "", "```bash", cli, "```"]

@@ -1,0 +1,172 @@
+"""A run's saved model: adapter folders that load without fedtune, and fedtune loading them back to predict.
+
+An adapter folder (``adapter/``; per client ``adapters/client_<i>/`` for personalised
+algorithms) holds:
+
+- ``adapter_config.json`` and ``adapter_model.safetensors`` (peft), naming the base as
+  :func:`~fedtune.models.base.public_model_name` gives it (a packaged model's Hub id);
+  a classifier's head is in the adapter (peft's ``modules_to_save``);
+- the tokenizer the run trained with;
+- classification: ``classifier_config.json``, the base model's config as the classifier
+  was trained with it (the run's label names as ``id2label``/``label2id``, its
+  ``pad_token_id``): ``AutoConfig.from_pretrained`` reads it, to pass as ``config=``
+  when loading the base. It is not named ``config.json``: transformers takes a folder
+  holding one for a complete model and would not load the base;
+- ``merged.safetensors`` where the algorithm merges updates into base weights;
+- ``README.md``, the model card (:mod:`fedtune.model_card`).
+
+fedtune loads a run's model offline: a packaged base comes from its package (the
+run's ``model.name``), not from the Hub id the adapter names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedtune.config import RunConfig, load_config
+from fedtune.data.templates import Template
+from fedtune.errors import FedtuneError
+from fedtune.runlog import CONFIG, load_run
+
+CLASSIFIER_CONFIG = "classifier_config.json"
+PARTITION = "partition.json"
+
+
+def save_model_folder(model, tokenizer, folder: Path, base_name: str, classification: bool) -> None:
+    """Save ``model`` (a PeftModel) in peft format with its tokenizer, naming ``base_name`` as its base."""
+    for cfg in model.peft_config.values():
+        cfg.base_model_name_or_path = base_name
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if classification:
+        model.get_base_model().config.to_json_file(folder / CLASSIFIER_CONFIG)
+
+
+def adapter_folders(run_dir: Path) -> dict[int | None, Path]:
+    """The run's saved adapters: ``{None: adapter/}``, or ``{i: adapters/client_<i>/}`` per client."""
+    if (run_dir / "adapter" / "adapter_config.json").is_file():
+        return {None: run_dir / "adapter"}
+    found = {}
+    for path in (run_dir / "adapters").glob("client_*"):
+        if (path / "adapter_config.json").is_file() and path.name[len("client_"):].isdigit():
+            found[int(path.name[len("client_"):])] = path
+    return dict(sorted(found.items()))
+
+
+def adapter_folder(run_dir: Path, client: int | None) -> Path:
+    """The adapter folder of ``client`` (None: the run's one model), or a one-line error naming the choices."""
+    folders = adapter_folders(run_dir)
+    if not folders:
+        raise FedtuneError(f"run {run_dir} has no saved adapter (adapter/ or adapters/client_<i>/); "
+                           "a run saves it after its last round: finish it with 'fedtune run ... --resume'")
+    clients = [c for c in folders if c is not None]
+    if client is None and clients:
+        raise FedtuneError(f"run {run_dir} saved one adapter per client ({_span(clients)}); choose one with --client")
+    if client is not None and not clients:
+        raise FedtuneError(f"run {run_dir} saved one model for all clients; leave out --client")
+    if client is not None and client not in folders:
+        raise FedtuneError(f"run {run_dir} has no adapter for client {client}; its clients are {_span(clients)}")
+    return folders[client]
+
+
+def _span(clients: list[int]) -> str:
+    return f"{clients[0]}..{clients[-1]}" if clients == list(range(clients[0], clients[-1] + 1)) else str(clients)
+
+
+@dataclass
+class RunModel:
+    """A run's trained model loaded back: its config, the model (eval mode), tokenizer and input columns."""
+
+    cfg: RunConfig
+    model: torch.nn.Module
+    tokenizer: Any
+    folder: Path
+    text_columns: list[str]
+
+    @property
+    def label_names(self) -> list[str]:
+        config = self.model.get_base_model().config
+        return [config.id2label[i] for i in range(config.num_labels)]
+
+
+def load_run_model(run_dir: Path, client: int | None = None) -> RunModel:
+    """The model a run saved (client ``client``'s for personalised runs), on its base model resolved offline."""
+    from fedtune.models.base import PACKAGED, load_causal_lm, load_classifier
+    from fedtune.models.lora import load_adapter
+
+    run_dir = Path(run_dir)
+    load_run(run_dir)  # one line when it is not a run directory
+    folder = adapter_folder(run_dir, client)
+    cfg = load_config(run_dir / CONFIG)
+    partition = json.loads((run_dir / PARTITION).read_text()) if (run_dir / PARTITION).is_file() else {}
+    named = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = cfg.model.model_copy(update={"name": cfg.model.name if cfg.model.name in PACKAGED or not named else named})
+    if cfg.model.task == "sft":
+        model, tok = load_causal_lm(base)
+        columns = ["instruction", "input"]  # the input, optional, follows a tab
+    else:
+        if "text_columns" not in partition or "label_names" not in partition:
+            raise FedtuneError(f"run {run_dir} was written by an older fedtune that did not record its input "
+                               f"columns in {PARTITION}; rerun it to predict with it")
+        names = partition["label_names"]
+        model, tok = load_classifier(base, len(names), names)
+        columns = partition["text_columns"]
+    return RunModel(cfg, load_adapter(model, folder).eval(), tok, folder, columns)
+
+
+def split_inputs(texts: list[str], pair: bool) -> list[list[str]]:
+    """Each input as its two parts, split at the first tab: a pair model's second text, an instruction's input.
+
+    ``pair``: the model reads two texts, so the tab is required; otherwise the second part may be empty.
+    """
+    out = []
+    for text in texts:
+        first, tab, second = text.partition("\t")
+        if pair and not tab:
+            raise FedtuneError(f"this model reads pairs of texts; separate the two texts of each input with a tab: "
+                               f"{text!r}")
+        out.append([first, second])
+    return out
+
+
+@torch.no_grad()
+def classify(rm: RunModel, texts: list[str], batch_size: int = 32) -> list[dict[str, Any]]:
+    """Per input: the predicted ``label``, its ``probability`` and every class's ``probabilities``."""
+    from fedtune.training import encode_classification
+
+    if len(rm.text_columns) > 1:
+        firsts, seconds = zip(*split_inputs(texts, pair=True))
+        columns = [list(firsts), list(seconds)]
+    else:
+        columns = [list(texts)]
+    enc = encode_classification(rm.tokenizer, columns, [0] * len(texts), rm.cfg.model.max_length)
+    device = next(rm.model.parameters()).device
+    names = rm.label_names
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = enc.collate(list(range(start, min(start + batch_size, len(texts)))))
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        probs = rm.model(**inputs).logits.float().softmax(-1).cpu().numpy()
+        for row in probs:
+            k = int(np.argmax(row))
+            out.append({"label": names[k], "probability": float(row[k]),
+                        "probabilities": {n: float(p) for n, p in zip(names, row)}})
+    return out
+
+
+def generate(rm: RunModel, texts: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+    """Greedy responses to instructions (an input may follow a tab), prompted with the run's template."""
+    from fedtune.evaluation import generate_greedy
+
+    cfg = rm.cfg
+    template = Template(cfg.sft.template, rm.tokenizer, cfg.sft.system_prompt)
+    prompts = [template.prompt(instruction, input) for instruction, input in split_inputs(texts, pair=False)]
+    ids = rm.tokenizer(prompts, add_special_tokens=not template.prompt_has_special_tokens).input_ids
+    keep = max(1, cfg.model.max_length - max_new_tokens)
+    return generate_greedy(rm.model, rm.tokenizer, [p[-keep:] for p in ids], max_new_tokens, batch_size)
