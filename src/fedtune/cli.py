@@ -1,4 +1,4 @@
-"""The ``fedtune`` command line: run, report, data, algorithms, models.
+"""The ``fedtune`` command line: run, report, predict, data, algorithms, models, eval.
 
 Every command imports the heavy parts of the package (torch, transformers,
 datasets) only when it runs, so ``fedtune --help`` and a bad config fail fast.
@@ -99,6 +99,56 @@ def report(
         console.print(line, markup=False, highlight=False, soft_wrap=True, style="yellow")
     for path in result.plots:
         console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", show_default=False)],
+    text: Annotated[
+        list[str] | None,
+        typer.Option("--text", "-t", help="An input (repeatable). A tab separates a sentence pair's second text, "
+                                          "or an instruction's input."),
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="A plain text file of inputs, one per line (blank lines skipped).")
+    ] = None,
+    client: Annotated[int | None, typer.Option(help="Personalised runs: whose adapter (adapters/client_<i>/).")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="sft runs: most tokens to generate (default: the run's eval.max_new_tokens).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per input and line.")] = False,
+) -> None:
+    """Run the model a run saved (RUN_DIR, written by 'fedtune run') on new inputs: a classifier prints each input's
+    label and probability, an sft model its greedy response to the input as instruction."""
+    import json
+
+    from fedtune.saved_model import classify, generate, load_run_model
+
+    inputs = list(text or [])
+    if file is not None:
+        if not file.is_file():
+            raise FedtuneError(f"input file not found: {file}")
+        inputs += [line for line in file.read_text().splitlines() if line.strip()]
+    if not inputs:
+        raise FedtuneError("no inputs; give them with --text \"...\" (repeatable) or --file FILE (one per line)")
+    rm = load_run_model(run_dir, client)
+    if rm.cfg.model.task == "sft":
+        outputs = generate(rm, inputs, max_new_tokens or rm.cfg.eval.max_new_tokens, rm.cfg.eval.batch_size)
+        rows = [{"text": t, "generation": g} for t, g in zip(inputs, outputs)]
+    else:
+        rows = [{"text": t, **p} for t, p in zip(inputs, classify(rm, inputs, rm.cfg.eval.batch_size))]
+    if as_json:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return
+    table = Table(title=f"{run_dir}" + (f" · client {client}" if client is not None else ""), title_justify="left")
+    columns = ("input", "generation") if rm.cfg.model.task == "sft" else ("input", "label", "probability")
+    for column in columns:
+        table.add_column(column, overflow="fold", justify="right" if column == "probability" else "left")
+    for row in rows:
+        table.add_row(row["text"], *([row["generation"]] if "generation" in row else
+                                     [row["label"], f"{row['probability']:.4f}"]))
+    Console().print(table)
 
 
 @data_app.command("list")
