@@ -133,7 +133,8 @@ def test_the_adapter_folder_names_its_base_and_carries_tokenizer_labels_and_card
     folder = runs.cls / "adapter"
     adapter = json.loads((folder / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(Path(runs.model_dir).resolve())
-    assert {"tokenizer.json", "tokenizer_config.json", "adapter_model.safetensors"} <= {p.name for p in folder.iterdir()}
+    files = {p.name for p in folder.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "adapter_model.safetensors"} <= files
     assert not (folder / "config.json").exists()  # transformers would take the folder for a complete model
     config = json.loads((folder / "classifier_config.json").read_text())
     assert config["id2label"] == {"0": "negative", "1": "positive"}

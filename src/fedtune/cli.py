@@ -110,11 +110,13 @@ def predict(
                                           "or an instruction's input."),
     ] = None,
     file: Annotated[
-        Path | None, typer.Option("--file", "-f", help="A plain text file of inputs, one per line (blank lines skipped).")
+        Path | None,
+        typer.Option("--file", "-f", help="A plain text file of inputs, one per line (blank lines skipped)."),
     ] = None,
     client: Annotated[int | None, typer.Option(help="Personalised runs: whose adapter (adapters/client_<i>/).")] = None,
     max_new_tokens: Annotated[
-        int | None, typer.Option(min=1, help="sft runs: most tokens to generate (default: the run's eval.max_new_tokens).")
+        int | None,
+        typer.Option(min=1, help="sft runs: most tokens to generate (default: the run's eval.max_new_tokens)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per input and line.")] = False,
 ) -> None:

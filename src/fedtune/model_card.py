@@ -77,16 +77,18 @@ def model_card(cfg: RunConfig, summary: dict[str, Any], partition: dict[str, Any
 def _training_rows(cfg: RunConfig, summary: dict, partition: dict, adapter: dict, base: str) -> list[tuple[str, str]]:
     options = ", ".join(f"{k}={v}" for k, v in cfg.algorithm.options.items())
     p, fed, train = cfg.partition, cfg.federation, cfg.train
-    skew = {"dirichlet": f" (α = {p.alpha:g} over `{p.by}`)", "pathological": f" ({p.classes_per_client} classes each)",
+    skew = {"dirichlet": f" (α = {p.alpha:g} over `{p.by}`)",
+            "pathological": f" ({p.classes_per_client} classes each)",
             "natural": f" (by `{p.by}`)", "quantity": f" (size skew {p.quantity_skew:g})"}.get(p.method, "")
     sizes = partition.get("sizes")
+    ranks = cfg.lora.ranks(p.num_clients)
     per_round = (f"{fed.clients_per_round} clients" if fed.clients_per_round else
                  f"a fraction {fed.fraction:g} of the clients" if fed.fraction else "all clients")
     steps = f"{train.local_steps} steps" if train.local_steps else f"{train.local_epochs:g} epochs"
     data = f"`{cfg.data.name}`"
     if partition.get("num_examples"):
         data += f", {partition['num_examples']:,} training examples"
-    rows = [
+    return [
         ("method", f"`{cfg.algorithm.name}`" + (f" ({options})" if options else "")),
         ("base model", f"`{base}`" + (f" (fedtune: `{cfg.model.name}`)" if cfg.model.name != base else "")),
         ("task", _task(cfg, partition)),
@@ -98,11 +100,11 @@ def _training_rows(cfg: RunConfig, summary: dict, partition: dict, adapter: dict
         ("local training", f"{steps} of batch {train.batch_size}, {train.optimizer} lr {train.lr:g}"
          + (f" ({train.lr_schedule})" if train.lr_schedule != "constant" else "")),
         ("LoRA", f"r = {adapter['r']}, α = {adapter['lora_alpha']:g} on {', '.join(sorted(adapter['target_modules']))}"
+         + (f" (clients train ranks {min(ranks)}–{max(ranks)})" if ranks else "")
          + ("; classifier head trained" if cfg.model.task == "classification" and cfg.lora.train_head else "")),
         ("communication", f"{human_bytes(summary['cum_bytes_up'])} up, {human_bytes(summary['cum_bytes_down'])} down"),
         ("time", f"{human_seconds(summary['seconds'])} ({summary.get('runtime', 'inprocess')} runtime)"),
     ]
-    return rows
 
 
 def _task(cfg: RunConfig, partition: dict) -> str:
