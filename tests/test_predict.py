@@ -93,6 +93,8 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_tsv_dataset, tiny_llama_dir, tin
     cls = execute(load_config(None, [*common, *classify_args, "name=cls"])).run_dir
     local = execute(load_config(None, [*common, *classify_args, "name=local", "algorithm.name=local",
                                        "partition.client_test_fraction=0.2"])).run_dir
+    clustered = execute(load_config(None, [*common, *classify_args, "name=clustered", "partition.num_clients=3",
+                                           "algorithm.name=clustered", "algorithm.options={n_clusters: 2}"])).run_dir
     pairs = _named_labels(tiny_tsv_dataset, root / "pairs", pair=True)
     pair = execute(load_config(None, [*common, f"model.name={tiny_model_dir}", f"data.name={pairs}", "name=pair",
                                       "data.text_column=sentence", "data.text_pair_column=other",
@@ -100,7 +102,8 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_tsv_dataset, tiny_llama_dir, tin
     sft = execute(load_config(None, [*common, "name=sft", f"model.name={tiny_llama_dir}", "model.task=sft",
                                      "model.max_length=96", f"data.name={tiny_alpaca_dataset}", "sft.template=chat",
                                      f"sft.system_prompt={SYSTEM}"])).run_dir
-    return SimpleNamespace(root=root, cls=cls, local=local, pair=pair, sft=sft, model_dir=tiny_model_dir)
+    return SimpleNamespace(root=root, cls=cls, local=local, clustered=clustered, pair=pair, sft=sft,
+                           model_dir=tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +204,17 @@ def test_a_personalised_run_predicts_with_the_chosen_clients_model(runs):
     folder = runs.local / "adapters" / "client_1"
     assert "client 1's own model" in (folder / "README.md").read_text()
     assert (folder / "classifier_config.json").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def test_a_clustered_run_predicts_with_the_model_of_the_clients_cluster(runs):
+    assignment = json.loads((runs.clustered / "models.json").read_text())["assignment"]
+    for client, name in assignment.items():
+        assert load_run_model(runs.clustered, int(client)).folder == runs.clustered / "adapters" / name
+        card = (runs.clustered / "adapters" / name / "README.md").read_text()
+        assert f"model `{name}`, used by clients" in card and "classifier_config.json" in card
+    assert load_run_model(runs.clustered).folder == runs.clustered / "adapter"
+    with pytest.raises(FedtuneError, match="has no client 3; its clients are 0..2"):
+        load_run_model(runs.clustered, 3)
 
 
 def _main(monkeypatch, capsys, *args: str):

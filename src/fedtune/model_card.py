@@ -19,7 +19,8 @@ from fedtune.models.base import PACKAGED
 from fedtune.models.lora import MERGED_FILE
 from fedtune.report import human_bytes, human_seconds
 from fedtune.runlog import CONFIG, SUMMARY
-from fedtune.saved_model import CLASSIFIER_CONFIG, PARTITION, adapter_folders
+from fedtune.saved_model import (ADAPTER_CONFIG, CLASSIFIER_CONFIG, PARTITION, adapter_folders, model_assignment,
+                                 personal_clients)
 
 CARD = "README.md"
 
@@ -30,17 +31,27 @@ def write_model_cards(run_dir: Path) -> list[Path]:
     cfg = load_config(run_dir / CONFIG)
     summary = json.loads((run_dir / SUMMARY).read_text())
     partition = json.loads((run_dir / PARTITION).read_text()) if (run_dir / PARTITION).is_file() else {}
+    folders = adapter_folders(run_dir)
+    personal, assignment = personal_clients(folders), model_assignment(run_dir)
     written = []
-    for client, folder in adapter_folders(run_dir).items():
-        adapter = json.loads((folder / "adapter_config.json").read_text())
-        (folder / CARD).write_text(model_card(cfg, summary, partition, adapter, folder, client))
+    for name, folder in folders.items():
+        adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
+        if personal:
+            client = int(name[len("client_"):])
+            who, personalized = f"client {client}'s own model", True
+        else:
+            users = sorted(c for c, m in assignment.items() if m == name)
+            client, personalized = (users[0] if users and name else None), False
+            who = f"model `{name}`, used by clients {users}" if name else ("the global model" if assignment else "")
+        (folder / CARD).write_text(model_card(cfg, summary, partition, adapter, folder, who, client, personalized))
         written.append(folder / CARD)
     return written
 
 
 def model_card(cfg: RunConfig, summary: dict[str, Any], partition: dict[str, Any], adapter: dict[str, Any],
-               folder: Path, client: int | None = None) -> str:
-    """The card of the adapter in ``folder`` (``client``'s own for personalised runs), as Markdown."""
+               folder: Path, who: str = "", client: int | None = None, personalized: bool = False) -> str:
+    """The card of the adapter in ``folder`` as Markdown. ``who``: which of the run's models it is (e.g. client 3's
+    own); ``client``: a client that uses it (``fedtune predict --client``)."""
     from fedtune.algorithms import ALGORITHMS
 
     base = adapter["base_model_name_or_path"]
@@ -49,14 +60,13 @@ def model_card(cfg: RunConfig, summary: dict[str, Any], partition: dict[str, Any
     front = ["---", "library_name: peft"] + ([f"base_model: {base}"] if on_hub else []) + [
         f"pipeline_tag: {'text-classification' if classification else 'text-generation'}",
         "tags:", "- fedtune", "- lora", "- federated-learning", f"- {cfg.algorithm.name}", "---", ""]
-    who = f" (client {client}'s own model)" if client is not None else ""
     algo = ALGORITHMS.get(cfg.algorithm.name)
-    lines = [f"# {cfg.name}: a LoRA adapter for {base}{who}", "",
+    lines = [f"# {cfg.name}: a LoRA adapter for {base}" + (f" ({who})" if who else ""), "",
              f"Trained by fedtune with `{cfg.algorithm.name}`" + (f": {algo.summary}." if algo else "."), ""]
     lines += ["## Training", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in _training_rows(cfg, summary, partition, adapter, base)]
     lines += ["", "## Results after the last round", ""]
-    lines += _results(summary, personalized=client is not None)
+    lines += _results(summary, personalized)
     lines += ["", "## Using it", ""]
     lines += _usage(cfg, partition, folder, base, client)
     if (folder / MERGED_FILE).is_file():
@@ -123,7 +133,8 @@ def _results(summary: dict, personalized: bool) -> list[str]:
     out = ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in final.items()]
     notes = []
     if any(k.startswith("eval/") for k in final):
-        notes.append("`eval/` is the held-out split")
+        several = any(k.count("/") > 1 for k in final if k.startswith("eval/"))
+        notes.append("`eval/` is the held-out split" + (" (`eval/<model>/`: each of the run's models)" if several else ""))
     if any(k.startswith("client_eval/") for k in final):
         notes.append("`client_eval/` the example-weighted mean over the clients' own test shards"
                      + (", each client scored with its own model" if personalized else ""))
@@ -132,7 +143,7 @@ def _results(summary: dict, personalized: bool) -> list[str]:
 
 def _usage(cfg: RunConfig, partition: dict, folder: Path, base: str, client: int | None) -> list[str]:
     where = f"folder = {json.dumps(str(folder))}  # this folder"
-    run = f"{folder.parent.parent if client is not None else folder.parent}"
+    run = f"{folder.parent.parent if folder.parent.name == 'adapters' else folder.parent}"
     flag = f" --client {client}" if client is not None else ""
     if cfg.model.task == "classification":
         pair = len(partition.get("text_columns", [])) > 1

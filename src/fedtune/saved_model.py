@@ -1,7 +1,7 @@
 """A run's saved model: adapter folders that load without fedtune, and fedtune loading them back to predict.
 
-An adapter folder (``adapter/``; per client ``adapters/client_<i>/`` for personalised
-algorithms) holds:
+An adapter folder (``adapter/``; ``adapters/<name>/`` for each of several models, e.g.
+one per cluster; per client ``adapters/client_<i>/`` for personalised algorithms) holds:
 
 - ``adapter_config.json`` and ``adapter_model.safetensors`` (peft), naming the base as
   :func:`~fedtune.models.base.public_model_name` gives it (a packaged model's Hub id);
@@ -34,7 +34,9 @@ from fedtune.data.templates import Template
 from fedtune.errors import FedtuneError
 from fedtune.runlog import CONFIG, load_run
 
+ADAPTER_CONFIG = "adapter_config.json"
 CLASSIFIER_CONFIG = "classifier_config.json"
+MODELS = "models.json"
 PARTITION = "partition.json"
 
 
@@ -48,31 +50,53 @@ def save_model_folder(model, tokenizer, folder: Path, base_name: str, classifica
         model.get_base_model().config.to_json_file(folder / CLASSIFIER_CONFIG)
 
 
-def adapter_folders(run_dir: Path) -> dict[int | None, Path]:
-    """The run's saved adapters: ``{None: adapter/}``, or ``{i: adapters/client_<i>/}`` per client."""
-    if (run_dir / "adapter" / "adapter_config.json").is_file():
-        return {None: run_dir / "adapter"}
-    found = {}
-    for path in (run_dir / "adapters").glob("client_*"):
-        if (path / "adapter_config.json").is_file() and path.name[len("client_"):].isdigit():
-            found[int(path.name[len("client_"):])] = path
-    return dict(sorted(found.items()))
+def adapter_folders(run_dir: Path) -> dict[str, Path]:
+    """Every adapter folder a run saved, by name: ``""`` for ``adapter/`` (the global model), else its folder
+    name under ``adapters/``: ``client_<i>`` (personalised), or one of several models (``models.json``)."""
+    found = {"": run_dir / "adapter"} if (run_dir / "adapter" / ADAPTER_CONFIG).is_file() else {}
+    if (run_dir / "adapters").is_dir():
+        found.update({p.name: p for p in sorted((run_dir / "adapters").iterdir()) if (p / ADAPTER_CONFIG).is_file()})
+    return found
+
+
+def personal_clients(folders: dict[str, Path]) -> list[int]:
+    """The clients with a model of their own (``adapters/client_<i>/``, no global model), in order."""
+    if "" in folders:
+        return []
+    return sorted(int(n[len("client_"):]) for n in folders if n.startswith("client_") and n[len("client_"):].isdigit())
+
+
+def model_assignment(run_dir: Path) -> dict[int, str]:
+    """Client → the name of its model, for a run that saved several (``models.json``); clients not listed use
+    the global model."""
+    path = run_dir / MODELS
+    return {int(c): name for c, name in json.loads(path.read_text())["assignment"].items()} if path.is_file() else {}
 
 
 def adapter_folder(run_dir: Path, client: int | None) -> Path:
-    """The adapter folder of ``client`` (None: the run's one model), or a one-line error naming the choices."""
+    """The folder of the model ``client`` uses (None: the global model), or a one-line error naming the choices."""
     folders = adapter_folders(run_dir)
     if not folders:
-        raise FedtuneError(f"run {run_dir} has no saved adapter (adapter/ or adapters/client_<i>/); "
+        raise FedtuneError(f"run {run_dir} has no saved adapter (adapter/ or adapters/<name>/); "
                            "a run saves it after its last round: finish it with 'fedtune run ... --resume'")
-    clients = [c for c in folders if c is not None]
-    if client is None and clients:
-        raise FedtuneError(f"run {run_dir} saved one adapter per client ({_span(clients)}); choose one with --client")
-    if client is not None and not clients:
+    personal = personal_clients(folders)
+    if personal:
+        if client is None:
+            raise FedtuneError(f"run {run_dir} saved one adapter per client ({_span(personal)}); "
+                               "choose one with --client")
+        if client not in personal:
+            raise FedtuneError(f"run {run_dir} has no adapter for client {client}; its clients are {_span(personal)}")
+        return folders[f"client_{client}"]
+    if client is None:
+        return folders[""]
+    assignment = model_assignment(run_dir)
+    if not assignment:
         raise FedtuneError(f"run {run_dir} saved one model for all clients; leave out --client")
-    if client is not None and client not in folders:
-        raise FedtuneError(f"run {run_dir} has no adapter for client {client}; its clients are {_span(clients)}")
-    return folders[client]
+    partition = json.loads((run_dir / PARTITION).read_text()) if (run_dir / PARTITION).is_file() else {}
+    clients = list(range(partition.get("num_clients", max(assignment) + 1)))
+    if client not in clients:
+        raise FedtuneError(f"run {run_dir} has no client {client}; its clients are {_span(clients)}")
+    return folders[assignment.get(client, "")]
 
 
 def _span(clients: list[int]) -> str:
@@ -96,7 +120,7 @@ class RunModel:
 
 
 def load_run_model(run_dir: Path, client: int | None = None) -> RunModel:
-    """The model a run saved (client ``client``'s for personalised runs), on its base model resolved offline."""
+    """The model a run saved (the one client ``client`` uses, if given), on its base model resolved offline."""
     from fedtune.models.base import PACKAGED, load_causal_lm, load_classifier
     from fedtune.models.lora import load_adapter
 
@@ -105,7 +129,7 @@ def load_run_model(run_dir: Path, client: int | None = None) -> RunModel:
     folder = adapter_folder(run_dir, client)
     cfg = load_config(run_dir / CONFIG)
     partition = json.loads((run_dir / PARTITION).read_text()) if (run_dir / PARTITION).is_file() else {}
-    named = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    named = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     base = cfg.model.model_copy(update={"name": cfg.model.name if cfg.model.name in PACKAGED or not named else named})
     if cfg.model.task == "sft":
         model, tok = load_causal_lm(base)
