@@ -150,7 +150,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         tr, te = split_client_test(part, cfg.partition.client_test_fraction, derive_seed(cfg.seed, cid))
         shards.append(tr)
         tests.append(te)
-    summary = partition_summary(task.train, parts, task.label_column, task.label_names)
+    summary = partition_summary(task.train, parts, task.label_column, task.label_names, by=cfg.partition.by)
     if any(len(s) == 0 for s in shards):
         empty = [i for i, s in enumerate(shards) if len(s) == 0]
         raise FedtuneError(
