@@ -45,12 +45,24 @@ class DataConfig(_Strict):
     instructions; rows carry a ``task`` column (partition with ``by: task``). ``max_*_examples`` apply per task."""
     on_malformed: Literal["error", "skip"] = "error"
     """``error``: a malformed row stops the run, naming file and line. ``skip``: it is dropped and counted in the run log."""
+    languages: list[str] | None = None
+    """Parallel multilingual datasets (``multilingual``, ``sst2_multilingual``): the languages to load, e.g.
+    ``[en, es, tr, de]``; default all. Rows carry a ``language`` column (partition with ``by: language``)."""
+    parallel: Literal["aligned", "disjoint"] = "aligned"
+    """Parallel datasets: ``aligned`` keeps every row in every language (row i of one language is the translation
+    of row i of another); ``disjoint`` gives each row one language only (seeded), so no item appears twice."""
 
 
 class PartitionConfig(_Strict):
     """How the training examples are split across clients."""
 
-    method: Literal["iid", "dirichlet", "pathological", "natural", "quantity"] = "iid"
+    method: Literal[
+        "iid", "dirichlet", "pathological", "natural", "quantity", "group_clusters", "group_iid", "group_pairs",
+        "language_clusters", "language_iid", "language_multi_domain",
+    ] = "iid"
+    """Group splits over ``by`` (FedMLLM): ``group_clusters`` (one group per client, several clients per group),
+    ``group_iid`` (every client holds every group), ``group_pairs`` (client k holds groups k and k+1 mod G).
+    ``language_clusters``, ``language_iid``, ``language_multi_domain`` are the same with ``by: language`` by default."""
     num_clients: int = Field(default=8, ge=1)
     by: str = "label"
     """Column to partition over (Dirichlet, pathological, natural)."""
@@ -64,6 +76,12 @@ class PartitionConfig(_Strict):
     """Dirichlet: resample until every client has at least this many examples."""
     client_test_fraction: float = Field(default=0.0, ge=0, lt=1)
     """Fraction of each client's shard held out as its own test shard (personalised evaluation)."""
+
+    @model_validator(mode="after")
+    def _language_aliases_partition_by_language(self) -> "PartitionConfig":
+        if self.method.startswith("language_") and "by" not in self.model_fields_set:
+            self.__dict__["by"] = "language"
+        return self
 
 
 class ModelConfig(_Strict):

@@ -101,8 +101,8 @@ class Experiment:
         return clients_per_round(self.cfg, self.cfg.partition.num_clients)
 
 
-GROUP_PARTITIONS = ("natural",)
-"""Partitions that give each client a group (a value of ``partition.by``), e.g. a language or a task."""
+GROUP_PARTITIONS = ("natural", "group_clusters", "language_clusters")
+"""Partitions that give each client one group (a value of ``partition.by``), e.g. a language or a task."""
 
 
 def client_groups(column, shards: list[np.ndarray]) -> list[str]:
@@ -165,7 +165,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         tr, te = split_client_test(part, cfg.partition.client_test_fraction, derive_seed(cfg.seed, cid))
         shards.append(tr)
         tests.append(te)
-    summary = partition_summary(task.train, parts, task.label_column, task.label_names)
+    summary = partition_summary(task.train, parts, task.label_column, task.label_names, by=cfg.partition.by)
     if cfg.partition.method in GROUP_PARTITIONS:
         algorithm.client_groups = client_groups(task.train[cfg.partition.by], shards)
     if any(len(s) == 0 for s in shards):
