@@ -11,7 +11,7 @@ import math
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -75,7 +75,11 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 
 
 class RoundHooks(Protocol):
+    """What :func:`run_rounds` tells its watcher (a progress display): rounds begin, evaluations begin, rounds end."""
+
     def on_round_start(self, rnd: int, clients: list[int]) -> None: ...
+    def on_eval_start(self, rnd: int, what: str, n_examples: int) -> None:
+        """An evaluation of round ``rnd`` begins on ``n_examples`` examples of ``what`` (e.g. 'the eval split')."""
     def on_round_end(self, row: dict) -> None: ...
 
 
@@ -107,14 +111,24 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
     every = cfg.eval.every
     per_client = algo.personalized or cfg.eval.per_client
 
-    def evaluation(rnd: int, state: ServerState) -> dict[str, float]:
+    def evaluation(rnd: int, state: ServerState) -> dict[str, Any]:
+        """The round's ``eval/`` metrics, the clients' ``client_eval/`` means (and spread), and each client's
+        own metrics as ``client_metrics: {"<client id>": {...}}``; nothing on rounds that are not evaluated."""
         if not cfg.eval.enabled or not (rnd == rounds or (every and rnd % every == 0)):
             return {}
-        out: dict[str, float] = {}
+        out: dict[str, Any] = {}
         if exp.eval is not None and not algo.personalized:
+            if hooks:
+                hooks.on_eval_start(rnd, "the eval split", len(exp.eval))
             out.update(_prefixed("eval", evaluate_global(exp, state.global_tensors)))
         if per_client:
-            out.update(_prefixed("client_eval", mean_metrics(pool.evaluate(state))))
+            if hooks:
+                tested = [len(t) for t in exp.client_tests if len(t)]
+                what = f"the test shards of {len(tested)} client" + "s" * (len(tested) != 1)
+                hooks.on_eval_start(rnd, what, sum(tested))
+            clients = pool.evaluate(state)
+            out.update(_prefixed("client_eval", mean_metrics(clients)))
+            out["client_metrics"] = {str(c): clients[c] for c in sorted(clients)}
         return out
 
     def record(state: ServerState, row: dict) -> None:
