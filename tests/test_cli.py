@@ -30,6 +30,7 @@ ERROR_CASES = {
     "unknown model": (["run", "c.yaml", *TINY_DATA, "-o", "model.name=nope"], "unknown model 'nope'"),
     "unwritable output folder": (["run", "c.yaml", "-o", "output_dir=afile/runs"], "cannot write run directory"),
     "report on a non-run folder": (["report", "notarun"], "is not a run directory"),
+    "show on a non-run folder": (["show", "notarun"], "is not a run directory"),
 }
 
 

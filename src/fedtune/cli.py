@@ -65,8 +65,8 @@ def run(
     if resume and overwrite:
         raise FedtuneError("--resume continues a run and --overwrite deletes it; pass only one of them")
     cfg = load_config(config, override)
-    from fedtune.report import human_seconds
     from fedtune.run import execute
+    from fedtune.units import human_seconds
 
     result = execute(cfg, overwrite=overwrite, console=Console(quiet=quiet), runtime=runtime.value, resume=resume)
     metrics = [f"{k} {v:.4f}" for k, v in result.final.items() if not k.endswith("/n")]
@@ -99,6 +99,24 @@ def report(
         console.print(line, markup=False, highlight=False, soft_wrap=True, style="yellow")
     for path in result.plots:
         console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def show(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR")]) -> None:
+    """Show one run (a folder written by 'fedtune run', also while it runs) round by round: loss, metrics, bytes."""
+    from fedtune.runlog import load_run
+    from fedtune.show import fitted_tables, round_table
+
+    run = load_run(run_dir)
+    console = Console()
+    if console.is_terminal:
+        tables = fitted_tables(run, console)
+    else:  # a file or a pipe has no width to fit: the table whole
+        tables = [round_table(run)]
+        whole = console.measure(tables[0], options=console.options.update_width(10_000)).maximum
+        console.width = max(console.width, whole)
+    for table in tables:
+        console.print(table)
 
 
 @data_app.command("list")

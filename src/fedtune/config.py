@@ -246,6 +246,14 @@ class EvalConfig(_Strict):
     """Generation (``rouge``): tokens generated per example, greedily."""
 
 
+class LogConfig(_Strict):
+    """Where a run's metrics go besides ``metrics.jsonl``."""
+
+    tensorboard: bool = False
+    """Also write every numeric metric of each round as TensorBoard scalars (step = round) under
+    ``<run dir>/tensorboard/`` (needs ``pip install tensorboard``; view with ``tensorboard --logdir runs``)."""
+
+
 class RunConfig(_Strict):
     """Everything that defines a run."""
 
@@ -261,6 +269,7 @@ class RunConfig(_Strict):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
     threads: int | None = Field(default=None, ge=1)
     """torch intra-op threads; default: all cores."""
 

@@ -25,7 +25,6 @@ from typing import Any
 import yaml
 from safetensors.torch import save_file
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedtune.config import RunConfig
 from fedtune.data import summary_table
@@ -33,12 +32,12 @@ from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment, build_experiment
 from fedtune.algorithms import ClientContext, ServerState
 from fedtune.models.lora import MERGED, MERGED_FILE
+from fedtune.progress import RunProgress
 from fedtune.report import clustering_plots
 from fedtune.runlog import METRICS, RunLog, load_run
 from fedtune.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.runtime.inprocess import InProcessPool
 from fedtune.runtime.server import ClientPool, run_rounds
-from fedtune.training import local_steps
 
 
 @dataclass
@@ -48,45 +47,17 @@ class RunResult:
     seconds: float
 
 
-class _ProgressHooks:
-    """Rich progress bars: rounds, and local steps within the round."""
-
-    def __init__(self, progress: Progress, exp: Experiment, console: Console, steps: bool = True, done: int = 0):
-        self.progress, self.exp, self.console = progress, exp, console
-        self.rounds = progress.add_task("rounds", total=exp.cfg.federation.rounds, completed=done)
-        self.steps = progress.add_task("local steps", total=1, visible=steps)
-
-    def on_step(self) -> None:
-        self.progress.advance(self.steps)
-
-    def on_round_start(self, rnd: int, clients: list[int]) -> None:
-        total = sum(local_steps(self.exp.cfg.train, len(self.exp.shards[c])) for c in clients)
-        self.progress.reset(self.steps, total=total * self.exp.steps_multiplier,
-                            description=f"round {rnd}: {len(clients)} clients")
-
-    def on_round_end(self, row: dict) -> None:
-        if row["round"]:
-            self.progress.advance(self.rounds)
-        shown = {k: v for k, v in row.items() if k.startswith(("eval/", "client_eval/"))}
-        if shown or row["round"]:
-            parts = [f"round {row['round']}"]
-            if row.get("train_loss") is not None:
-                parts.append(f"train_loss {row['train_loss']:.4f}")
-            parts += [f"{k} {v:.4f}" for k, v in shown.items() if not k.endswith("_std")]
-            self.console.log("  ".join(parts))
-
-
 RUNTIMES = ("inprocess", "flower")
 
-Driver = Callable[[Experiment, _ProgressHooks, Callable[[ClientPool], Any]], Any]
+Driver = Callable[[Experiment, RunProgress, Callable[[ClientPool], Any]], Any]
 """How a runtime runs the federation: ``driver(exp, hooks, body)`` builds its pool and returns ``body(pool)``."""
 
 
-def _inprocess(exp: Experiment, hooks: _ProgressHooks, body: Callable[[ClientPool], Any]) -> Any:
+def _inprocess(exp: Experiment, hooks: RunProgress, body: Callable[[ClientPool], Any]) -> Any:
     return body(InProcessPool(exp, on_step=hooks.on_step))
 
 
-def _flower_simulation(exp: Experiment, hooks: _ProgressHooks, body: Callable[[ClientPool], Any]) -> Any:
+def _flower_simulation(exp: Experiment, hooks: RunProgress, body: Callable[[ClientPool], Any]) -> Any:
     from fedtune.runtime.flower import run_simulation_engine
 
     return run_simulation_engine(exp, body)
@@ -114,7 +85,7 @@ def _reopen_log(cfg: RunConfig, ckpt: Checkpoint) -> RunLog:
     metrics = run_dir / METRICS
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
     metrics.unlink(missing_ok=True)
-    log = RunLog(run_dir)
+    log = RunLog(run_dir, tensorboard=cfg.log.tensorboard)
     for row in rows:
         if row["round"] <= ckpt.round:
             log.log_round(row)
@@ -137,9 +108,9 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
             )
         console.print(f"resuming {cfg.run_dir} after round {ckpt.round}")
     else:
-        log = RunLog(cfg.run_dir, overwrite=overwrite)
+        log = RunLog(cfg.run_dir, overwrite=overwrite, tensorboard=cfg.log.tensorboard)
         log.write_config(cfg.to_dict())
-    exp = build_experiment(cfg)
+    exp = build_experiment(cfg, note=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
     log.write_json("partition.json", {**exp.partition, "skipped_rows": exp.task.skipped_rows,
                                       "source": exp.task.source})
     console.print(summary_table(exp.partition))
@@ -162,9 +133,7 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
         state, last = run_rounds(exp, pool, log, hooks, start=start, on_state=on_state)
         return state, last, pool.final_client_states() if exp.algorithm.personalized else {}
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=console.quiet) as progress:
-        hooks = _ProgressHooks(progress, exp, console, steps=driver is _inprocess, done=ckpt.round if ckpt else 0)
+    with RunProgress(console, exp, steps=driver is _inprocess, done=ckpt.round if ckpt else 0) as hooks:
         state, last, client_states = driver(exp, hooks, federate)
 
     save_adapters(exp, state, client_states, cfg.run_dir)
@@ -181,6 +150,7 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
         clients = sorted({p["client"] for p in problems})
         console.print(f"[yellow]clients {clients} were left out of {len(problems)} client-rounds (failed, dropped or "
                       f"rejected); see client_problems in {cfg.run_dir / 'summary.json'}")
+    log.close()
     return RunResult(cfg.run_dir, final, seconds)
 
 
