@@ -84,7 +84,8 @@ def run(
 
     result = execute(cfg, overwrite=overwrite, console=Console(quiet=quiet), runtime=runtime.value, resume=resume)
     if result.already_finished:
-        print(f"run {result.run_dir} is finished ({cfg.federation.rounds} rounds); nothing to resume")
+        rounds = cfg.federation.rounds
+        print(f"run {result.run_dir} is finished ({rounds} round{'s' * (rounds != 1)}); nothing to resume")
         return
     metrics = [f"{k} {v:.4f}" for k, v in result.final.items() if not k.endswith("/n")]
     line = " · ".join([f"run dir {result.run_dir}", *metrics, human_seconds(result.seconds)])
