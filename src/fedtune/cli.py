@@ -114,7 +114,9 @@ def report(
 
 @config_app.command("init")
 def config_init(
-    task: Annotated[Task, typer.Option(help="classification (SST-2, MiniLM) or sft (Alpaca, SmolLM2).")] = Task.classification,
+    task: Annotated[
+        Task, typer.Option(help="classification (SST-2, MiniLM) or sft (Alpaca, SmolLM2).")
+    ] = Task.classification,
 ) -> None:
     """Print a commented starting config that runs as it is: fedtune config init > my.yaml; fedtune run my.yaml."""
     from fedtune.config_doc import starter
@@ -174,7 +176,7 @@ def algorithms() -> None:
 
     from fedtune.algorithms import ALGORITHMS
     from fedtune.config import yaml_flow
-    from fedtune.config_doc import allowed
+    from fedtune.config_doc import allowed, meaning
 
     lines = ["algorithms (set algorithm.name; options go under algorithm.options, e.g. -o algorithm.options.tau=0.8)"]
     for name, cls in ALGORITHMS.items():
@@ -182,10 +184,10 @@ def algorithms() -> None:
         fields = cls.Options.model_fields
         lines.append("  options:" if fields else "  options: none")
         for key, field in fields.items():
-            kind = allowed(field)
-            text = f"{key}={yaml_flow(field.get_default(call_default_factory=True))}" + (f" [{kind}]" if kind else "")
-            text += f": {' '.join((field.description or '').split())}".replace("``", "`") if field.description else ""
-            lines += textwrap.wrap(text, 100, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False)
+            kind, text = allowed(field), meaning(field)
+            line = f"{key}={yaml_flow(field.get_default(call_default_factory=True))}" + (f" [{kind}]" if kind else "")
+            line += f": {text}" if text else ""
+            lines += textwrap.wrap(line, 100, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False)
     print("\n".join(lines))
 
 

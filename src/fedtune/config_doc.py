@@ -65,6 +65,11 @@ def _text(doc: str | None) -> str:
     return " ".join((doc or "").split()).replace("``", "`")
 
 
+def meaning(field: FieldInfo) -> str:
+    """A field's docstring on one line, in plain backticks."""
+    return _text(field.description)
+
+
 def allowed(field: FieldInfo) -> str:
     """The values a field takes, from its type and bounds: ``one of: a, b``, ``int ≥ 1``, ``float in (0, 1]``, ...;
     '' for free text."""
@@ -135,7 +140,7 @@ def _fields(model: type[BaseModel], values: dict[str, Any], indent: str, keys: d
             continue
         if shown is not None and name not in shown:
             continue
-        lines += _comment(_text(field.description), indent, allowed(field))
+        lines += _comment(meaning(field), indent, allowed(field))
         if key == "algorithm.options" and options is not None and type(options).model_fields:
             lines.append(f"{indent}{name}:")
             lines += _fields(type(options), options.model_dump(mode="json"), indent + "  ", None, key, None)
