@@ -26,7 +26,7 @@ import yaml
 from safetensors.torch import save_file
 from rich.console import Console
 
-from fedtune.config import RunConfig
+from fedtune.config import RunConfig, differences
 from fedtune.data import summary_table
 from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment, build_experiment
@@ -34,8 +34,8 @@ from fedtune.algorithms import ClientContext, ServerState
 from fedtune.models.lora import MERGED, MERGED_FILE
 from fedtune.progress import RunProgress
 from fedtune.report import clustering_plots
-from fedtune.runlog import METRICS, RunLog, load_run
-from fedtune.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedtune.runlog import CONFIG, METRICS, SUMMARY, RunLog, load_run
+from fedtune.runtime.checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
 from fedtune.runtime.inprocess import InProcessPool
 from fedtune.runtime.server import ClientPool, run_rounds
 
@@ -45,6 +45,8 @@ class RunResult:
     run_dir: Path
     final: dict
     seconds: float
+    already_finished: bool = False
+    """A resume found the run finished: nothing ran and no file changed (``final`` is read from its summary)."""
 
 
 RUNTIMES = ("inprocess", "flower")
@@ -67,7 +69,8 @@ def execute(cfg: RunConfig, overwrite: bool = False, console: Console | None = N
             runtime: str = "inprocess", resume: bool = False) -> RunResult:
     """Run ``cfg`` on ``runtime`` (``inprocess`` or ``flower``: Flower's simulation engine) and write its run directory.
 
-    ``resume=True`` continues the run in ``cfg.run_dir`` after its last checkpointed round.
+    ``resume=True`` continues the run in ``cfg.run_dir`` after its last checkpointed round; a finished run is
+    left as it is (``already_finished``).
     """
     drivers: dict[str, Driver] = {"inprocess": _inprocess, "flower": _flower_simulation}
     if runtime not in drivers:
@@ -75,17 +78,35 @@ def execute(cfg: RunConfig, overwrite: bool = False, console: Console | None = N
     return execute_with(cfg, drivers[runtime], runtime, overwrite=overwrite, console=console, resume=resume)
 
 
-def _reopen_log(cfg: RunConfig, ckpt: Checkpoint) -> RunLog:
-    """The run log of a resumed run: its config must be unchanged; rows after the checkpoint are dropped."""
+def _resume_point(cfg: RunConfig) -> Checkpoint:
+    """The checkpoint a resume continues from. One-line errors for a run that never started (no folder, or no
+    completed round) and for a config that differs from the run's in a key that changes results."""
     run_dir = cfg.run_dir
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
-    if saved != cfg.to_dict():
-        raise FedtuneError(f"cannot resume {run_dir}: its config.yaml differs from this run's config; "
-                           "resume with the same config, or start afresh with --overwrite")
+    if not run_dir.is_dir():
+        raise FedtuneError(f"cannot resume: there is no run at {run_dir}; start it without --resume")
+    if not has_checkpoint(run_dir):
+        raise FedtuneError(f"run {run_dir} has no completed round to resume; start it without --resume "
+                           "(add --overwrite to replace the directory)")
+    if not (run_dir / CONFIG).is_file():
+        raise FedtuneError(f"cannot resume {run_dir}: it has a checkpoint but no {CONFIG}; "
+                           "start afresh with --overwrite")
+    changed = differences(yaml.safe_load((run_dir / CONFIG).read_text()) or {}, cfg.to_dict())
+    if changed:
+        raise FedtuneError(f"cannot resume {run_dir}: its config differs ({'; '.join(changed)}); resume with the "
+                           f"run's settings, e.g. fedtune run {run_dir / CONFIG} --resume, or start afresh with "
+                           "--overwrite")
+    return load_checkpoint(run_dir)
+
+
+def _reopen_log(cfg: RunConfig, ckpt: Checkpoint) -> RunLog:
+    """The run log of a resumed run: rows after the checkpoint are dropped; ``config.yaml`` takes the new
+    result-neutral settings (threads, output paths)."""
+    run_dir = cfg.run_dir
     metrics = run_dir / METRICS
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
     metrics.unlink(missing_ok=True)
     log = RunLog(run_dir, tensorboard=cfg.log.tensorboard)
+    log.write_config(cfg.to_dict())
     for row in rows:
         if row["round"] <= ckpt.round:
             log.log_round(row)
@@ -99,13 +120,16 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
     t0 = time.perf_counter()
     ckpt = None
     if resume:
-        ckpt = load_checkpoint(cfg.run_dir)
-        log = _reopen_log(cfg, ckpt)
+        ckpt = _resume_point(cfg)
+        if ckpt.round == cfg.federation.rounds and (cfg.run_dir / SUMMARY).is_file():
+            summary = json.loads((cfg.run_dir / SUMMARY).read_text())
+            return RunResult(cfg.run_dir, summary.get("final", {}), 0.0, already_finished=True)
         if ckpt.clients_with_state_on_nodes:
             raise FedtuneError(
                 f"cannot resume {cfg.run_dir}: algorithm '{cfg.algorithm.name}' kept per-client state on the Flower "
                 f"nodes of clients {ckpt.clients_with_state_on_nodes}, which the checkpoint does not hold; rerun it"
             )
+        log = _reopen_log(cfg, ckpt)
         console.print(f"resuming {cfg.run_dir} after round {ckpt.round}")
     else:
         log = RunLog(cfg.run_dir, overwrite=overwrite, tensorboard=cfg.log.tensorboard)

