@@ -78,6 +78,7 @@ def error_of(cfg: DataConfig) -> str:
         ("mmlu", "val", 1_542, 14_079, ["A", "B", "C", "D"], ("question",)),
         ("alpaca_en", "train", 999, None, [], ("instruction", "input")),
         ("alpaca_zh", "train", 1_000, None, [], ("instruction", "input")),
+        ("xquad_tr", "train", 1_190, None, [], ("instruction", "input")),
     ],
 )
 def test_registered_sizes_and_labels(data_env, name, split, n_train, n_eval, labels, text):
@@ -146,7 +147,8 @@ def test_describe_registered(data_env):
 
 def test_list_datasets():
     names = [row[0] for row in list_datasets()]
-    assert names == ["sst2", "sst2_pt", "cola", "snli", "mmlu", "alpaca_en", "alpaca_zh"]
+    assert names == ["sst2", "sst2_pt", "cola", "snli", "mmlu", "alpaca_en", "alpaca_zh", "xquad_en", "xquad_es",
+                     "xquad_tr", "xquad_de", "xquad_zh", "xquad_vi", "multilingual", "sst2_multilingual"]
     assert dict((r[0], r[2]) for r in list_datasets())["snli"] == "stanfordnlp/snli"
 
 

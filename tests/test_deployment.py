@@ -219,8 +219,8 @@ def test_supernode_killed_during_round_2_is_left_out(tmp_path, tiny_model_dir, t
         dep.start_link_and_nodes(3)
         dep.wait_registered(3)
         run = dep.flwr_run()
-        _wait_for("round 1 logged", lambda: "round 1 " in dep.flwr_log.read_text(errors="replace"), RUN_TIMEOUT_S,
-                  [run], [dep.flwr_log, dep.link_log])
+        _wait_for("round 1 logged", lambda: "round 1/2  train_loss" in dep.flwr_log.read_text(errors="replace"),
+                  RUN_TIMEOUT_S, [run], [dep.flwr_log, dep.link_log])
         _kill_all([dep.nodes[2]])
         rows = dep.wait_finished(run)
         assert [r["round"] for r in rows] == [0, 1, 2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, LoraSetup, Payload, ServerState
@@ -24,7 +25,9 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
 def build_algorithm(name: str, options: dict[str, Any] | None = None, lora: LoraSetup | None = None,
                     rounds: int | None = None, num_clients: int | None = None) -> Algorithm:
     if name not in ALGORITHMS:
-        raise FedtuneError(f"unknown algorithm '{name}'; choose one of: {', '.join(ALGORITHMS)}")
+        close = difflib.get_close_matches(name, ALGORITHMS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise FedtuneError(f"unknown algorithm '{name}'{hint} (choose one of: {', '.join(ALGORITHMS)})")
     return ALGORITHMS[name].create(options, lora, rounds, num_clients)
 
 

@@ -38,7 +38,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fedtune.aggregation import Tensors
-from fedtune.config import TrainConfig
+from fedtune.config import TrainConfig, explain
 from fedtune.errors import FedtuneError
 from fedtune.models.lora import fit_lora_rank, load_state, trainable_state
 
@@ -129,7 +129,9 @@ class ClientContext:
 
 
 class NoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """An algorithm's options: a pydantic model whose field docstrings say what each option means."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class Algorithm(ABC):
@@ -138,6 +140,9 @@ class Algorithm(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
+    requires: ClassVar[str] = ""
+    """What the algorithm needs or is meant for in the rest of the config, beyond what its flags below imply
+    (shown by ``fedtune algorithms``; see :meth:`requirements`)."""
     personalized: ClassVar[bool] = False
     """Each client ends with its own model: evaluate per client, on its own test shard."""
     pools_data: ClassVar[bool] = False
@@ -158,11 +163,21 @@ class Algorithm(ABC):
         try:
             self.options = self.Options.model_validate(options or {})
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-            valid = ", ".join(self.Options.model_fields) or "none"
             raise FedtuneError(
-                f"invalid algorithm.options for '{self.name}': {problems} (valid options: {valid})"
+                f"invalid algorithm.options for '{self.name}': {explain(e, self.Options, 'algorithm.options')}"
             ) from None
+
+    @classmethod
+    def requirements(cls) -> str:
+        """What the rest of the config must hold for this algorithm: implied by its flags, then ``requires``."""
+        parts = []
+        if cls.personalized:
+            parts.append("partition.client_test_fraction > 0 (each client is evaluated on its own test shard)")
+        if cls.pools_data:
+            parts.append("one rank for all (no lora.client_ranks / rank_tiers)")
+        if cls.requires:
+            parts.append(cls.requires)
+        return "; ".join(parts)
 
     @classmethod
     def create(cls, options: dict[str, Any] | None = None, lora: LoraSetup | None = None,

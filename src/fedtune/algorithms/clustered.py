@@ -32,10 +32,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from fedtune.aggregation import Tensors, weighted_mean
-from fedtune.algorithms.base import ClientUpdate, LoraSetup, Payload, ServerState
+from fedtune.algorithms.base import ClientUpdate, LoraSetup, NoOptions, Payload, ServerState
 from fedtune.algorithms.fedit import FedIT
 from fedtune.clustering import agreement, cluster_clients, cosine_similarity_matrix, nearest_cluster, update_vector
 from fedtune.errors import FedtuneError
@@ -43,8 +43,7 @@ from fedtune.errors import FedtuneError
 CENTROID = "clustered/centroid/"
 
 
-class ClusteredOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ClusteredOptions(NoOptions):
     cluster_round: int = Field(default=1, ge=1)
     """The round in which every client trains and the clients are clustered (FedIT before it)."""
     n_clusters: int | Literal["auto"] = "auto"
@@ -69,6 +68,8 @@ class Clustered(FedIT):
     name = "clustered"
     summary = "clustered FL (FedMLLM): Ward clusters of the clients' update directions, FedIT within each cluster"
     Options = ClusteredOptions
+    requires = ("one LoRA rank for every client; assign=oracle needs a partition by a group column "
+                "(natural or group_clusters); per-client evaluation (eval.per_client) scores each client's cluster")
 
     def __init__(self, options=None, lora: LoraSetup | None = None, rounds=None, num_clients=None):
         super().__init__(options, lora, rounds, num_clients)

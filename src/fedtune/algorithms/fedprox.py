@@ -17,14 +17,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from fedtune.algorithms.base import ClientContext
+from fedtune.algorithms.base import ClientContext, NoOptions
 from fedtune.algorithms.fedit import FedIT
 
 
-class FedProxOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FedProxOptions(NoOptions):
     mu: float = Field(default=0.01, ge=0)
     """μ: the weight of the proximal term (the paper tunes it in 0.001 … 1)."""
 

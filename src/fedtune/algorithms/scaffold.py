@@ -38,10 +38,10 @@ a multiple of η; the correction uses η for every tensor.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from fedtune.aggregation import Tensors, weighted_mean
-from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, LoraSetup, Payload, ServerState
+from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, LoraSetup, NoOptions, Payload, ServerState
 from fedtune.errors import FedtuneError
 from fedtune.models.lora import trainable_state
 
@@ -51,8 +51,7 @@ DELTA_C = "scaffold/delta_c/"
 """Prefix of a client's Δc_i in its update."""
 
 
-class ScaffoldOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ScaffoldOptions(NoOptions):
     server_lr: float = Field(default=1.0, gt=0)
     """η_g: the global step size on the averaged model change (1: FedIT's average)."""
 
@@ -69,6 +68,7 @@ class Scaffold(Algorithm):
     name = "scaffold"
     summary = "SCAFFOLD: server and client control variates correct client drift (option II)"
     Options = ScaffoldOptions
+    requires = "one LoRA rank for every client (no lora.client_ranks / rank_tiers)"
 
     def __init__(self, options=None, lora: LoraSetup | None = None, rounds=None, num_clients=None):
         super().__init__(options, lora, rounds, num_clients)

@@ -92,6 +92,11 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
     _atomic(folder / META_FILE, lambda p: p.write_text(json.dumps(json.loads(text), indent=2) + "\n"))
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint (a round completed)."""
+    return (Path(run_dir) / CHECKPOINT_DIR / STATE_FILE).is_file()
+
+
 def load_checkpoint(run_dir: Path) -> Checkpoint:
     """Read the checkpoint of ``run_dir`` (error naming what to do when there is none)."""
     path = Path(run_dir) / CHECKPOINT_DIR / STATE_FILE

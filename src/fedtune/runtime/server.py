@@ -11,7 +11,7 @@ import math
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -80,7 +80,11 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 
 
 class RoundHooks(Protocol):
+    """What :func:`run_rounds` tells its watcher (a progress display): rounds begin, evaluations begin, rounds end."""
+
     def on_round_start(self, rnd: int, clients: list[int]) -> None: ...
+    def on_eval_start(self, rnd: int, what: str, n_examples: int) -> None:
+        """An evaluation of round ``rnd`` begins on ``n_examples`` examples of ``what`` (e.g. 'the eval split')."""
     def on_round_end(self, row: dict) -> None: ...
 
 
@@ -137,20 +141,29 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
     per_client = algo.personalized or cfg.eval.per_client
     tolerate = cfg.federation.tolerate_client_failures
 
-    def evaluation(rnd: int, state: ServerState) -> tuple[dict[str, float], list[dict]]:
-        """The round's metrics, and the clients lost while evaluating."""
+    def evaluation(rnd: int, state: ServerState) -> tuple[dict[str, Any], list[dict]]:
+        """The round's ``eval/`` metrics (``eval/<model>/`` for several models), the clients' ``client_eval/``
+        means (and spread), and each client's own metrics as ``client_metrics: {"<client id>": {...}}``;
+        nothing on rounds that are not evaluated. Also the clients lost while evaluating."""
         if not cfg.eval.enabled or not (rnd == rounds or (every and rnd % every == 0)):
             return {}, []
-        out: dict[str, float] = {}
+        out: dict[str, Any] = {}
         lost: list[dict] = []
         if exp.eval is not None and not algo.personalized:
             for name, tensors in algo.evaluation_models(state).items():
+                if hooks:
+                    hooks.on_eval_start(rnd, f"the eval split ({name})" if name else "the eval split", len(exp.eval))
                 out.update(_prefixed(f"eval/{name}" if name else "eval", evaluate_global(exp, tensors)))
         if per_client:
             cids = [cid for cid in range(exp.num_clients) if len(exp.client_tests[cid])]
-            per = pool.evaluate(algo.configure_evaluate(cids, state))
+            if hooks:
+                tested = [len(exp.client_tests[c]) for c in cids]
+                what = f"the test shards of {len(tested)} client" + "s" * (len(tested) != 1)
+                hooks.on_eval_start(rnd, what, sum(tested))
+            clients = pool.evaluate(algo.configure_evaluate(cids, state))
             lost = lost_clients(rnd, "evaluate", pool, tolerate)
-            out.update(_prefixed("client_eval", mean_metrics(per)))
+            out.update(_prefixed("client_eval", mean_metrics(clients)))
+            out["client_metrics"] = {str(c): clients[c] for c in sorted(clients)}
         return out, lost
 
     def record(state: ServerState, row: dict) -> None:
