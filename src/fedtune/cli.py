@@ -131,7 +131,9 @@ def predict(
         Path | None,
         typer.Option("--file", "-f", help="A plain text file of inputs, one per line (blank lines skipped)."),
     ] = None,
-    client: Annotated[int | None, typer.Option(help="Personalised runs: whose adapter (adapters/client_<i>/).")] = None,
+    client: Annotated[
+        int | None, typer.Option(help="Runs with a model per client or per cluster: the model this client uses.")
+    ] = None,
     max_new_tokens: Annotated[
         int | None,
         typer.Option(min=1, help="sft runs: most tokens to generate (default: the run's eval.max_new_tokens)."),
