@@ -89,7 +89,11 @@ def report(
 
     result = build_report(run_dirs, metric, out)
     console = Console()
+    if result.note:
+        console.print(f"note: {result.note}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     console.print(result.table)
+    for table in result.clients:
+        console.print(table)
     for path in result.plots:
         console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
 

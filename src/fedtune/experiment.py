@@ -98,7 +98,27 @@ class Experiment:
         """Pooled training runs as many steps per round as the federated round it stands for."""
         if not self.algorithm.pools_data:
             return 1
-        return clients_per_round(self.cfg, self.cfg.partition.num_clients)
+        return clients_per_round(self.cfg, self.partition["num_clients"])
+
+    def evaluation_gap(self) -> str | None:
+        """Why nothing at all is evaluated in this run, with the key to set; None when something is."""
+        cfg = self.cfg
+        if not cfg.eval.enabled:
+            return "no evaluation in this run: eval.enabled is false; set eval.enabled=true to evaluate"
+        personalized = self.algorithm.personalized
+        if (personalized or cfg.eval.per_client) and any(len(t) for t in self.client_tests):
+            return None
+        if self.eval is not None and not personalized:
+            return None
+        if personalized:
+            return ("no evaluation in this run: every client's test shard is empty; "
+                    "raise partition.client_test_fraction")
+        if cfg.data.eval_fraction == 0:
+            return (f"no evaluation in this run: {self.task.source} has no dev/test/validation split and "
+                    "data.eval_fraction is 0; set data.eval_fraction (e.g. 0.1) or data.eval_split")
+        return (f"no evaluation in this run: {self.task.source} is too small to hold out "
+                f"data.eval_fraction={cfg.data.eval_fraction} of its rows and keep every label in training; "
+                "set data.name to a folder with train and dev files, or add rows")
 
 
 def clients_per_round(cfg: RunConfig, num_clients: int) -> int:
@@ -119,13 +139,15 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    ranks = cfg.lora.ranks(cfg.partition.num_clients)
+    ranks = cfg.lora.ranks(cfg.partition.num_clients)  # None clients (natural: one per value): counted below
     lora = LoraSetup(scale=cfg.lora.alpha / cfg.lora.r, client_ranks=tuple(ranks) if ranks else None)
     algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora, cfg.federation.rounds)
     if ranks and algorithm.pools_data:
         raise FedtuneError(f"algorithm '{algorithm.name}' trains one pooled model; remove lora.client_ranks / rank_tiers")
     sft = cfg.model.task == "sft"
-    task = load_instruction_data(cfg.data, cfg.seed) if sft else load_task_data(cfg.data, cfg.seed)
+    # personalised algorithms are evaluated on client test shards only: no global eval split is held out
+    data_cfg = cfg.data.model_copy(update={"eval_fraction": 0.0}) if algorithm.personalized else cfg.data
+    task = load_instruction_data(data_cfg, cfg.seed) if sft else load_task_data(data_cfg, cfg.seed)
     if not sft and (task.kind != "classification" or task.label_column is None):
         raise FedtuneError(
             f"dataset '{cfg.data.name}' is a {task.kind} dataset; model.task=classification needs a labelled "
@@ -145,12 +167,17 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         )
 
     parts = partition_clients(task.train, cfg.partition, cfg.seed)
+    if ranks and len(ranks) != len(parts):
+        raise FedtuneError(f"lora.client_ranks / rank_tiers give {len(ranks)} ranks but partition.method="
+                           f"{cfg.partition.method} gives {len(parts)} clients (one per value of "
+                           f"'{cfg.partition.by}'); give one rank per client")
     shards, tests = [], []
     for cid, part in enumerate(parts):
         tr, te = split_client_test(part, cfg.partition.client_test_fraction, derive_seed(cfg.seed, cid))
         shards.append(tr)
         tests.append(te)
-    summary = partition_summary(task.train, parts, task.label_column, task.label_names)
+    by = cfg.partition.by if cfg.partition.method == "natural" else None
+    summary = partition_summary(task.train, parts, task.label_column, task.label_names, by=by)
     if any(len(s) == 0 for s in shards):
         empty = [i for i, s in enumerate(shards) if len(s) == 0]
         raise FedtuneError(

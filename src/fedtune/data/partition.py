@@ -13,9 +13,9 @@ number of values; :func:`partition_summary` reports the count).
 - ``pathological``: each client holds ``classes_per_client`` distinct values of
   ``by``; client i's first value is value ``i mod V`` (so all values are used
   when ``num_clients >= V``), the others are drawn at random.
-- ``natural``: one client per distinct value of ``by`` (sorted); with fewer
-  clients than values, value j goes to client ``j mod num_clients``. It does
-  not depend on the seed.
+- ``natural``: one client per distinct value of ``by`` (sorted), when
+  ``num_clients`` is not set; with fewer clients than values, value j goes to
+  client ``j mod num_clients``. It does not depend on the seed.
 - ``quantity``: IID labels; client i (from 1) gets a share proportional to
   ``i ** -quantity_skew``.
 
@@ -43,7 +43,7 @@ from fedtune.errors import FedtuneError
 def partition_clients(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
     """One sorted int64 index array into ``train`` per client (see the module doc for each method)."""
     n, k = len(train), cfg.num_clients
-    if k > n:
+    if k is not None and k > n:
         raise FedtuneError(
             f"partition.num_clients={k} is more than the {n} training examples; lower partition.num_clients"
         )
@@ -71,11 +71,14 @@ def partition_summary(
     parts: Sequence[np.ndarray],
     label_column: str | None,
     label_names: Sequence[str],
+    by: str | None = None,
 ) -> dict[str, Any]:
     """Client sizes and, given a label column, each client's label counts and entropy (JSON-serialisable).
 
     ``mean_label_entropy`` is the mean over non-empty clients of the entropy (bits)
     of their label distribution: low under label skew, near log2(K) when IID.
+    Given ``by`` (a natural partition's column), ``client_values[i]`` lists the
+    sorted values of ``by`` that client ``i`` holds.
     """
     sizes = np.array([len(p) for p in parts], dtype=np.int64)
     summary: dict[str, Any] = {
@@ -88,6 +91,9 @@ def partition_summary(
         "size_max": int(sizes.max()),
         "size_std": float(sizes.std()),
     }
+    if by is not None:
+        values = _values(train, by, "partition.by")
+        summary.update(by=by, client_values=[np.unique(values[p]).tolist() for p in parts])
     if label_column is None:
         return summary
     labels = _values(train, label_column, "label column").astype(np.int64)
@@ -117,6 +123,9 @@ def summary_table(summary: dict[str, Any], max_rows: int = 20, max_labels: int =
     table = Table(caption=caption)
     table.add_column("client", justify="right")
     table.add_column("examples", justify="right")
+    held = summary.get("client_values")
+    if held is not None:
+        table.add_column(summary["by"], overflow="fold")
     names = summary.get("label_names", [])
     per_label = 0 < len(names) <= max_labels
     if per_label:
@@ -126,6 +135,8 @@ def summary_table(summary: dict[str, Any], max_rows: int = 20, max_labels: int =
         table.add_column("distinct labels", justify="right")
     for cid, size in enumerate(summary["sizes"][:max_rows]):
         cells = [str(cid), f"{size:,}"]
+        if held is not None:
+            cells.append(", ".join(map(str, held[cid])))
         if per_label:
             cells += [f"{c:,}" for c in summary["label_counts"][cid]]
         elif names:
@@ -149,14 +160,15 @@ def _iid(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.nd
 def _natural(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
     values = _values(train, cfg.by, "partition.by")
     distinct, inverse = np.unique(values, return_inverse=True)
-    if cfg.num_clients > len(distinct):
+    k = len(distinct) if cfg.num_clients is None else cfg.num_clients
+    if k > len(distinct):
         raise FedtuneError(
             f"partition.method=natural needs at most one client per value of '{cfg.by}', which has "
-            f"{len(distinct)}; set partition.num_clients to at most {len(distinct)}"
+            f"{len(distinct)}; set partition.num_clients to at most {len(distinct)}, or leave it unset for one each"
         )
-    client = inverse.ravel() % cfg.num_clients
+    client = inverse.ravel() % k
     order = np.argsort(client, kind="stable")
-    return np.split(order, np.cumsum(np.bincount(client, minlength=cfg.num_clients))[:-1])
+    return np.split(order, np.cumsum(np.bincount(client, minlength=k))[:-1])
 
 
 def _dirichlet(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
