@@ -219,7 +219,8 @@ def test_natural_partition_leaves_the_client_count_to_the_data(tmp_path):
 
 
 def test_eval_fraction_defaults_to_a_tenth_and_is_checked():
-    assert load_config().data.eval_fraction == 0.1 and load_config(None, ["data.eval_fraction=0"]).data.eval_fraction == 0
+    assert load_config().data.eval_fraction == 0.1
+    assert load_config(None, ["data.eval_fraction=0"]).data.eval_fraction == 0
     with pytest.raises(FedtuneError, match="'data.eval_fraction': Input should be less than 1") as err:
         load_config(None, ["data.eval_fraction=1"])
     one_line(err)

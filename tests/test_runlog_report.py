@@ -174,5 +174,6 @@ def test_report_lists_the_value_each_client_holds(tmp_path):
         console.print(table)
     text = console.export_text()
     assert "a: clients by site" in text
-    assert [line.split() for line in text.splitlines() if "site_" in line] == [["0", "site_a", "40"], ["1", "site_b", "38"]]
+    rows = [line.split() for line in text.splitlines() if "site_" in line]
+    assert rows == [["0", "site_a", "40"], ["1", "site_b", "38"]]
     assert build_report([write_run(tmp_path / "b", "fedit", [0.5], 0)]).clients == []

@@ -168,7 +168,10 @@ def _check_two_labels(train: dict[str, list], column: str, values: tuple[str, ..
 
 def _columns_note(schema: _Schema, source: str) -> str:
     """The line that says which columns were found by name."""
-    quoted = lambda columns: ", ".join(f"'{c}'" for c in columns)  # noqa: E731
+
+    def quoted(columns: Sequence[str]) -> str:
+        return ", ".join(f"'{c}'" for c in columns)
+
     if schema.kind == "instruction":
         return (f"data: instruction columns {quoted(schema.text_columns)}, response column "
                 f"'{schema.target_column}' (found by name in {source})")
