@@ -15,11 +15,11 @@ their ΔW shows the two compute the same thing. Targets: (a) ≥ 20× faster tha
 (b), and (a) under 10 s for all modules.
 
 Precision: FLoRIST runs as the library does, in float64 (float32 thin SVDs
-would be about 1.7× faster here, but float64 already meets the target and keeps
-the kept-rank decision free of float32 rounding). The dense SVD runs in float32,
-about 1.7× faster than float64 on a d × d matrix, so the baseline is as fast as
-it can fairly be and the ratio is a lower bound; the error check shows float32
-is accurate enough for it.
+would be faster, but float64 keeps the kept-rank decision free of float32
+rounding). The dense SVD runs in float32, faster than float64 on a d × d
+matrix, so the baseline is as fast as it can fairly be and the ratio is a lower
+bound; the error check (``rel_err_vs_dense_module0``) shows float32 is accurate
+enough for it.
 
     python benchmarks/aggregation_speed.py [--tau 0.9 --dense-modules 2]
     python benchmarks/aggregation_speed.py --quick      # d = 1024, 4 layers: seconds

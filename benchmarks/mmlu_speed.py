@@ -6,8 +6,8 @@ default, :mod:`fedtune.models.packed`) and, with ``--compare``, on their
 plain forward. The two modes alternate over four interleaved chunks of the
 subjects, so a change in the machine's speed during the run hits both alike.
 A 2048² fp32 matmul probe before and after says how fast the machine was:
-on shared 2-core machines it has ranged from 27 to 77 GFLOP/s, so compare
-seconds only at a similar probe. Target: under 600 s for the whole subset.
+on a shared machine it varies with the load, so compare seconds only at a
+similar probe. Target: under 600 s for the whole subset.
 
     python benchmarks/mmlu_speed.py [--compare] [--subjects-every 1]
 

@@ -59,6 +59,18 @@ def test_unknown_algorithm_and_bad_options_are_one_line_errors():
     assert {"fedit", "local", "centralized"} <= set(ALGORITHMS)
 
 
+def test_misspelt_algorithm_names_and_options_get_did_you_mean():
+    with pytest.raises(FedtuneError, match=r"unknown algorithm 'fedadm'; did you mean 'fedadam'\? \(choose one of: "):
+        build_algorithm("fedadm")
+    with pytest.raises(FedtuneError) as err:
+        build_algorithm("fedadam", {"server_lrr": 0.1})
+    assert str(err.value) == ("invalid algorithm.options for 'fedadam': unknown key 'algorithm.options.server_lrr'; "
+                              "did you mean 'server_lr'? (valid keys here: beta1, beta2, cooldown_fraction, "
+                              "min_lr_ratio, schedule, server_lr, tau)")
+    with pytest.raises(FedtuneError, match=r"'algorithm.options.mode': Input should be 'merge' or 'truncate'"):
+        build_algorithm("florist", {"mode": "trunc"})
+
+
 def _round(algo, state, *client_tensors, sizes=None):
     sizes = sizes or [1] * len(client_tensors)
     updates = [ClientUpdate(i, {"w": w}, num_examples=n) for i, (w, n) in enumerate(zip(client_tensors, sizes))]

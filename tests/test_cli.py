@@ -2,15 +2,18 @@
 
 User errors are checked on a real process (one line ``error: ...`` on stderr,
 status 2, no traceback); the processes start together because each pays
-seconds of imports. Listings and reports run in-process through CliRunner.
+seconds of imports. So are ``fedtune config init`` piped to a file and run as
+it is, and the resume messages. Listings and reports run in-process through
+CliRunner.
 """
 
 import os
 import subprocess
 import sys
+from typing import Literal
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from typer.testing import CliRunner
 
 from fedtune.cli import app, main
@@ -24,6 +27,8 @@ TINY_DATA = ["-o", "data.name=d.csv", "-o", "data.text_column=text", "-o", "data
 ERROR_CASES = {
     "missing config file": (["run", "missing.yaml"], "config file not found: missing.yaml"),
     "config typo": (["run", "c.yaml", "-o", "lora.rank=4"], "unknown key 'lora.rank'"),
+    "list field given a comma string": (["config", "show", "c.yaml", "-o", "lora.target_modules=q,v"],
+                                        "lora.target_modules is a list: write -o lora.target_modules=[q,v]"),
     "unknown runtime": (["run", "c.yaml", "--runtime", "bogus"], "Invalid value for '--runtime': 'bogus'"),
     "unknown algorithm": (["run", "c.yaml", "-o", "algorithm.name=nope"], "unknown algorithm 'nope'"),
     "unknown dataset": (["run", "c.yaml", "-o", "data.name=nope"], "unknown dataset 'nope'"),
@@ -33,6 +38,7 @@ ERROR_CASES = {
     "one-label CSV": (["run", "c.yaml", "-o", "data.name=one.csv"],
                       "label column 'label' of one.csv holds one value ('pos') in all its 3 usable rows; "
                       "a classifier needs at least two labels"),
+    "show on a non-run folder": (["show", "notarun"], "is not a run directory"),
 }
 
 
@@ -69,6 +75,76 @@ def test_user_error_is_one_line_with_status_2(errors, case):
     assert returncode == 2
 
 
+# --------------------------------------------------------------------------- config init → run → resume
+
+SMALL = ["-o", "federation.rounds=1", "-o", "train.local_steps=1", "-o", "data.max_train_examples=800",
+         "-o", "data.max_eval_examples=32", "-o", "threads=1", "-q"]
+
+
+def _cli(cwd, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait(procs):
+    """(status, stdout, stderr) of each process, once all have ended."""
+    results = {}
+    for key, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        results[key] = (proc.returncode, out, err)
+    return results
+
+
+@pytest.fixture(scope="module")
+def starters(tmp_path_factory, tiny_model_dir, tiny_llama_dir):
+    """``fedtune config init`` for each task piped to a file and run as it is (tiny model, small sizes), then
+    resumed: as it was (finished), with a changed key, and under a name that never ran."""
+    cwd = tmp_path_factory.mktemp("starters")
+    models = {"classification": tiny_model_dir, "sft": tiny_llama_dir}
+    inits = _wait({task: _cli(cwd, "config", "init", "--task", task) for task in models})
+    for task, (code, out, err) in inits.items():
+        assert code == 0 and not err, err
+        (cwd / f"{task}.yaml").write_text(out)
+    args = {task: [f"{task}.yaml", "-o", f"model.name={model}", *SMALL] for task, model in models.items()}
+    a = args["classification"]
+    runs = _wait({**{task: _cli(cwd, "run", *a) for task, a in args.items()},
+                  "never ran": _cli(cwd, "run", *a, "-o", "name=never", "--resume")})
+    resumes = _wait({
+        "finished": _cli(cwd, "run", *a, "-o", "threads=2", "--resume"),
+        "changed": _cli(cwd, "run", *a, "-o", "lora.r=4", "-o", "train.lr=0.01", "--resume"),
+    })
+    return cwd, inits, runs, resumes
+
+
+def test_config_init_runs_as_it_is(starters):
+    cwd, inits, runs, _ = starters
+    for task, metric in (("classification", "eval/accuracy"), ("sft", "client_eval/perplexity")):
+        code, out, err = runs[task]
+        assert code == 0, err[-3000:]
+        assert out.startswith(f"run dir runs/my_{task}") and metric in out, out
+        assert (cwd / "runs" / f"my_{task}" / "summary.json").is_file()
+        assert inits[task][1].startswith("# A starting") and "# The run's folder name" in inits[task][1]
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(starters):
+    cwd, _, _, resumes = starters
+    code, out, err = resumes["finished"]
+    assert (code, out, err) == (0, "run runs/my_classification is finished (1 round); nothing to resume\n", "")
+
+
+def test_resume_with_a_changed_config_names_the_keys(starters):
+    code, _, err = starters[3]["changed"]
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: cannot resume runs/my_classification: its config differs (lora.r: 8 in the run, "
+                          "4 now; train.lr: 0.003 in the run, 0.01 now); resume with the run's settings")
+
+
+def test_resume_of_a_run_that_never_started_says_so(starters):
+    code, _, err = starters[2]["never ran"]
+    assert (code, err) == (2, "error: cannot resume: there is no run at runs/never; start it without --resume\n")
+
+
 # --------------------------------------------------------------------------- in-process
 
 runner = CliRunner()
@@ -96,29 +172,59 @@ def test_data_show_describes_a_users_file(tmp_path):
     assert "good fun" in out
 
 
-def test_algorithms_lists_names_summaries_and_option_defaults(monkeypatch):
+def test_algorithms_lists_requirements_and_options_with_meaning_and_allowed_values(monkeypatch):
     from fedtune.algorithms import ALGORITHMS, Algorithm
 
     class ProxOptions(BaseModel):
-        mu: float = 0.01
-        warmup: int = 2
+        model_config = ConfigDict(use_attribute_docstrings=True)
+        mu: float = Field(default=0.01, ge=0)
+        """Weight of the proximal term."""
+        warmup: Literal["none", "linear"] = "none"
 
     class Prox(Algorithm):
         name = "proxy"
         summary = "a test algorithm with options"
         Options = ProxOptions
+        requires = "train.optimizer: sgd"
+        personalized = True
 
     monkeypatch.setitem(ALGORITHMS, "proxy", Prox)
     out = invoke("algorithms")
-    assert all(name in out for name in ("fedit", "local", "centralized", "proxy"))
-    assert "mu=0.01" in out and "warmup=2" in out
+    assert all(f"\n{name}: {cls.summary}\n" in out for name, cls in ALGORITHMS.items())
+    assert "  requires: partition.client_test_fraction > 0 (each client is evaluated on its own test shard); " \
+           "train.optimizer: sgd\n" in out
+    assert "    mu=0.01 [float ≥ 0]: Weight of the proximal term.\n" in out
+    assert "    warmup=none [one of: none, linear]\n" in out
+    assert "\nflora: " in out and "meant for heterogeneous ranks: lora.client_ranks" in out
+    assert "fedit: FedAvg of LoRA A, B (and head), weighted by client data size\n  requires: nothing beyond the " \
+           "defaults\n  options: none\n" in out
 
 
-def test_models_lists_the_packaged_models():
+def test_models_give_kind_size_and_weights(monkeypatch):
     from fedtune.models.base import PACKAGED
 
+    monkeypatch.setenv("COLUMNS", "250")
     out = invoke("models")
-    assert all(name in out for name in PACKAGED)
+    for name, pkg in PACKAGED.items():
+        assert name in out and pkg.kind in out and pkg.weights in out
+    assert "22.7M" in out and "134.5M" in out
+    assert "Q4_1 GGUF" in " ".join(out.split())  # the SmolLM2 figures are on dequantised Q4_1 weights
+
+
+def test_packaged_parameter_counts_match_the_weight_files():
+    """Counted from the files' tensor headers, without loading the weights."""
+    import math
+
+    import gguf
+    from safetensors import safe_open
+
+    from fedtune.models.base import PACKAGED
+
+    minilm, smollm = PACKAGED["minilm"], PACKAGED["smollm2-135m"]
+    with safe_open(str(minilm.folder() / "model.safetensors"), "pt") as f:
+        assert sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) == minilm.parameters
+    reader = gguf.GGUFReader(smollm.folder() / smollm.gguf)
+    assert sum(int(t.n_elements) for t in reader.tensors) == smollm.parameters
 
 
 def write_run(run_dir):

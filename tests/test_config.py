@@ -1,10 +1,23 @@
 """Loading run configs: YAML/TOML files, -o overrides, one-line errors, the resolved config round trip."""
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
+from pydantic import BaseModel
 
-from fedtune.config import RunConfig, apply_override, dump_config, load_config
+from fedtune.config import (
+    DataConfig,
+    EvalConfig,
+    LoraConfig,
+    PartitionConfig,
+    RunConfig,
+    apply_override,
+    differences,
+    dump_config,
+    load_config,
+)
+from fedtune.config_doc import STARTERS, allowed, commented_yaml
 from fedtune.errors import FedtuneError
 
 QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
@@ -229,3 +242,123 @@ def test_eval_fraction_defaults_to_a_tenth_and_is_checked():
 def test_clients_per_round_and_fraction_are_exclusive():
     with pytest.raises(FedtuneError, match="only one of federation.clients_per_round and federation.fraction"):
         load_config(None, ["federation.clients_per_round=2", "federation.fraction=0.5"])
+
+
+# --------------------------------------------------------------------------- list fields, differences
+
+
+@pytest.mark.parametrize(("override", "hint"), [
+    ("lora.target_modules=q,v", "lora.target_modules is a list: write -o lora.target_modules=[q,v]"),
+    ("lora.client_ranks=4", "lora.client_ranks is a list: write -o lora.client_ranks=[4]"),
+    ("eval.metrics=rouge", "eval.metrics is a list: write -o eval.metrics=[rouge]"),
+])
+def test_a_list_field_given_one_value_shows_the_list_syntax(override, hint):
+    with pytest.raises(FedtuneError) as err:
+        load_config(overrides=[override])
+    assert one_line(err) == hint
+
+
+def test_list_fields_take_lists_and_null():
+    cfg = load_config(overrides=["lora.target_modules=[q, v]", "eval.metrics=null", "data.name=a,b.csv"])
+    assert cfg.lora.target_modules == ["q", "v"] and cfg.eval.metrics is None and cfg.data.name == "a,b.csv"
+
+
+def test_differences_name_each_key_with_both_values():
+    saved = RunConfig().to_dict()
+    now = load_config(overrides=["lora.r=16", "lora.target_modules=[q, v]", "algorithm.options.tau=0.5"]).to_dict()
+    assert differences(saved, now) == [
+        "lora.r: 8 in the run, 16 now",
+        "lora.target_modules: null in the run, [q, v] now",
+        "algorithm.options.tau: not set in the run, 0.5 now",
+    ]
+    assert differences(now, saved)[-1] == "algorithm.options.tau: 0.5 in the run, not set now"
+
+
+def test_differences_ignore_threads_and_output_paths_only():
+    saved = RunConfig().to_dict()
+    neutral = load_config(overrides=["threads=2", "name=elsewhere", "output_dir=/tmp/moved"]).to_dict()
+    assert differences(saved, neutral) == []
+    assert differences(saved, load_config(overrides=["eval.batch_size=8"]).to_dict()) == [
+        "eval.batch_size: 64 in the run, 8 now"]
+
+
+# --------------------------------------------------------------------------- commented YAML (config init / show)
+
+
+def _models(model=RunConfig, path=""):
+    """Every (path, pydantic model) in the config tree."""
+    yield path, model
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        args = [ann, *get_args(ann), *(a for x in get_args(ann) for a in get_args(x))]
+        for sub in {a for a in args if isinstance(a, type) and issubclass(a, BaseModel)}:
+            yield from _models(sub, f"{path}.{name}" if path else name)
+
+
+def test_every_config_field_and_algorithm_option_says_what_it_means():
+    from fedtune.algorithms import ALGORITHMS
+
+    models = [*_models(), *((f"algorithm {n}", cls.Options) for n, cls in ALGORITHMS.items())]
+    sections = [model for path, model in _models() if path]
+    assert [m.__name__ for m in sections if not (m.__doc__ or "").strip()] == []
+    undocumented = [f"{where}:{name}" for where, model in models for name, field in model.model_fields.items()
+                    if field.annotation not in sections and not (field.description or "").strip()]
+    assert undocumented == []
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["lora.rank_tiers=[{clients: 2, rank: 8}, {clients: 1, rank: 2}]", "partition.num_clients=3",
+     "sft.template=chat", "sft.system_prompt=", "data.name=my data.csv", "eval.metrics=[choice, rouge]",
+     "train.local_epochs=0.5", "train.local_steps=null", "data.text_column='yes'", "algorithm.options.mu=0.1"],
+])
+def test_show_writes_every_field_with_a_comment_and_loads_back(tmp_path, overrides):
+    cfg = load_config(QUICKSTART, overrides)
+    text = commented_yaml(cfg, header="a header")
+    assert load_config(write(tmp_path / "shown.yaml", text)) == cfg
+    lines = text.splitlines()
+    assert lines[0] == "# a header"
+    for path, model in _models():
+        for name in model.model_fields:
+            if path.startswith("lora.rank_tiers"):
+                continue  # list items are written inline
+            i = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{name}:"))
+            assert lines[i - 1].strip().startswith("#"), name
+
+
+def test_show_writes_the_algorithms_resolved_options_with_their_meaning(tmp_path):
+    from fedtune.algorithms import build_algorithm
+
+    cfg = load_config(overrides=["algorithm.name=fedadam", "algorithm.options.tau=0.01"])
+    options = build_algorithm("fedadam", cfg.algorithm.options).options
+    text = commented_yaml(cfg, options=options)
+    assert "    # τ: the adaptivity floor added to √v" in text and "    tau: 0.01\n" in text
+    assert "    server_lr: 0.01\n" in text and "[one of: constant, cosine, cooldown]" in text
+    assert load_config(write(tmp_path / "c.yaml", text)).algorithm.options == options.model_dump()
+
+
+def test_starters_name_existing_fields_and_validate():
+    for task, (settings, keys) in STARTERS.items():
+        cfg = RunConfig.model_validate(settings)
+        assert cfg.model.task == task
+        for path, names in keys.items():
+            model = dict(_models())[path]
+            assert set(names) <= set(model.model_fields), (task, path)
+        assert load_config(overrides=[]) != cfg
+
+
+@pytest.mark.parametrize(("field", "text"), [
+    (RunConfig.model_fields["seed"], "int"),
+    (LoraConfig.model_fields["r"], "int ≥ 1"),
+    (LoraConfig.model_fields["dropout"], "float in [0, 1)"),
+    (LoraConfig.model_fields["target_modules"], "list or null"),
+    (PartitionConfig.model_fields["method"], "one of: iid, dirichlet, pathological, natural, quantity, group_clusters, "
+                                             "group_iid, group_pairs, language_clusters, language_iid, "
+                                             "language_multi_domain"),
+    (DataConfig.model_fields["text_column"], "text or null"),
+    (DataConfig.model_fields["name"], ""),
+    (EvalConfig.model_fields["metrics"], "list of: choice, perplexity, rouge; or null"),
+    (EvalConfig.model_fields["enabled"], "true or false"),
+])
+def test_allowed_values_come_from_type_and_bounds(field, text):
+    assert allowed(field) == text

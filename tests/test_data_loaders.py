@@ -7,7 +7,6 @@ import io
 import json
 import os
 import threading
-import time
 from pathlib import Path
 
 import datasets
@@ -82,6 +81,7 @@ def error_of(cfg: DataConfig) -> str:
         ("mmlu", "val", 1_542, 14_079, ["A", "B", "C", "D"], ("question",)),
         ("alpaca_en", "train", 899, 100, [], ("instruction", "input")),  # a single file: 10% held out
         ("alpaca_zh", "train", 900, 100, [], ("instruction", "input")),
+        ("xquad_tr", "train", 1_071, 119, [], ("instruction", "input")),
     ],
 )
 def test_registered_sizes_and_labels(data_env, name, split, n_train, n_eval, labels, text):
@@ -96,11 +96,10 @@ def test_registered_sizes_and_labels(data_env, name, split, n_train, n_eval, lab
         assert task.label_column is None and task.target_column == "output"
 
 
-def test_sst2_is_fast(data_env):
-    start = time.perf_counter()
+def test_sst2_loads_whole(data_env):
+    """All 67,349 training rows (the load time: ``benchmarks/load_speed.py``)."""
     task = load_task_data(DataConfig(name="sst2"), seed=0)
-    assert time.perf_counter() - start < 2.0
-    assert sum(task.train["label"][:]) == 37_569
+    assert len(task.train) == 67_349 and sum(task.train["label"][:]) == 37_569
 
 
 def test_tsv_quotes_are_text(data_env):
@@ -151,7 +150,8 @@ def test_describe_registered(data_env):
 
 def test_list_datasets():
     names = [row[0] for row in list_datasets()]
-    assert names == ["sst2", "sst2_pt", "cola", "snli", "mmlu", "alpaca_en", "alpaca_zh"]
+    assert names == ["sst2", "sst2_pt", "cola", "snli", "mmlu", "alpaca_en", "alpaca_zh", "xquad_en", "xquad_es",
+                     "xquad_tr", "xquad_de", "xquad_zh", "xquad_vi", "multilingual", "sst2_multilingual"]
     assert dict((r[0], r[2]) for r in list_datasets())["snli"] == "stanfordnlp/snli"
 
 
@@ -413,11 +413,18 @@ def test_missing_file(no_data):
     assert "data file not found" in error_of(DataConfig(name="nope/data.csv"))
 
 
+def never_probe(monkeypatch) -> None:
+    """Fail the test if the Hub is asked over HTTP: the offline variables must decide alone."""
+    def probe(*args, **kwargs):
+        raise AssertionError("the Hub was probed although an offline variable is set")
+
+    monkeypatch.setattr(hub, "_probe", probe)
+
+
 def test_missing_registered_dataset_names_every_place(no_data, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
+    never_probe(monkeypatch)
     message = error_of(DataConfig(name="sst2"))
-    assert time.perf_counter() - start < 5
     expected = ["$FEDTUNE_DATA (not set)", str(no_data.parent / "shared" / "data" / "sst2"), "stanfordnlp/sst2"]
     assert all(e in message for e in expected)
     assert "HF_HUB_OFFLINE is set" in message and "set FEDTUNE_DATA" in message
@@ -425,30 +432,36 @@ def test_missing_registered_dataset_names_every_place(no_data, monkeypatch):
 
 def test_hub_id_offline_fails_fast(no_data, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    start = time.perf_counter()
+    never_probe(monkeypatch)
     message = error_of(DataConfig(name="someone/some-data", text_column="t", label_column="l"))
-    assert time.perf_counter() - start < 5 and "HF_DATASETS_OFFLINE is set" in message
+    assert "HF_DATASETS_OFFLINE is set" in message
 
 
 @pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9", "https://no-hub.invalid"])
 def test_unreachable_hub_fails_fast(no_data, monkeypatch, endpoint):
-    """Without the offline variables an HTTP probe decides: a refused connection or unknown host fails at once."""
+    """Without the offline variables an HTTP probe decides: a refused connection or unknown host is an answer
+    ("is unreachable"), given before the probe's timeout would say "did not answer"."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    start = time.perf_counter()
+    monkeypatch.setattr(hub, "HUB_TIMEOUT_S", 30.0)  # only the answer itself can end the probe early
     message = error_of(DataConfig(name="cola"))
-    assert time.perf_counter() - start < 5 and f"offline: {endpoint} is unreachable" in message
+    assert f"offline: {endpoint} is unreachable" in message
 
 
 def test_silent_hub_times_out(no_data, monkeypatch):
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda *a, **k: (time.sleep(30), io.BytesIO())[1])
+    released = threading.Event()
+    # A Hub that never answers while the probe waits; released afterwards, it would answer (so a probe that did not
+    # give up at its timeout would report success, not "did not answer").
+    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda *a, **k: (released.wait(60), io.BytesIO())[1])
     monkeypatch.setattr(hub, "HUB_TIMEOUT_S", 0.3)
-    start = time.perf_counter()
-    message = error_of(DataConfig(name="cola"))
-    assert time.perf_counter() - start < 2 and "did not answer within 0.3 s" in message
+    try:
+        message = error_of(DataConfig(name="cola"))
+    finally:
+        released.set()
+    assert "did not answer within 0.3 s" in message
 
 
 def test_reachable_hub_is_asked_and_its_failure_reported(no_data, monkeypatch):

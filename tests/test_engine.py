@@ -90,6 +90,7 @@ def test_centralized_pools_all_shards_into_one_trainer_with_matched_compute(tmp_
     res = execute(_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "name=central", "algorithm.name=centralized"))
     rows = _rows(res.run_dir)
     assert rows[1]["clients"] == [0] and rows[1]["train_examples"] == 3 * 2 * 8  # 3 clients' steps, full batches
+    assert all(r["bytes_up"] == r["bytes_down"] == r["cum_bytes_up"] == r["cum_bytes_down"] == 0 for r in rows)
 
 
 def test_client_sampling_and_cosine_schedule(tmp_path, tiny_model_dir, tiny_tsv_dataset):

@@ -4,7 +4,7 @@ The fast tests drive :class:`FlowerPool` through :class:`LocalGrid`, a Grid
 that hands each Message to the real ClientApp in this process (one Context
 per node, as a SuperNode keeps it), so failures and timeouts can be injected.
 ``test_flower_simulation_matches_inprocess`` runs Flower's real simulation
-engine (Ray actors) and is the slow one (~40 s).
+engine (Ray actors) and is the slow one.
 """
 
 import itertools
@@ -15,6 +15,7 @@ import uuid
 import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from safetensors.torch import load_file
 
 from fedtune.config import RunConfig
@@ -22,6 +23,7 @@ from fedtune.errors import FedtuneError
 from fedtune.experiment import build_experiment
 from fedtune.run import execute, execute_with
 from fedtune.runlog import load_run
+from fedtune.runtime.server import ClientFailed
 from fedtune.runtime.flower import (
     FlowerPool,
     clientapp,
@@ -54,8 +56,10 @@ def tiny_cfg(tmp_path, model_dir, data_dir, name, **over) -> RunConfig:
 class LocalGrid:
     """A Flower Grid whose nodes run :data:`clientapp` in this process.
 
-    ``fail``: {(round, client): "error" | "drop" | "nan"}: reply with an error,
-    send no reply (a timeout), or reply with NaN tensors.
+    ``fail``: {(round, client): "error" | "gone" | "drop" | "nan"}: reply with the error a SuperNode sends when
+    the ClientApp raised, with the SuperLink's error for a node that went away, send no reply (a timeout), or
+    reply with NaN tensors. Round 0 is the initial evaluation: ``(0, client)`` with "error" makes every evaluate
+    message of that client fail.
     """
 
     def __init__(self, num_nodes: int, fail=None):
@@ -81,18 +85,23 @@ class LocalGrid:
             self.sent.append(msg)
             ctx = self.contexts[msg.metadata.dst_node_id]
             key = None
-            if msg.metadata.message_type == "train":
+            if msg.metadata.message_type in ("train", "evaluate"):
                 meta = msg.content["fedtune"]
-                key = self.fail.get((int(meta["round"]), int(meta["client_id"])))
+                key = self.fail.get((int(meta.get("round", 0)), int(meta["client_id"])))
             if key == "drop":
                 continue
             if key == "error":
-                replies.append(Message(Error(code=0, reason="injected failure"), reply_to=msg))
+                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="injected failure"),
+                                       reply_to=msg))
+                continue
+            if key == "gone":
+                replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node went away"), reply_to=msg))
                 continue
             try:
                 reply = clientapp(msg, ctx)
             except Exception as e:  # as a SuperNode does: the exception becomes an error reply
-                replies.append(Message(Error(code=1, reason=f"{type(e).__name__}: {e}"), reply_to=msg))
+                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                             reason=f"{type(e).__name__}: {e}"), reply_to=msg))
                 continue
             if key == "nan":
                 tensors = record_to_tensors(reply.content["update"])
@@ -173,7 +182,8 @@ def test_flower_pool_matches_inprocess_for_flora_with_mixed_ranks_and_partial_pa
 
 
 def test_failed_and_late_clients_are_missing_and_nan_updates_rejected(tmp_path, tiny_model_dir, tiny_tsv_dataset, caplog):
-    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "faults", federation={"rounds": 3})
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "faults", federation={
+        "rounds": 3, "tolerate_client_failures": True})
     grid = LocalGrid(3, fail={(1, 1): "error", (2, 0): "drop", (2, 2): "nan"})
     execute_with(cfg, local_grid_driver(grid), "flower")
     rows = load_run(cfg.run_dir).rows
@@ -188,12 +198,36 @@ def test_failed_and_late_clients_are_missing_and_nan_updates_rejected(tmp_path, 
     assert all(torch.isfinite(v).all() for v in final.values())
     assert "client 1 failed: injected failure" in caplog.text
     assert "rejected non-finite updates of clients [2]" in caplog.text
+    lost = [(p["round"], p["client"], p["phase"], p["kind"]) for p in
+            json.loads((cfg.run_dir / "summary.json").read_text())["client_problems"]]
+    assert lost == [(1, 1, "train", "failed"), (2, 0, "train", "dropped"), (2, 2, "train", "rejected")]
+
+
+def test_a_raising_flower_client_fails_the_run_with_its_error(tmp_path, tiny_model_dir, tiny_tsv_dataset):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "raises")
+    with pytest.raises(ClientFailed, match=r"round 2: client 1 failed in train .*tolerate_client_failures.*\n"
+                                            r"injected failure"):
+        execute_with(cfg, local_grid_driver(LocalGrid(3, fail={(2, 1): "error"})), "flower")
+    assert load_run(cfg.run_dir).rows[-1]["round"] == 1
+
+
+def test_clients_failing_to_evaluate_are_named_not_silently_averaged_out(tmp_path, tiny_model_dir, tiny_tsv_dataset):
+    over = dict(federation={"rounds": 1}, partition={"method": "iid", "num_clients": 3, "client_test_fraction": 0.3},
+                eval={"every": 1, "batch_size": 32, "per_client": True})
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "evalfail", **over)
+    with pytest.raises(ClientFailed, match="round 0: client 2 failed in evaluate"):
+        execute_with(cfg, local_grid_driver(LocalGrid(3, fail={(0, 2): "error"})), "flower")
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "evalgone", **over)
+    execute_with(cfg, local_grid_driver(LocalGrid(3, fail={(0, 1): "gone"})), "flower")
+    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert [(p["round"], p["client"], p["phase"], p["kind"], p["reason"]) for p in summary["client_problems"]] == [
+        (0, 1, "evaluate", "dropped", "node went away"), (1, 1, "evaluate", "dropped", "node went away")]
 
 
 def test_too_few_updates_stop_the_run_naming_the_clients(tmp_path, tiny_model_dir, tiny_tsv_dataset):
     cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "fewer", federation={"rounds": 2, "min_clients_per_round": 3})
-    grid = LocalGrid(3, fail={(2, 1): "error"})
-    with pytest.raises(FedtuneError, match=r"round 2: only 2 usable updates .*missing \[1\].*injected failure"):
+    grid = LocalGrid(3, fail={(2, 1): "gone"})
+    with pytest.raises(FedtuneError, match=r"round 2: only 2 usable updates .*missing \[1\].*node went away"):
         execute_with(cfg, local_grid_driver(grid), "flower")
     assert load_run(cfg.run_dir).rows[-1]["round"] == 1  # round 1 completed and is checkpointed
     assert json.loads((cfg.run_dir / "checkpoint" / "checkpoint.json").read_text())["round"] == 1
@@ -206,7 +240,8 @@ def test_min_clients_above_the_sample_is_an_error(tmp_path, tiny_model_dir, tiny
         execute(cfg)
 
 
-def test_inprocess_client_failure_does_not_stop_the_run(tmp_path, tiny_model_dir, tiny_tsv_dataset, monkeypatch):
+def _flaky_inprocess(monkeypatch):
+    """Client 2 raises in round 1, in-process."""
     import fedtune.runtime.inprocess as inprocess
 
     real = inprocess.client_round
@@ -217,11 +252,34 @@ def test_inprocess_client_failure_does_not_stop_the_run(tmp_path, tiny_model_dir
         return real(exp, cid, rnd, *args, **kw)
 
     monkeypatch.setattr(inprocess, "client_round", flaky)
+
+
+def test_inprocess_client_exception_fails_the_run_with_its_error(tmp_path, tiny_model_dir, tiny_tsv_dataset,
+                                                                  monkeypatch):
+    _flaky_inprocess(monkeypatch)
     cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "flaky")
+    with pytest.raises(ClientFailed, match="round 1: client 2 failed in train") as err:
+        execute(cfg)
+    assert "Traceback" in str(err.value) and "RuntimeError: disk full" in str(err.value)  # the client's own error
+    assert [r["round"] for r in load_run(cfg.run_dir).rows] == [0]
+
+
+def test_inprocess_client_failure_tolerated_is_named_in_summary_and_report(tmp_path, tiny_model_dir, tiny_tsv_dataset,
+                                                                            monkeypatch):
+    from fedtune.report import build_report, left_out_lines
+
+    _flaky_inprocess(monkeypatch)
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "flaky", federation={
+        "rounds": 2, "tolerate_client_failures": True})
     execute(cfg)
     rows = load_run(cfg.run_dir).rows
     assert (rows[1]["clients"], rows[1]["missing"]) == ([0, 1], [2])
     assert rows[2]["clients"] == [0, 1, 2]
+    [lost] = json.loads((cfg.run_dir / "summary.json").read_text())["client_problems"]
+    assert (lost["round"], lost["client"], lost["phase"], lost["kind"]) == (1, 2, "train", "failed")
+    assert lost["reason"].rstrip().endswith("RuntimeError: disk full")
+    assert left_out_lines(build_report([cfg.run_dir]).rows) == [
+        "flaky: round 1, client 2 failed in train: RuntimeError: disk full"]
 
 
 def test_a_node_without_partition_id_is_named(tmp_path, tiny_model_dir, tiny_tsv_dataset):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,9 +11,10 @@ import time
 
 import pytest
 
+from fedtune.config import load_config
 from fedtune.errors import FedtuneError
 from fedtune.run import execute
-from fedtune.runlog import load_run
+from fedtune.runlog import RunLog, load_run
 from fedtune.runtime.checkpoint import load_checkpoint
 from test_flower import adapter, max_diff, tiny_cfg
 
@@ -85,16 +87,55 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_
     assert load_run(cut.run_dir).summary["resumed_after_round"] == 2
 
 
-def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tmp_path, tiny_model_dir, tiny_tsv_dataset):
+def _files(run_dir):
+    """Every file of a run directory with its bytes and modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_resume_says_when_a_run_never_started(tmp_path, tiny_model_dir, tiny_tsv_dataset):
     cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "r")
-    with pytest.raises(FedtuneError, match="does not exist"):
+    with pytest.raises(FedtuneError) as err:
         execute(cfg, resume=True)
+    assert str(err.value) == f"cannot resume: there is no run at {cfg.run_dir}; start it without --resume"
+    RunLog(cfg.run_dir).write_config(cfg.to_dict())  # what a run that crashed before round 0 ended leaves
+    with pytest.raises(FedtuneError) as err:
+        execute(cfg, resume=True)
+    assert str(err.value) == (f"run {cfg.run_dir} has no completed round to resume; start it without --resume "
+                              "(add --overwrite to replace the directory)")
+
+
+def test_resume_names_the_differing_keys_and_leaves_a_finished_run_untouched(
+        tmp_path, tiny_model_dir, tiny_tsv_dataset):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "r")
     execute(cfg)
     ckpt = load_checkpoint(cfg.run_dir)
     assert ckpt.round == 2 and ckpt.client_states is not None
-    changed = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "r", seed=4)
-    with pytest.raises(FedtuneError, match="config.yaml differs"):
+    before = _files(cfg.run_dir)
+
+    changed = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "r", seed=4, lora={"r": 8, "alpha": 8})
+    with pytest.raises(FedtuneError) as err:
         execute(changed, resume=True)
+    assert f"cannot resume {cfg.run_dir}: its config differs (seed: 3 in the run, 4 now; lora.r: 4 in the run, " \
+           "8 now); resume with the run's settings" in str(err.value)
+
+    neutral = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "r", threads=2)  # cannot change results
+    result = execute(neutral, resume=True)
+    assert result.already_finished and result.final == load_run(cfg.run_dir).summary["final"]
+    assert _files(cfg.run_dir) == before  # nothing rewritten
+
+
+def test_a_moved_run_resumes_under_its_new_name_and_threads(tmp_path, tiny_model_dir, tiny_tsv_dataset):
+    """Output paths and threads may differ on resume; config.yaml then records where the run is now."""
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "before")
+    execute(cfg)
+    moved = tiny_cfg(tmp_path / "elsewhere", tiny_model_dir, tiny_tsv_dataset, "after", threads=None)
+    shutil.copytree(cfg.run_dir, moved.run_dir)
+    (moved.run_dir / "summary.json").unlink()  # stopped after its last round, before the summary
+    result = execute(moved, resume=True)
+    assert not result.already_finished
+    assert load_run(moved.run_dir).summary["resumed_after_round"] == 2
+    assert load_config(moved.run_dir / "config.yaml") == moved
+    assert max_diff(adapter(cfg.run_dir), adapter(moved.run_dir)) == 0
 
 
 def test_stopped_inprocess_run_resumes_on_flower_simulation(tmp_path, tiny_model_dir, tiny_tsv_dataset, monkeypatch):

@@ -1,12 +1,14 @@
 import json
+import sys
 
 import numpy as np
 import pytest
 from rich.console import Console
 
 from fedtune.errors import FedtuneError
-from fedtune.report import build_report, human_bytes, human_seconds
-from fedtune.runlog import RunLog, load_run
+from fedtune.report import build_report
+from fedtune.runlog import RunLog, load_run, scalars
+from fedtune.units import human_bytes, human_seconds
 
 
 def fake_rows(accuracies, bytes_per_round):
@@ -94,6 +96,50 @@ def test_load_run_rejects_non_run_dirs(tmp_path):
         load_run(tmp_path)
 
 
+def test_scalars_are_every_number_of_a_row_but_its_round():
+    row = {"round": 2, "lr": 5e-4, "clients": [0, 1], "train_loss": None, "num_clients": 2, "ok": True,
+           "eval/accuracy": np.float64(0.75), "client_metrics": {"0": {"accuracy": 0.5, "n": 4}}}
+    assert dict(scalars(row)) == {"lr": 5e-4, "num_clients": 2.0, "eval/accuracy": 0.75,
+                                  "client_metrics/0/accuracy": 0.5, "client_metrics/0/n": 4.0}
+
+
+def test_runlog_tensorboard_needs_the_package_before_it_writes(tmp_path, monkeypatch):
+    RunLog(tmp_path / "a").log_round({"round": 0})
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    with pytest.raises(FedtuneError, match=r"log.tensorboard .* not installed; pip install tensorboard") as e:
+        RunLog(tmp_path / "a", overwrite=True, tensorboard=True)
+    assert "\n" not in str(e.value)
+    assert load_run(tmp_path / "a").rows == [{"round": 0}]  # the run it would have replaced is still there
+
+
+def _event_steps(folder, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        steps += [e.step for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+    return steps
+
+
+def test_runlog_tensorboard_mirrors_metrics_jsonl_also_after_a_resume(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
+    log = RunLog(tmp_path / "a", tensorboard=True)
+    rows = [{"round": r, "eval/accuracy": 0.5 + r / 10} for r in range(4)]
+    for row in rows:
+        log.log_round(row)
+    assert _event_steps(tmp_path / "a" / "tensorboard", "eval/accuracy") == [0, 1, 2, 3]  # flushed per row
+    log.close()
+    # a resume keeps rows up to its checkpoint (round 1) and logs them again into a fresh run log
+    (tmp_path / "a" / "metrics.jsonl").unlink()
+    log = RunLog(tmp_path / "a", tensorboard=True)
+    for row in rows[:2]:
+        log.log_round(row)
+    log.close()
+    assert _event_steps(tmp_path / "a" / "tensorboard", "eval/accuracy") == [0, 1]
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -166,7 +212,7 @@ def test_report_without_eval_metrics_shows_train_loss_and_bytes(tmp_path):
 
 def test_report_lists_the_value_each_client_holds(tmp_path):
     a = write_run(tmp_path / "a", "fedit", [0.5, 0.7], 1000)
-    partition = {"sizes": [40, 38], "by": "site", "client_values": [["site_a"], ["site_b"]]}
+    partition = {"sizes": [40, 38], "group_column": "site", "client_groups": [["site_a"], ["site_b"]]}
     (a / "partition.json").write_text(json.dumps(partition))
     report = build_report([a])
     console = Console(record=True, width=120)

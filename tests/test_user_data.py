@@ -90,8 +90,8 @@ def test_text_and_label_columns_are_detected(runs):
 def test_natural_partition_names_each_clients_site(runs):
     cwd, out = runs
     partition = read(cwd / "runs" / "mine" / "partition.json")
-    assert partition["num_clients"] == 3 and partition["by"] == "site"
-    assert partition["client_values"] == [[site] for site in SITES]
+    assert partition["num_clients"] == 3 and partition["group_column"] == "site"
+    assert partition["client_groups"] == [[site] for site in SITES]
     assert yaml.safe_load((cwd / "runs" / "mine" / "config.yaml").read_text())["partition"]["num_clients"] is None
     table = [line for line in out["natural"] if "site_" in line]
     assert [line.split()[1] for line in table] == ["0", "1", "2"]

@@ -1,4 +1,4 @@
-"""The ``fedtune`` command line: run, report, data, algorithms, models.
+"""The ``fedtune`` command line: run, report, config, data, algorithms, models, eval.
 
 Every command imports the heavy parts of the package (torch, transformers,
 datasets) only when it runs, so ``fedtune --help`` and a bad config fail fast.
@@ -32,6 +32,18 @@ data_app = typer.Typer(help="Inspect datasets: the registered ones, or your own 
 app.add_typer(data_app, name="data")
 eval_app = typer.Typer(help="Evaluate a base model, or a run's adapter, on a benchmark.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+config_app = typer.Typer(help="Write a starting config, or show a config with every default.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+class Task(str, Enum):
+    """What a starting config trains."""
+
+    classification = "classification"
+    sft = "sft"
+
+
+OVERRIDE_HELP = r"Set a config key, e.g. -o lora.r=16, -o lora.target_modules=\[query,value] (repeatable)."
 
 
 class Runtime(str, Enum):
@@ -46,13 +58,15 @@ def run(
     config: Annotated[Path, typer.Argument(show_default=False)],
     override: Annotated[
         list[str] | None,
-        typer.Option("--override", "-o", metavar="KEY=VALUE", help="Set a config key, e.g. -o lora.r=16 (repeatable)."),
+        typer.Option("--override", "-o", metavar="KEY=VALUE", help=OVERRIDE_HELP),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing run directory of the same name.")
     ] = False,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue a stopped run after its last checkpointed round (same config).")
+        bool, typer.Option("--resume", help="Continue a stopped run after its last checkpointed round. The config must "
+                           "match the run's, except threads and the output paths (name, output_dir). A finished "
+                           "run is left as it is, with exit status 0.")
     ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only the final line, not the partition and progress.")
@@ -65,10 +79,14 @@ def run(
     if resume and overwrite:
         raise FedtuneError("--resume continues a run and --overwrite deletes it; pass only one of them")
     cfg = load_config(config, override)
-    from fedtune.report import human_seconds
     from fedtune.run import execute
+    from fedtune.units import human_seconds
 
     result = execute(cfg, overwrite=overwrite, console=Console(quiet=quiet), runtime=runtime.value, resume=resume)
+    if result.already_finished:
+        rounds = cfg.federation.rounds
+        print(f"run {result.run_dir} is finished ({rounds} round{'s' * (rounds != 1)}); nothing to resume")
+        return
     metrics = [f"{k} {v:.4f}" for k, v in result.final.items() if not k.endswith("/n")]
     line = " · ".join([f"run dir {result.run_dir}", *metrics, human_seconds(result.seconds)])
     Console().print(line, markup=False, highlight=False, soft_wrap=True)
@@ -84,8 +102,9 @@ def report(
         Path | None, typer.Option(help="Folder for the plots (default: the run's folder; runs/report for several).")
     ] = None,
 ) -> None:
-    """Compare runs (folders written by 'fedtune run'): a table of final and best values, plots vs rounds and bytes."""
-    from fedtune.report import build_report
+    """Compare runs (folders written by 'fedtune run'): a table of final and best values, plots vs rounds and bytes,
+    and every client left out of a round (failed, dropped or rejected)."""
+    from fedtune.report import build_report, left_out_lines
 
     result = build_report(run_dirs, metric, out)
     console = Console()
@@ -94,8 +113,62 @@ def report(
     console.print(result.table)
     for table in result.clients:
         console.print(table)
+    for r in result.rows:
+        for name, clients in r["models"].items():
+            console.print(f"{r['name']}: {name} ← clients {clients} (adapters/{name}/)", markup=False,
+                          highlight=False, soft_wrap=True)
+    for line in left_out_lines(result.rows):
+        console.print(line, markup=False, highlight=False, soft_wrap=True, style="yellow")
     for path in result.plots:
         console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def show(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR")]) -> None:
+    """Show one run (a folder written by 'fedtune run', also while it runs) round by round: loss, metrics, bytes."""
+    from fedtune.runlog import load_run
+    from fedtune.show import fitted_tables, round_table
+
+    run = load_run(run_dir)
+    console = Console()
+    if console.is_terminal:
+        tables = fitted_tables(run, console)
+    else:  # a file or a pipe has no width to fit: the table whole
+        tables = [round_table(run)]
+        whole = console.measure(tables[0], options=console.options.update_width(10_000)).maximum
+        console.width = max(console.width, whole)
+    for table in tables:
+        console.print(table)
+
+
+@config_app.command("init")
+def config_init(
+    task: Annotated[
+        Task, typer.Option(help="classification (SST-2, MiniLM) or sft (Alpaca, SmolLM2).")
+    ] = Task.classification,
+) -> None:
+    """Print a commented starting config that runs as it is: fedtune config init > my.yaml; fedtune run my.yaml."""
+    from fedtune.config_doc import starter
+
+    sys.stdout.write(starter(task.value))
+
+
+@config_app.command("show")
+def config_show(
+    config: Annotated[Path, typer.Argument(show_default=False)],
+    override: Annotated[
+        list[str] | None, typer.Option("--override", "-o", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    ] = None,
+) -> None:
+    """Print CONFIG resolved: every field with its value or default (algorithm options too) and what it means."""
+    from fedtune.algorithms import build_algorithm
+    from fedtune.config import load_config
+    from fedtune.config_doc import commented_yaml
+
+    cfg = load_config(config, override)
+    options = build_algorithm(cfg.algorithm.name, cfg.algorithm.options).options
+    sys.stdout.write(commented_yaml(cfg, options=options, header=f"{config} resolved"
+                                    + (" with " + " ".join(f"-o {o}" for o in override) if override else "")))
 
 
 @data_app.command("list")
@@ -127,17 +200,24 @@ def data_show(
 
 @app.command()
 def algorithms() -> None:
-    """List the federated algorithms and their options (set them under algorithm.options)."""
-    from fedtune.algorithms import ALGORITHMS
+    """List the federated algorithms: what each requires, and its options (set under algorithm.options)."""
+    import textwrap
 
-    table = Table(title="algorithms (use the name as algorithm.name)", title_justify="left")
-    for column in ("name", "summary", "options (default)"):
-        table.add_column(column, overflow="fold")
+    from fedtune.algorithms import ALGORITHMS
+    from fedtune.config import yaml_flow
+    from fedtune.config_doc import allowed, meaning
+
+    lines = ["algorithms (set algorithm.name; options go under algorithm.options, e.g. -o algorithm.options.tau=0.8)"]
     for name, cls in ALGORITHMS.items():
+        lines += ["", f"{name}: {cls.summary}", f"  requires: {cls.requirements() or 'nothing beyond the defaults'}"]
         fields = cls.Options.model_fields
-        options = "\n".join(f"{k}={f.get_default(call_default_factory=True)!r}" for k, f in fields.items())
-        table.add_row(name, cls.summary, options or "-")
-    Console().print(table)
+        lines.append("  options:" if fields else "  options: none")
+        for key, field in fields.items():
+            kind, text = allowed(field), meaning(field)
+            line = f"{key}={yaml_flow(field.get_default(call_default_factory=True))}" + (f" [{kind}]" if kind else "")
+            line += f": {text}" if text else ""
+            lines += textwrap.wrap(line, 100, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False)
+    print("\n".join(lines))
 
 
 @app.command()
@@ -148,10 +228,11 @@ def models() -> None:
     from fedtune.models.base import PACKAGED
 
     table = Table(title="packaged models (any local folder or Hugging Face id works too)", title_justify="left")
-    for column in ("name", "installed", "install with"):
+    for column in ("name", "kind", "parameters", "weights", "installed"):
         table.add_column(column, overflow="fold")
     for name, pkg in PACKAGED.items():
-        table.add_row(name, "yes" if find_spec(pkg.package) else "no", pkg.install)
+        table.add_row(name, pkg.kind, f"{pkg.parameters / 1e6:.1f}M", pkg.weights,
+                      "yes" if find_spec(pkg.package) else f"no: {pkg.install}")
     Console().print(table)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,7 +20,8 @@ from fedtune.errors import FedtuneError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    """Field docstrings become field descriptions: the comments of ``fedtune config init`` / ``show``."""
 
 
 class DataConfig(_Strict):
@@ -36,6 +37,7 @@ class DataConfig(_Strict):
     label_column: str | None = None
     """Column holding the label (registered datasets set it; default for a local file: a column named ``label``)."""
     train_split: str = "train"
+    """The split the clients' training examples come from."""
     eval_split: str | None = None
     """Held-out split for global evaluation; default: the dataset's own dev/test split."""
     eval_fraction: float = Field(default=0.1, ge=0, lt=1)
@@ -44,19 +46,35 @@ class DataConfig(_Strict):
     max_train_examples: int | None = Field(default=None, ge=1)
     """Use a seeded random subset of the training split of at most this size."""
     max_eval_examples: int | None = Field(default=None, ge=1)
+    """Use a seeded random subset of the evaluation split of at most this size."""
     tasks: list[str] | None = None
     """``name: multitask`` only: the datasets to mix (e.g. ``[sst2, snli, alpaca_en]``), each turned into
     instructions; rows carry a ``task`` column (partition with ``by: task``). ``max_*_examples`` apply per task."""
     on_malformed: Literal["error", "skip"] = "error"
     """``error``: a malformed row stops the run, naming file and line. ``skip``: it is dropped and counted in the run log."""
+    languages: list[str] | None = None
+    """Parallel multilingual datasets (``multilingual``, ``sst2_multilingual``): the languages to load, e.g.
+    ``[en, es, tr, de]``; default all. Rows carry a ``language`` column (partition with ``by: language``)."""
+    parallel: Literal["aligned", "disjoint"] = "aligned"
+    """Parallel datasets: ``aligned`` keeps every row in every language (row i of one language is the translation
+    of row i of another); ``disjoint`` gives each row one language only (seeded), so no item appears twice."""
 
 
 class PartitionConfig(_Strict):
     """How the training examples are split across clients."""
 
-    method: Literal["iid", "dirichlet", "pathological", "natural", "quantity"] = "iid"
+    method: Literal[
+        "iid", "dirichlet", "pathological", "natural", "quantity", "group_clusters", "group_iid", "group_pairs",
+        "language_clusters", "language_iid", "language_multi_domain",
+    ] = "iid"
+    """``iid``; ``dirichlet`` (skew over ``by``, strength ``alpha``); ``pathological`` (``classes_per_client`` values
+    of ``by`` each); ``natural`` (one client per value of ``by``); ``quantity`` (power-law client sizes). Group splits
+    over ``by`` (FedMLLM): ``group_clusters`` (one group per client, several clients per group), ``group_iid``
+    (every client holds every group), ``group_pairs`` (client k holds groups k and k+1 mod G);
+    ``language_clusters``, ``language_iid``, ``language_multi_domain`` are the same with ``by: language`` by default."""
     num_clients: int | None = Field(default=None, ge=1)
-    """Default 8; for ``natural``, one client per value of ``by``."""
+    """Number of clients the training examples are split across; default 8, and for ``natural`` one client per
+    value of ``by``."""
     by: str = "label"
     """Column to partition over (Dirichlet, pathological, natural)."""
     alpha: float = Field(default=0.5, gt=0)
@@ -71,7 +89,9 @@ class PartitionConfig(_Strict):
     """Fraction of each client's shard held out as its own test shard (personalised evaluation)."""
 
     @model_validator(mode="after")
-    def _default_clients(self) -> PartitionConfig:
+    def _defaults(self) -> "PartitionConfig":
+        if self.method.startswith("language_") and "by" not in self.model_fields_set:
+            self.__dict__["by"] = "language"
         if self.num_clients is None and self.method != "natural":
             self.__dict__["num_clients"] = 8
         return self
@@ -88,6 +108,7 @@ class ModelConfig(_Strict):
     max_length: int = Field(default=128, ge=8)
     """Inputs are truncated to this many tokens; batches are padded only to their longest member."""
     dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the base model's weights and compute."""
 
 
 class SftConfig(_Strict):
@@ -108,16 +129,23 @@ class SftConfig(_Strict):
 
 
 class RankTier(_Strict):
+    """One tier of ``lora.rank_tiers``: the next ``clients`` clients train rank ``rank``."""
+
     clients: int = Field(ge=1)
+    """Number of consecutive clients in this tier."""
     rank: int = Field(ge=1)
+    """The LoRA rank they train."""
 
 
 class LoraConfig(_Strict):
     """LoRA adapters (peft): W + (alpha / r) · B A on each target module."""
 
     r: int = Field(default=8, ge=1)
+    """Adapter rank; with ``client_ranks`` / ``rank_tiers`` it sets only the scale alpha / r."""
     alpha: float = Field(default=16.0, gt=0)
+    """LoRA alpha: the update is scaled by alpha / r."""
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Dropout on the adapters' input."""
     target_modules: list[str] | None = None
     """Module names to adapt; default: the attention projections of the architecture."""
     train_head: bool = True
@@ -160,8 +188,11 @@ class TrainConfig(_Strict):
     local_epochs: float | None = Field(default=None, gt=0)
     """Passes over the client's shard per round, instead of ``local_steps``."""
     batch_size: int = Field(default=16, ge=1)
+    """Examples per forward pass."""
     grad_accum: int = Field(default=1, ge=1)
+    """Forward passes accumulated into one optimiser step (a step sees ``batch_size × grad_accum`` examples)."""
     lr: float = Field(default=5e-4, gt=0)
+    """The clients' learning rate."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """The client optimiser, fresh each round. ``sgd`` (with ``momentum``) is the client of Reddi et al.'s
     FedAdam / FedYogi / FedAdagrad: with one local step its update is the plain (clipped) gradient, so the
@@ -171,8 +202,11 @@ class TrainConfig(_Strict):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """Across rounds: round r uses lr · s(r); cosine decays to ``min_lr_ratio`` · lr at the last round."""
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """``cosine``: where the learning rate ends, as a fraction of ``lr``."""
     weight_decay: float = Field(default=0.0, ge=0)
+    """Decoupled weight decay (AdamW) or L2 penalty (SGD)."""
     max_grad_norm: float | None = Field(default=1.0, gt=0)
+    """Clip each step's gradient to this global norm (null: no clipping)."""
     lora_plus_ratio: float | None = Field(default=None, gt=0)
     """LoRA+ (Hayou et al., ICML 2024): LoRA's B factors train at ``lora_plus_ratio × lr``, A and the rest at
     ``lr`` (the paper suggests 16). In federated runs a slowly moving A also keeps FedAvg of A and B, taken
@@ -193,12 +227,18 @@ class FederationConfig(_Strict):
     """Rounds and client sampling."""
 
     rounds: int = Field(default=10, ge=1)
+    """Communication rounds."""
     clients_per_round: int | None = Field(default=None, ge=1)
     """Clients sampled each round; default all (or ``fraction`` of them)."""
     fraction: float | None = Field(default=None, gt=0, le=1)
+    """Fraction of the clients sampled each round, instead of ``clients_per_round``."""
     min_clients_per_round: int = Field(default=1, ge=1)
-    """Fewest usable updates a round aggregates; with fewer (clients failed, timed out or sent
+    """Fewest usable updates a round aggregates; with fewer (clients failed, were dropped or sent
     non-finite tensors) the run stops with an error naming them (resume it with ``resume``)."""
+    tolerate_client_failures: bool = False
+    """A client whose own code raises (in training or evaluation) stops the run with its error. ``true``: leave
+    it out of that round and go on (``min_clients_per_round`` still applies). Clients that are merely unreachable
+    or late (Flower) are always left out. Every client left out is listed in the run's summary and report."""
     round_timeout_s: float | None = Field(default=None, gt=0)
     """Flower runtime: seconds the server waits for a round's replies; late clients count as missing.
     None: wait for every reply. (In-process clients run synchronously and are never late.)"""
@@ -214,17 +254,20 @@ class AlgorithmConfig(_Strict):
     """Which federated algorithm runs, and its own options."""
 
     name: str = "fedit"
-    """``fedit``, ``local``, ``centralized`` (see ``fedtune algorithms``)."""
+    """A name from ``fedtune algorithms``: ``fedit``, ``fedadam``, ``local``, ``flora``, ..."""
     options: dict[str, Any] = Field(default_factory=dict)
-    """Algorithm-specific options, validated by the algorithm itself."""
+    """Algorithm-specific options, validated by the algorithm itself (``fedtune algorithms`` lists them)."""
 
 
 class EvalConfig(_Strict):
+    """Evaluation of the global model on the held-out split (and of each client's model on its own test shard)."""
+
     enabled: bool = True
     """Switch evaluation off entirely (e.g. to time training alone)."""
     every: int = Field(default=1, ge=0)
     """Evaluate every this many rounds (0: only after the last round)."""
     batch_size: int = Field(default=64, ge=1)
+    """Examples per evaluation forward pass."""
     per_client: bool = False
     """Also evaluate on every client's own test shard (always on for personalised algorithms)."""
     metrics: list[Literal["choice", "perplexity", "rouge"]] | None = None
@@ -235,12 +278,23 @@ class EvalConfig(_Strict):
     """Generation (``rouge``): tokens generated per example, greedily."""
 
 
+class LogConfig(_Strict):
+    """Where a run's metrics go besides ``metrics.jsonl``."""
+
+    tensorboard: bool = False
+    """Also write every numeric metric of each round as TensorBoard scalars (step = round) under
+    ``<run dir>/tensorboard/`` (needs ``pip install tensorboard``; view with ``tensorboard --logdir runs``)."""
+
+
 class RunConfig(_Strict):
     """Everything that defines a run."""
 
     name: str = "run"
+    """The run's folder name: it is written to ``output_dir/name``."""
     output_dir: Path = Path("runs")
+    """Where run folders go."""
     seed: int = 0
+    """Seeds data subsets, the partition, initialisation, client sampling and every client's steps."""
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -250,8 +304,10 @@ class RunConfig(_Strict):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
     threads: int | None = Field(default=None, ge=1)
-    """torch intra-op threads; default: all cores."""
+    """torch intra-op threads; default: all cores. On a loaded machine, set the cores you can have (e.g. 1).
+    Flower simulation: each virtual client reserves this many CPUs (default 1)."""
 
     @property
     def run_dir(self) -> Path:
@@ -283,8 +339,8 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _model_at(path: list[str]) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = RunConfig
+def _model_at(path: list[str], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = root or RunConfig
     for key in path:
         if model is None or key not in model.model_fields:
             return None
@@ -293,8 +349,19 @@ def _model_at(path: list[str]) -> type[BaseModel] | None:
     return model
 
 
+def _is_list_field(parts: list[str]) -> bool:
+    parent = _model_at(parts[:-1])
+    if parent is None or parts[-1] not in parent.model_fields:
+        return False
+    ann = parent.model_fields[parts[-1]].annotation
+    return any(get_origin(a) is list for a in (ann, *get_args(ann)))
+
+
 def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (``8``, ``0.5``, ``[q, v]``)."""
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (``8``, ``0.5``, ``[q, v]``).
+
+    A list field given a single value (``-o lora.target_modules=q,v``) is an error that shows the list syntax.
+    """
     if "=" not in override:
         raise FedtuneError(f"override '{override}' must look like key.path=value, e.g. -o lora.r=16")
     key, _, raw = override.partition("=")
@@ -305,6 +372,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if value is not None and not isinstance(value, list) and _is_list_field(parts):
+        where = ".".join(parts)
+        raise FedtuneError(f"{where} is a list: write -o {where}=[{raw.strip()}]")
     node = data
     for p in parts[:-1]:
         nxt = node.setdefault(p, {})
@@ -314,21 +384,26 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def _explain(err: ValidationError) -> str:
-    """Turn pydantic's report into one line per problem, naming valid keys for typos."""
+def explain(err: ValidationError, root: type[BaseModel] | None = None, prefix: str = "") -> str:
+    """Pydantic's report on ``root`` (default: RunConfig) as one line, a clause per problem; an unknown key gets
+    "did you mean" and the valid keys. ``prefix`` is where ``root`` sits in the config (e.g. ``algorithm.options``)."""
     lines = []
     for e in err.errors():
         loc = [str(x) for x in e["loc"]]
-        where = ".".join(loc) or "config"
+        where = ".".join([prefix, *loc] if prefix else loc) or "config"
         if e["type"] == "extra_forbidden":
-            parent = _model_at(loc[:-1])
+            parent = _model_at(loc[:-1], root)
             valid = sorted(parent.model_fields) if parent else []
             close = difflib.get_close_matches(loc[-1], valid, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            lines.append(f"unknown key '{where}'{hint} (valid keys here: {', '.join(valid)})")
+            lines.append(f"unknown key '{where}'{hint} (valid keys here: {', '.join(valid) or 'none'})")
         else:
             lines.append(f"'{where}': {e['msg']} (got {e.get('input')!r})")
-    return "invalid config: " + "; ".join(lines)
+    return "; ".join(lines)
+
+
+def _explain(err: ValidationError) -> str:
+    return "invalid config: " + explain(err)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -344,3 +419,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_config(cfg: RunConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+RESULT_NEUTRAL = ("threads", "output_dir", "name")
+"""Keys that do not change what a run computes (threads, where it is written): a resume may change them."""
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{a: {b: 1}}`` → ``{"a.b": 1}`` (an empty mapping has no keys)."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    return {k: v for key, value in d.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def yaml_flow(value: Any) -> str:
+    """``value`` as one line of YAML (``8``, ``[q, v]``, ``null``, ``'yes'``)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**9).removesuffix("...\n").strip()
+
+
+def differences(saved: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...] = RESULT_NEUTRAL) -> list[str]:
+    """The keys where two config dicts differ, as ``lora.r: 8 in the run, 16 now`` (``ignore``d top-level keys
+    and their sub-keys left out)."""
+    a, b = _flat(saved), _flat(now)
+    missing = object()
+    out = []
+    for key in [*a, *(k for k in b if k not in a)]:
+        if key.split(".")[0] in ignore or a.get(key, missing) == b.get(key, missing):
+            continue
+        old = yaml_flow(a[key]) if key in a else "not set"
+        new = yaml_flow(b[key]) if key in b else "not set"
+        out.append(f"{key}: {old} in the run, {new} now")
+    return out

@@ -8,6 +8,7 @@ examples whichever runtime executes it.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from fedtune.data.instructions import COLUMNS, load_instruction_data
 from fedtune.data.templates import Template
 from fedtune.errors import FedtuneError
 from fedtune.evaluation import evaluate_classifier, evaluate_instructions
-from fedtune.models.base import load_causal_lm, load_classifier
+from fedtune.models.base import load_causal_lm, load_classifier, quiet_loading
 from fedtune.models.lora import adapted_base_weights, apply_lora, load_state, trainable_state
 from fedtune.training import (
     Encoded,
@@ -121,6 +122,20 @@ class Experiment:
                 "set data.name to a folder with train and dev files, or add rows")
 
 
+GROUP_PARTITIONS = ("natural", "group_clusters", "language_clusters")
+"""Partitions that give each client one group (a value of ``partition.by``), e.g. a language or a task."""
+
+
+def client_groups(column, shards: list[np.ndarray]) -> list[str]:
+    """Each client's group: the most frequent value of ``column`` among its rows (ties: the first in order)."""
+    values = np.asarray([str(v) for v in column[:]])
+    groups = []
+    for shard in shards:
+        names, counts = np.unique(values[shard], return_counts=True)
+        groups.append(str(names[int(np.argmax(counts))]))
+    return groups
+
+
 def clients_per_round(cfg: RunConfig, num_clients: int) -> int:
     fed = cfg.federation
     if fed.clients_per_round is not None:
@@ -134,14 +149,30 @@ def clients_per_round(cfg: RunConfig, num_clients: int) -> int:
     return num_clients
 
 
-def build_experiment(cfg: RunConfig) -> Experiment:
-    """Load data, partition it, tokenise it, load the model, attach LoRA; all seeded by ``cfg.seed``."""
+def _model_line(cfg: RunConfig, model: torch.nn.Module, ranks: list[int] | None, num_labels: int | None) -> str:
+    """What was loaded, in place of transformers' load report (which lists a new task head as MISSING)."""
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    head = f", a new {num_labels}-label classification head" if num_labels is not None else ""
+    rank = f"r={cfg.lora.r}" if ranks is None else f"ranks {min(ranks)}-{max(ranks)} (counted at rank {max(ranks)})"
+    return (f"model {cfg.model.name}: {total / 1e6:.1f}M parameters{head}; "
+            f"training {trained:,} ({100 * trained / total:.2f}%) with LoRA {rank}")
+
+
+def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None) -> Experiment:
+    """Load data, partition it, tokenise it, load the model, attach LoRA; all seeded by ``cfg.seed``.
+
+    ``note(line)`` receives progress for people: a line before the model loads (which can take minutes)
+    and one describing it once adapted.
+    """
+    note = note or (lambda line: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     ranks = cfg.lora.ranks(cfg.partition.num_clients)  # None clients (natural: one per value): counted below
     lora = LoraSetup(scale=cfg.lora.alpha / cfg.lora.r, client_ranks=tuple(ranks) if ranks else None)
-    algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora, cfg.federation.rounds)
+    algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora, cfg.federation.rounds,
+                                cfg.partition.num_clients)
     if ranks and algorithm.pools_data:
         raise FedtuneError(f"algorithm '{algorithm.name}' trains one pooled model; remove lora.client_ranks / rank_tiers")
     sft = cfg.model.task == "sft"
@@ -171,13 +202,15 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         raise FedtuneError(f"lora.client_ranks / rank_tiers give {len(ranks)} ranks but partition.method="
                            f"{cfg.partition.method} gives {len(parts)} clients (one per value of "
                            f"'{cfg.partition.by}'); give one rank per client")
+    algorithm.num_clients = len(parts)  # natural without partition.num_clients: known only now
     shards, tests = [], []
     for cid, part in enumerate(parts):
         tr, te = split_client_test(part, cfg.partition.client_test_fraction, derive_seed(cfg.seed, cid))
         shards.append(tr)
         tests.append(te)
-    by = cfg.partition.by if cfg.partition.method == "natural" else None
-    summary = partition_summary(task.train, parts, task.label_column, task.label_names, by=by)
+    summary = partition_summary(task.train, parts, task.label_column, task.label_names, by=cfg.partition.by)
+    if cfg.partition.method in GROUP_PARTITIONS:
+        algorithm.client_groups = client_groups(task.train[cfg.partition.by], shards)
     if any(len(s) == 0 for s in shards):
         empty = [i for i, s in enumerate(shards) if len(s) == 0]
         raise FedtuneError(
@@ -188,6 +221,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         tests = [np.sort(np.concatenate(tests))]
 
     torch.manual_seed(cfg.seed)
+    note(f"loading model {cfg.model.name} …")
     if sft:
         base, tokenizer = load_causal_lm(cfg.model)
         template = Template(cfg.sft.template, tokenizer, cfg.sft.system_prompt)
@@ -203,7 +237,9 @@ def build_experiment(cfg: RunConfig) -> Experiment:
             return encode_classification(tokenizer, texts, ds[task.label_column][:], cfg.model.max_length)
 
     torch.manual_seed(derive_seed(cfg.seed, 1))
-    model = apply_lora(base, cfg.lora, cfg.model.task, rank=lora.max_rank)
+    with quiet_loading():
+        model = apply_lora(base, cfg.lora, cfg.model.task, rank=lora.max_rank)
+    note(_model_line(cfg, model, ranks, None if sft else len(task.label_names)))
     return Experiment(
         cfg=cfg,
         task=task,

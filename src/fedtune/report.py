@@ -14,8 +14,9 @@ where ``<metric>`` is the metric name with ``/`` replaced by ``_``, e.g.
 for one run, and to ``report/`` beside the first run (``runs/report/``) for several.
 "Best" is the minimum for losses, perplexities and spreads (``*_std``), the maximum otherwise.
 Runs that share no eval metric (a run without evaluation) are compared on
-``train_loss``, and the report says so. A run with a natural partition also
-gets a table of the value(s) of its partition column that each client holds.
+``train_loss``, and the report says so. A run whose ``partition.json`` records
+client groups (``partition.by`` other than the label) also gets a table of the
+value(s) of that column each client holds.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from rich import box
@@ -32,6 +34,7 @@ from rich.table import Table
 
 from fedtune.errors import FedtuneError
 from fedtune.runlog import Run, load_run
+from fedtune.units import human_bytes, human_seconds
 
 _METRIC_PREFIXES = ("eval/", "client_eval/")
 _PREFERRED = ("eval/accuracy", "eval/loss")
@@ -51,27 +54,7 @@ class Report:
     note: str | None = None
     """Why the metric is not the one asked for by default (no shared eval metric)."""
     clients: list[Table] = field(default_factory=list)
-    """Per run with a natural partition: the value(s) each client holds."""
-
-
-def human_bytes(n: float) -> str:
-    """Bytes in decimal units: 3_200_000 → '3.2 MB'."""
-    units = ("B", "kB", "MB", "GB", "TB")
-    i = 0
-    while abs(n) >= 1000 and i < len(units) - 1:
-        n, i = n / 1000, i + 1
-    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
-
-
-def human_seconds(s: float) -> str:
-    """Durations: '8.4 s', '3m 05s', '2h 07m'."""
-    if s < 60:
-        return f"{s:.1f} s"
-    m, sec = divmod(round(s), 60)
-    if m < 60:
-        return f"{m}m {sec:02d}s"
-    h, m = divmod(m, 60)
-    return f"{h}h {m:02d}m"
+    """Per run whose partition records client groups: the value(s) of ``partition.by`` each client holds."""
 
 
 def available_metrics(run: Run) -> list[str]:
@@ -124,7 +107,30 @@ def _summarise(run: Run, metric: str) -> dict[str, Any]:
         "bytes_up": last.get("cum_bytes_up", 0),
         "bytes_down": last.get("cum_bytes_down", 0),
         "wall_time_s": sum(row.get("time_round_s", 0.0) for row in run.rows),
+        "clients_left_out": left_out(run),
+        "models": _models(run),
     }
+
+
+def _models(run: Run) -> dict[str, list[int]]:
+    """The run's final models (several: ``models.json``, e.g. one per cluster) and the clients of each."""
+    path = run.path / "models.json"
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    return {name: sorted(int(c) for c, m in saved["assignment"].items() if m == name) for name in saved["models"]}
+
+
+def left_out(run: Run) -> list[dict[str, Any]]:
+    """Every time a client was left out of a round's training or evaluation (failed, dropped, rejected), in order."""
+    return [p for row in run.rows for p in row.get("client_problems", [])]
+
+
+def left_out_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per client left out of a round, per run: what the report prints under its table."""
+    return [f"{r['name']}: round {p['round']}, client {p['client']} {p['kind']} in {p['phase']}: "
+            f"{p['reason'].strip().splitlines()[-1] if p['reason'].strip() else '?'}"
+            for r in rows for p in r["clients_left_out"]]
 
 
 def _table(rows: list[dict[str, Any]], metric: str) -> Table:
@@ -132,7 +138,7 @@ def _table(rows: list[dict[str, Any]], metric: str) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
     table.add_column("run", style="bold", overflow="fold")
     table.add_column("algorithm", no_wrap=True)
-    for col in ("rounds", "final", "best\n(round)", "bytes\nup", "bytes\ndown", "wall\ntime"):
+    for col in ("rounds", "final", "best\n(round)", "bytes\nup", "bytes\ndown", "wall\ntime", "clients\nleft out"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         table.add_row(
@@ -144,6 +150,7 @@ def _table(rows: list[dict[str, Any]], metric: str) -> Table:
             human_bytes(r["bytes_up"]),
             human_bytes(r["bytes_down"]),
             human_seconds(r["wall_time_s"]),
+            str(len(r["clients_left_out"])),
         )
     return table
 
@@ -192,6 +199,42 @@ def _plot_vs_bytes(runs: list[Run], metric: str, path: Path) -> Path:
     return _save(fig, ax, path)
 
 
+def clustering_plots(run: Run, out_dir: Path, prefix: str = "") -> list[Path]:
+    """For each round that clustered the clients (rows with ``agg/similarity``): the cosine-similarity heat map
+    and the Ward dendrogram (:mod:`fedtune.clustering`), as ``<prefix>clustering_round<r>_{similarity,dendrogram}.png``."""
+    from scipy.cluster.hierarchy import dendrogram
+
+    from fedtune.clustering import ward_linkage
+
+    paths = []
+    for row in run.rows:
+        if "agg/similarity" not in row:
+            continue
+        sim = np.asarray(row["agg/similarity"], dtype=float)
+        clients = [str(c) for c in row.get("agg/similarity_clients", range(len(sim)))]
+        cluster_of = row.get("agg/cluster_of", {})
+        labels = [f"{c} ({cluster_of[c].removeprefix('cluster_')})" if c in cluster_of else c for c in clients]
+        rnd = row["round"]
+        fig = Figure(figsize=(5.6, 4.8), layout="constrained")
+        ax = fig.add_subplot()
+        im = ax.imshow(sim, vmin=-1, vmax=1, cmap="RdBu_r")
+        ax.set(title=f"{run.name}: cosine similarity of updates, round {rnd}", xlabel="client (cluster)",
+               ylabel="client (cluster)", xticks=range(len(sim)), yticks=range(len(sim)))
+        ax.set_xticklabels(labels, rotation=90, fontsize="small")
+        ax.set_yticklabels(labels, fontsize="small")
+        fig.colorbar(im, ax=ax)
+        paths.append(out_dir / f"{prefix}clustering_round{rnd}_similarity.png")
+        fig.savefig(paths[-1], dpi=120)
+        fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+        ax = fig.add_subplot()
+        if len(sim) >= 2:
+            dendrogram(ward_linkage(sim), labels=labels, ax=ax, leaf_rotation=90)
+        ax.set(title=f"{run.name}: Ward dendrogram, round {rnd}", ylabel="Ward distance on √(2 − 2 cos)")
+        paths.append(out_dir / f"{prefix}clustering_round{rnd}_dendrogram.png")
+        fig.savefig(paths[-1], dpi=120)
+    return paths
+
+
 def build_report(run_dirs: list[Path], metric: str | None = None, out_dir: Path | None = None) -> Report:
     """Load ``run_dirs``, tabulate and plot ``metric`` (default: :func:`_default_metric`), write into ``out_dir``."""
     if not run_dirs:
@@ -211,6 +254,8 @@ def build_report(run_dirs: list[Path], metric: str | None = None, out_dir: Path 
             _plot_vs_round(runs, metric, out_dir / f"{stem}_vs_round.png"),
             _plot_vs_bytes(runs, metric, out_dir / f"{stem}_vs_bytes.png"),
         ]
+        for run in runs:
+            plots += clustering_plots(run, out_dir, prefix="" if len(runs) == 1 else f"{run.name}_")
         (out_dir / "report.json").write_text(json.dumps({"metric": metric, "runs": rows}, indent=2) + "\n")
     except OSError as e:
         reason = e.strerror or str(e)
@@ -227,15 +272,16 @@ def _clients_table(run: Run) -> Table | None:
         partition = json.loads(path.read_text()) if path.is_file() else {}
     except json.JSONDecodeError:
         raise FedtuneError(f"{path} is not valid JSON; restore it from the run, or delete it") from None
-    values = partition.get("client_values") if isinstance(partition, dict) else None
-    if not isinstance(values, list):
+    groups = partition.get("client_groups") if isinstance(partition, dict) else None
+    if not isinstance(groups, list):
         return None
-    sizes = partition.get("sizes") or [None] * len(values)
-    table = Table(title=f"{run.name}: clients by {partition.get('by', '?')}", box=box.SIMPLE_HEAD,
-                  show_edge=False, title_justify="left")
+    column = str(partition.get("group_column", "value"))
+    sizes = partition.get("sizes") or [None] * len(groups)
+    table = Table(title=f"{run.name}: clients by {column}", box=box.SIMPLE_HEAD, show_edge=False,
+                  title_justify="left")
     table.add_column("client", justify="right")
-    table.add_column(str(partition.get("by", "value")), overflow="fold")
+    table.add_column(column, overflow="fold")
     table.add_column("examples", justify="right")
-    for cid, (held, size) in enumerate(zip(values, sizes)):
+    for cid, (held, size) in enumerate(zip(groups, sizes)):
         table.add_row(str(cid), ", ".join(map(str, held)), "-" if size is None else f"{size:,}")
     return table

@@ -25,19 +25,19 @@ from typing import Any
 import yaml
 from safetensors.torch import save_file
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedtune.config import RunConfig
+from fedtune.config import RunConfig, differences
 from fedtune.data import summary_table
 from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment, build_experiment
-from fedtune.algorithms import ClientContext
+from fedtune.algorithms import ClientContext, ServerState
 from fedtune.models.lora import MERGED, MERGED_FILE
-from fedtune.runlog import METRICS, RunLog
-from fedtune.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedtune.progress import RunProgress
+from fedtune.report import clustering_plots
+from fedtune.runlog import CONFIG, METRICS, SUMMARY, RunLog, load_run
+from fedtune.runtime.checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
 from fedtune.runtime.inprocess import InProcessPool
 from fedtune.runtime.server import ClientPool, run_rounds
-from fedtune.training import local_steps
 
 
 @dataclass
@@ -45,47 +45,21 @@ class RunResult:
     run_dir: Path
     final: dict
     seconds: float
-
-
-class _ProgressHooks:
-    """Rich progress bars: rounds, and local steps within the round."""
-
-    def __init__(self, progress: Progress, exp: Experiment, console: Console, steps: bool = True, done: int = 0):
-        self.progress, self.exp, self.console = progress, exp, console
-        self.rounds = progress.add_task("rounds", total=exp.cfg.federation.rounds, completed=done)
-        self.steps = progress.add_task("local steps", total=1, visible=steps)
-
-    def on_step(self) -> None:
-        self.progress.advance(self.steps)
-
-    def on_round_start(self, rnd: int, clients: list[int]) -> None:
-        total = sum(local_steps(self.exp.cfg.train, len(self.exp.shards[c])) for c in clients)
-        self.progress.reset(self.steps, total=total * self.exp.steps_multiplier,
-                            description=f"round {rnd}: {len(clients)} clients")
-
-    def on_round_end(self, row: dict) -> None:
-        if row["round"]:
-            self.progress.advance(self.rounds)
-        shown = {k: v for k, v in row.items() if k.startswith(("eval/", "client_eval/"))}
-        if shown or row["round"]:
-            parts = [f"round {row['round']}"]
-            if row.get("train_loss") is not None:
-                parts.append(f"train_loss {row['train_loss']:.4f}")
-            parts += [f"{k} {v:.4f}" for k, v in shown.items() if not k.endswith("_std")]
-            self.console.log("  ".join(parts))
+    already_finished: bool = False
+    """A resume found the run finished: nothing ran and no file changed (``final`` is read from its summary)."""
 
 
 RUNTIMES = ("inprocess", "flower")
 
-Driver = Callable[[Experiment, _ProgressHooks, Callable[[ClientPool], Any]], Any]
+Driver = Callable[[Experiment, RunProgress, Callable[[ClientPool], Any]], Any]
 """How a runtime runs the federation: ``driver(exp, hooks, body)`` builds its pool and returns ``body(pool)``."""
 
 
-def _inprocess(exp: Experiment, hooks: _ProgressHooks, body: Callable[[ClientPool], Any]) -> Any:
+def _inprocess(exp: Experiment, hooks: RunProgress, body: Callable[[ClientPool], Any]) -> Any:
     return body(InProcessPool(exp, on_step=hooks.on_step))
 
 
-def _flower_simulation(exp: Experiment, hooks: _ProgressHooks, body: Callable[[ClientPool], Any]) -> Any:
+def _flower_simulation(exp: Experiment, hooks: RunProgress, body: Callable[[ClientPool], Any]) -> Any:
     from fedtune.runtime.flower import run_simulation_engine
 
     return run_simulation_engine(exp, body)
@@ -95,7 +69,8 @@ def execute(cfg: RunConfig, overwrite: bool = False, console: Console | None = N
             runtime: str = "inprocess", resume: bool = False) -> RunResult:
     """Run ``cfg`` on ``runtime`` (``inprocess`` or ``flower``: Flower's simulation engine) and write its run directory.
 
-    ``resume=True`` continues the run in ``cfg.run_dir`` after its last checkpointed round.
+    ``resume=True`` continues the run in ``cfg.run_dir`` after its last checkpointed round; a finished run is
+    left as it is (``already_finished``).
     """
     drivers: dict[str, Driver] = {"inprocess": _inprocess, "flower": _flower_simulation}
     if runtime not in drivers:
@@ -103,17 +78,35 @@ def execute(cfg: RunConfig, overwrite: bool = False, console: Console | None = N
     return execute_with(cfg, drivers[runtime], runtime, overwrite=overwrite, console=console, resume=resume)
 
 
-def _reopen_log(cfg: RunConfig, ckpt: Checkpoint) -> RunLog:
-    """The run log of a resumed run: its config must be unchanged; rows after the checkpoint are dropped."""
+def _resume_point(cfg: RunConfig) -> Checkpoint:
+    """The checkpoint a resume continues from. One-line errors for a run that never started (no folder, or no
+    completed round) and for a config that differs from the run's in a key that changes results."""
     run_dir = cfg.run_dir
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
-    if saved != cfg.to_dict():
-        raise FedtuneError(f"cannot resume {run_dir}: its config.yaml differs from this run's config; "
-                           "resume with the same config, or start afresh with --overwrite")
+    if not run_dir.is_dir():
+        raise FedtuneError(f"cannot resume: there is no run at {run_dir}; start it without --resume")
+    if not has_checkpoint(run_dir):
+        raise FedtuneError(f"run {run_dir} has no completed round to resume; start it without --resume "
+                           "(add --overwrite to replace the directory)")
+    if not (run_dir / CONFIG).is_file():
+        raise FedtuneError(f"cannot resume {run_dir}: it has a checkpoint but no {CONFIG}; "
+                           "start afresh with --overwrite")
+    changed = differences(yaml.safe_load((run_dir / CONFIG).read_text()) or {}, cfg.to_dict())
+    if changed:
+        raise FedtuneError(f"cannot resume {run_dir}: its config differs ({'; '.join(changed)}); resume with the "
+                           f"run's settings, e.g. fedtune run {run_dir / CONFIG} --resume, or start afresh with "
+                           "--overwrite")
+    return load_checkpoint(run_dir)
+
+
+def _reopen_log(cfg: RunConfig, ckpt: Checkpoint) -> RunLog:
+    """The run log of a resumed run: rows after the checkpoint are dropped; ``config.yaml`` takes the new
+    result-neutral settings (threads, output paths)."""
+    run_dir = cfg.run_dir
     metrics = run_dir / METRICS
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
     metrics.unlink(missing_ok=True)
-    log = RunLog(run_dir)
+    log = RunLog(run_dir, tensorboard=cfg.log.tensorboard)
+    log.write_config(cfg.to_dict())
     for row in rows:
         if row["round"] <= ckpt.round:
             log.log_round(row)
@@ -127,18 +120,21 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
     t0 = time.perf_counter()
     ckpt = None
     if resume:
-        ckpt = load_checkpoint(cfg.run_dir)
-        log = _reopen_log(cfg, ckpt)
+        ckpt = _resume_point(cfg)
+        if ckpt.round == cfg.federation.rounds and (cfg.run_dir / SUMMARY).is_file():
+            summary = json.loads((cfg.run_dir / SUMMARY).read_text())
+            return RunResult(cfg.run_dir, summary.get("final", {}), 0.0, already_finished=True)
         if ckpt.clients_with_state_on_nodes:
             raise FedtuneError(
                 f"cannot resume {cfg.run_dir}: algorithm '{cfg.algorithm.name}' kept per-client state on the Flower "
                 f"nodes of clients {ckpt.clients_with_state_on_nodes}, which the checkpoint does not hold; rerun it"
             )
+        log = _reopen_log(cfg, ckpt)
         console.print(f"resuming {cfg.run_dir} after round {ckpt.round}")
     else:
-        log = RunLog(cfg.run_dir, overwrite=overwrite)
+        log = RunLog(cfg.run_dir, overwrite=overwrite, tensorboard=cfg.log.tensorboard)
         log.write_config(cfg.to_dict())
-    exp = build_experiment(cfg)
+    exp = build_experiment(cfg, note=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
     log.write_json("partition.json", {**exp.partition, "skipped_rows": exp.task.skipped_rows,
                                       "source": exp.task.source, "eval": exp.task.eval_origin})
     for line in exp.task.notes:
@@ -166,26 +162,44 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
         state, last = run_rounds(exp, pool, log, hooks, start=start, on_state=on_state)
         return state, last, pool.final_client_states() if exp.algorithm.personalized else {}
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=console.quiet) as progress:
-        hooks = _ProgressHooks(progress, exp, console, steps=driver is _inprocess, done=ckpt.round if ckpt else 0)
+    with RunProgress(console, exp, steps=driver is _inprocess, done=ckpt.round if ckpt else 0) as hooks:
         state, last, client_states = driver(exp, hooks, federate)
 
-    save_adapters(exp, state.global_tensors, client_states, cfg.run_dir)
+    save_adapters(exp, state, client_states, cfg.run_dir)
     final = {k: v for k, v in last.items() if k.startswith(("eval/", "client_eval/"))}
     seconds = time.perf_counter() - t0
+    run = load_run(cfg.run_dir)
+    problems = [p for row in run.rows for p in row.get("client_problems", [])]
+    clustering_plots(run, cfg.run_dir)
     log.write_summary({"final": final, "rounds": cfg.federation.rounds, "seconds": seconds, "runtime": runtime,
                        "resumed_after_round": ckpt.round if ckpt else None,
-                       "cum_bytes_up": last["cum_bytes_up"], "cum_bytes_down": last["cum_bytes_down"]})
+                       "cum_bytes_up": last["cum_bytes_up"], "cum_bytes_down": last["cum_bytes_down"],
+                       "client_problems": problems})
+    if problems:
+        clients = sorted({p["client"] for p in problems})
+        console.print(f"[yellow]clients {clients} were left out of {len(problems)} client-rounds (failed, dropped or "
+                      f"rejected); see client_problems in {cfg.run_dir / 'summary.json'}")
+    log.close()
     return RunResult(cfg.run_dir, final, seconds)
 
 
-def save_adapters(exp: Experiment, global_tensors, client_states, run_dir: Path) -> None:
+def save_adapters(exp: Experiment, state: ServerState, client_states, run_dir: Path) -> None:
     """Save the final model(s) in peft format, loadable by ``PeftModel.from_pretrained``.
 
+    ``adapter/`` holds the global model; a state with several models adds each under
+    ``adapters/<name>/`` and ``models.json`` ({"assignment": {client: name}}); a
+    personalised algorithm saves each client's under ``adapters/client_<i>/``.
     Updates merged into base weights (``merged/`` tensors) go beside the adapter in
     ``merged.safetensors`` (:func:`~fedtune.models.lora.load_adapter` applies them).
     """
+    global_tensors = state.global_tensors
+    for name, tensors in state.models.items():
+        exp.load(tensors)
+        exp.model.save_pretrained(run_dir / "adapters" / name)
+    if state.models:
+        (run_dir / "models.json").write_text(json.dumps(
+            {"models": sorted(state.models),
+             "assignment": {str(c): name for c, name in sorted(state.assignment.items())}}, indent=2) + "\n")
     if exp.algorithm.personalized:
         for cid, state in client_states.items():
             exp.algorithm.load(ClientContext(cid, 0, exp.model, exp.initial, {}, exp.base),

@@ -5,21 +5,24 @@ Layout of ``<output_dir>/<name>/``::
     config.yaml     the resolved RunConfig
     metrics.jsonl   one JSON object per round (round 0 = the initial model, untrained)
     summary.json    final results, written when the run ends
+    tensorboard/    with ``log.tensorboard: true``: the rows' numbers as TensorBoard scalars, step = round
     *.json          anything else the engine records (e.g. partition.json)
 
 A metrics row is flat: ``round``, ``lr``, ``clients``, ``num_clients``,
 ``train_loss``, ``train_examples``, ``bytes_up``/``bytes_down`` and their running
 totals ``cum_bytes_up``/``cum_bytes_down``, ``time_{train,aggregate,eval,round}_s``,
-and, on evaluated rounds, ``eval/<metric>`` and ``client_eval/<metric>`` keys.
+and, on evaluated rounds, ``eval/<metric>`` and ``client_eval/<metric>`` keys (the clients' example-weighted
+mean, and ``_std`` their spread) with each client's own metrics under ``client_metrics: {"<id>": {...}}``.
 :class:`RunLog` writes a directory, :func:`load_run` reads one back.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from fedtune.errors import FedtuneError
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 SUMMARY = "summary.json"
+TENSORBOARD = "tensorboard"
 
 
 def _plain(obj: Any) -> Any:
@@ -42,16 +46,49 @@ def _plain(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+def scalars(row: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Every number in a metrics row but its round, by tag; nested mappings join their keys with '/'
+    (``client_metrics/3/accuracy``). Booleans, strings, lists and None are not scalars."""
+    for key, value in row.items():
+        if isinstance(value, Mapping):
+            yield from scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and f"{prefix}{key}" != "round":
+            yield f"{prefix}{key}", float(value)
+
+
+class _TensorBoard:
+    """Event files beside ``metrics.jsonl``: each row's :func:`scalars` at step = its round, flushed per row."""
+
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        for tag, value in scalars(row):
+            self.writer.add_scalar(tag, value, global_step=int(row["round"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class RunLog:
     """Writer of one run directory.
 
     The directory is created if needed. A directory that already holds a run
     (a ``metrics.jsonl``) is refused unless ``overwrite=True``, which deletes it
     and starts afresh; a directory without one is written into as it is.
+    ``tensorboard=True`` also mirrors every row into ``tensorboard/`` (started
+    afresh with the ``metrics.jsonl`` it mirrors); it needs the ``tensorboard``
+    package, checked before anything is written.
     """
 
-    def __init__(self, run_dir: str | Path, overwrite: bool = False):
+    def __init__(self, run_dir: str | Path, overwrite: bool = False, tensorboard: bool = False):
         self.run_dir = Path(run_dir)
+        if tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise FedtuneError("log.tensorboard is on but the tensorboard package is not installed; "
+                               "pip install tensorboard, or set log.tensorboard: false")
         if (self.run_dir / METRICS).exists():
             if not overwrite:
                 raise FedtuneError(
@@ -62,6 +99,11 @@ class RunLog:
         self._guard(self.run_dir.mkdir, parents=True, exist_ok=True)
         if not os.access(self.run_dir, os.W_OK | os.X_OK):
             self._fail(PermissionError("permission denied"))
+        self._tensorboard = None
+        if tensorboard:
+            if (self.run_dir / TENSORBOARD).exists():
+                self._guard(shutil.rmtree, self.run_dir / TENSORBOARD)
+            self._tensorboard = self._guard(_TensorBoard, self.run_dir / TENSORBOARD)
 
     def _fail(self, err: OSError) -> None:
         reason = err.strerror or str(err)
@@ -95,12 +137,20 @@ class RunLog:
             with open(self.run_dir / METRICS, "a") as f:
                 f.write(line)
                 f.flush()
+            if self._tensorboard is not None:
+                self._tensorboard.write(row)
         except OSError as e:
             self._fail(e)
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         """Write the end-of-run results as ``summary.json``."""
         return self.write_json(SUMMARY, dict(summary))
+
+    def close(self) -> None:
+        """Close the TensorBoard event file, if any (every row is on disk already)."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
 
 @dataclass

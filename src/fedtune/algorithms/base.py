@@ -2,7 +2,8 @@
 
 A round, whatever the runtime::
 
-    payloads = algo.configure(rnd, client_ids, state)          # server
+    client_ids = algo.participants(rnd, sampled)               # server
+    payloads = algo.configure(rnd, client_ids, state)
     for each client i:                                         # client (anywhere)
         algo.prepare(ctx_i, payloads[i])                       #   payload → model
         local steps of  algo.loss(ctx, batch, outputs)         #   + algo.after_step(ctx)
@@ -19,6 +20,12 @@ Heterogeneous ranks (:class:`LoraSetup`): the model carries LoRA of the
 largest client rank; client i sends and receives factors of its own rank r_i,
 which the default hooks cut and zero-pad (:func:`fit_lora_rank`), so every
 algorithm runs with mixed ranks.
+
+Several models (:attr:`ServerState.models`, e.g. one per cluster): the
+algorithm decides which model each client trains from (``configure``), is
+evaluated with (:meth:`Algorithm.configure_evaluate`) and which are scored on
+the held-out split (:meth:`Algorithm.evaluation_models`); the run saves every
+model the state ends with.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fedtune.aggregation import Tensors
-from fedtune.config import TrainConfig
+from fedtune.config import TrainConfig, explain
 from fedtune.errors import FedtuneError
 from fedtune.models.lora import fit_lora_rank, load_state, trainable_state
 
@@ -69,6 +76,15 @@ class ServerState:
     global_tensors: Tensors
     extra: Tensors = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, Tensors] = field(default_factory=dict)
+    """Several models at once (e.g. one per cluster), by name; empty: ``global_tensors`` is the only model."""
+    assignment: dict[int, str] = field(default_factory=dict)
+    """Client id → the name of its model in ``models`` (clients not listed use ``global_tensors``)."""
+
+    def model_of(self, client_id: int) -> Tensors:
+        """The model client ``client_id`` belongs to."""
+        name = self.assignment.get(client_id)
+        return self.global_tensors if name is None else self.models[name]
 
 
 @dataclass(frozen=True)
@@ -100,12 +116,22 @@ class ClientContext:
     """Persistent per-client tensors, kept by the runtime between rounds."""
     base: Tensors = field(default_factory=dict)
     """The frozen base weights of the adapted modules, as loaded (only for ``uses_base_weights`` algorithms)."""
+    payload: Payload = field(default_factory=Payload)
+    """What the client received this round."""
+    start: Tensors = field(default_factory=dict)
+    """The trainable tensors the client starts the round from (after :meth:`Algorithm.prepare`; model shape)."""
+    lr: float = 0.0
+    """The round's learning rate."""
+    steps: int = 0
+    """The optimiser steps of this round's local training."""
     num_examples: int = 0
     train_loss: float = float("nan")
 
 
 class NoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """An algorithm's options: a pydantic model whose field docstrings say what each option means."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class Algorithm(ABC):
@@ -114,6 +140,9 @@ class Algorithm(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
+    requires: ClassVar[str] = ""
+    """What the algorithm needs or is meant for in the rest of the config, beyond what its flags below imply
+    (shown by ``fedtune algorithms``; see :meth:`requirements`)."""
     personalized: ClassVar[bool] = False
     """Each client ends with its own model: evaluate per client, on its own test shard."""
     pools_data: ClassVar[bool] = False
@@ -122,24 +151,39 @@ class Algorithm(ABC):
     """The global model holds ``merged/`` updates of the base weights, so clients reset them each round."""
 
     def __init__(self, options: dict[str, Any] | None = None, lora: LoraSetup | None = None,
-                 rounds: int | None = None):
+                 rounds: int | None = None, num_clients: int | None = None):
         self.lora = lora or LoraSetup()
         self.rounds = rounds
         """The run's ``federation.rounds``, for server-side schedules (None outside a run)."""
+        self.num_clients = num_clients
+        """How many clients the federation has (None outside a run)."""
+        self.client_groups: list[str] | None = None
+        """Each client's group (the most frequent value of ``partition.by`` in its shard), set by the run when
+        the partition is over a column; reference variants (e.g. oracle clusters) and agreement scores use it."""
         try:
             self.options = self.Options.model_validate(options or {})
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-            valid = ", ".join(self.Options.model_fields) or "none"
             raise FedtuneError(
-                f"invalid algorithm.options for '{self.name}': {problems} (valid options: {valid})"
+                f"invalid algorithm.options for '{self.name}': {explain(e, self.Options, 'algorithm.options')}"
             ) from None
 
     @classmethod
+    def requirements(cls) -> str:
+        """What the rest of the config must hold for this algorithm: implied by its flags, then ``requires``."""
+        parts = []
+        if cls.personalized:
+            parts.append("partition.client_test_fraction > 0 (each client is evaluated on its own test shard)")
+        if cls.pools_data:
+            parts.append("one rank for all (no lora.client_ranks / rank_tiers)")
+        if cls.requires:
+            parts.append(cls.requires)
+        return "; ".join(parts)
+
+    @classmethod
     def create(cls, options: dict[str, Any] | None = None, lora: LoraSetup | None = None,
-               rounds: int | None = None) -> Algorithm:
+               rounds: int | None = None, num_clients: int | None = None) -> Algorithm:
         """The algorithm for ``options``: this class, or the variant of it that an option selects."""
-        return cls(options, lora, rounds)
+        return cls(options, lora, rounds, num_clients)
 
     def advice(self, train: TrainConfig) -> list[str]:
         """Lines to show before a run: valid combinations with the clients' ``train`` config that are rarely meant."""
@@ -149,6 +193,10 @@ class Algorithm(ABC):
     def init(self, initial: Tensors) -> ServerState:
         return ServerState(round=0, global_tensors={k: v.clone() for k, v in initial.items()})
 
+    def participants(self, rnd: int, sampled: list[int]) -> list[int]:
+        """The clients that train in round ``rnd``; default: the ones the run sampled."""
+        return sampled
+
     def configure(self, rnd: int, client_ids: list[int], state: ServerState) -> dict[int, Payload]:
         """Default: every sampled client receives the global tensors (LoRA factors at its own rank)."""
         return {cid: Payload(tensors=self.at_client_rank(cid, state.global_tensors)) for cid in client_ids}
@@ -156,6 +204,19 @@ class Algorithm(ABC):
     @abstractmethod
     def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
         """The new server state from the round's usable updates."""
+
+    def configure_evaluate(self, client_ids: list[int], state: ServerState) -> dict[int, Tensors]:
+        """The model each client is evaluated with on its own test shard; default: the model it belongs to
+        (:meth:`ServerState.model_of`). Personalised algorithms answer with :meth:`personal_tensors` on the
+        client instead, so their clients receive nothing to evaluate."""
+        if self.personalized:
+            return {cid: {} for cid in client_ids}
+        return {cid: state.model_of(cid) for cid in client_ids}
+
+    def evaluation_models(self, state: ServerState) -> dict[str, Tensors]:
+        """The models scored on the run's held-out split, by name: ``""`` logs ``eval/<metric>``, any other name
+        ``eval/<name>/<metric>``. Default: the global model, or each of ``state.models``."""
+        return dict(state.models) if state.models else {"": state.global_tensors}
 
     # ------------------------------------------------------------------ client side
     def prepare(self, ctx: ClientContext, payload: Payload) -> None:

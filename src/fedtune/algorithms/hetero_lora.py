@@ -57,6 +57,7 @@ class _FactorAggregation(Algorithm):
     """Shared parts: split updates into per-module factors and the rest; the server model holds dense merges."""
 
     uses_base_weights = True
+    requires = "meant for heterogeneous ranks: lora.client_ranks or lora.rank_tiers (runs with one rank too)"
 
     def _split(self, updates: list[ClientUpdate]) -> tuple[dict[str, tuple[list, list]], list[float], Tensors]:
         """Per module (As, Bs) over the updates, their weights n_i, and the weighted mean of the other tensors."""
@@ -154,7 +155,7 @@ class FLoRA(_MergeEachRound):
 
 
 class FLoRISTOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     tau: float = Field(default=0.9, gt=0, le=1)
     """Energy threshold: keep the fewest singular directions holding this fraction of Σσ²."""
     mode: Literal["merge", "truncate"] = "merge"
@@ -179,9 +180,9 @@ class FLoRIST(_FloristFactors, _MergeEachRound):
     Options = FLoRISTOptions
 
     @classmethod
-    def create(cls, options=None, lora=None, rounds=None) -> Algorithm:
-        algo = cls(options, lora, rounds)
-        return FLoRISTTruncate(options, lora, rounds) if algo.options.mode == "truncate" else algo
+    def create(cls, options=None, lora=None, rounds=None, num_clients=None) -> Algorithm:
+        algo = cls(options, lora, rounds, num_clients)
+        return FLoRISTTruncate(options, lora, rounds, num_clients) if algo.options.mode == "truncate" else algo
 
 
 class _ContinueFromGlobal(_FactorAggregation):

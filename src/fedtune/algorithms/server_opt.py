@@ -51,8 +51,10 @@ def _moment(kind: str, name: str) -> str:
 
 
 class _Schedule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     schedule: Literal["constant", "cosine", "cooldown"] = "constant"
+    """The server step size over the rounds: constant; cosine down to ``min_lr_ratio``; or constant, then a
+    linear ``cooldown`` over the last ``cooldown_fraction`` of the rounds."""
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     """Where ``cosine`` and ``cooldown`` end, as a fraction of ``server_lr``."""
     cooldown_fraction: float = Field(default=0.2, gt=0, le=1)
@@ -70,12 +72,14 @@ class AdagradOptions(_Schedule):
     server_lr: float = Field(default=1e-2, gt=0)
     """η: the server step size (each coordinate moves about η per round)."""
     beta1: float = Field(default=0.9, ge=0, lt=1)
+    """β₁: decay of the first moment m (0: no momentum)."""
     tau: float = Field(default=1e-3, ge=0)
     """τ: the adaptivity floor added to √v (Reddi et al. tune it in 1e-6 … 1e-1)."""
 
 
 class AdamOptions(AdagradOptions):
     beta2: float = Field(default=0.99, gt=0, lt=1)
+    """β₂: decay of the second moment v."""
 
 
 class _ServerOptimizer(FedIT):

@@ -11,11 +11,13 @@
 
 from fedtune.data.loaders import TaskData, describe, describe_table, load_task_data
 from fedtune.data.partition import partition_clients, partition_summary, split_client_test, summary_table
-from fedtune.data.registry import REGISTRY, DatasetSpec, list_datasets
+from fedtune.data.registry import PARALLEL, REGISTRY, DatasetSpec, ParallelSpec, list_datasets
 
 __all__ = [
+    "PARALLEL",
     "REGISTRY",
     "DatasetSpec",
+    "ParallelSpec",
     "TaskData",
     "describe",
     "describe_table",

@@ -10,6 +10,9 @@ Instruction tuning (``model.task: sft``) trains on rows with the columns of
 - ``task``: the dataset the row came from (partition a mixture with
   ``partition.by: task``).
 
+Rows of a parallel dataset also keep its ``language`` and ``row_id`` columns
+(``TaskData.meta_columns``), for ``partition.by: language``.
+
 A registered classification dataset is verbalised by its spec
 (``instruction``, ``input``, ``answers``; SNLI → ``Suppose "{premise}" Can we
 infer that "{hypothesis}"? Yes, No, or Maybe?`` answered Yes / Maybe / No); a
@@ -24,7 +27,7 @@ import datasets
 
 from fedtune.config import DataConfig
 from fedtune.data.loaders import TaskData, load_task_data
-from fedtune.data.registry import REGISTRY
+from fedtune.data.registry import verbaliser_spec
 from fedtune.errors import FedtuneError
 
 COLUMNS = ("instruction", "input", "output", "choices", "answer", "task")
@@ -94,11 +97,17 @@ def _open_ended(ds: datasets.Dataset, task: TaskData, label_column: str | None) 
         "choices": [[] for _ in range(n)],
         "answer": [-1] * n,
         "task": [task.name] * n,
-    }, features=_FEATURES)
+        **{c: ds[c][:] for c in task.meta_columns},
+    }, features=_features(ds, task))
+
+
+def _features(ds: datasets.Dataset, task: TaskData, **more: datasets.Value) -> datasets.Features:
+    """:data:`COLUMNS`' types, the task's meta columns' own types, and ``more``."""
+    return datasets.Features({**_FEATURES, **{c: ds.features[c] for c in task.meta_columns}, **more})
 
 
 def _verbaliser(task: TaskData):
-    spec = REGISTRY.get(task.name)
+    spec = verbaliser_spec(task.name)
     if spec is not None and spec.answers:
         instruction, input_, answers = spec.instruction, spec.input, list(spec.answers)
     else:  # a user's classification file: name the label set in the prompt
@@ -118,8 +127,9 @@ def _verbaliser(task: TaskData):
             "answer": list(labels),
             "task": [task.name] * len(ds),
             label_column: list(labels),
+            **{c: cols[c] for c in task.meta_columns},
         }
-        return datasets.Dataset.from_dict(out, features=datasets.Features({**_FEATURES, label_column: datasets.Value("int64")}))
+        return datasets.Dataset.from_dict(out, features=_features(ds, task, **{label_column: datasets.Value("int64")}))
 
     return convert
 

@@ -12,6 +12,19 @@ needs two values or more. A malformed row stops the load, naming file and
 line, or with ``on_malformed="skip"`` is dropped and counted in
 ``TaskData.skipped_rows``. :func:`describe` returns plain data about a dataset
 for ``fedtune data show``; :func:`describe_table` renders it.
+
+A parallel dataset (``registry.PARALLEL``: ``multilingual``,
+``sst2_multilingual``) loads each selected language's registered dataset
+(``data.languages``, default all) and stacks them, adding ``language`` (the
+code) and ``row_id`` (the row's index in its language's split: the same item
+in every language). ``max_*_examples`` cap each language; under ``data.parallel:
+aligned`` they draw the same row ids in every language. Translations leak:
+with ``aligned`` (the default) a client's held-out row in one language may be
+another client's training row in another, and ``group_iid`` gives one client
+the same question in several languages. That is what a language-clustering
+benchmark wants, but not a measure of generalisation to unseen items; for that
+use ``data.parallel: disjoint``, which gives each row id one language (a seeded,
+balanced draw, per split), so every item appears once.
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ from fedtune.config import DataConfig
 from fedtune.data.columns import detect_instruction, detect_label, detect_text
 from fedtune.data.holdout import held_out
 from fedtune.data.readers import Problem, RawTable
-from fedtune.data.registry import Kind
+from fedtune.data.registry import PARALLEL, Kind, ParallelSpec
 from fedtune.data.sources import Location, locate
 from fedtune.errors import FedtuneError
 
@@ -66,6 +79,13 @@ class TaskData:
     rows ``held_out`` of its training split (with ``fraction``, ``of_rows``, ``stratified_by``, ``seed``)."""
     notes: list[str] = field(default_factory=list)
     """One line each that a run prints before training: columns found by name, an eval split held out."""
+    meta_columns: tuple[str, ...] = ()
+    """Columns about each row's origin (a parallel dataset's ``language``, ``row_id``), kept through
+    :func:`~fedtune.data.instructions.as_instructions` so partitions can use them."""
+
+
+LANGUAGE = "language"
+ROW_ID = "row_id"
 
 
 @dataclass(frozen=True)
@@ -87,6 +107,13 @@ class _Schema:
 
 def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
     """Load the train and eval splits named by ``cfg``; subsets are drawn with ``np.random.default_rng(seed)``."""
+    if cfg.name in PARALLEL:
+        return _load_parallel(PARALLEL[cfg.name], cfg, seed)
+    if cfg.languages is not None or cfg.parallel != "aligned":
+        raise FedtuneError(
+            f"data.languages and data.parallel are for the parallel datasets ({', '.join(PARALLEL)}), "
+            f"not '{cfg.name}'; remove them"
+        )
     loc = locate(cfg.name)
     train_tables = loc.read(cfg.train_split)
     schema = _schema(loc, cfg, train_tables[0])
@@ -194,6 +221,8 @@ def describe(data: str | DataConfig) -> dict[str, Any]:
     Malformed rows are counted per split, not raised.
     """
     cfg = data if isinstance(data, DataConfig) else DataConfig(name=data)
+    if cfg.name in PARALLEL:
+        return _describe_parallel(PARALLEL[cfg.name], cfg)
     loc = locate(cfg.name)
     train_split = cfg.train_split if cfg.train_split in loc.splits else loc.splits[0]
     tables = {split: loc.read(split) for split in loc.splits}
@@ -250,6 +279,8 @@ def describe_table(info: dict[str, Any], width: int = 100) -> Table:
         ("text", ", ".join(info["text_columns"])),
         ("label", info["label_column"] or "-"),
         ("labels", ", ".join(f"{i} {n} ({c:,})" for i, (n, c) in enumerate(info["label_counts"].items()))),
+        *((column, " · ".join(f"{g} {n:,}" for g, n in counts.items()))
+          for column, counts in info.get("groups", {}).items()),
     ]
     names, label = info["label_names"], info["label_column"]
     for i, example in enumerate(info["examples"]):
@@ -267,6 +298,114 @@ def describe_table(info: dict[str, Any], width: int = 100) -> Table:
 def _held_out_text(info: dict[str, Any]) -> str:
     fraction = info.get("eval_fraction")
     return f"{fraction:.0%} of {info['train_split']}, held out (data.eval_fraction)" if fraction else "-"
+
+
+def _load_parallel(spec: ParallelSpec, cfg: DataConfig, seed: int) -> TaskData:
+    """The selected languages' datasets stacked, with ``language`` and ``row_id`` columns (see the module doc)."""
+    languages = _languages(spec, cfg.languages)
+    whole = {"languages": None, "parallel": "aligned", "max_train_examples": None, "max_eval_examples": None}
+    # a language without an eval split holds out the same row ids as every other (same rows, same seed)
+    tasks = {
+        lang: load_task_data(cfg.model_copy(update={"name": spec.members[lang], **whole}), seed) for lang in languages
+    }
+    first = tasks[languages[0]]
+    evals = {lang: t.eval for lang, t in tasks.items()}
+    if len({e is None for e in evals.values()}) > 1:
+        raise FedtuneError(
+            f"dataset '{spec.name}': only some languages have an eval split; "
+            "set data.eval_split to a split they all have"
+        )
+    return TaskData(
+        name=spec.name,
+        kind=first.kind,
+        train=_stack(spec, {lang: t.train for lang, t in tasks.items()}, cfg, cfg.max_train_examples, seed),
+        eval=None if first.eval is None else _stack(spec, evals, cfg, cfg.max_eval_examples, seed),
+        text_columns=first.text_columns,
+        label_column=first.label_column,
+        label_names=first.label_names,
+        source=" + ".join(dict.fromkeys(t.source for t in tasks.values())),
+        skipped_rows=sum(t.skipped_rows for t in tasks.values()),
+        target_column=first.target_column,
+        eval_origin=[o for t in tasks.values() for o in t.eval_origin],
+        notes=[line for t in tasks.values() for line in t.notes],
+        meta_columns=(LANGUAGE, ROW_ID),
+    )
+
+
+def _stack(
+    spec: ParallelSpec, parts: dict[str, datasets.Dataset], cfg: DataConfig, limit: int | None, seed: int
+) -> datasets.Dataset:
+    """One split of every language, one after another: row ids per language (all, or a disjoint share), capped."""
+    sizes = {lang: len(ds) for lang, ds in parts.items()}
+    if len(set(sizes.values())) > 1:
+        raise FedtuneError(
+            f"dataset '{spec.name}' is not row-aligned "
+            f"({', '.join(f'{lang} {n:,} rows' for lang, n in sizes.items())}); "
+            "every language's file must hold the same items in the same order (with data.on_malformed=skip, fix the "
+            "malformed rows instead)"
+        )
+    n = next(iter(sizes.values()))
+    if cfg.parallel == "disjoint":
+        shares = np.array_split(np.random.default_rng(seed).permutation(n), len(parts))
+        ids = {lang: np.sort(share) for lang, share in zip(parts, shares)}
+    else:
+        ids = {lang: np.arange(n) for lang in parts}
+    stacked = []
+    for lang, ds in parts.items():
+        keep = ids[lang]
+        if limit is not None and len(keep) > limit:
+            keep = np.sort(np.random.default_rng(seed).choice(keep, size=limit, replace=False))
+        rows = ds.select(keep).to_dict()
+        stacked.append({**rows, LANGUAGE: [lang] * len(keep), ROW_ID: keep.tolist()})
+    return datasets.Dataset.from_dict(_concat(stacked), features=datasets.Features(
+        {**next(iter(parts.values())).features, LANGUAGE: datasets.Value("string"), ROW_ID: datasets.Value("int64")}
+    ))
+
+
+def _languages(spec: ParallelSpec, requested: list[str] | None) -> list[str]:
+    available = ", ".join(spec.members)
+    if requested is None:
+        return list(spec.members)
+    if not requested:
+        raise FedtuneError(f"data.languages is empty; list some of {spec.name}'s languages ({available}), or remove it")
+    unknown = [lang for lang in requested if lang not in spec.members]
+    if unknown:
+        raise FedtuneError(
+            f"data.languages: '{unknown[0]}' is not a language of {spec.name} (languages: {available}); "
+            "choose among them"
+        )
+    if len(set(requested)) != len(requested):
+        raise FedtuneError(f"data.languages lists a language twice: {requested}")
+    return list(requested)
+
+
+def _describe_parallel(spec: ParallelSpec, cfg: DataConfig) -> dict[str, Any]:
+    """:func:`describe` of each language, summed; the examples show row 0 in the first languages."""
+    languages = _languages(spec, cfg.languages)
+    infos = {
+        lang: describe(cfg.model_copy(update={"name": spec.members[lang], "languages": None})) for lang in languages
+    }
+    first = infos[languages[0]]
+    common = [split for split in first["splits"] if all(split in i["splits"] for i in infos.values())]
+    splits = {
+        split: {key: sum(i["splits"][split][key] for i in infos.values()) for key in ("rows", "malformed")}
+        for split in common
+    }
+    examples = []
+    for k in range(min(3, len(languages) * len(first["examples"]))):
+        lang, row = languages[k % len(languages)], k // len(languages)
+        examples.append({**infos[lang]["examples"][row], LANGUAGE: lang, ROW_ID: row})
+    return {
+        **first,
+        "name": spec.name,
+        "source": " + ".join(dict.fromkeys(i["source"] for i in infos.values())),
+        "description": spec.description,
+        "splits": splits,
+        "columns": first["columns"] + [LANGUAGE, ROW_ID],
+        "label_counts": {name: sum(i["label_counts"][name] for i in infos.values()) for name in first["label_counts"]},
+        "examples": examples,
+        "groups": {LANGUAGE: {lang: i["splits"][first["train_split"]]["rows"] for lang, i in infos.items()}},
+    }
 
 
 def _schema(loc: Location, cfg: DataConfig, first: RawTable) -> _Schema | None:

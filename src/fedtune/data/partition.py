@@ -19,6 +19,23 @@ number of values; :func:`partition_summary` reports the count).
 - ``quantity``: IID labels; client i (from 1) gets a share proportional to
   ``i ** -quantity_skew``.
 
+Group splits (FedMLLM's language splits, over any group column ``by``:
+language, task, domain). The G groups are the sorted distinct values of
+``by``; each group's rows are shuffled and dealt round-robin to the clients
+that hold it, so those clients' shares differ by at most one row.
+
+- ``group_clusters`` (alias ``language_clusters``): client k holds group
+  ``k mod G`` only; every group gets ``num_clients // G`` clients, the first
+  ``num_clients mod G`` groups one more. Needs ``num_clients >= G``.
+- ``group_iid`` (alias ``language_iid``): every client holds every group; the
+  dealing is rotated from group to group, so client sizes differ by at most one.
+- ``group_pairs`` (alias ``language_multi_domain``): client k holds the two
+  neighbouring groups ``k mod G`` and ``(k + 1) mod G``. Needs ``G >= 2`` and
+  ``num_clients >= G``, so every group is held.
+
+The ``language_*`` aliases partition by ``language`` unless ``by`` is given
+(:class:`~fedtune.config.PartitionConfig`).
+
 ``dirichlet``, ``pathological`` and ``quantity`` are flwr-datasets partitioners
 run on a seeded permutation of the rows, so which rows of a value a client gets
 is random rather than file order. ``iid`` and ``natural`` are written here:
@@ -77,8 +94,11 @@ def partition_summary(
 
     ``mean_label_entropy`` is the mean over non-empty clients of the entropy (bits)
     of their label distribution: low under label skew, near log2(K) when IID.
-    Given ``by`` (a natural partition's column), ``client_values[i]`` lists the
-    sorted values of ``by`` that client ``i`` holds.
+
+    Given ``by`` (``partition.by``), a column other than the label column, the
+    summary also holds each client's groups: ``group_column``, ``group_names``
+    (its sorted values), ``client_groups`` (per client, the values it holds, sorted)
+    and ``group_counts`` (per client, value -> rows, non-zero only).
     """
     sizes = np.array([len(p) for p in parts], dtype=np.int64)
     summary: dict[str, Any] = {
@@ -91,9 +111,8 @@ def partition_summary(
         "size_max": int(sizes.max()),
         "size_std": float(sizes.std()),
     }
-    if by is not None:
-        values = _values(train, by, "partition.by")
-        summary.update(by=by, client_values=[np.unique(values[p]).tolist() for p in parts])
+    if by is not None and by != label_column and by in train.column_names:
+        summary.update(_group_summary(_values(train, by, "partition.by"), parts, by))
     if label_column is None:
         return summary
     labels = _values(train, label_column, "label column").astype(np.int64)
@@ -112,6 +131,19 @@ def partition_summary(
     return summary
 
 
+def _group_summary(values: np.ndarray, parts: Sequence[np.ndarray], by: str) -> dict[str, Any]:
+    distinct, inverse = np.unique(values.astype(str), return_inverse=True)
+    inverse = inverse.ravel()
+    names = distinct.tolist()
+    counts = [np.bincount(inverse[p], minlength=len(names)) for p in parts]
+    return {
+        "group_column": by,
+        "group_names": names,
+        "client_groups": [[names[j] for j in np.flatnonzero(c)] for c in counts],
+        "group_counts": [{names[j]: int(c[j]) for j in np.flatnonzero(c)} for c in counts],
+    }
+
+
 def summary_table(summary: dict[str, Any], max_rows: int = 20, max_labels: int = 10) -> Table:
     """A rich table of :func:`partition_summary`: one row per client (the first ``max_rows``)."""
     caption = (
@@ -123,9 +155,6 @@ def summary_table(summary: dict[str, Any], max_rows: int = 20, max_labels: int =
     table = Table(caption=caption)
     table.add_column("client", justify="right")
     table.add_column("examples", justify="right")
-    held = summary.get("client_values")
-    if held is not None:
-        table.add_column(summary["by"], overflow="fold")
     names = summary.get("label_names", [])
     per_label = 0 < len(names) <= max_labels
     if per_label:
@@ -133,14 +162,18 @@ def summary_table(summary: dict[str, Any], max_rows: int = 20, max_labels: int =
             table.add_column(str(name), justify="right")
     elif names:
         table.add_column("distinct labels", justify="right")
+    groups = summary.get("client_groups")
+    if groups is not None:
+        table.add_column(summary["group_column"])
     for cid, size in enumerate(summary["sizes"][:max_rows]):
         cells = [str(cid), f"{size:,}"]
-        if held is not None:
-            cells.append(", ".join(map(str, held[cid])))
         if per_label:
             cells += [f"{c:,}" for c in summary["label_counts"][cid]]
         elif names:
             cells.append(str(summary["labels_per_client"][cid]))
+        if groups is not None:
+            held = groups[cid]
+            cells.append(", ".join(held) if len(held) <= max_labels else f"{len(held)} values")
         table.add_row(*cells)
     if summary["num_clients"] > max_rows:
         table.add_row("…", f"{summary['num_clients'] - max_rows} more clients")
@@ -169,6 +202,74 @@ def _natural(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[n
     client = inverse.ravel() % k
     order = np.argsort(client, kind="stable")
     return np.split(order, np.cumsum(np.bincount(client, minlength=k))[:-1])
+
+
+def _group_clusters(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+    names, group = _groups(train, cfg)
+    g, k = len(names), cfg.num_clients
+    if k < g:
+        raise FedtuneError(
+            f"partition.method={cfg.method} gives each client one value of '{cfg.by}' and each value a client, but "
+            f"'{cfg.by}' has {g} values and partition.num_clients is {k}; set it to at least {g} "
+            f"(a multiple of {g} gives every value the same number of clients)"
+        )
+    return _deal_groups(names, group, [list(range(j, k, g)) for j in range(g)], cfg, seed)
+
+
+def _group_iid(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+    names, group = _groups(train, cfg)
+    return _deal_groups(names, group, [list(range(cfg.num_clients))] * len(names), cfg, seed)
+
+
+def _group_pairs(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+    names, group = _groups(train, cfg)
+    g, k = len(names), cfg.num_clients
+    if g < 2:
+        raise FedtuneError(
+            f"partition.method={cfg.method} gives each client two neighbouring values of '{cfg.by}', which has only "
+            f"{g}; partition by a column with at least two values"
+        )
+    if k < g:
+        raise FedtuneError(
+            f"partition.method={cfg.method} needs at least one client per value of '{cfg.by}' ({g} values) so that "
+            f"every value is held, but partition.num_clients is {k}; set partition.num_clients to at least {g}"
+        )
+    holders = [[c for c in range(k) if j in (c % g, (c + 1) % g)] for j in range(g)]
+    return _deal_groups(names, group, holders, cfg, seed)
+
+
+def _groups(train: datasets.Dataset, cfg: PartitionConfig) -> tuple[list[str], np.ndarray]:
+    """The sorted distinct values of ``cfg.by`` (as text) and each row's index among them."""
+    values = _values(train, cfg.by, "partition.by").astype(str)
+    distinct, inverse = np.unique(values, return_inverse=True)
+    return distinct.tolist(), inverse.ravel()
+
+
+def _deal_groups(
+    names: list[str], group: np.ndarray, holders: list[list[int]], cfg: PartitionConfig, seed: int
+) -> list[np.ndarray]:
+    """Shuffle each group's rows and deal them round-robin to the clients in ``holders[group]``.
+
+    Each group's dealing starts where the previous one's extra rows ended, so a
+    client holding every group is at most one row off the others.
+    """
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(cfg.num_clients)]
+    start = 0
+    for j, clients in enumerate(holders):
+        rows = rng.permutation(np.flatnonzero(group == j))
+        m = len(clients)
+        if len(rows) < m:
+            raise FedtuneError(
+                f"value '{names[j]}' of '{cfg.by}' has {len(rows)} rows, fewer than the {m} clients that hold it "
+                f"under partition.method={cfg.method}; lower partition.num_clients or use more data"
+            )
+        start %= m
+        order = clients[start:] + clients[:start]
+        for i, client in enumerate(order):
+            parts[client].append(rows[i::m])
+        start += len(rows) % m
+    return [np.concatenate(p) if p else np.zeros(0, dtype=np.int64) for p in parts]
 
 
 def _dirichlet(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
@@ -241,13 +342,19 @@ _METHODS: dict[str, Callable[[datasets.Dataset, PartitionConfig, int], list[np.n
     "pathological": _pathological,
     "natural": _natural,
     "quantity": _quantity,
+    "group_clusters": _group_clusters,
+    "group_iid": _group_iid,
+    "group_pairs": _group_pairs,
+    "language_clusters": _group_clusters,
+    "language_iid": _group_iid,
+    "language_multi_domain": _group_pairs,
 }
 
 
 def _run_flwr(partitioner: Any, values: np.ndarray, seed: int, hint: str) -> list[np.ndarray]:
     """Run a flwr-datasets partitioner over a seeded permutation of ``values``; indices into the original rows.
 
-    flwr exposes a partition only as a ``Dataset.select`` (about 10 ms each), so the
+    flwr exposes a partition only as a ``Dataset.select`` (a new dataset per client), so the
     assignment it computed is read from its ``_partition_id_to_indices``.
     """
     order = np.random.default_rng(seed).permutation(len(values))

@@ -3,7 +3,9 @@
 A spec says where a dataset's files lie under a data root, how to read them,
 which columns hold the text and the label, the label set, and the Hugging Face
 Hub id that is its online equivalent. Adding a dataset is adding one entry to
-``REGISTRY``; nothing else in the package names a dataset.
+``REGISTRY``; nothing else in the package names a dataset. A parallel
+multilingual dataset (:class:`ParallelSpec`, in ``PARALLEL``) is a set of
+registered datasets, one per language, whose row i is the same item.
 """
 
 from __future__ import annotations
@@ -63,6 +65,19 @@ def _mmlu_from_hub(cols: dict[str, list[Any]]) -> dict[str, list[Any]]:
         out[letter] = [choices[i] for choices in cols["choices"]]
     return out
 
+
+def _xquad_from_hub(cols: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """``google/xquad`` (SQuAD format) as instructions: question, context paragraph, first gold answer."""
+    return {
+        "instruction": cols["question"],
+        "input": cols["context"],
+        "output": [a["text"][0] if a["text"] else "" for a in cols["answers"]],
+    }
+
+
+XQUAD_LANGUAGES = {
+    "en": "English", "es": "Spanish", "tr": "Turkish", "de": "German", "zh": "Chinese", "vi": "Vietnamese",
+}
 
 _SST2 = dict(
     kind="classification",
@@ -164,10 +179,69 @@ REGISTRY: dict[str, DatasetSpec] = {
             )
             for lang, language in [("en", "English"), ("zh", "Chinese")]
         ),
+        *(
+            DatasetSpec(
+                name=f"xquad_{lang}",
+                kind="instruction",
+                description=f"XQuAD extractive QA as instructions ({language}; question, paragraph, answer)",
+                folder="multilingual",
+                files={"train": f"{lang}.json"},
+                text_columns=("instruction", "input"),
+                required=("output",),
+                target_column="output",
+                hub_id="google/xquad",
+                hub_config=f"xquad.{lang}",
+                hub_splits={"train": "validation"},
+                hub_columns=_xquad_from_hub,
+            )
+            for lang, language in XQUAD_LANGUAGES.items()
+        ),
     ]
 }
 
 
+@dataclass(frozen=True)
+class ParallelSpec:
+    """Registered datasets, one per language, aligned row by row, loaded as one with a ``language`` column."""
+
+    name: str
+    description: str
+    members: Mapping[str, str]
+    """Language code -> registered dataset; row i of each is the same item (question, sentence) translated."""
+
+    @property
+    def kind(self) -> Kind:
+        return REGISTRY[next(iter(self.members.values()))].kind
+
+
+PARALLEL: dict[str, ParallelSpec] = {
+    spec.name: spec
+    for spec in [
+        ParallelSpec(
+            name="multilingual",
+            description="XQuAD as instructions in en, es, tr, de, zh, vi: the same 1,190 questions in each (parallel)",
+            members={lang: f"xquad_{lang}" for lang in XQUAD_LANGUAGES},
+        ),
+        ParallelSpec(
+            name="sst2_multilingual",
+            description="SST-2 in English and Portuguese (sst2 + sst2_pt, row-aligned; parallel)",
+            members={"en": "sst2", "pt": "sst2_pt"},
+        ),
+    ]
+}
+
+
+def verbaliser_spec(name: str) -> DatasetSpec | None:
+    """The spec whose verbaliser (instruction, answers) a dataset uses: its own, or a parallel set's first member's."""
+    if name in PARALLEL:
+        return REGISTRY[next(iter(PARALLEL[name].members.values()))]
+    return REGISTRY.get(name)
+
+
 def list_datasets() -> list[tuple[str, str, str | None, str]]:
-    """``(name, kind, hub_id, description)`` for every registered dataset."""
-    return [(s.name, s.kind, s.hub_id, s.description) for s in REGISTRY.values()]
+    """``(name, kind, hub_id, description)`` for every registered dataset, then the parallel ones."""
+    rows = [(s.name, s.kind, s.hub_id, s.description) for s in REGISTRY.values()]
+    for p in PARALLEL.values():
+        hub_ids = dict.fromkeys(REGISTRY[m].hub_id for m in p.members.values())
+        rows.append((p.name, p.kind, " + ".join(h for h in hub_ids if h) or None, p.description))
+    return rows

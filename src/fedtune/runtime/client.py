@@ -10,6 +10,7 @@ import torch
 from fedtune.aggregation import Tensors
 from fedtune.algorithms import ClientContext, ClientUpdate, Payload
 from fedtune.experiment import Experiment, derive_seed
+from fedtune.models.lora import trainable_state
 from fedtune.training import batch_stream, local_steps, train_local
 
 
@@ -28,13 +29,14 @@ def client_round(
     on any runtime and in any client order.
     """
     algo, cfg = exp.algorithm, exp.cfg
-    ctx = ClientContext(client_id=client_id, round=rnd, model=exp.model, initial=exp.initial, state=state,
-                        base=exp.base)
-    algo.prepare(ctx, payload)
-    seed = derive_seed(cfg.seed, rnd, client_id)
-    torch.manual_seed(seed)
     shard = exp.shards[client_id]
     steps = local_steps(cfg.train, len(shard)) * exp.steps_multiplier
+    ctx = ClientContext(client_id=client_id, round=rnd, model=exp.model, initial=exp.initial, state=state,
+                        base=exp.base, payload=payload, lr=lr, steps=steps, num_examples=len(shard))
+    algo.prepare(ctx, payload)
+    ctx.start = {k: v.clone() for k, v in trainable_state(exp.model).items()}
+    seed = derive_seed(cfg.seed, rnd, client_id)
+    torch.manual_seed(seed)
     batches = batch_stream(exp.train, shard, cfg.train.batch_size, np.random.default_rng(seed))
     loss, seen = train_local(
         exp.model, batches, steps, cfg.train, lr,
@@ -43,19 +45,17 @@ def client_round(
         on_step=on_step,
         forward=exp.forward,
     )
-    ctx.num_examples, ctx.train_loss = len(shard), loss
+    ctx.train_loss = loss
     update = algo.update(ctx)
     update.metrics.update(train_loss=loss, steps=steps, examples_seen=seen)
     return update
 
 
-def client_evaluate(exp: Experiment, client_id: int, global_tensors: Tensors, state: Tensors) -> dict[str, float]:
-    """Metrics of client ``client_id``'s model (its personal tensors, else the global ones) on its own test shard."""
+def client_evaluate(exp: Experiment, client_id: int, tensors: Tensors, state: Tensors) -> dict[str, float]:
+    """Metrics of client ``client_id``'s model on its own test shard: its personal tensors, else ``tensors``
+    (what :meth:`~fedtune.algorithms.Algorithm.configure_evaluate` chose for it, at its rank)."""
     ctx = ClientContext(client_id=client_id, round=0, model=exp.model, initial=exp.initial, state=state,
                         base=exp.base)
     personal = exp.algorithm.personal_tensors(ctx)
-    if personal is not None:
-        exp.algorithm.load(ctx, personal)
-    else:
-        exp.load(global_tensors)
+    exp.algorithm.load(ctx, tensors if personal is None else personal)
     return exp.evaluate(exp.train, exp.client_tests[client_id])

@@ -16,7 +16,8 @@ Wire format (one ``RecordDict`` per message)::
                                 "fedtune": ConfigRecord  round, lr, client_id, run (the resolved RunConfig, JSON)
               client → server   "update":  ArrayRecord   ClientUpdate.tensors
                                 "metrics": MetricRecord  num_examples, client_id, state_tensors, ClientUpdate.metrics
-    evaluate  server → client   "global":  ArrayRecord   the global tensors;  "fedtune" as above
+    evaluate  server → client   "model":   ArrayRecord   the tensors the client is evaluated with
+                                                         (Algorithm.configure_evaluate);  "fedtune" as above
               client → server   "metrics": MetricRecord  the client's test metrics
     query     server → client   "fedtune": ConfigRecord  action = "hello" | "state"
               client → server   "metrics": MetricRecord  partition_id;  "state": ArrayRecord (action "state")
@@ -48,10 +49,11 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.aggregation import Tensors
-from fedtune.algorithms import ClientUpdate, Payload, ServerState
+from fedtune.algorithms import ClientUpdate, Payload
 from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment, build_experiment
@@ -64,6 +66,9 @@ RAW_STYPE = "fedtune.torch_raw"
 """Serialisation type of tensors numpy cannot hold (bfloat16): the raw little-endian bytes."""
 
 T = TypeVar("T")
+
+RAISED = frozenset({ErrorCode.UNKNOWN, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.CLIENT_APP_RAISED_EXCEPTION})
+"""Error codes of a reply whose ClientApp raised: the client's own code failed (the others: it could not answer)."""
 
 
 # --------------------------------------------------------------------------- record conversion
@@ -166,7 +171,7 @@ def _train(msg: Message, context: Context) -> Message:
 @clientapp.evaluate()
 def _evaluate(msg: Message, context: Context) -> Message:
     exp, cid, _ = _client_id(msg, context)
-    metrics = client_evaluate(exp, cid, record_to_tensors(msg.content["global"]), _state(context))
+    metrics = client_evaluate(exp, cid, record_to_tensors(msg.content["model"]), _state(context))
     return Message(RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()})}), reply_to=msg)
 
 
@@ -190,8 +195,11 @@ class FlowerPool:
     """A :class:`~fedtune.runtime.server.ClientPool` over a Flower ``Grid``.
 
     After each :meth:`train`, ``round_bytes`` holds the round's measured
-    ``(bytes_up, bytes_down, wire_bytes_up, wire_bytes_down)`` and ``failures``
-    maps each client that sent no update to the reason.
+    ``(bytes_up, bytes_down, wire_bytes_up, wire_bytes_down)``. After each
+    :meth:`train` or :meth:`evaluate`, ``failures`` maps each client whose
+    ClientApp raised (error codes in :data:`RAISED`) to its error, and
+    ``dropped`` each client that could not answer (node gone, message lost,
+    process crashed, or no reply within the timeout) to the reason.
     """
 
     def __init__(self, grid: Grid, exp: Experiment, timeout_s: float | None = None, connect_timeout_s: float = 300.0):
@@ -200,6 +208,7 @@ class FlowerPool:
         self.run_json = json.dumps(exp.cfg.to_dict(), sort_keys=True)
         self.round_bytes: tuple[int, int, int, int] | None = None
         self.failures: dict[int, str] = {}
+        self.dropped: dict[int, str] = {}
         self.stateful_clients: set[int] = set()
         self.node_of = self._discover(connect_timeout_s)
         self.client_of = {nid: cid for cid, nid in self.node_of.items()}
@@ -271,11 +280,10 @@ class FlowerPool:
                                   "fedtune": self._meta(round=rnd, lr=float(lr), client_id=cid)})
             messages.append(Message(content, dst_node_id=self.node_of[cid], message_type="train", group_id=str(rnd)))
         updates, up, wire_up = [], 0, 0
-        self.failures = {}
+        self.failures, self.dropped = {}, {}
         for cid, reply in self._exchange_with(messages, cids, timeout=self.timeout_s):
             if reply.has_error():
-                self.failures[cid] = reply.error.reason
-                log.warning("round %d: client %d failed: %s", rnd, cid, reply.error.reason[-500:])
+                self._lost(cid, reply, f"round {rnd}")
                 continue
             record = reply.content["update"]
             up += record_tensor_bytes(record)
@@ -285,23 +293,38 @@ class FlowerPool:
                 self.stateful_clients.add(cid)
             metrics = {k[2:]: v for k, v in m.items() if k.startswith("m.")}
             updates.append(ClientUpdate(cid, record_to_tensors(record), int(m["num_examples"]), metrics))
-        for cid in sorted(set(payloads) - {u.client_id for u in updates} - set(self.failures)):
-            self.failures[cid] = f"no reply within round_timeout_s={self.timeout_s}"
-            log.warning("round %d: client %d sent no reply within %ss", rnd, cid, self.timeout_s)
+        self._late(set(payloads) - {u.client_id for u in updates}, f"round {rnd}")
         self.round_bytes = (up, down, wire_up, wire_down)
         return sorted(updates, key=lambda u: u.client_id)
 
-    def evaluate(self, state: ServerState) -> dict[int, dict[str, float]]:
-        record = tensors_to_record(state.global_tensors)
-        cids = [cid for cid in range(self.exp.num_clients) if len(self.exp.client_tests[cid])]
-        messages = [Message(RecordDict({"global": record, "fedtune": self._meta(client_id=cid)}),
+    def _lost(self, cid: int, reply: Message, what: str) -> None:
+        """File an error reply: the client's code raised (``failures``), or it could not answer (``dropped``)."""
+        lost = self.failures if reply.error.code in RAISED else self.dropped
+        lost[cid] = reply.error.reason
+        log.warning("%s: client %d %s: %s", what, cid, "failed" if lost is self.failures else "was dropped",
+                    reply.error.reason[-500:])
+
+    def _late(self, silent: set[int], what: str) -> None:
+        for cid in sorted(silent - set(self.failures) - set(self.dropped)):
+            self.dropped[cid] = f"no reply within round_timeout_s={self.timeout_s}"
+            log.warning("%s: client %d sent no reply within %ss", what, cid, self.timeout_s)
+
+    def evaluate(self, models: dict[int, Tensors]) -> dict[int, dict[str, float]]:
+        cids = sorted(models)
+        records: dict[int, ArrayRecord] = {}  # one record per distinct model (clients of a cluster share theirs)
+        for cid in cids:
+            if id(models[cid]) not in records:
+                records[id(models[cid])] = tensors_to_record(models[cid])
+        messages = [Message(RecordDict({"model": records[id(models[cid])], "fedtune": self._meta(client_id=cid)}),
                             dst_node_id=self.node_of[cid], message_type="evaluate") for cid in cids]
         out: dict[int, dict[str, float]] = {}
+        self.failures, self.dropped = {}, {}
         for cid, reply in self._exchange_with(messages, cids, timeout=self.timeout_s):
             if reply.has_error():
-                log.warning("client %d failed to evaluate: %s", cid, reply.error.reason[-500:])
+                self._lost(cid, reply, "evaluation")
                 continue
             out[cid] = dict(reply.content["metrics"])
+        self._late(set(cids) - set(out), "evaluation")
         return out
 
     def held_client_states(self) -> None:

@@ -54,4 +54,7 @@ def main(grid: Grid, context: Context) -> None:
 
     result = execute_with(cfg, driver, "flower", overwrite=_flag(rc.get("overwrite", False)), console=Console(),
                           resume=_flag(rc.get("resume", False)))
+    if result.already_finished:
+        Console().print(f"fedtune: run {result.run_dir} is finished; nothing to resume")
+        return
     Console().print(f"fedtune: run written to {result.run_dir} ({result.seconds:.1f}s): {result.final}")

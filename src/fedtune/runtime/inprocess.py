@@ -8,47 +8,61 @@ having those tensors copied into the shared model.
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable
+from typing import TypeVar
 
 from fedtune.aggregation import Tensors
-from fedtune.algorithms import ClientUpdate, Payload, ServerState
+from fedtune.algorithms import ClientUpdate, Payload
+from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment
 from fedtune.runtime.client import client_evaluate, client_round
 
 log = logging.getLogger("fedtune.inprocess")
+T = TypeVar("T")
 
 
 class InProcessPool:
     """Runs the sampled clients one after another in this process.
 
-    A client whose training raises is left out of the round (``failures`` names
-    it and the error); the round loop decides whether enough updates remain.
+    A client whose code raises is recorded in ``failures`` with its traceback (a
+    :class:`~fedtune.errors.FedtuneError` with its message alone); unless the run
+    tolerates client failures, the round stops there and the round loop fails the
+    run with that error. In-process clients are never ``dropped``.
     """
 
     def __init__(self, exp: Experiment, on_step: Callable[[], None] = lambda: None):
         self.exp = exp
         self.on_step = on_step
+        self.tolerate = exp.cfg.federation.tolerate_client_failures
         self.client_states: dict[int, Tensors] = {cid: {} for cid in range(exp.num_clients)}
         self.failures: dict[int, str] = {}
+        self.dropped: dict[int, str] = {}
         self.round_bytes = None  # nothing crosses a wire
 
-    def train(self, rnd: int, payloads: dict[int, Payload], lr: float) -> list[ClientUpdate]:
-        updates, self.failures = [], {}
-        for cid in sorted(payloads):
+    def _guarded(self, cids: list[int], work: Callable[[int], T], what: str) -> dict[int, T]:
+        """``work(cid)`` for each client; a raising client goes to ``failures`` (and stops the rest unless tolerated)."""
+        out: dict[int, T] = {}
+        self.failures = {}
+        for cid in cids:
             try:
-                updates.append(client_round(self.exp, cid, rnd, payloads[cid], self.client_states[cid], lr,
-                                            self.on_step))
-            except Exception as e:  # a failing client must not stop the round; run_rounds enforces the minimum
-                self.failures[cid] = f"{type(e).__name__}: {e}"
-                log.warning("round %d: client %d failed: %s", rnd, cid, self.failures[cid], exc_info=True)
-        return updates
+                out[cid] = work(cid)
+            except Exception as e:
+                self.failures[cid] = (f"{type(e).__name__}: {e}" if isinstance(e, FedtuneError)
+                                      else "".join(traceback.format_exception(e)).rstrip())
+                log.warning("%s: client %d failed: %s: %s", what, cid, type(e).__name__, e)
+                if not self.tolerate:
+                    break
+        return out
 
-    def evaluate(self, state: ServerState) -> dict[int, dict[str, float]]:
-        return {
-            cid: client_evaluate(self.exp, cid, state.global_tensors, self.client_states[cid])
-            for cid in range(self.exp.num_clients)
-            if len(self.exp.client_tests[cid])
-        }
+    def train(self, rnd: int, payloads: dict[int, Payload], lr: float) -> list[ClientUpdate]:
+        done = self._guarded(sorted(payloads), lambda cid: client_round(
+            self.exp, cid, rnd, payloads[cid], self.client_states[cid], lr, self.on_step), f"round {rnd}")
+        return list(done.values())
+
+    def evaluate(self, models: dict[int, Tensors]) -> dict[int, dict[str, float]]:
+        return self._guarded(sorted(models), lambda cid: client_evaluate(
+            self.exp, cid, models[cid], self.client_states[cid]), "evaluation")
 
     def held_client_states(self) -> dict[int, Tensors]:
         return self.client_states

@@ -11,7 +11,7 @@ import math
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -33,7 +33,11 @@ class ClientPool(Protocol):
     <fedtune.algorithms.ClientContext>`: control variates, personal adapters) lives."""
 
     failures: dict[int, str]
-    """{client id: reason} for the clients of the last :meth:`train` that sent no update."""
+    """{client id: the error} for the clients whose own code raised in the last :meth:`train` or :meth:`evaluate`
+    (the reason holds the client's traceback where the runtime has it)."""
+    dropped: dict[int, str]
+    """{client id: why} for the clients of the last call that could not answer: unreachable, gone, or later than
+    ``federation.round_timeout_s``. Dropped clients are expected in deployments; failed ones are bugs."""
     round_bytes: tuple[int, int, int, int] | None
     """(bytes_up, bytes_down, wire_bytes_up, wire_bytes_down) measured on the wire by the last :meth:`train`;
     None where nothing crossed a wire (the loop counts the tensors' bytes)."""
@@ -41,8 +45,9 @@ class ClientPool(Protocol):
     def train(self, rnd: int, payloads: dict[int, Payload], lr: float) -> list[ClientUpdate]:
         """Deliver each payload, train, and return the updates that arrived."""
 
-    def evaluate(self, state: ServerState) -> dict[int, dict[str, float]]:
-        """Each client's metrics on its own test shard."""
+    def evaluate(self, models: dict[int, Tensors]) -> dict[int, dict[str, float]]:
+        """Each listed client's metrics on its own test shard, with the model ``models[client]`` (or its personal
+        one); ``failures``/``dropped`` name those that gave none."""
 
     def held_client_states(self) -> dict[int, Tensors] | None:
         """Every client's state, where this process holds it (for checkpoints); None where the clients do."""
@@ -75,8 +80,32 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 
 
 class RoundHooks(Protocol):
+    """What :func:`run_rounds` tells its watcher (a progress display): rounds begin, evaluations begin, rounds end."""
+
     def on_round_start(self, rnd: int, clients: list[int]) -> None: ...
+    def on_eval_start(self, rnd: int, what: str, n_examples: int) -> None:
+        """An evaluation of round ``rnd`` begins on ``n_examples`` examples of ``what`` (e.g. 'the eval split')."""
     def on_round_end(self, row: dict) -> None: ...
+
+
+class ClientFailed(FedtuneError):
+    """A client's own code raised, and the run does not tolerate client failures."""
+
+
+def lost_clients(rnd: int, phase: str, pool: ClientPool, tolerate: bool) -> list[dict]:
+    """The clients the pool's last call lost, as run-log entries; a failed one stops the run unless ``tolerate``.
+
+    Each entry: ``{"round", "client", "phase": "train" | "evaluate", "kind": "failed" | "dropped", "reason"}``.
+    """
+    if pool.failures and not tolerate:
+        cid, reason = min(pool.failures.items())
+        raise ClientFailed(
+            f"round {rnd}: client {cid} failed in {phase} (set federation.tolerate_client_failures: true to leave "
+            f"failing clients out of their round instead):\n{reason}"
+        )
+    return [{"round": rnd, "client": cid, "phase": phase, "kind": kind, "reason": reason[-500:]}
+            for kind, lost in (("failed", pool.failures), ("dropped", pool.dropped))
+            for cid, reason in sorted(lost.items())]
 
 
 def finite(update: ClientUpdate) -> bool:
@@ -93,9 +122,13 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
     ``start``: continue from the (state, row) of a completed round instead of
     initialising (resume). ``on_state(state, row)`` is called after each logged
     round (checkpointing). A round aggregates the finite updates that arrived;
-    its row lists the sampled clients that sent none (``missing``) and those
-    whose tensors were not finite (``rejected``). With fewer than
+    its row lists the sampled clients that sent none (``missing``), those
+    whose tensors were not finite (``rejected``), and every client lost in
+    training or evaluation with the reason (``client_problems``, see
+    :func:`lost_clients`). A client whose code raises stops the run unless
+    ``federation.tolerate_client_failures``; with fewer than
     ``federation.min_clients_per_round`` usable updates the run stops with an error.
+    The centralized reference (``pools_data``) logs zero bytes: nothing is communicated.
     Returns the final server state and the last row.
     """
     cfg, algo = exp.cfg, exp.algorithm
@@ -106,16 +139,32 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         raise FedtuneError(f"federation.min_clients_per_round={min_clients} exceeds the {k} clients sampled per round")
     every = cfg.eval.every
     per_client = algo.personalized or cfg.eval.per_client
+    tolerate = cfg.federation.tolerate_client_failures
 
-    def evaluation(rnd: int, state: ServerState) -> dict[str, float]:
+    def evaluation(rnd: int, state: ServerState) -> tuple[dict[str, Any], list[dict]]:
+        """The round's ``eval/`` metrics (``eval/<model>/`` for several models), the clients' ``client_eval/``
+        means (and spread), and each client's own metrics as ``client_metrics: {"<client id>": {...}}``;
+        nothing on rounds that are not evaluated. Also the clients lost while evaluating."""
         if not cfg.eval.enabled or not (rnd == rounds or (every and rnd % every == 0)):
-            return {}
-        out: dict[str, float] = {}
+            return {}, []
+        out: dict[str, Any] = {}
+        lost: list[dict] = []
         if exp.eval is not None and not algo.personalized:
-            out.update(_prefixed("eval", evaluate_global(exp, state.global_tensors)))
+            for name, tensors in algo.evaluation_models(state).items():
+                if hooks:
+                    hooks.on_eval_start(rnd, f"the eval split ({name})" if name else "the eval split", len(exp.eval))
+                out.update(_prefixed(f"eval/{name}" if name else "eval", evaluate_global(exp, tensors)))
         if per_client:
-            out.update(_prefixed("client_eval", mean_metrics(pool.evaluate(state))))
-        return out
+            cids = [cid for cid in range(exp.num_clients) if len(exp.client_tests[cid])]
+            if hooks:
+                tested = [len(exp.client_tests[c]) for c in cids]
+                what = f"the test shards of {len(tested)} client" + "s" * (len(tested) != 1)
+                hooks.on_eval_start(rnd, what, sum(tested))
+            clients = pool.evaluate(algo.configure_evaluate(cids, state))
+            lost = lost_clients(rnd, "evaluate", pool, tolerate)
+            out.update(_prefixed("client_eval", mean_metrics(clients)))
+            out["client_metrics"] = {str(c): clients[c] for c in sorted(clients)}
+        return out, lost
 
     def record(state: ServerState, row: dict) -> None:
         log.log_round(row)
@@ -132,32 +181,40 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         row = {"round": 0, "lr": 0.0, "clients": [], "num_clients": 0, "train_loss": None, "train_examples": 0,
                "bytes_up": 0, "bytes_down": 0, "cum_bytes_up": 0, "cum_bytes_down": 0,
                "time_train_s": 0.0, "time_aggregate_s": 0.0}
-        row.update(evaluation(0, state))
+        metrics, lost = evaluation(0, state)
+        row.update(metrics, client_problems=lost)
         row["time_eval_s"] = row["time_round_s"] = now() - t0
         record(state, row)
     cum_up, cum_down = row["cum_bytes_up"], row["cum_bytes_down"]
 
     for rnd in range(row["round"] + 1, rounds + 1):
         t_start = now()
-        clients = sample_clients(cfg.seed, rnd, exp.num_clients, k)
+        clients = algo.participants(rnd, sample_clients(cfg.seed, rnd, exp.num_clients, k))
         if hooks:
             hooks.on_round_start(rnd, clients)
         lr = round_lr(cfg.train, rnd, rounds)
         payloads = algo.configure(rnd, clients, state)
         bytes_down = sum(tensor_bytes(p.tensors) for p in payloads.values())
         received = pool.train(rnd, payloads, lr)
+        lost = lost_clients(rnd, "train", pool, tolerate)
         bytes_up = sum(tensor_bytes(u.tensors) for u in received)
         wire = {}
         if pool.round_bytes is not None:  # measured on the wire by the runtime
             bytes_up, bytes_down, wire_up, wire_down = pool.round_bytes
             wire = {"wire_bytes_up": wire_up, "wire_bytes_down": wire_down}
+        if algo.pools_data:  # the centralized reference stands for pooled data: nothing is communicated
+            bytes_up = bytes_down = 0
+            wire = {}
         updates = [u for u in received if finite(u)]
         rejected = sorted(u.client_id for u in received if not finite(u))
         missing = sorted(set(clients) - {u.client_id for u in received})
         if rejected:
             logger.warning("round %d: rejected non-finite updates of clients %s", rnd, rejected)
+            lost += [{"round": rnd, "client": c, "phase": "train", "kind": "rejected",
+                      "reason": "non-finite tensors in its update"} for c in rejected]
         if len(updates) < min_clients:
-            why = "; ".join(f"client {c}: {pool.failures[c][-300:]}" for c in missing if c in pool.failures)
+            reasons = {**pool.dropped, **pool.failures}
+            why = "; ".join(f"client {c}: {reasons[c][-300:]}" for c in missing if c in reasons)
             raise FedtuneError(
                 f"round {rnd}: only {len(updates)} usable updates from {len(clients)} sampled clients "
                 f"(federation.min_clients_per_round={min_clients}); missing {missing}, rejected as non-finite "
@@ -166,7 +223,7 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         t_trained = now()
         state = algo.aggregate(rnd, updates, state)
         t_aggregated = now()
-        metrics = evaluation(rnd, state)
+        metrics, lost_eval = evaluation(rnd, state)
         t_end = now()
         cum_up += bytes_up
         cum_down += bytes_down
@@ -174,7 +231,7 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         loss = (sum(u.metrics["train_loss"] * u.metrics.get("examples_seen", 0) for u in updates) / n_seen
                 if n_seen else math.nan)
         row = {"round": rnd, "lr": lr, "clients": [u.client_id for u in updates], "num_clients": len(updates),
-               "missing": missing, "rejected": rejected,
+               "missing": missing, "rejected": rejected, "client_problems": lost + lost_eval,
                "train_loss": loss, "train_examples": int(n_seen),
                "bytes_up": bytes_up, "bytes_down": bytes_down, "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
                **wire,

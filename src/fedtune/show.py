@@ -1,0 +1,72 @@
+"""One run, round by round: the table ``fedtune show RUN_DIR`` prints, drawn from its ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from fedtune.runlog import Run
+from fedtune.units import human_bytes, human_seconds
+
+_GROUPS = ("eval/", "client_eval/")
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return "-"
+    return "nan" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
+
+
+def _header(metric: str) -> str:
+    """``client_eval/macro_f1`` → 'clients macro f1': words, so that a narrow terminal wraps headers."""
+    prefix, _, name = metric.partition("/")
+    return f"{'clients' if prefix == 'client_eval' else prefix} {name.replace('_', ' ')}"
+
+
+def metrics_of(run: Run) -> list[str]:
+    """The run's ``eval/`` and ``client_eval/`` keys, first seen first."""
+    return list(dict.fromkeys(k for row in run.rows for k in row if k.startswith(_GROUPS)))
+
+
+def round_table(run: Run, metrics: list[str] | None = None, totals: bool = True) -> Table:
+    """Rows: the logged rounds (0: the initial model). Columns: round, clients aggregated, train loss, each of
+    ``metrics`` (default: all, :func:`metrics_of`; '-' on rounds not evaluated) and, with ``totals``, the bytes
+    sent up and down so far and the round's wall time."""
+    metrics = metrics_of(run) if metrics is None else metrics
+    planned = run.config.get("federation", {}).get("rounds")
+    done = max((row["round"] for row in run.rows), default=0)
+    title = " · ".join([run.name, run.config.get("algorithm", {}).get("name", "?"),
+                        f"{done}/{planned or '?'} rounds" + ("" if run.summary is not None else " (unfinished)")])
+    headers = ["round", "clients", "train loss", *map(_header, metrics)]
+    cells = [[str(row["round"]), str(row.get("num_clients", "-")), _number(row.get("train_loss")),
+              *(_number(row.get(m)) for m in metrics)] for row in run.rows]
+    if totals:
+        headers += ["sent up (total)", "sent down (total)", "time"]
+        for c, row in zip(cells, run.rows):
+            c += [human_bytes(row.get("cum_bytes_up", 0)), human_bytes(row.get("cum_bytes_down", 0)),
+                  human_seconds(row.get("time_round_s", 0.0))]
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  collapse_padding=True)
+    for i, header in enumerate(headers):
+        # As wide as its widest cell or header word: headers wrap, numbers are never cut.
+        width = max([len(c[i]) for c in cells] + [len(w) for w in header.split()])
+        table.add_column(header, justify="right", width=width)
+    for c in cells:
+        table.add_row(*c)
+    return table
+
+
+def fitted_tables(run: Run, console: Console) -> list[Table]:
+    """:func:`round_table` of every metric, or where that is wider than ``console``, one table of the
+    ``eval/`` metrics (with the totals) and one of the ``client_eval/`` ones."""
+    table = round_table(run)
+    metrics = metrics_of(run)
+    groups = [[m for m in metrics if m.startswith(g)] for g in _GROUPS]
+    wide = console.measure(table, options=console.options.update_width(10_000)).maximum > console.width
+    if not wide or not all(groups):
+        return [table]
+    return [round_table(run, groups[0]), round_table(run, groups[1], totals=False)]

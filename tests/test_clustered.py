@@ -1,0 +1,146 @@
+"""Clustered FL: the clustering on planted update directions, the algorithm's per-cluster rounds, both runtimes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedtune.aggregation import weighted_mean
+from fedtune.algorithms import ClientUpdate, build_algorithm
+from fedtune.clustering import agreement, cluster_clients, cosine_similarity_matrix
+from fedtune.errors import FedtuneError
+from fedtune.run import execute, execute_with
+from fedtune.runlog import load_run
+from test_flower import LocalGrid, local_grid_driver, tiny_cfg
+
+B = "m.layer.1.value.lora_B.default.weight"
+A = "m.layer.1.value.lora_A.default.weight"
+B0 = "m.layer.0.value.lora_B.default.weight"
+
+
+def planted(groups: list[int], dim: int = 64, noise: float = 0.2, seed: int = 0) -> list[torch.Tensor]:
+    """One random direction per group; each client's vector = its group's direction + noise."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(max(groups) + 1, dim, generator=g)
+    return [directions[k] + noise * torch.randn(dim, generator=g) for k in groups]
+
+
+def test_auto_recovers_planted_groups_and_their_number():
+    truth = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    found = cluster_clients(cosine_similarity_matrix(planted(truth)), "auto")
+    assert found.k == 3 and found.labels == truth
+    assert agreement(found.labels, [str(t) for t in truth]) == {"ari": 1.0, "nmi": 1.0}
+    assert max(found.silhouettes, key=found.silhouettes.get) == 3
+
+
+def test_auto_keeps_structureless_clients_together_and_fixed_k_is_honoured():
+    g = torch.Generator().manual_seed(3)
+    noise = [torch.randn(400, generator=g) for _ in range(8)]
+    assert cluster_clients(cosine_similarity_matrix(noise), "auto").labels == [0] * 8
+    assert cluster_clients(cosine_similarity_matrix(planted([0, 0, 1, 1])), 2).labels == [0, 0, 1, 1]
+    assert cluster_clients(cosine_similarity_matrix(planted([0, 1])), "auto").labels == [0, 0]  # n < 3: one
+    assert cluster_clients(cosine_similarity_matrix(planted([0, 1, 2])), 5).k == 3  # k capped at n
+
+
+def _updates(x, groups, sizes=None, seed=0):
+    """Client i's update: x plus its group's planted direction on B (A and the other module move at random)."""
+    vecs = planted(groups, dim=x[B].numel(), noise=0.1, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return [ClientUpdate(cid, {B: x[B] + v.reshape(x[B].shape), A: x[A] + torch.randn(x[A].shape, generator=g),
+                               B0: x[B0] + torch.randn(x[B0].shape, generator=g)}, (sizes or {}).get(cid, 10))
+            for cid, v in enumerate(vecs)]
+
+
+def _x():
+    g = torch.Generator().manual_seed(9)
+    return {B: torch.randn(8, 2, generator=g), A: torch.randn(2, 8, generator=g), B0: torch.randn(8, 2, generator=g)}
+
+
+def test_cluster_round_trains_everyone_then_each_cluster_averages_its_own_members():
+    algo = build_algorithm("clustered", {"cluster_round": 2}, num_clients=5)
+    assert algo.participants(1, [0, 3]) == [0, 3] and algo.participants(2, [0, 3]) == [0, 1, 2, 3, 4]
+    x = _x()
+    state = algo.init(x)
+    ups = _updates(x, [0, 0, 1, 1, 0], sizes={0: 10, 1: 30, 4: 20})
+    state = algo.aggregate(2, ups, state)
+    assert state.assignment == {0: "cluster_0", 1: "cluster_0", 4: "cluster_0", 2: "cluster_1", 3: "cluster_1"}
+    assert state.metrics["clusters"] == 2 and len(state.metrics["similarity"]) == 5
+    want0 = weighted_mean([ups[i].tensors for i in (0, 1, 4)], [10, 30, 20])
+    assert all(torch.allclose(state.models["cluster_0"][k], want0[k]) for k in want0)
+    # Each client now trains from its cluster's model; a round with only cluster 1's clients leaves cluster 0 as is.
+    payloads = algo.configure(3, [1, 2], state)
+    assert payloads[1].tensors is state.models["cluster_0"] and payloads[2].tensors is state.models["cluster_1"]
+    r3 = [ClientUpdate(2, {k: v + 1 for k, v in state.models["cluster_1"].items()}, 5),
+          ClientUpdate(3, {k: v - 1 for k, v in state.models["cluster_1"].items()}, 15)]
+    after = algo.aggregate(3, r3, state)
+    assert after.models["cluster_0"] is state.models["cluster_0"]
+    assert torch.allclose(after.models["cluster_1"][B], state.models["cluster_1"][B] - 0.5)  # 0.25·(+1) + 0.75·(−1)
+    evals = algo.configure_evaluate([0, 2], after)
+    assert evals[0] is after.models["cluster_0"] and evals[2] is after.models["cluster_1"]
+    assert set(algo.evaluation_models(after)) == {"cluster_0", "cluster_1"}
+
+
+def test_a_late_client_joins_the_cluster_its_update_points_to():
+    algo = build_algorithm("clustered", {"n_clusters": 2}, num_clients=4)
+    x = _x()
+    ups = _updates(x, [0, 0, 1, 1, 1])  # client 4's update, planted in group 1, arrives after the clustering
+    state = algo.aggregate(1, ups[:4], algo.init(x))
+    assert 4 not in state.assignment and algo.configure(2, [4], state)[4].tensors is state.global_tensors
+    after = algo.aggregate(2, [ups[4]], state)
+    assert after.assignment[4] == state.assignment[2] and after.metrics["joined"] == {"4": state.assignment[2]}
+
+
+def test_singletons_one_cluster_random_and_oracle_variants():
+    x = _x()
+    ups = _updates(x, [0, 1, 1, 1])
+    lone = build_algorithm("clustered", {"n_clusters": 2}, num_clients=4).aggregate(1, ups, build_algorithm(
+        "clustered").init(x))
+    assert sorted(map(len, [[c for c, n in lone.assignment.items() if n == k] for k in lone.models])) == [1, 3]
+    one = build_algorithm("clustered", {"n_clusters": 1}, num_clients=4).aggregate(1, ups, lone)
+    fedit = build_algorithm("fedit").aggregate(1, ups, lone)
+    assert list(one.models) == ["cluster_0"] and all(torch.equal(one.models["cluster_0"][k], fedit.global_tensors[k])
+                                                     for k in fedit.global_tensors)
+    rand = build_algorithm("clustered", {"n_clusters": 2, "assign": "random"}, num_clients=4)
+    sizes = sorted(list(rand.aggregate(1, ups, lone).assignment.values()).count(n) for n in ("cluster_0", "cluster_1"))
+    assert sizes == [1, 3]  # the same sizes as the similarity clustering
+    oracle = build_algorithm("clustered", {"assign": "oracle"}, num_clients=4)
+    with pytest.raises(FedtuneError, match="oracle needs the clients' true groups"):
+        oracle.aggregate(1, ups, lone)
+    oracle.client_groups = ["en", "pt", "en", "pt"]
+    state = oracle.aggregate(1, ups, lone)
+    assert state.assignment == {0: "cluster_0", 1: "cluster_1", 2: "cluster_0", 3: "cluster_1"}
+    assert state.metrics["ari"] == 1.0
+
+
+def test_clustered_runs_identically_on_both_runtimes_and_saves_every_model(tmp_path, tiny_model_dir,
+                                                                            tiny_tsv_dataset):
+    over = dict(algorithm={"name": "clustered", "options": {"n_clusters": 2, "cluster_round": 1}},
+                partition={"method": "iid", "num_clients": 4, "client_test_fraction": 0.25},
+                federation={"rounds": 2, "clients_per_round": 2}, eval={"every": 1, "batch_size": 32,
+                                                                        "per_client": True})
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "inproc", **over)
+    execute(cfg)
+    flw = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "flower", **over)
+    execute_with(flw, local_grid_driver(LocalGrid(4)), "flower")
+    rows = load_run(cfg.run_dir).rows
+    assert rows[1]["clients"] == [0, 1, 2, 3] and rows[2]["num_clients"] == 2  # round 1 clusters everyone
+    assert rows[1]["agg/clusters"] == 2 and "eval/cluster_0/accuracy" in rows[1] and "client_eval/accuracy" in rows[2]
+    models = json.loads((cfg.run_dir / "models.json").read_text())
+    assert models == json.loads((flw.run_dir / "models.json").read_text())
+    assert sorted(models["assignment"]) == ["0", "1", "2", "3"] and models["models"] == ["cluster_0", "cluster_1"]
+    for name in models["models"]:
+        a = load_file(cfg.run_dir / "adapters" / name / "adapter_model.safetensors")
+        b = load_file(flw.run_dir / "adapters" / name / "adapter_model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_run(cfg.run_dir).rows[2]["bytes_down"] == load_run(flw.run_dir).rows[2]["bytes_down"]
+
+    assert (cfg.run_dir / "clustering_round1_similarity.png").is_file()
+    assert (cfg.run_dir / "clustering_round1_dendrogram.png").is_file()
+    from fedtune.report import build_report
+
+    report = build_report([cfg.run_dir], metric="client_eval/accuracy", out_dir=tmp_path / "report")
+    assert report.rows[0]["models"] == {name: sorted(int(c) for c, m in models["assignment"].items() if m == name)
+                                        for name in models["models"]}
+    assert (tmp_path / "report" / "clustering_round1_dendrogram.png").is_file()
