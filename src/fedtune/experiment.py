@@ -162,8 +162,8 @@ def _model_line(cfg: RunConfig, model: torch.nn.Module, ranks: list[int] | None,
 def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None) -> Experiment:
     """Load data, partition it, tokenise it, load the model, attach LoRA; all seeded by ``cfg.seed``.
 
-    ``note(line)`` receives progress for people: a line before the model loads (which can take minutes)
-    and one describing it once adapted.
+    ``note(line)`` receives lines for people: what the data loading chose (columns found by name, an eval
+    split held out), a line before the model loads (which can take minutes) and one describing it once adapted.
     """
     note = note or (lambda line: None)
     if cfg.threads:
@@ -179,6 +179,8 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None) 
     # personalised algorithms are evaluated on client test shards only: no global eval split is held out
     data_cfg = cfg.data.model_copy(update={"eval_fraction": 0.0}) if algorithm.personalized else cfg.data
     task = load_instruction_data(data_cfg, cfg.seed) if sft else load_task_data(data_cfg, cfg.seed)
+    for line in task.notes:  # columns found by name, an eval split held out
+        note(line)
     if not sft and (task.kind != "classification" or task.label_column is None):
         raise FedtuneError(
             f"dataset '{cfg.data.name}' is a {task.kind} dataset; model.task=classification needs a labelled "

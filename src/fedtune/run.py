@@ -137,8 +137,6 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
     exp = build_experiment(cfg, note=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
     log.write_json("partition.json", {**exp.partition, "skipped_rows": exp.task.skipped_rows,
                                       "source": exp.task.source, "eval": exp.task.eval_origin})
-    for line in exp.task.notes:
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(summary_table(exp.partition))
     gap = exp.evaluation_gap()
     if gap:
