@@ -35,6 +35,9 @@ ERROR_CASES = {
     "unknown model": (["run", "c.yaml", *TINY_DATA, "-o", "model.name=nope"], "unknown model 'nope'"),
     "unwritable output folder": (["run", "c.yaml", "-o", "output_dir=afile/runs"], "cannot write run directory"),
     "report on a non-run folder": (["report", "notarun"], "is not a run directory"),
+    "one-label CSV": (["run", "c.yaml", "-o", "data.name=one.csv"],
+                      "label column 'label' of one.csv holds one value ('pos') in all its 3 usable rows; "
+                      "a classifier needs at least two labels"),
     "show on a non-run folder": (["show", "notarun"], "is not a run directory"),
 }
 
@@ -45,6 +48,7 @@ def errors(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cli")
     (cwd / "c.yaml").write_text(CONFIG)
     (cwd / "d.csv").write_text("text,label\ngood fun,pos\nawful,neg\nfine film,pos\ndull,neg\n")
+    (cwd / "one.csv").write_text("text,label\ngood fun,pos\nfine film,pos\ngreat,pos\n")
     (cwd / "afile").write_text("a regular file, not a folder\n")
     (cwd / "notarun").mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -223,6 +223,22 @@ def test_resolved_config_round_trips(tmp_path, overrides):
     assert again.run_dir == cfg.run_dir
 
 
+def test_natural_partition_leaves_the_client_count_to_the_data(tmp_path):
+    cfg = load_config(None, ["partition.method=natural", "partition.by=site"])
+    assert cfg.partition.num_clients is None and load_config().partition.num_clients == 8
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert load_config(None, ["partition.method=natural", "partition.num_clients=3"]).partition.num_clients == 3
+
+
+def test_eval_fraction_defaults_to_a_tenth_and_is_checked():
+    assert load_config().data.eval_fraction == 0.1
+    assert load_config(None, ["data.eval_fraction=0"]).data.eval_fraction == 0
+    with pytest.raises(FedtuneError, match="'data.eval_fraction': Input should be less than 1") as err:
+        load_config(None, ["data.eval_fraction=1"])
+    one_line(err)
+
+
 def test_clients_per_round_and_fraction_are_exclusive():
     with pytest.raises(FedtuneError, match="only one of federation.clients_per_round and federation.fraction"):
         load_config(None, ["federation.clients_per_round=2", "federation.fraction=0.5"])
@@ -336,7 +352,9 @@ def test_starters_name_existing_fields_and_validate():
     (LoraConfig.model_fields["r"], "int ≥ 1"),
     (LoraConfig.model_fields["dropout"], "float in [0, 1)"),
     (LoraConfig.model_fields["target_modules"], "list or null"),
-    (PartitionConfig.model_fields["method"], "one of: iid, dirichlet, pathological, natural, quantity"),
+    (PartitionConfig.model_fields["method"], "one of: iid, dirichlet, pathological, natural, quantity, group_clusters, "
+                                             "group_iid, group_pairs, language_clusters, language_iid, "
+                                             "language_multi_domain"),
     (DataConfig.model_fields["text_column"], "text or null"),
     (DataConfig.model_fields["name"], ""),
     (EvalConfig.model_fields["metrics"], "list of: choice, perplexity, rouge; or null"),

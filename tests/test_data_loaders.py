@@ -10,12 +10,15 @@ import threading
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 from rich.console import Console
 
 from fedtune import hub
 from fedtune.config import DataConfig
 from fedtune.data import REGISTRY, describe, describe_table, list_datasets, load_task_data, sources
+from fedtune.data.columns import detect_instruction, detect_label, detect_text
+from fedtune.data.holdout import held_out
 from fedtune.errors import FedtuneError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,9 +79,9 @@ def error_of(cfg: DataConfig) -> str:
         ("cola", "train", 8_551, 527, ["unacceptable", "acceptable"], ("sentence",)),
         ("snli", "train", 9_842, 9_824, ["entailment", "neutral", "contradiction"], ("premise", "hypothesis")),
         ("mmlu", "val", 1_542, 14_079, ["A", "B", "C", "D"], ("question",)),
-        ("alpaca_en", "train", 999, None, [], ("instruction", "input")),
-        ("alpaca_zh", "train", 1_000, None, [], ("instruction", "input")),
-        ("xquad_tr", "train", 1_190, None, [], ("instruction", "input")),
+        ("alpaca_en", "train", 899, 100, [], ("instruction", "input")),  # a single file: 10% held out
+        ("alpaca_zh", "train", 900, 100, [], ("instruction", "input")),
+        ("xquad_tr", "train", 1_071, 119, [], ("instruction", "input")),
     ],
 )
 def test_registered_sizes_and_labels(data_env, name, split, n_train, n_eval, labels, text):
@@ -157,7 +160,8 @@ def test_list_datasets():
 
 def test_local_csv_string_labels(tmp_path):
     path = write(tmp_path / "reviews.csv", 'text,sentiment\n"great, really",pos\nbad,neg\nfine,neu\nawful,neg\n')
-    task = load_task_data(DataConfig(name=str(path), text_column="text", label_column="sentiment"), seed=0)
+    cfg = DataConfig(name=str(path), text_column="text", label_column="sentiment", eval_fraction=0)
+    task = load_task_data(cfg, seed=0)
     assert task.label_names == ["neg", "neu", "pos"]
     assert task.train["sentiment"] == [2, 0, 1, 0] and task.train["text"][0] == "great, really"
     assert task.eval is None and task.source == str(path)
@@ -191,10 +195,10 @@ def test_local_folder_has_eval_split(tmp_path):
 
 def test_folder_in_data_root(tmp_path, monkeypatch):
     (tmp_path / "mine").mkdir()
-    write(tmp_path / "mine" / "train.jsonl", '{"t": "a", "l": "x"}\n')
+    write(tmp_path / "mine" / "train.jsonl", '{"t": "a", "l": "x"}\n{"t": "b", "l": "y"}\n')
     monkeypatch.setenv("FEDTUNE_DATA", str(tmp_path))
     task = load_task_data(DataConfig(name="mine", text_column="t", label_column="l"), seed=0)
-    assert len(task.train) == 1
+    assert len(task.train) == 2 and task.eval is None  # one row per label: none can be held out
 
 
 def test_local_instruction_file(tmp_path):
@@ -257,6 +261,144 @@ def test_describe_user_file_without_columns(tmp_path):
     info = describe(str(path))
     assert info["kind"] is None and info["splits"] == {"train": {"rows": 1, "malformed": 1}}
     Console(file=io.StringIO()).print(describe_table(info))
+
+
+# --------------------------------------------------------------------------- held-out eval split
+
+
+def test_held_out_is_stratified_disjoint_complete_and_seeded():
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    train, held = held_out(100, 0.1, seed=3, labels=labels)
+    assert np.bincount(labels[held]).tolist() == [6, 3, 1]
+    assert not set(train) & set(held) and sorted([*train, *held]) == list(range(100))
+    assert all((np.diff(a) > 0).all() for a in (train, held))
+    again = held_out(100, 0.1, seed=3, labels=labels)
+    assert (again[1] == held).all() and (held_out(100, 0.1, seed=4, labels=labels)[1] != held).any()
+    assert len(held_out(100, 0.1, seed=3, labels=labels, limit=5)[1]) == 5
+
+
+def test_held_out_keeps_every_label_in_training():
+    labels = np.array([0] * 7 + [1] * 5 + [2] * 3)
+    train, held = held_out(15, 0.2, seed=0, labels=labels)  # 3 rows: one per label by largest remainder
+    assert np.bincount(labels[held]).tolist() == [1, 1, 1] and set(labels[train]) == {0, 1, 2}
+    assert len(held_out(2, 0.5, seed=0, labels=[0, 1])[1]) == 0  # a label's last row stays
+    assert len(held_out(4, 0.1, seed=0, labels=[0, 1, 0, 1])[1]) == 1  # at least one row when fraction > 0
+
+
+def test_held_out_without_labels_and_turned_off():
+    train, held = held_out(10, 0.3, seed=1)
+    assert len(held) == 3 and len(train) == 7 and not set(train) & set(held)
+    assert len(held_out(10, 0.0, seed=1)[1]) == 0 and len(held_out(1, 0.5, seed=1)[1]) == 0
+
+
+def _rows_csv(path: Path, n: int, labels=("neg", "pos", "neu")) -> Path:
+    lines = [f"row {i} text,{labels[i % len(labels)]},site_{i % 2}" for i in range(n)]
+    return write(path, "text,label,site\n" + "\n".join(lines) + "\n")
+
+
+def test_single_file_gets_a_stratified_eval_split_disjoint_from_training(tmp_path):
+    path = _rows_csv(tmp_path / "d.csv", 60)
+    task = load_task_data(DataConfig(name=str(path)), seed=5)
+    assert (len(task.train), len(task.eval)) == (54, 6)
+    assert sorted(task.eval["label"][:]) == [0, 0, 1, 1, 2, 2]
+    assert not set(task.train["text"][:]) & set(task.eval["text"][:])
+    assert task.eval_origin == [{"dataset": str(path), "held_out": "train", "rows": 6, "of_rows": 60,
+                                 "fraction": 0.1, "stratified_by": "label", "seed": 5}]
+    assert task.notes[-1] == (f"eval: held out 6 of the 60 rows of {path} as the eval split (data.eval_fraction=0.1, "
+                              "stratified by label, seed 5); set data.eval_fraction=0 to train on every row")
+    other = load_task_data(DataConfig(name=str(path)), seed=6)
+    assert other.eval["text"][:] != task.eval["text"][:]
+    off = load_task_data(DataConfig(name=str(path), eval_fraction=0), seed=5)
+    assert (len(off.train), off.eval, off.eval_origin) == (60, None, [])
+
+
+def test_folder_with_a_dev_file_keeps_it(tmp_path):
+    _rows_csv(tmp_path / "train.csv", 30)
+    _rows_csv(tmp_path / "dev.csv", 9)
+    task = load_task_data(DataConfig(name=str(tmp_path)), seed=0)
+    assert (len(task.train), len(task.eval)) == (30, 9)
+    assert task.eval_origin == [{"dataset": str(tmp_path), "split": "dev", "rows": 9}]
+    assert not any(line.startswith("eval:") for line in task.notes)
+
+
+def test_instruction_file_gets_a_random_eval_split(tmp_path):
+    rows = [{"instruction": f"say {i}", "input": "", "output": str(i)} for i in range(20)]
+    path = write(tmp_path / "inst.json", json.dumps(rows))
+    task = load_task_data(DataConfig(name=str(path), eval_fraction=0.25), seed=0)
+    assert (len(task.train), len(task.eval)) == (15, 5) and task.eval_origin[0]["stratified_by"] is None
+    assert "at random, seed 0" in task.notes[-1]
+
+
+# --------------------------------------------------------------------------- columns found by name
+
+
+@pytest.mark.parametrize(
+    "columns, text",
+    [
+        (["id", "text", "label"], ("text",)),
+        (["sentence", "label"], ("sentence",)),
+        (["text", "sentence"], ("text",)),
+        (["sentence1", "sentence2", "label"], ("sentence1", "sentence2")),
+        (["premise", "hypothesis", "label", "text"], ("premise", "hypothesis")),
+        (["premise", "label"], None),
+        (["Text", "body"], None),
+    ],
+)
+def test_detect_text(columns, text):
+    assert detect_text(columns) == text
+
+
+def test_detect_label_and_instruction():
+    assert detect_label(["text", "label"]) == "label" and detect_label(["text", "labels"]) is None
+    assert detect_instruction(["instruction", "input", "output"]) == ("instruction", "input")
+    assert detect_instruction(["instruction", "output"]) == ("instruction",)
+    assert detect_instruction(["instruction", "input"]) is None
+
+
+def test_text_and_label_columns_are_found_by_name(tmp_path):
+    path = _rows_csv(tmp_path / "d.csv", 6)
+    task = load_task_data(DataConfig(name=str(path), eval_fraction=0), seed=0)
+    assert task.kind == "classification" and (task.text_columns, task.label_column) == (("text",), "label")
+    assert task.label_names == ["neg", "neu", "pos"]
+    assert task.notes == [f"data: text column 'text', label column 'label' (found by name in {path}; "
+                          "set data.text_column / data.label_column to choose others)"]
+    named = load_task_data(DataConfig(name=str(path), text_column="site", eval_fraction=0), seed=0)
+    assert named.text_columns == ("site",) and named.notes == [
+        f"data: label column 'label' (found by name in {path}; set data.label_column to choose others)"]
+    given = load_task_data(DataConfig(name=str(path), text_column="text", label_column="site", eval_fraction=0), 0)
+    assert given.label_names == ["site_0", "site_1"] and given.notes == []
+
+
+def test_pair_and_instruction_columns_are_found_by_name(tmp_path):
+    pair = write(tmp_path / "nli.jsonl", "\n".join(json.dumps({"premise": f"p{i}", "hypothesis": "h", "label": i % 2})
+                                                for i in range(4)))
+    task = load_task_data(DataConfig(name=str(pair), eval_fraction=0), seed=0)
+    assert task.text_columns == ("premise", "hypothesis")
+    assert task.notes[0].startswith("data: text columns 'premise', 'hypothesis', label column 'label'")
+    assert "set data.text_column / data.text_pair_column / data.label_column" in task.notes[0]
+    inst = write(tmp_path / "inst.json", json.dumps([{"instruction": "Say hi", "output": "hi"}]))
+    assert load_task_data(DataConfig(name=str(inst)), seed=0).notes[0] == (
+        f"data: instruction columns 'instruction', response column 'output' (found by name in {inst})")
+
+
+def test_describe_finds_columns_and_names_the_held_out_split(tmp_path):
+    info = describe(str(_rows_csv(tmp_path / "d.csv", 6)))
+    assert info["kind"] == "classification" and info["text_columns"] == ["text"] and info["label_column"] == "label"
+    out = io.StringIO()
+    Console(file=out, width=200).print(describe_table(info))
+    assert "train / 10% of train, held out (data.eval_fraction)" in out.getvalue()
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def test_one_label_is_refused(tmp_path):
+    path = write(tmp_path / "d.csv", "text,label\ngood,pos\nfine,pos\ngreat,pos\n")
+    assert error_of(DataConfig(name=str(path))) == (
+        f"label column 'label' of {path} holds one value ('pos') in all its 3 usable rows; a classifier needs at "
+        "least two labels: set data.label_column to the column of labels, or add rows of the other labels")
+    skipped = write(tmp_path / "e.csv", "text,label\ngood,pos\n,neg\n")  # the only 'neg' row is malformed
+    assert "holds one value ('pos')" in error_of(DataConfig(name=str(skipped), on_malformed="skip"))
 
 
 # --------------------------------------------------------------------------- finding data
@@ -347,7 +489,8 @@ def test_hub_splits_become_registered_columns(no_data, monkeypatch):
     """A Hub download is read like the local files: split names, columns and labels as registered."""
     hub = {
         ("stanfordnlp/snli", None): datasets.DatasetDict(
-            validation=datasets.Dataset.from_dict({"premise": ["p", "q"], "hypothesis": ["h", "i"], "label": [2, -1]}),
+            validation=datasets.Dataset.from_dict({"premise": ["p", "q", "s"], "hypothesis": ["h", "i", "k"],
+                                                   "label": [2, -1, 1]}),
             test=datasets.Dataset.from_dict({"premise": ["r"], "hypothesis": ["j"], "label": [0]}),
         ),
         ("cais/mmlu", "all"): datasets.DatasetDict(
@@ -360,7 +503,7 @@ def test_hub_splits_become_registered_columns(no_data, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, config: hub[hub_id, config])
     assert "stanfordnlp/snli[validation] line 2: label '-1' is not one of" in error_of(DataConfig(name="snli"))
     snli = load_task_data(DataConfig(name="snli", on_malformed="skip"), seed=0)
-    assert snli.train["label"][:] == [2] and snli.eval["label"][:] == [0] and snli.skipped_rows == 1
+    assert snli.train["label"][:] == [2, 1] and snli.eval["label"][:] == [0] and snli.skipped_rows == 1
     assert snli.source == "hub:stanfordnlp/snli"
     mmlu = load_task_data(DataConfig(name="mmlu", train_split="dev"), seed=0)
     assert mmlu.train[0] == {"question": "q?", "subject": "law", "label": 3, "A": "w", "B": "x", "C": "y", "D": "z"}

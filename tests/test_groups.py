@@ -17,6 +17,7 @@ from rich.console import Console
 from fedtune.config import DataConfig, PartitionConfig, load_config
 from fedtune.data import describe, describe_table, list_datasets, load_task_data, partition_clients, partition_summary
 from fedtune.data import summary_table
+from fedtune.data.holdout import held_out
 from fedtune.data.instructions import load_instruction_data
 from fedtune.errors import FedtuneError
 
@@ -149,7 +150,7 @@ def test_multilingual_from_the_hub_is_xquad_per_language(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "hub_unavailable", lambda: None)
     monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, config: {
         ("google/xquad", f"xquad.{lang}"): xquad(lang) for lang in ("en", "de")}[hub_id, config])
-    task = load_task_data(DataConfig(name="multilingual", languages=["de", "en"]), 0)
+    task = load_task_data(DataConfig(name="multilingual", languages=["de", "en"], eval_fraction=0), 0)
     assert task.train.to_dict() == {
         "instruction": ["de q1?", "de q2?", "en q1?", "en q2?"],
         "input": ["de paragraph 1", "de paragraph 2", "en paragraph 1", "en paragraph 2"],
@@ -176,7 +177,7 @@ def sst2_ml(shared_data):
 
 
 def test_multilingual_has_six_aligned_languages(shared_data):
-    task = load_instruction_data(DataConfig(name="multilingual"), 0)
+    task = load_instruction_data(DataConfig(name="multilingual", eval_fraction=0), 0)
     assert Counter(task.train["language"]) == {lang: 1190 for lang in ["en", "es", "tr", "de", "zh", "vi"]}
     assert task.eval is None and task.kind == "instruction"
     rows = task.train.to_pandas()
@@ -184,6 +185,19 @@ def test_multilingual_has_six_aligned_languages(shared_data):
     assert first.loc["en", "instruction"] == "How many points did the Panthers defense surrender?"
     assert first.loc["tr", "instruction"] == "Panthers savunması kaç sayı bırakmıştır?"
     assert set(first.output) == {"308"}  # the same question and answer in every language
+
+
+def test_multilingual_holds_out_the_same_questions_in_every_language(shared_data):
+    """XQuAD has one split: each language holds out data.eval_fraction of it, the same row ids in all."""
+    whole = load_task_data(DataConfig(name="multilingual", languages=["en", "tr"], eval_fraction=0), 0).train
+    task = load_task_data(DataConfig(name="multilingual", languages=["en", "tr"]), 0)
+    assert Counter(task.train["language"]) == {"en": 1071, "tr": 1071}
+    assert Counter(task.eval["language"]) == {"en": 119, "tr": 119}
+    held = held_out(1190, 0.1, seed=0)[1]
+    for lang in ("en", "tr"):
+        rows = whole.filter(lambda r: r["language"] == lang)["instruction"]
+        assert task.eval.filter(lambda r: r["language"] == lang)["instruction"] == [rows[i] for i in held]
+    assert len(task.eval_origin) == 2 and all(o["rows"] == 119 for o in task.eval_origin)
 
 
 def test_data_languages_selects_and_max_examples_keep_rows_aligned(shared_data):
@@ -202,8 +216,9 @@ def test_data_languages_selects_and_max_examples_keep_rows_aligned(shared_data):
 def test_parallel_disjoint_gives_each_row_one_language(shared_data):
     task = load_task_data(DataConfig(name="multilingual", languages=["en", "es", "zh"], parallel="disjoint"), 0)
     ids = task.train["row_id"][:]
-    assert sorted(ids) == list(range(1190))
-    assert sorted(Counter(task.train["language"]).values()) == [396, 397, 397]
+    assert sorted(ids) == list(range(1071))  # 119 questions held out in every language
+    assert sorted(Counter(task.train["language"]).values()) == [357, 357, 357]
+    assert sorted(task.eval["row_id"][:]) == list(range(119))
 
 
 def test_sst2_multilingual_is_sst2_and_sst2_pt_row_aligned(sst2_ml):

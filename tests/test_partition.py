@@ -123,6 +123,15 @@ def test_natural_groups_by_value(train):
         partition_clients(train, config(method="natural", by="lang", num_clients=7), seed=0)
 
 
+def test_natural_defaults_to_one_client_per_value(train):
+    cfg = PartitionConfig(method="natural", by="lang")
+    assert cfg.num_clients is None and PartitionConfig(method="iid").num_clients == 8
+    parts = partition_clients(train, cfg, seed=0)
+    assert len(parts) == len(LANGS)
+    summary = partition_summary(train, parts, "label", [], by="lang")
+    assert summary["group_column"] == "lang" and summary["client_groups"] == [[lang] for lang in LANGS]
+
+
 def test_quantity_sizes_follow_power_law(train):
     parts = partition_clients(train, config(method="quantity", quantity_skew=1.0), seed=0)
     sizes = np.array([len(p) for p in parts])

@@ -194,3 +194,32 @@ def test_report_missing_metric_lists_available(tmp_path):
     with pytest.raises(FedtuneError, match=expected) as e:
         build_report([a], metric="eval/rouge_l")
     assert "\n" not in str(e.value)
+
+
+def test_report_without_eval_metrics_shows_train_loss_and_bytes(tmp_path):
+    a = write_run(tmp_path / "a", "fedit", [None, None, None], 1000)
+    report = build_report([a])
+    assert report.metric == "train_loss"
+    assert report.note == ("no eval metrics in run a: showing train_loss and bytes instead "
+                           "(set data.eval_fraction or data.eval_split to evaluate a run)")
+    row = report.rows[0]
+    assert (row["final"], row["best"], row["best_round"], row["bytes_up"]) == (0.5, 0.5, 2, 2000)
+    assert [p.name for p in report.plots] == ["train_loss_vs_round.png", "train_loss_vs_bytes.png"]
+    b = write_run(tmp_path / "b", "fedit", [0.5, 0.7], 1000)
+    assert build_report([a, b]).note.startswith("no eval metrics in run a:")
+    assert build_report([b]).note is None
+
+
+def test_report_lists_the_value_each_client_holds(tmp_path):
+    a = write_run(tmp_path / "a", "fedit", [0.5, 0.7], 1000)
+    partition = {"sizes": [40, 38], "group_column": "site", "client_groups": [["site_a"], ["site_b"]]}
+    (a / "partition.json").write_text(json.dumps(partition))
+    report = build_report([a])
+    console = Console(record=True, width=120)
+    for table in report.clients:
+        console.print(table)
+    text = console.export_text()
+    assert "a: clients by site" in text
+    rows = [line.split() for line in text.splitlines() if "site_" in line]
+    assert rows == [["0", "site_a", "40"], ["1", "site_b", "38"]]
+    assert build_report([write_run(tmp_path / "b", "fedit", [0.5], 0)]).clients == []

@@ -285,7 +285,8 @@ def test_snli_is_verbalised_with_the_issue_prompt_and_yes_maybe_no():
 def test_multitask_mixes_datasets_with_a_task_column():
     task = load_instruction_data(DataConfig(name="multitask", tasks=["sst2", "alpaca_en"], max_train_examples=20), 0)
     assert sorted(set(task.train["task"])) == ["alpaca_en", "sst2"] and len(task.train) == 40
-    assert set(task.eval["task"]) == {"sst2"}  # alpaca has no held-out split
+    assert set(task.eval["task"]) == {"sst2", "alpaca_en"}  # alpaca, one file, gets a held-out slice
+    assert [o.get("split", "held out") for o in task.eval_origin] == ["dev", "held out"]
     with pytest.raises(FedtuneError, match="data.tasks"):
         load_instruction_data(DataConfig(name="multitask"), 0)
 

@@ -108,7 +108,11 @@ def report(
 
     result = build_report(run_dirs, metric, out)
     console = Console()
+    if result.note:
+        console.print(f"note: {result.note}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     console.print(result.table)
+    for table in result.clients:
+        console.print(table)
     for r in result.rows:
         for name, clients in r["models"].items():
             console.print(f"{r['name']}: {name} ← clients {clients} (adapters/{name}/)", markup=False,

@@ -30,15 +30,19 @@ class DataConfig(_Strict):
     name: str = "sst2"
     """A registered dataset name (see ``fedtune data list``) or a path to a CSV/TSV/JSON/JSONL file or folder."""
     text_column: str | None = None
-    """Column holding the input text (registered datasets set it; required for a local file)."""
+    """Column holding the input text (registered datasets set it; default for a local file: a column named
+    ``text`` or ``sentence``, or the pair ``sentence1``/``sentence2`` or ``premise``/``hypothesis``)."""
     text_pair_column: str | None = None
     """Optional second text column (sentence pairs, e.g. SNLI's hypothesis)."""
     label_column: str | None = None
-    """Column holding the label (registered datasets set it; required for a local classification file)."""
+    """Column holding the label (registered datasets set it; default for a local file: a column named ``label``)."""
     train_split: str = "train"
     """The split the clients' training examples come from."""
     eval_split: str | None = None
     """Held-out split for global evaluation; default: the dataset's own dev/test split."""
+    eval_fraction: float = Field(default=0.1, ge=0, lt=1)
+    """For a dataset without an eval split (a single file): this share of the training rows is held out as
+    the eval split (seeded by the run seed; stratified by label for classification); 0: no evaluation."""
     max_train_examples: int | None = Field(default=None, ge=1)
     """Use a seeded random subset of the training split of at most this size."""
     max_eval_examples: int | None = Field(default=None, ge=1)
@@ -68,8 +72,9 @@ class PartitionConfig(_Strict):
     over ``by`` (FedMLLM): ``group_clusters`` (one group per client, several clients per group), ``group_iid``
     (every client holds every group), ``group_pairs`` (client k holds groups k and k+1 mod G);
     ``language_clusters``, ``language_iid``, ``language_multi_domain`` are the same with ``by: language`` by default."""
-    num_clients: int = Field(default=8, ge=1)
-    """Number of clients the training examples are split across."""
+    num_clients: int | None = Field(default=None, ge=1)
+    """Number of clients the training examples are split across; default 8, and for ``natural`` one client per
+    value of ``by``."""
     by: str = "label"
     """Column to partition over (Dirichlet, pathological, natural)."""
     alpha: float = Field(default=0.5, gt=0)
@@ -84,9 +89,11 @@ class PartitionConfig(_Strict):
     """Fraction of each client's shard held out as its own test shard (personalised evaluation)."""
 
     @model_validator(mode="after")
-    def _language_aliases_partition_by_language(self) -> "PartitionConfig":
+    def _defaults(self) -> "PartitionConfig":
         if self.method.startswith("language_") and "by" not in self.model_fields_set:
             self.__dict__["by"] = "language"
+        if self.num_clients is None and self.method != "natural":
+            self.__dict__["num_clients"] = 8
         return self
 
 
@@ -158,15 +165,15 @@ class LoraConfig(_Strict):
             raise ValueError("lora.client_ranks must be a non-empty list of positive ranks")
         return self
 
-    def ranks(self, num_clients: int) -> list[int] | None:
-        """Each client's rank, or None when every client trains rank ``r``."""
+    def ranks(self, num_clients: int | None) -> list[int] | None:
+        """Each client's rank, or None when every client trains rank ``r`` (``num_clients`` None: not checked)."""
         if self.rank_tiers is not None:
             ranks = [t.rank for t in self.rank_tiers for _ in range(t.clients)]
         elif self.client_ranks is not None:
             ranks = list(self.client_ranks)
         else:
             return None
-        if len(ranks) != num_clients:
+        if num_clients is not None and len(ranks) != num_clients:
             what = "lora.rank_tiers cover" if self.rank_tiers is not None else "lora.client_ranks has"
             raise FedtuneError(f"{what} {len(ranks)} clients but partition.num_clients is {num_clients}; "
                                "give one rank per client")

@@ -99,7 +99,27 @@ class Experiment:
         """Pooled training runs as many steps per round as the federated round it stands for."""
         if not self.algorithm.pools_data:
             return 1
-        return clients_per_round(self.cfg, self.cfg.partition.num_clients)
+        return clients_per_round(self.cfg, self.partition["num_clients"])
+
+    def evaluation_gap(self) -> str | None:
+        """Why nothing at all is evaluated in this run, with the key to set; None when something is."""
+        cfg = self.cfg
+        if not cfg.eval.enabled:
+            return "no evaluation in this run: eval.enabled is false; set eval.enabled=true to evaluate"
+        personalized = self.algorithm.personalized
+        if (personalized or cfg.eval.per_client) and any(len(t) for t in self.client_tests):
+            return None
+        if self.eval is not None and not personalized:
+            return None
+        if personalized:
+            return ("no evaluation in this run: every client's test shard is empty; "
+                    "raise partition.client_test_fraction")
+        if cfg.data.eval_fraction == 0:
+            return (f"no evaluation in this run: {self.task.source} has no dev/test/validation split and "
+                    "data.eval_fraction is 0; set data.eval_fraction (e.g. 0.1) or data.eval_split")
+        return (f"no evaluation in this run: {self.task.source} is too small to hold out "
+                f"data.eval_fraction={cfg.data.eval_fraction} of its rows and keep every label in training; "
+                "set data.name to a folder with train and dev files, or add rows")
 
 
 GROUP_PARTITIONS = ("natural", "group_clusters", "language_clusters")
@@ -142,21 +162,25 @@ def _model_line(cfg: RunConfig, model: torch.nn.Module, ranks: list[int] | None,
 def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None) -> Experiment:
     """Load data, partition it, tokenise it, load the model, attach LoRA; all seeded by ``cfg.seed``.
 
-    ``note(line)`` receives progress for people: a line before the model loads (which can take minutes)
-    and one describing it once adapted.
+    ``note(line)`` receives lines for people: what the data loading chose (columns found by name, an eval
+    split held out), a line before the model loads (which can take minutes) and one describing it once adapted.
     """
     note = note or (lambda line: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    ranks = cfg.lora.ranks(cfg.partition.num_clients)
+    ranks = cfg.lora.ranks(cfg.partition.num_clients)  # None clients (natural: one per value): counted below
     lora = LoraSetup(scale=cfg.lora.alpha / cfg.lora.r, client_ranks=tuple(ranks) if ranks else None)
     algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora, cfg.federation.rounds,
                                 cfg.partition.num_clients)
     if ranks and algorithm.pools_data:
         raise FedtuneError(f"algorithm '{algorithm.name}' trains one pooled model; remove lora.client_ranks / rank_tiers")
     sft = cfg.model.task == "sft"
-    task = load_instruction_data(cfg.data, cfg.seed) if sft else load_task_data(cfg.data, cfg.seed)
+    # personalised algorithms are evaluated on client test shards only: no global eval split is held out
+    data_cfg = cfg.data.model_copy(update={"eval_fraction": 0.0}) if algorithm.personalized else cfg.data
+    task = load_instruction_data(data_cfg, cfg.seed) if sft else load_task_data(data_cfg, cfg.seed)
+    for line in task.notes:  # columns found by name, an eval split held out
+        note(line)
     if not sft and (task.kind != "classification" or task.label_column is None):
         raise FedtuneError(
             f"dataset '{cfg.data.name}' is a {task.kind} dataset; model.task=classification needs a labelled "
@@ -176,6 +200,11 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None) 
         )
 
     parts = partition_clients(task.train, cfg.partition, cfg.seed)
+    if ranks and len(ranks) != len(parts):
+        raise FedtuneError(f"lora.client_ranks / rank_tiers give {len(ranks)} ranks but partition.method="
+                           f"{cfg.partition.method} gives {len(parts)} clients (one per value of "
+                           f"'{cfg.partition.by}'); give one rank per client")
+    algorithm.num_clients = len(parts)  # natural without partition.num_clients: known only now
     shards, tests = [], []
     for cid, part in enumerate(parts):
         tr, te = split_client_test(part, cfg.partition.client_test_fraction, derive_seed(cfg.seed, cid))

@@ -13,12 +13,16 @@ where ``<metric>`` is the metric name with ``/`` replaced by ``_``, e.g.
 ``eval_accuracy_vs_round.png``. ``out_dir`` defaults to the run's own directory
 for one run, and to ``report/`` beside the first run (``runs/report/``) for several.
 "Best" is the minimum for losses, perplexities and spreads (``*_std``), the maximum otherwise.
+Runs that share no eval metric (a run without evaluation) are compared on
+``train_loss``, and the report says so. A run whose ``partition.json`` records
+client groups (``partition.by`` other than the label) also gets a table of the
+value(s) of that column each client holds.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from fedtune.units import human_bytes, human_seconds
 
 _METRIC_PREFIXES = ("eval/", "client_eval/")
 _PREFERRED = ("eval/accuracy", "eval/loss")
+_TRAIN_LOSS = "train_loss"
 _LOWER_IS_BETTER = ("loss", "perplexity", "_std")
 
 
@@ -46,6 +51,10 @@ class Report:
     rows: list[dict[str, Any]]
     plots: list[Path]
     out_dir: Path
+    note: str | None = None
+    """Why the metric is not the one asked for by default (no shared eval metric)."""
+    clients: list[Table] = field(default_factory=list)
+    """Per run whose partition records client groups: the value(s) of ``partition.by`` each client holds."""
 
 
 def available_metrics(run: Run) -> list[str]:
@@ -54,18 +63,24 @@ def available_metrics(run: Run) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def _default_metric(runs: list[Run]) -> str:
-    """``eval/accuracy`` if every run has it, else ``eval/loss``, else the first metric all runs share."""
+def _default_metric(runs: list[Run]) -> tuple[str, str | None]:
+    """``eval/accuracy`` if every run has it, else ``eval/loss``, else the first metric all runs share,
+    else ``train_loss`` (with a note naming the runs without eval metrics)."""
     shared = [m for m in available_metrics(runs[0]) if all(m in available_metrics(r) for r in runs[1:])]
     for m in _PREFERRED:
         if m in shared:
-            return m
-    if not shared:
-        raise FedtuneError(
-            f"runs {', '.join(r.name for r in runs)} share no eval/ or client_eval/ metric; "
-            "report them separately or name one with --metric"
-        )
-    return shared[0]
+            return m, None
+    if shared:
+        return shared[0], None
+    if all(_evaluated(r, _TRAIN_LOSS) for r in runs):
+        bare = [r.name for r in runs if not available_metrics(r)]
+        which = f"no eval metrics in run {', '.join(bare)}" if bare else "no eval metric shared by these runs"
+        return _TRAIN_LOSS, (f"{which}: showing train_loss and bytes instead "
+                             "(set data.eval_fraction or data.eval_split to evaluate a run)")
+    raise FedtuneError(
+        f"runs {', '.join(r.name for r in runs)} share no eval/ or client_eval/ metric; "
+        "report them separately or name one with --metric"
+    )
 
 
 def _evaluated(run: Run, metric: str) -> list[dict[str, Any]]:
@@ -225,7 +240,9 @@ def build_report(run_dirs: list[Path], metric: str | None = None, out_dir: Path 
     if not run_dirs:
         raise FedtuneError("no run directories given; pass one or more, e.g. fedtune report runs/a runs/b")
     runs = [load_run(d) for d in run_dirs]
-    metric = metric or _default_metric(runs)
+    note = None
+    if metric is None:
+        metric, note = _default_metric(runs)
     rows = [_summarise(run, metric) for run in runs]
     if out_dir is None:
         out_dir = runs[0].path if len(runs) == 1 else runs[0].path.parent / "report"
@@ -243,4 +260,28 @@ def build_report(run_dirs: list[Path], metric: str | None = None, out_dir: Path 
     except OSError as e:
         reason = e.strerror or str(e)
         raise FedtuneError(f"cannot write report to {out_dir}: {reason}; choose another folder with --out") from None
-    return Report(metric=metric, table=_table(rows, metric), rows=rows, plots=plots, out_dir=out_dir)
+    clients = [t for t in (_clients_table(run) for run in runs) if t is not None]
+    return Report(metric=metric, table=_table(rows, metric), rows=rows, plots=plots, out_dir=out_dir,
+                  note=note, clients=clients)
+
+
+def _clients_table(run: Run) -> Table | None:
+    """The value(s) of the partition column each client of ``run`` holds (``partition.json``), if recorded."""
+    path = run.path / "partition.json"
+    try:
+        partition = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        raise FedtuneError(f"{path} is not valid JSON; restore it from the run, or delete it") from None
+    groups = partition.get("client_groups") if isinstance(partition, dict) else None
+    if not isinstance(groups, list):
+        return None
+    column = str(partition.get("group_column", "value"))
+    sizes = partition.get("sizes") or [None] * len(groups)
+    table = Table(title=f"{run.name}: clients by {column}", box=box.SIMPLE_HEAD, show_edge=False,
+                  title_justify="left")
+    table.add_column("client", justify="right")
+    table.add_column(column, overflow="fold")
+    table.add_column("examples", justify="right")
+    for cid, (held, size) in enumerate(zip(groups, sizes)):
+        table.add_row(str(cid), ", ".join(map(str, held)), "-" if size is None else f"{size:,}")
+    return table

@@ -140,8 +140,12 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
         log.write_config(cfg.to_dict())
     exp = build_experiment(cfg, note=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
     log.write_json("partition.json", {**exp.partition, "skipped_rows": exp.task.skipped_rows,
-                                      "source": exp.task.source, "text_columns": list(exp.task.text_columns)})
+                                      "source": exp.task.source, "text_columns": list(exp.task.text_columns),
+                                      "eval": exp.task.eval_origin})
     console.print(summary_table(exp.partition))
+    gap = exp.evaluation_gap()
+    if gap:
+        console.print(f"note: {gap}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     if exp.task.skipped_rows:
         console.print(f"[yellow]skipped {exp.task.skipped_rows} malformed rows (data.on_malformed=skip)")
     for line in exp.algorithm.advice(cfg.train):

@@ -3,6 +3,8 @@
 - :mod:`~fedtune.data.registry`: the registered datasets, one spec each.
 - :mod:`~fedtune.data.sources`: where a dataset is found (path, data root, Hub).
 - :mod:`~fedtune.data.readers`: parsing CSV/TSV/JSON/JSONL into columns.
+- :mod:`~fedtune.data.columns`: a user's text and label columns found by name.
+- :mod:`~fedtune.data.holdout`: an eval split held out of a dataset that has none.
 - :mod:`~fedtune.data.loaders`: a dataset as a task (:class:`TaskData`).
 - :mod:`~fedtune.data.partition`: splitting the training examples across clients.
 """

@@ -60,6 +60,8 @@ def load_instruction_data(cfg: DataConfig, seed: int) -> TaskData:
         source=" + ".join(p.source for p in parts),
         skipped_rows=sum(p.skipped_rows for p in parts),
         target_column="output",
+        eval_origin=[o for p in parts for o in p.eval_origin],
+        notes=[line for p in parts for line in p.notes],
     )
 
 

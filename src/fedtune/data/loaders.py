@@ -4,7 +4,11 @@
 train and eval splits (:mod:`fedtune.data.readers`), checks every row (the text
 columns hold non-empty text, the label is in the label set), maps labels to
 integers 0..K-1 and draws the seeded subsets asked for by ``max_train_examples``
-and ``max_eval_examples``. A malformed row stops the load, naming file and
+and ``max_eval_examples``. A user's columns named ``text``/``sentence``/``label``
+(and the like, :mod:`fedtune.data.columns`) need not be named in the config. A
+dataset without an eval split gets one held out of its training rows
+(``eval_fraction``, :mod:`fedtune.data.holdout`). A classification label column
+needs two values or more. A malformed row stops the load, naming file and
 line, or with ``on_malformed="skip"`` is dropped and counted in
 ``TaskData.skipped_rows``. :func:`describe` returns plain data about a dataset
 for ``fedtune data show``; :func:`describe_table` renders it.
@@ -28,7 +32,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
@@ -36,6 +40,8 @@ import numpy as np
 from rich.table import Table
 
 from fedtune.config import DataConfig
+from fedtune.data.columns import detect_instruction, detect_label, detect_text
+from fedtune.data.holdout import held_out
 from fedtune.data.readers import Problem, RawTable
 from fedtune.data.registry import PARALLEL, Kind, ParallelSpec
 from fedtune.data.sources import Location, locate
@@ -68,6 +74,11 @@ class TaskData:
     source: str
     skipped_rows: int = 0
     target_column: str | None = None
+    eval_origin: list[dict[str, Any]] = field(default_factory=list)
+    """Where the eval rows came from, one entry per dataset that has some: its ``split``, or the
+    rows ``held_out`` of its training split (with ``fraction``, ``of_rows``, ``stratified_by``, ``seed``)."""
+    notes: list[str] = field(default_factory=list)
+    """One line each that a run prints before training: columns found by name, an eval split held out."""
     meta_columns: tuple[str, ...] = ()
     """Columns about each row's origin (a parallel dataset's ``language``, ``row_id``), kept through
     :func:`~fedtune.data.instructions.as_instructions` so partitions can use them."""
@@ -90,6 +101,8 @@ class _Schema:
     """Labels as written in the data, in class order; None: the sorted labels of the training split."""
     label_names: tuple[str, ...] | None = None
     target_column: str | None = None
+    detected: tuple[str, ...] = ()
+    """The config keys (``text_column``, ``label_column``, ``instruction``) whose columns were found by name."""
 
 
 def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
@@ -107,7 +120,8 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
     if schema is None:
         raise FedtuneError(
             f"data.text_column and data.label_column are required to train on {train_tables[0].origin} "
-            f"(columns: {', '.join(train_tables[0].columns)}); set them to the input text and label columns"
+            f"(columns: {', '.join(train_tables[0].columns)}); set them to the input text and label columns "
+            "(columns named text or sentence, and label, are found without them)"
         )
     values = schema.label_values or _label_order(train_tables, schema.label_column)
     train, problems = _rows(train_tables, schema, values)
@@ -123,18 +137,80 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
         )
     if not _length(train):
         raise FedtuneError(f"split '{cfg.train_split}' of {loc.source} has no usable rows; check the file")
+    if schema.kind == "classification":
+        _check_two_labels(train, schema.label_column, values, loc.source)
+    notes = [_columns_note(schema, loc.source)] if schema.detected else []
+    origin: list[dict[str, Any]] = []
+    if evaluation is not None:
+        evaluation = _subset(evaluation, cfg.max_eval_examples, seed)
+        origin.append({"dataset": cfg.name, "split": eval_split, "rows": _length(evaluation)})
+    elif cfg.eval_fraction > 0:
+        train, evaluation, held = _hold_out(train, schema.label_column, cfg, seed)
+        if evaluation is not None:
+            origin.append(held)
+            how = f"stratified by {schema.label_column}" if schema.label_column else "at random"
+            notes.append(
+                f"eval: held out {held['rows']} of the {held['of_rows']} rows of {loc.source} as the eval split "
+                f"(data.eval_fraction={cfg.eval_fraction}, {how}, seed {seed}); "
+                "set data.eval_fraction=0 to train on every row"
+            )
     return TaskData(
         name=cfg.name,
         kind=schema.kind,
         train=_dataset(_subset(train, cfg.max_train_examples, seed), loc.source),
-        eval=None if evaluation is None else _dataset(_subset(evaluation, cfg.max_eval_examples, seed), loc.source),
+        eval=None if evaluation is None else _dataset(evaluation, loc.source),
         text_columns=schema.text_columns,
         label_column=schema.label_column,
         label_names=list(schema.label_names or values),
         source=loc.source,
         skipped_rows=len(problems),
         target_column=schema.target_column,
+        eval_origin=origin,
+        notes=notes,
     )
+
+
+def _hold_out(train: dict[str, list], label_column: str | None, cfg: DataConfig,
+              seed: int) -> tuple[dict[str, list], dict[str, list] | None, dict[str, Any]]:
+    """(train, eval, origin): :func:`~fedtune.data.holdout.held_out` rows of ``train``; eval None if it held none."""
+    n = _length(train)
+    labels = train[label_column] if label_column else None
+    keep, held = held_out(n, cfg.eval_fraction, seed, labels, limit=cfg.max_eval_examples)
+    origin = {"dataset": cfg.name, "held_out": cfg.train_split, "rows": len(held), "of_rows": n,
+              "fraction": cfg.eval_fraction, "stratified_by": label_column, "seed": seed}
+    if not len(held):
+        return train, None, origin
+    return _take(train, keep), _take(train, held), origin
+
+
+def _check_two_labels(train: dict[str, list], column: str, values: tuple[str, ...], source: str) -> None:
+    present = sorted(set(train[column]))
+    if len(present) < 2:
+        raise FedtuneError(
+            f"label column '{column}' of {source} holds one value ('{values[present[0]]}') in all its "
+            f"{_length(train)} usable rows; a classifier needs at least two labels: set data.label_column "
+            "to the column of labels, or add rows of the other labels"
+        )
+
+
+def _columns_note(schema: _Schema, source: str) -> str:
+    """The line that says which columns were found by name."""
+
+    def quoted(columns: Sequence[str]) -> str:
+        return ", ".join(f"'{c}'" for c in columns)
+
+    if schema.kind == "instruction":
+        return (f"data: instruction columns {quoted(schema.text_columns)}, response column "
+                f"'{schema.target_column}' (found by name in {source})")
+    parts, keys = [], []
+    if "text_column" in schema.detected:
+        pair = len(schema.text_columns) > 1
+        parts.append(f"text column{'s' * pair} {quoted(schema.text_columns)}")
+        keys += ["data.text_column"] + ["data.text_pair_column"] * pair
+    if "label_column" in schema.detected:
+        parts.append(f"label column '{schema.label_column}'")
+        keys.append("data.label_column")
+    return f"data: {', '.join(parts)} (found by name in {source}; set {' / '.join(keys)} to choose others)"
 
 
 def describe(data: str | DataConfig) -> dict[str, Any]:
@@ -174,6 +250,7 @@ def describe(data: str | DataConfig) -> dict[str, Any]:
         "splits": splits,
         "train_split": train_split,
         "eval_split": cfg.eval_split or _default_eval(loc, train_split),
+        "eval_fraction": cfg.eval_fraction,
         "columns": list(train),
         "text_columns": list(schema.text_columns) if schema else [],
         "label_column": label_column,
@@ -197,7 +274,7 @@ def describe_table(info: dict[str, Any], width: int = 100) -> Table:
         ("description", info["description"]),
         ("source", info["source"]),
         ("splits", " · ".join(sizes)),
-        ("train / eval", f"{info['train_split']} / {info['eval_split'] or '-'}"),
+        ("train / eval", f"{info['train_split']} / {info['eval_split'] or _held_out_text(info)}"),
         ("columns", ", ".join(info["columns"])),
         ("text", ", ".join(info["text_columns"])),
         ("label", info["label_column"] or "-"),
@@ -218,10 +295,16 @@ def describe_table(info: dict[str, Any], width: int = 100) -> Table:
     return table
 
 
+def _held_out_text(info: dict[str, Any]) -> str:
+    fraction = info.get("eval_fraction")
+    return f"{fraction:.0%} of {info['train_split']}, held out (data.eval_fraction)" if fraction else "-"
+
+
 def _load_parallel(spec: ParallelSpec, cfg: DataConfig, seed: int) -> TaskData:
     """The selected languages' datasets stacked, with ``language`` and ``row_id`` columns (see the module doc)."""
     languages = _languages(spec, cfg.languages)
     whole = {"languages": None, "parallel": "aligned", "max_train_examples": None, "max_eval_examples": None}
+    # a language without an eval split holds out the same row ids as every other (same rows, same seed)
     tasks = {
         lang: load_task_data(cfg.model_copy(update={"name": spec.members[lang], **whole}), seed) for lang in languages
     }
@@ -243,6 +326,8 @@ def _load_parallel(spec: ParallelSpec, cfg: DataConfig, seed: int) -> TaskData:
         source=" + ".join(dict.fromkeys(t.source for t in tasks.values())),
         skipped_rows=sum(t.skipped_rows for t in tasks.values()),
         target_column=first.target_column,
+        eval_origin=[o for t in tasks.values() for o in t.eval_origin],
+        notes=[line for t in tasks.values() for line in t.notes],
         meta_columns=(LANGUAGE, ROW_ID),
     )
 
@@ -327,7 +412,7 @@ def _schema(loc: Location, cfg: DataConfig, first: RawTable) -> _Schema | None:
     """The registered task, or one read from ``cfg`` and the columns of a user's data (None: not enough said)."""
     spec = loc.spec
     if spec is not None:
-        given = {"text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column, "label_column": cfg.label_column}
+        given = _given_columns(cfg)
         own = {
             "text_column": spec.text_columns[0],
             "text_pair_column": spec.text_columns[1] if len(spec.text_columns) > 1 else None,
@@ -357,25 +442,40 @@ def _schema(loc: Location, cfg: DataConfig, first: RawTable) -> _Schema | None:
                 f"set data.{key} to one of them"
             )
 
-    if cfg.label_column is not None and cfg.text_column is not None:
-        check("text_column", cfg.text_column)
-        check("label_column", cfg.label_column)
-        if cfg.text_pair_column is not None:
-            check("text_pair_column", cfg.text_pair_column)
+    named = {key: value for key, value in _given_columns(cfg).items() if value is not None}
+    for key, column in named.items():
+        check(key, column)
+    instruction = detect_instruction(columns)
+    if not named and instruction:
+        return _Schema("instruction", instruction, _required("instruction", instruction) + ("output",),
+                       target_column="output", detected=("instruction",))
+    detected = []
+    text, label = None, cfg.label_column
+    if cfg.text_column is not None:
         text = (cfg.text_column,) + ((cfg.text_pair_column,) if cfg.text_pair_column else ())
-        names = loc.class_names(cfg.label_column)
-        return _Schema(
-            kind="classification",
-            text_columns=text,
-            required=text,
-            label_column=cfg.label_column,
-            label_values=tuple(str(i) for i in range(len(names))) if names else None,
-            label_names=names,
-        )
-    if cfg.label_column is None and cfg.text_column is None and {"instruction", "output"} <= set(columns):
-        text = ("instruction", "input") if "input" in columns else ("instruction",)
-        return _Schema("instruction", text, _required("instruction", text) + ("output",), target_column="output")
-    return None
+    elif cfg.text_pair_column is None:
+        text = detect_text(columns)
+        detected += ["text_column"] * (text is not None)
+    if label is None:
+        label = detect_label(columns)
+        detected += ["label_column"] * (label is not None)
+    if text is None or label is None:
+        return None
+    names = loc.class_names(label)
+    return _Schema(
+        kind="classification",
+        text_columns=text,
+        required=text,
+        label_column=label,
+        label_values=tuple(str(i) for i in range(len(names))) if names else None,
+        label_names=names,
+        detected=tuple(detected),
+    )
+
+
+def _given_columns(cfg: DataConfig) -> dict[str, str | None]:
+    """The column keys of ``cfg``, by name."""
+    return {"text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column, "label_column": cfg.label_column}
 
 
 def _required(kind: Kind, text_columns: tuple[str, ...]) -> tuple[str, ...]:
@@ -463,13 +563,16 @@ def _length(columns: dict[str, list]) -> int:
     return len(next(iter(columns.values()), []))
 
 
+def _take(columns: dict[str, list], rows: np.ndarray) -> dict[str, list]:
+    return {c: [v[i] for i in rows] for c, v in columns.items()}
+
+
 def _subset(columns: dict[str, list], limit: int | None, seed: int) -> dict[str, list]:
     """A seeded random subset of at most ``limit`` rows, in their original order."""
     n = _length(columns)
     if limit is None or n <= limit:
         return columns
-    keep = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
-    return {c: [v[i] for i in keep] for c, v in columns.items()}
+    return _take(columns, np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False)))
 
 
 def _dataset(columns: dict[str, list], source: str) -> datasets.Dataset:

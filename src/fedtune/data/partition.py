@@ -13,9 +13,9 @@ number of values; :func:`partition_summary` reports the count).
 - ``pathological``: each client holds ``classes_per_client`` distinct values of
   ``by``; client i's first value is value ``i mod V`` (so all values are used
   when ``num_clients >= V``), the others are drawn at random.
-- ``natural``: one client per distinct value of ``by`` (sorted); with fewer
-  clients than values, value j goes to client ``j mod num_clients``. It does
-  not depend on the seed.
+- ``natural``: one client per distinct value of ``by`` (sorted), when
+  ``num_clients`` is not set; with fewer clients than values, value j goes to
+  client ``j mod num_clients``. It does not depend on the seed.
 - ``quantity``: IID labels; client i (from 1) gets a share proportional to
   ``i ** -quantity_skew``.
 
@@ -60,7 +60,7 @@ from fedtune.errors import FedtuneError
 def partition_clients(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
     """One sorted int64 index array into ``train`` per client (see the module doc for each method)."""
     n, k = len(train), cfg.num_clients
-    if k > n:
+    if k is not None and k > n:
         raise FedtuneError(
             f"partition.num_clients={k} is more than the {n} training examples; lower partition.num_clients"
         )
@@ -193,14 +193,15 @@ def _iid(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.nd
 def _natural(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
     values = _values(train, cfg.by, "partition.by")
     distinct, inverse = np.unique(values, return_inverse=True)
-    if cfg.num_clients > len(distinct):
+    k = len(distinct) if cfg.num_clients is None else cfg.num_clients
+    if k > len(distinct):
         raise FedtuneError(
             f"partition.method=natural needs at most one client per value of '{cfg.by}', which has "
-            f"{len(distinct)}; set partition.num_clients to at most {len(distinct)}"
+            f"{len(distinct)}; set partition.num_clients to at most {len(distinct)}, or leave it unset for one each"
         )
-    client = inverse.ravel() % cfg.num_clients
+    client = inverse.ravel() % k
     order = np.argsort(client, kind="stable")
-    return np.split(order, np.cumsum(np.bincount(client, minlength=cfg.num_clients))[:-1])
+    return np.split(order, np.cumsum(np.bincount(client, minlength=k))[:-1])
 
 
 def _group_clusters(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
