@@ -43,7 +43,7 @@ def _flower_tools_on_path():
         mp.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
         yield
 
-RUN_TIMEOUT_S = 150
+RUN_TIMEOUT_S = 300  # a bound on a hung run, generous for a loaded 2-core machine (not a speed target)
 
 
 def _free_port() -> int:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft.utils.constants import EMBEDDING_LAYER_NAMES
 
 from fedtune.config import RunConfig, load_config
 from fedtune.data.templates import Template
@@ -44,7 +45,10 @@ def save_model_folder(model, tokenizer, folder: Path, base_name: str, classifica
     """Save ``model`` (a PeftModel) in peft format with its tokenizer, naming ``base_name`` as its base."""
     for cfg in model.peft_config.values():
         cfg.base_model_name_or_path = base_name
-    model.save_pretrained(folder)
+    # peft's "auto" would ask the Hub for the base's config.json to decide whether to save the embeddings; they
+    # travel only when LoRA targets them, which peft then detects from target_modules itself.
+    targets = {t for cfg in model.peft_config.values() for t in (cfg.target_modules or ())}
+    model.save_pretrained(folder, save_embedding_layers="auto" if targets & set(EMBEDDING_LAYER_NAMES) else False)
     tokenizer.save_pretrained(folder)
     if classification:
         model.get_base_model().config.to_json_file(folder / CLASSIFIER_CONFIG)
