@@ -2,22 +2,29 @@
 
 8 clients with LoRA ranks 64, 32, 16, 16, 8, 8, 4, 4 (scale alpha / r = 2 at
 every rank), Dirichlet(0.5) label skew, every client in every round. Methods:
-FedIT with zero-padding, FLoRA (stacking), FLoRIST (τ = 0.9 and 0.99, merge
-mode), FlexLoRA, and, for reference, homogeneous-rank FedIT (every client r = 8).
+FedIT with zero-padding, FLoRA (stacking), FLoRIST (merge mode at τ = 0.9 and
+0.99, truncate mode at τ = 0.9), FlexLoRA, and, for reference,
+homogeneous-rank FedIT (every client r = 8).
 
 - ``minilm``: MiniLM-L6 classifier on SST-2 (dev accuracy).
 - ``smollm2``: SmolLM2-135M-Instruct on SNLI as instructions (choice-scoring accuracy).
 
-For each model: a table of final accuracy, total bytes up and down, and the
-per-layer ranks FLoRIST kept in the last round; the report's plots (accuracy vs
-round and vs cumulative bytes) go to ``benchmarks/results/hetero_lora_<model>/``
-and everything to ``benchmarks/results/hetero_lora.json``.
+For each model: a table of accuracy at every evaluated round, total bytes up
+and down, wall seconds per method, and the per-layer ranks FLoRIST kept in the
+last round; the report's plots (accuracy vs round and vs cumulative bytes) go to
+``benchmarks/results/hetero_lora_<label>_<model>/`` and everything to
+``benchmarks/results/hetero_lora.json``, under ``<label>/<model>``, so runs at
+several scales sit side by side:
 
-    python benchmarks/hetero_lora.py [--models minilm smollm2] [--rounds N --steps S ...]
+    python benchmarks/hetero_lora.py --label tiny --models minilm --rounds 2 --steps 20 \\
+        -o train.lr=5e-3 -o train.lr_schedule=constant
+    python benchmarks/hetero_lora.py --label learn --models minilm --rounds 8 --steps 20 \\
+        -o train.lr=1e-3 -o train.lr_schedule=constant
 
 The sizes (rounds, local steps, evaluation examples) are flags because a
 2-core machine cannot run the SmolLM2 half at any real scale in minutes; the
-JSON records the sizes used with the numbers.
+JSON records the sizes used with the numbers. ``--methods`` reruns a subset at
+the sizes already recorded under the label and keeps the other methods' rows.
 """
 
 from __future__ import annotations
@@ -41,8 +48,12 @@ METHODS: dict[str, list[str]] = {
     "fedit r=8 (homogeneous)": ["algorithm.name=fedit"],
     "fedit zero-pad": ["algorithm.name=fedit", f"lora.client_ranks={RANKS}"],
     "flora": ["algorithm.name=flora", f"lora.client_ranks={RANKS}"],
-    "florist τ=0.9": ["algorithm.name=florist", "algorithm.options.tau=0.9", f"lora.client_ranks={RANKS}"],
-    "florist τ=0.99": ["algorithm.name=florist", "algorithm.options.tau=0.99", f"lora.client_ranks={RANKS}"],
+    "florist-merge τ=0.9": ["algorithm.name=florist", "algorithm.options.tau=0.9", "algorithm.options.mode=merge",
+                            f"lora.client_ranks={RANKS}"],
+    "florist-merge τ=0.99": ["algorithm.name=florist", "algorithm.options.tau=0.99", "algorithm.options.mode=merge",
+                             f"lora.client_ranks={RANKS}"],
+    "florist-truncate τ=0.9": ["algorithm.name=florist", "algorithm.options.tau=0.9",
+                               "algorithm.options.mode=truncate", f"lora.client_ranks={RANKS}"],
     "flexlora": ["algorithm.name=flexlora", f"lora.client_ranks={RANKS}"],
 }
 
@@ -63,23 +74,28 @@ def run_model(model: str, args, out_root: Path) -> list[dict]:
         sizes.append(f"data.max_eval_examples={args.eval_examples}")
     if args.train_examples:
         sizes.append(f"data.max_train_examples={args.train_examples}")
+    methods = {k: v for k, v in METHODS.items() if not args.methods or k in args.methods}
     results, run_dirs = [], []
-    for label, method in METHODS.items():
+    for label, method in methods.items():
         name = label.replace(" ", "_").replace("=", "").replace("(", "").replace(")", "").replace("τ", "tau")
         cfg = load_config(config, [f"output_dir={out_root / model}", f"name={name}", *sizes, *extra, *method])
         res = execute(cfg, overwrite=True)
         run = load_run(res.run_dir)
         last = run.rows[-1]
-        kept = last.get("agg/kept_ranks")
+        florist = label.startswith("florist")
         results.append({
             "model": model, "method": label, "final_accuracy": last.get(metric),
-            "initial_accuracy": run.rows[0].get(metric), "bytes_up": last["cum_bytes_up"],
-            "bytes_down": last["cum_bytes_down"], "seconds": res.seconds,
-            "kept_ranks_last_round": kept if label.startswith("florist") else None,
+            "initial_accuracy": run.rows[0].get(metric),
+            "accuracy_per_round": {r["round"]: r[metric] for r in run.rows if metric in r},
+            "train_loss_per_round": {r["round"]: r["train_loss"] for r in run.rows if r.get("train_loss") is not None},
+            "bytes_up": last["cum_bytes_up"], "bytes_down": last["cum_bytes_down"], "seconds": res.seconds,
+            "kept_rank_mean_per_round": ({r["round"]: r["agg/kept_rank_mean"] for r in run.rows
+                                          if "agg/kept_rank_mean" in r} if florist else None),
+            "kept_ranks_last_round": last.get("agg/kept_ranks") if florist else None,
         })
         run_dirs.append(res.run_dir)
-        Console().print(f"{model} · {label}: {metric} {last.get(metric):.4f} ({res.seconds:.0f} s)")
-    report = build_report(run_dirs, metric=metric, out_dir=Path(args.results) / f"hetero_lora_{model}")
+        Console().print(f"{args.label} · {model} · {label}: {metric} {last.get(metric):.4f} ({res.seconds:.0f} s)")
+    report = build_report(run_dirs, metric=metric, out_dir=Path(args.results) / f"hetero_lora_{args.label}_{model}")
     for r, path in zip(results, run_dirs):
         r["run_dir"] = str(path)
     results[0]["plots"] = [str(p) for p in report.plots]
@@ -92,10 +108,13 @@ def _mb(n: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--label", default="tiny",
+                    help="name of this scale; the JSON keeps one entry per label and model (e.g. tiny, learn)")
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="a subset (default: all)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10, help="local steps per client per round")
-    ap.add_argument("--eval-every", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=1)
     ap.add_argument("--eval-examples", type=int, default=None, help="cap the held-out examples (default: all)")
     ap.add_argument("--train-examples", type=int, default=None, help="cap the training examples (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -109,25 +128,35 @@ def main() -> None:
     for model in args.models:
         results += run_model(model, args, Path(args.runs))
 
-    table = Table(title=f"heterogeneous-rank LoRA · 8 clients, ranks {RANKS}, Dirichlet 0.5 · "
-                        f"{args.rounds} rounds × {args.steps} local steps")
-    for col in ("model", "method", "accuracy (round 0 → final)", "MB up", "MB down", "FLoRIST kept ranks (last round)"):
+    table = Table(title=f"heterogeneous-rank LoRA · {args.label} · 8 clients, ranks {RANKS}, Dirichlet 0.5 · "
+                        f"{args.rounds} rounds × {args.steps} local steps {' '.join(args.override)}")
+    for col in ("model", "method", "accuracy per evaluated round", "MB up", "MB down", "s",
+                "FLoRIST kept ranks (last round)"):
         table.add_column(col, justify="left" if col in ("model", "method") else "right", overflow="fold")
     for r in results:
         kept = r["kept_ranks_last_round"]
         ranks = f"mean {np.mean(kept):.1f}, min {min(kept)}, max {max(kept)}: {kept}" if kept else "-"
-        table.add_row(r["model"], r["method"], f"{r['initial_accuracy']:.4f} → {r['final_accuracy']:.4f}",
-                      _mb(r["bytes_up"]), _mb(r["bytes_down"]), ranks)
+        accs = " ".join(f"{a:.3f}" for a in r["accuracy_per_round"].values())
+        table.add_row(r["model"], r["method"], accs, _mb(r["bytes_up"]), _mb(r["bytes_down"]),
+                      f"{r['seconds']:.0f}", ranks)
     Console().print(table)
     out = Path(args.results) / "hetero_lora.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.is_file() else {}
+    scale = previous.setdefault(args.label, {})
+    sizes = {"rounds": args.rounds, "local_steps": args.steps, "eval_every": args.eval_every,
+             "eval_examples": args.eval_examples, "train_examples": args.train_examples, "clients": 8,
+             "clients_per_round": 8, "dirichlet_alpha": 0.5, "overrides": args.override, "ranks": RANKS}
     for model in args.models:
-        previous[model] = {"sizes": {"rounds": args.rounds, "local_steps": args.steps, "eval_every": args.eval_every,
-                                     "eval_examples": args.eval_examples, "train_examples": args.train_examples,
-                                     "overrides": args.override, "ranks": RANKS},
-                           "results": [r for r in results if r["model"] == model]}
-    out.write_text(json.dumps(previous, indent=2) + "\n")
+        kept = {}
+        if args.methods and model in scale:  # a subset rerun replaces its methods and keeps the others
+            if scale[model]["sizes"] != sizes:
+                raise SystemExit(f"{out} holds {args.label}/{model} at other sizes {scale[model]['sizes']}; "
+                                 "rerun every method (drop --methods) or pick another --label")
+            kept = {r["method"]: r for r in scale[model]["results"]}
+        kept.update({r["method"]: r for r in results if r["model"] == model})
+        scale[model] = {"sizes": sizes, "results": [kept[m] for m in METHODS if m in kept]}
+    out.write_text(json.dumps(previous, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out}")
 
 
