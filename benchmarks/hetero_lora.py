@@ -23,8 +23,10 @@ several scales sit side by side:
 
 The sizes (rounds, local steps, evaluation examples) are flags because a
 2-core machine cannot run the SmolLM2 half at any real scale in minutes; the
-JSON records the sizes used with the numbers. ``--methods`` reruns a subset at
-the sizes already recorded under the label and keeps the other methods' rows.
+JSON records the sizes used with the numbers. ``--methods`` runs a subset (or
+a variant: one change against a method, to tell causes apart) at the sizes
+already recorded under the label; a run at those sizes keeps the rows of the
+methods it did not run, a run at other sizes replaces the label's entry.
 """
 
 from __future__ import annotations
@@ -34,13 +36,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
 
+from fedtune.aggregation import Tensors, normalized_weights
 from fedtune.config import load_config
+from fedtune.models.lora import MERGED, base_weight_name, lora_modules
 from fedtune.report import build_report
-from fedtune.run import execute
+from fedtune.run import execute_with
 from fedtune.runlog import load_run
+from fedtune.runtime.inprocess import InProcessPool
 
 RANKS = [64, 32, 16, 16, 8, 8, 4, 4]
 
@@ -57,10 +63,64 @@ METHODS: dict[str, list[str]] = {
     "flexlora": ["algorithm.name=flexlora", f"lora.client_ranks={RANKS}"],
 }
 
+VARIANTS: dict[str, list[str]] = {
+    "flora r=8 (homogeneous)": ["algorithm.name=flora"],
+}
+"""One change at a time against a method above, to tell causes apart; run only when named in ``--methods``."""
+
 MODELS = {
     "minilm": ("configs/quickstart.yaml", "eval/accuracy", []),
     "smollm2": ("configs/snli_instruct_fedit.yaml", "eval/accuracy", ["eval.metrics=[choice]"]),
 }
+
+
+def _effective(tensors: Tensors, scale: float) -> dict[str, torch.Tensor]:
+    """Per adapted module, the dense change of its base weight: merged/<W> (if any) + s·B·A."""
+    out = {}
+    for module, (a, b) in lora_modules(tensors).items():
+        delta = scale * (tensors[b].double() @ tensors[a].double())
+        merged = tensors.get(MERGED + base_weight_name(module))
+        out[module] = delta if merged is None else delta + merged.double()
+    return out
+
+
+def _norm(mats) -> float:
+    """Frobenius norm over a set of matrices, √Σ‖M‖²."""
+    return float(sum(float(m.pow(2).sum()) for m in mats) ** 0.5)
+
+
+class UpdateRecorder:
+    """Wraps a run's ``aggregate`` to record, per round, the norms of the model's dense LoRA change ΔW
+    (root-sum-square over modules): ‖ΔW_t‖, the round's step ‖ΔW_t − ΔW_{t−1}‖, the step the clients' own
+    adapters average to, ‖s Σ p_i B_i A_i‖, the head's step, and each client's ‖s B_i A_i‖."""
+
+    def __init__(self):
+        self.rows: dict[int, dict] = {}
+
+    def driver(self, exp, hooks, body):
+        algo, inner = exp.algorithm, exp.algorithm.aggregate
+        scale = algo.lora.scale
+
+        def aggregate(rnd, updates, state):
+            new = inner(rnd, updates, state)
+            before, after = _effective(state.global_tensors, scale), _effective(new.global_tensors, scale)
+            p = normalized_weights([u.num_examples for u in updates])
+            clients = [_effective(u.tensors, scale) for u in updates]
+            mean = {m: sum(pi * c[m] for pi, c in zip(p, clients)) for m in after}
+            head = [new.global_tensors[k].double() - state.global_tensors[k].double()
+                    for k in new.global_tensors if k in state.global_tensors and "lora_" not in k
+                    and not k.startswith(MERGED)]
+            self.rows[rnd] = {
+                "delta_norm": _norm(after.values()),
+                "step_norm": _norm(after[m] - before.get(m, 0) for m in after),
+                "client_mean_norm": _norm(mean.values()),
+                "head_step_norm": _norm(head),
+                "client_norms": {u.client_id: _norm(c.values()) for u, c in zip(updates, clients)},
+            }
+            return new
+
+        algo.aggregate = aggregate
+        return body(InProcessPool(exp, on_step=hooks.on_step))
 
 
 def run_model(model: str, args, out_root: Path) -> list[dict]:
@@ -74,12 +134,13 @@ def run_model(model: str, args, out_root: Path) -> list[dict]:
         sizes.append(f"data.max_eval_examples={args.eval_examples}")
     if args.train_examples:
         sizes.append(f"data.max_train_examples={args.train_examples}")
-    methods = {k: v for k, v in METHODS.items() if not args.methods or k in args.methods}
+    methods = {k: v for k, v in {**METHODS, **VARIANTS}.items() if k in (args.methods or METHODS)}
     results, run_dirs = [], []
     for label, method in methods.items():
         name = label.replace(" ", "_").replace("=", "").replace("(", "").replace(")", "").replace("τ", "tau")
         cfg = load_config(config, [f"output_dir={out_root / model}", f"name={name}", *sizes, *extra, *method])
-        res = execute(cfg, overwrite=True)
+        recorder = UpdateRecorder()
+        res = execute_with(cfg, recorder.driver, "inprocess", overwrite=True)
         run = load_run(res.run_dir)
         last = run.rows[-1]
         florist = label.startswith("florist")
@@ -92,6 +153,7 @@ def run_model(model: str, args, out_root: Path) -> list[dict]:
             "kept_rank_mean_per_round": ({r["round"]: r["agg/kept_rank_mean"] for r in run.rows
                                           if "agg/kept_rank_mean" in r} if florist else None),
             "kept_ranks_last_round": last.get("agg/kept_ranks") if florist else None,
+            "update_norms_per_round": recorder.rows,
         })
         run_dirs.append(res.run_dir)
         Console().print(f"{args.label} · {model} · {label}: {metric} {last.get(metric):.4f} ({res.seconds:.0f} s)")
@@ -106,12 +168,24 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f}"
 
 
+def _recorded(out: Path, args, sizes: dict) -> dict:
+    """The results file's contents; a subset rerun (``--methods``) must match the sizes recorded under its label."""
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    for model in args.models:
+        held = previous.get(args.label, {}).get(model)
+        if args.methods and held and held["sizes"] != sizes:
+            raise SystemExit(f"{out} holds {args.label}/{model} at other sizes {held['sizes']}; "
+                             "rerun every method (drop --methods) or pick another --label")
+    return previous
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--label", default="tiny",
                     help="name of this scale; the JSON keeps one entry per label and model (e.g. tiny, learn)")
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="a subset (default: all)")
+    ap.add_argument("--methods", nargs="+", choices=[*METHODS, *VARIANTS], default=None,
+                    help="a subset of the methods, or variants (default: every method, no variant)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10, help="local steps per client per round")
     ap.add_argument("--eval-every", type=int, default=1)
@@ -123,6 +197,12 @@ def main() -> None:
     ap.add_argument("--runs", default="/tmp/fedtune-bench/hetero", help="where the run directories go")
     ap.add_argument("--results", default="benchmarks/results")
     args = ap.parse_args()
+
+    out = Path(args.results) / "hetero_lora.json"
+    sizes = {"rounds": args.rounds, "local_steps": args.steps, "eval_every": args.eval_every,
+             "eval_examples": args.eval_examples, "train_examples": args.train_examples, "clients": 8,
+             "clients_per_round": 8, "dirichlet_alpha": 0.5, "overrides": args.override, "ranks": RANKS}
+    _recorded(out, args, sizes)  # fail before the runs, not after
 
     results = []
     for model in args.models:
@@ -140,22 +220,14 @@ def main() -> None:
         table.add_row(r["model"], r["method"], accs, _mb(r["bytes_up"]), _mb(r["bytes_down"]),
                       f"{r['seconds']:.0f}", ranks)
     Console().print(table)
-    out = Path(args.results) / "hetero_lora.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(out.read_text()) if out.is_file() else {}
+    previous = _recorded(out, args, sizes)  # read again: another run may have written meanwhile
     scale = previous.setdefault(args.label, {})
-    sizes = {"rounds": args.rounds, "local_steps": args.steps, "eval_every": args.eval_every,
-             "eval_examples": args.eval_examples, "train_examples": args.train_examples, "clients": 8,
-             "clients_per_round": 8, "dirichlet_alpha": 0.5, "overrides": args.override, "ranks": RANKS}
     for model in args.models:
-        kept = {}
-        if args.methods and model in scale:  # a subset rerun replaces its methods and keeps the others
-            if scale[model]["sizes"] != sizes:
-                raise SystemExit(f"{out} holds {args.label}/{model} at other sizes {scale[model]['sizes']}; "
-                                 "rerun every method (drop --methods) or pick another --label")
-            kept = {r["method"]: r for r in scale[model]["results"]}
+        same = model in scale and scale[model]["sizes"] == sizes  # keep the rows of the methods not rerun
+        kept = {r["method"]: r for r in scale[model]["results"]} if same else {}
         kept.update({r["method"]: r for r in results if r["model"] == model})
-        scale[model] = {"sizes": sizes, "results": [kept[m] for m in METHODS if m in kept]}
+        scale[model] = {"sizes": sizes, "results": [kept[m] for m in [*METHODS, *VARIANTS] if m in kept]}
     out.write_text(json.dumps(previous, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out}")
 
