@@ -114,15 +114,22 @@ def clients_per_round(cfg: RunConfig, num_clients: int) -> int:
     return num_clients
 
 
+def algorithm_for(cfg: RunConfig) -> Algorithm:
+    """The run's algorithm: ``cfg.algorithm`` with its options, the LoRA scale alpha / r, the clients' ranks, and
+    ``federation.rounds``."""
+    ranks = cfg.lora.ranks(cfg.partition.num_clients)
+    lora = LoraSetup(scale=cfg.lora.alpha / cfg.lora.r, client_ranks=tuple(ranks) if ranks else None)
+    return build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora, cfg.federation.rounds)
+
+
 def build_experiment(cfg: RunConfig) -> Experiment:
     """Load data, partition it, tokenise it, load the model, attach LoRA; all seeded by ``cfg.seed``."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    ranks = cfg.lora.ranks(cfg.partition.num_clients)
-    lora = LoraSetup(scale=cfg.lora.alpha / cfg.lora.r, client_ranks=tuple(ranks) if ranks else None)
-    algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora, cfg.federation.rounds)
-    if ranks and algorithm.pools_data:
+    algorithm = algorithm_for(cfg)
+    lora = algorithm.lora
+    if lora.client_ranks and algorithm.pools_data:
         raise FedtuneError(f"algorithm '{algorithm.name}' trains one pooled model; remove lora.client_ranks / rank_tiers")
     sft = cfg.model.task == "sft"
     task = load_instruction_data(cfg.data, cfg.seed) if sft else load_task_data(cfg.data, cfg.seed)
