@@ -9,9 +9,13 @@ homogeneous-rank FedIT (every client r = 8).
 - ``minilm``: MiniLM-L6 classifier on SST-2 (dev accuracy).
 - ``smollm2``: SmolLM2-135M-Instruct on SNLI as instructions (choice-scoring accuracy).
 
-For each model: a table of accuracy at every evaluated round, total bytes up
-and down, wall seconds per method, and the per-layer ranks FLoRIST kept in the
-last round; the report's plots (accuracy vs round and vs cumulative bytes) go to
+For each model: a table of accuracy at every evaluated round, the size of each
+round's step of the dense LoRA change ΔW = merged + s·B·A (root-sum-square of
+the Frobenius norms over modules), total bytes up and down, wall seconds per
+method (the run alone: no timing probe), and the per-layer ranks FLoRIST kept
+in the last round. The JSON also holds, per round, ‖ΔW‖, the norm of the clients'
+weighted mean s Σ p_i B_i A_i, the head's step and each client's ‖s B_i A_i‖.
+The report's plots (accuracy vs round and vs cumulative bytes) go to
 ``benchmarks/results/hetero_lora_<label>_<model>/`` and everything to
 ``benchmarks/results/hetero_lora.json``, under ``<label>/<model>``, so runs at
 several scales sit side by side:
@@ -65,6 +69,7 @@ METHODS: dict[str, list[str]] = {
 
 VARIANTS: dict[str, list[str]] = {
     "flora r=8 (homogeneous)": ["algorithm.name=flora"],
+    "flora ranks reversed": ["algorithm.name=flora", f"lora.client_ranks={RANKS[::-1]}"],
 }
 """One change at a time against a method above, to tell causes apart; run only when named in ``--methods``."""
 
@@ -157,15 +162,21 @@ def run_model(model: str, args, out_root: Path) -> list[dict]:
         })
         run_dirs.append(res.run_dir)
         Console().print(f"{args.label} · {model} · {label}: {metric} {last.get(metric):.4f} ({res.seconds:.0f} s)")
-    report = build_report(run_dirs, metric=metric, out_dir=Path(args.results) / f"hetero_lora_{args.label}_{model}")
     for r, path in zip(results, run_dirs):
         r["run_dir"] = str(path)
-    results[0]["plots"] = [str(p) for p in report.plots]
     return results
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f}"
+
+
+def _plot(args, model: str, rows: list[dict]) -> list[str]:
+    """The report's plots over every recorded run of the label whose directory is still here."""
+    run_dirs = [r["run_dir"] for r in rows if Path(r["run_dir"], "metrics.jsonl").is_file()]
+    report = build_report(run_dirs, metric=MODELS[model][1],
+                          out_dir=Path(args.results) / f"hetero_lora_{args.label}_{model}")
+    return [str(p) for p in report.plots]
 
 
 def _recorded(out: Path, args, sizes: dict) -> dict:
@@ -196,7 +207,11 @@ def main() -> None:
                     help="further config overrides for every run, e.g. -o train.lr=5e-3")
     ap.add_argument("--runs", default="/tmp/fedtune-bench/hetero", help="where the run directories go")
     ap.add_argument("--results", default="benchmarks/results")
+    ap.add_argument("--replot", action="store_true",
+                    help="run nothing: redraw the label's plots from its recorded run directories")
     args = ap.parse_args()
+    if args.replot:
+        return replot(args)
 
     out = Path(args.results) / "hetero_lora.json"
     sizes = {"rounds": args.rounds, "local_steps": args.steps, "eval_every": args.eval_every,
@@ -210,14 +225,15 @@ def main() -> None:
 
     table = Table(title=f"heterogeneous-rank LoRA · {args.label} · 8 clients, ranks {RANKS}, Dirichlet 0.5 · "
                         f"{args.rounds} rounds × {args.steps} local steps {' '.join(args.override)}")
-    for col in ("model", "method", "accuracy per evaluated round", "MB up", "MB down", "s",
-                "FLoRIST kept ranks (last round)"):
+    for col in ("model", "method", "accuracy per evaluated round", "‖ΔW_t − ΔW_t−1‖ per round", "MB up", "MB down",
+                "s", "FLoRIST kept ranks (last round)"):
         table.add_column(col, justify="left" if col in ("model", "method") else "right", overflow="fold")
     for r in results:
         kept = r["kept_ranks_last_round"]
         ranks = f"mean {np.mean(kept):.1f}, min {min(kept)}, max {max(kept)}: {kept}" if kept else "-"
         accs = " ".join(f"{a:.3f}" for a in r["accuracy_per_round"].values())
-        table.add_row(r["model"], r["method"], accs, _mb(r["bytes_up"]), _mb(r["bytes_down"]),
+        steps = " ".join(f"{n['step_norm']:.2f}" for n in r["update_norms_per_round"].values())
+        table.add_row(r["model"], r["method"], accs, steps, _mb(r["bytes_up"]), _mb(r["bytes_down"]),
                       f"{r['seconds']:.0f}", ranks)
     Console().print(table)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -227,9 +243,27 @@ def main() -> None:
         same = model in scale and scale[model]["sizes"] == sizes  # keep the rows of the methods not rerun
         kept = {r["method"]: r for r in scale[model]["results"]} if same else {}
         kept.update({r["method"]: r for r in results if r["model"] == model})
-        scale[model] = {"sizes": sizes, "results": [kept[m] for m in [*METHODS, *VARIANTS] if m in kept]}
+        rows = [kept[m] for m in [*METHODS, *VARIANTS] if m in kept]
+        scale[model] = {"sizes": sizes, "results": rows, "plots": _plot(args, model, rows)}
     out.write_text(json.dumps(previous, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out}")
+
+
+def replot(args) -> None:
+    out = Path(args.results) / "hetero_lora.json"
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    if args.label not in previous:
+        raise SystemExit(f"{out} holds no runs labelled '{args.label}' to replot")
+    for model in args.models:
+        entry = previous[args.label].get(model)
+        if entry is None or not any(Path(r["run_dir"], "metrics.jsonl").is_file() for r in entry["results"]):
+            print(f"{args.label}/{model}: no recorded run directory is here; plots left as they are")
+            continue
+        for r in entry["results"]:
+            r.pop("plots", None)  # the plots belong to the entry, not to one row
+        entry["plots"] = _plot(args, model, entry["results"])
+        print(f"{args.label}/{model}: {entry['plots']}")
+    out.write_text(json.dumps(previous, indent=2, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
