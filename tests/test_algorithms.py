@@ -1,5 +1,7 @@
 """FedIT aggregation against hand computation, and the algorithm registry."""
 
+import math
+
 import pytest
 import torch
 
@@ -176,3 +178,63 @@ def test_adaptive_server_optimisers_advise_against_a_client_lr_schedule():
         assert name in line and "algorithm.options.schedule" in line
         assert build_algorithm(name).advice(TrainConfig(optimizer="sgd", lr=1.0)) == []
     assert build_algorithm("fedavgm").advice(cosine) == [] and build_algorithm("fedit").advice(cosine) == []
+
+
+# --------------------------------------------------------------------------- options from a config, through the algorithm
+
+
+def _configured(name: str, rounds: int = 2, **options):
+    from fedtune.config import load_config
+    from fedtune.experiment import algorithm_for
+
+    return algorithm_for(load_config(None, [f"algorithm.name={name}", f"federation.rounds={rounds}",
+                                            *(f"algorithm.options.{k}={v}" for k, v in options.items())]))
+
+
+def _two_steps(algo, d1: float = 1.0, d2: float = 3.0) -> tuple[float, float]:
+    """x after rounds 1 and 2 from x = 0, where the clients' average moves x by Δ1 = d1, then Δ2 = d2."""
+    s1 = _round(algo, ServerState(0, {"w": torch.zeros(1)}), torch.tensor([d1]))
+    s2 = _round(algo, s1, s1.global_tensors["w"] + d2)
+    return float(s1.global_tensors["w"]), float(s2.global_tensors["w"])
+
+
+# Δ1 = 1, Δ2 = 3 with η = 1, β1 = β2 = 1/2, τ = 0 as the base; each row changes one option.
+# Adam: m2 = ½·½ + ½·3 = 1.75, v2 = ½·½ + ½·9 = 4.75, bias corrections 1 − ½² = 0.75;
+# with β2 = 0.9: v1 = 0.1, v2 = 0.09 + 0.9 = 0.99, correction 1 − 0.81. Step 1 is η Δ1 / (|Δ1| + τ).
+# Yogi: v1 = 0 + ½·1 = ½, v2 = ½ + ½·9 = 5 (v < Δ² adds); with β2 = 0.9: v2 = 0.1 + 0.9 = 1.
+# Adagrad: v2 = 1 + 9 = 10, no correction.
+_BASE = {"server_lr": 1.0, "beta1": 0.5, "beta2": 0.5, "tau": 0.0}
+_ADAGRAD = {k: v for k, v in _BASE.items() if k != "beta2"}
+
+
+@pytest.mark.parametrize("name, options, x1, x2", [
+    ("fedadam", _BASE, 1.0, 1 + (1.75 / 0.75) / math.sqrt(4.75 / 0.75)),
+    ("fedadam", {**_BASE, "server_lr": 0.5}, 0.5, 0.5 + 0.5 * (1.75 / 0.75) / math.sqrt(4.75 / 0.75)),
+    ("fedadam", {**_BASE, "tau": 1.0}, 0.5, 0.5 + (1.75 / 0.75) / (math.sqrt(4.75 / 0.75) + 1)),
+    ("fedadam", {**_BASE, "beta1": 0.0}, 1.0, 1 + 3 / math.sqrt(4.75 / 0.75)),
+    ("fedadam", {**_BASE, "beta2": 0.9}, 1.0, 1 + (1.75 / 0.75) / math.sqrt(0.99 / 0.19)),
+    ("fedyogi", _BASE, 1.0, 1 + (1.75 / 0.75) / math.sqrt(5 / 0.75)),
+    ("fedyogi", {**_BASE, "beta2": 0.9}, 1.0, 1 + (1.75 / 0.75) / math.sqrt(1 / 0.19)),
+    ("fedyogi", {**_BASE, "server_lr": 0.5, "tau": 1.0}, 0.25, 0.25 + 0.5 * (1.75 / 0.75) / (math.sqrt(5 / 0.75) + 1)),
+    ("fedadagrad", _ADAGRAD, 1.0, 1 + (1.75 / 0.75) / math.sqrt(10)),
+    ("fedadagrad", {**_ADAGRAD, "beta1": 0.0}, 1.0, 1 + 3 / math.sqrt(10)),
+    ("fedadagrad", {**_ADAGRAD, "server_lr": 0.5, "tau": 1.0}, 0.25, 0.25 + 0.5 * (1.75 / 0.75) / (math.sqrt(10) + 1)),
+    # FedAvgM: v ← β v + Δ, x ← x + η v
+    ("fedavgm", {"server_lr": 1.0, "momentum": 0.0}, 1.0, 4.0),
+    ("fedavgm", {"server_lr": 1.0, "momentum": 0.5}, 1.0, 1 + (0.5 + 3)),
+    ("fedavgm", {"server_lr": 2.0, "momentum": 0.0}, 2.0, 2 + 2 * 3),
+])
+def test_each_server_optimiser_option_from_a_config_changes_the_step_as_computed_by_hand(name, options, x1, x2):
+    assert _two_steps(_configured(name, **options)) == pytest.approx((x1, x2), rel=1e-6)
+
+
+@pytest.mark.parametrize("options, eta2", [
+    ({}, 1.0),
+    ({"schedule": "cosine"}, 0.1 + 0.9 * 0.5),  # 3 rounds: round 2 is half way, min_lr_ratio 0.1 by default
+    ({"schedule": "cosine", "min_lr_ratio": 0.5}, 0.5 + 0.5 * 0.5),
+    ({"schedule": "cooldown", "cooldown_fraction": 0.5}, 1.0),  # round 2 is before the last half
+    ({"schedule": "cooldown", "cooldown_fraction": 1.0, "min_lr_ratio": 0.0}, 0.5),  # half way down to 0
+])
+def test_server_schedule_options_from_a_config_scale_the_step_of_round_2(options, eta2):
+    algo = _configured("fedavgm", rounds=3, server_lr=1.0, momentum=0.0, **options)
+    assert _two_steps(algo) == pytest.approx((1.0, 1.0 + eta2 * 3), rel=1e-6)

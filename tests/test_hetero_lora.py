@@ -247,3 +247,61 @@ def test_a_saved_flora_run_loads_with_its_merged_updates(tmp_path, tiny_model_di
         assert torch.allclose(params[name], w0[plain] + delta, atol=1e-6)
     with pytest.raises(Exception, match="no peft adapter"):
         load_adapter(base, tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------- options, through the algorithm
+
+E = torch.eye(6)
+
+
+def _known_spectrum():
+    """Two rank-2 clients of equal size (p = 1/2) on orthogonal directions: ΔW = Σ p_i B_i A_i has
+    σ = (4, 2, 1, 0.5) along e_1..e_4, energies 16, 4, 1, 0.25 (cumulative 75.3 %, 94.1 %, 98.8 %, 100 %)."""
+    ups = [ClientUpdate(0, {A_NAME: E[[0, 1]], B_NAME: E[:5, [0, 1]] * torch.tensor([8.0, 4.0])}, 10),
+           ClientUpdate(1, {A_NAME: E[[2, 3]], B_NAME: E[:5, [2, 3]] * torch.tensor([2.0, 1.0])}, 10)]
+    return ups
+
+
+def _top(k: int) -> torch.Tensor:
+    """The best rank-k part of the known ΔW (unscaled)."""
+    sigma = torch.tensor([4.0, 2.0, 1.0, 0.5])
+    return E[:5, :k] @ torch.diag(sigma[:k]) @ E[:k]
+
+
+def _from_config(*options: str):
+    from fedtune.experiment import algorithm_for
+
+    return algorithm_for(load_config(None, [
+        "algorithm.name=florist", "partition.num_clients=2", "lora.client_ranks=[2, 2]", "lora.r=2", "lora.alpha=4",
+        *(f"algorithm.options.{o}" for o in options)]))
+
+
+@pytest.mark.parametrize("mode", ["merge", "truncate"])
+@pytest.mark.parametrize("tau,k", [(0.5, 1), (0.9, 2), (0.95, 3), (0.99, 4), (1.0, 4)])
+def test_florist_keeps_the_fewest_directions_holding_tau_of_the_energy(mode, tau, k):
+    algo = build_algorithm("florist", {"tau": tau, "mode": mode}, LoraSetup(scale=SCALE, client_ranks=(2, 2)))
+    state = algo.aggregate(1, _known_spectrum(), algo.init(trainable_state(_model(2))))
+    assert state.metrics["kept_ranks"] == [k]  # the stack has rank 4
+    factor = "round/1/base_model.model.lin/A" if mode == "merge" else "global/base_model.model.lin/A"
+    assert state.extra[factor].shape == (k, 6)
+    assert torch.allclose(state.global_tensors[MERGED + W_NAME], SCALE * _top(k), atol=1e-6)
+
+
+def test_florist_tau_and_mode_from_a_config_reach_the_aggregation():
+    ups = _known_spectrum()
+    for options, k in (((), 2), (("tau=0.5",), 1), (("tau=0.95",), 3)):  # the default τ is 0.9
+        algo = _from_config(*options)
+        state = algo.aggregate(1, ups, algo.init(trainable_state(_model(2))))
+        assert state.metrics["kept_ranks"] == [k]
+        assert torch.allclose(state.global_tensors[MERGED + W_NAME], 2.0 * _top(k), atol=1e-6)  # s = 4 / 2
+
+    merge, truncate = _from_config("mode=merge"), _from_config("mode=truncate")
+    sent = {}
+    for algo in (merge, truncate):
+        state = algo.aggregate(1, ups, algo.init(trainable_state(_model(2))))
+        sent[algo] = algo.configure(2, [0], state)[0].tensors
+    # merge: client 0 gets round 1's rank-2 update to merge into W, and restarts LoRA from B = 0
+    assert sent[merge]["round/1/base_model.model.lin/A"].shape == (2, 6) and B_NAME not in sent[merge]
+    # truncate: client 0 continues from the global rank-2 factors, B·A = the top-2 part of ΔW
+    assert torch.allclose(sent[truncate][B_NAME] @ sent[truncate][A_NAME], _top(2), atol=1e-6)
+    assert not any(k.startswith("round/") for k in sent[truncate])

@@ -159,6 +159,15 @@ def _model_line(cfg: RunConfig, model: torch.nn.Module, ranks: list[int] | None,
             f"training {trained:,} ({100 * trained / total:.2f}%) with LoRA {rank}")
 
 
+def algorithm_for(cfg: RunConfig) -> Algorithm:
+    """The run's algorithm: ``cfg.algorithm`` with its options, the LoRA scale alpha / r, the clients' ranks,
+    ``federation.rounds`` and ``partition.num_clients`` (None for a natural partition until it is drawn)."""
+    ranks = cfg.lora.ranks(cfg.partition.num_clients)
+    lora = LoraSetup(scale=cfg.lora.alpha / cfg.lora.r, client_ranks=tuple(ranks) if ranks else None)
+    return build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora, cfg.federation.rounds,
+                           cfg.partition.num_clients)
+
+
 def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None) -> Experiment:
     """Load data, partition it, tokenise it, load the model, attach LoRA; all seeded by ``cfg.seed``.
 
@@ -170,9 +179,8 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None) 
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     ranks = cfg.lora.ranks(cfg.partition.num_clients)  # None clients (natural: one per value): counted below
-    lora = LoraSetup(scale=cfg.lora.alpha / cfg.lora.r, client_ranks=tuple(ranks) if ranks else None)
-    algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora, cfg.federation.rounds,
-                                cfg.partition.num_clients)
+    algorithm = algorithm_for(cfg)
+    lora = algorithm.lora
     if ranks and algorithm.pools_data:
         raise FedtuneError(f"algorithm '{algorithm.name}' trains one pooled model; remove lora.client_ranks / rank_tiers")
     sft = cfg.model.task == "sft"
