@@ -70,6 +70,7 @@ METHODS: dict[str, list[str]] = {
 VARIANTS: dict[str, list[str]] = {
     "flora r=8 (homogeneous)": ["algorithm.name=flora"],
     "flora ranks reversed": ["algorithm.name=flora", f"lora.client_ranks={RANKS[::-1]}"],
+    "flora lr=5e-4": ["algorithm.name=flora", f"lora.client_ranks={RANKS}", "train.lr=5e-4"],
 }
 """One change at a time against a method above, to tell causes apart; run only when named in ``--methods``."""
 
