@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fedtune.algorithms import ClientContext, ServerState, build_algorithm
+from fedtune.algorithms import ClientContext, build_algorithm
 from fedtune.config import TrainConfig
 from fedtune.errors import FedtuneError
 from fedtune.models.lora import trainable_state

@@ -59,9 +59,12 @@ def ward_linkage(sim: np.ndarray) -> np.ndarray:
 class Clustering:
     labels: list[int]
     """Cluster of each client, 0 … k − 1, numbered by each cluster's first client."""
-    k: int
     silhouettes: dict[int, float]
     """The silhouette of each k tried (``auto`` only)."""
+
+    @property
+    def k(self) -> int:
+        return len(set(self.labels))
 
 
 def _renumber(raw: np.ndarray) -> list[int]:
@@ -75,10 +78,10 @@ def cluster_clients(sim: np.ndarray, n_clusters: int | str = "auto", min_silhoue
     if n_clusters != "auto":
         k = min(int(n_clusters), n)
         if k <= 1 or n < 2:
-            return Clustering([0] * n, 1, {})
-        return Clustering(_renumber(fcluster(ward_linkage(sim), t=k, criterion="maxclust")), k, {})
+            return Clustering([0] * n, {})
+        return Clustering(_renumber(fcluster(ward_linkage(sim), t=k, criterion="maxclust")), {})
     if n < 3:
-        return Clustering([0] * n, 1, {})
+        return Clustering([0] * n, {})
     z, d = ward_linkage(sim), _distances(sim)
     scores: dict[int, float] = {}
     cuts: dict[int, np.ndarray] = {}
@@ -89,9 +92,9 @@ def cluster_clients(sim: np.ndarray, n_clusters: int | str = "auto", min_silhoue
         cuts[k] = raw
         scores[k] = float(silhouette_score(d, raw, metric="precomputed"))
     if not scores or max(scores.values()) < min_silhouette:
-        return Clustering([0] * n, 1, scores)
+        return Clustering([0] * n, scores)
     best = max(scores, key=lambda k: (scores[k], -k))
-    return Clustering(_renumber(cuts[best]), best, scores)
+    return Clustering(_renumber(cuts[best]), scores)
 
 
 def nearest_cluster(vector: torch.Tensor, centroids: dict[str, torch.Tensor]) -> str:

@@ -33,7 +33,7 @@ from rich import box
 from rich.table import Table
 
 from fedtune.errors import FedtuneError
-from fedtune.runlog import Run, load_run
+from fedtune.runlog import Run, load_models, load_run
 from fedtune.units import human_bytes, human_seconds
 
 _METRIC_PREFIXES = ("eval/", "client_eval/")
@@ -108,17 +108,8 @@ def _summarise(run: Run, metric: str) -> dict[str, Any]:
         "bytes_down": last.get("cum_bytes_down", 0),
         "wall_time_s": sum(row.get("time_round_s", 0.0) for row in run.rows),
         "clients_left_out": left_out(run),
-        "models": _models(run),
+        "models": load_models(run.path),
     }
-
-
-def _models(run: Run) -> dict[str, list[int]]:
-    """The run's final models (several: ``models.json``, e.g. one per cluster) and the clients of each."""
-    path = run.path / "models.json"
-    if not path.is_file():
-        return {}
-    saved = json.loads(path.read_text())
-    return {name: sorted(int(c) for c, m in saved["assignment"].items() if m == name) for name in saved["models"]}
 
 
 def left_out(run: Run) -> list[dict[str, Any]]:

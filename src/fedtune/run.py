@@ -37,7 +37,7 @@ from fedtune.models.base import public_model_name
 from fedtune.models.lora import MERGED, MERGED_FILE
 from fedtune.progress import RunProgress
 from fedtune.report import clustering_plots
-from fedtune.runlog import CONFIG, METRICS, SUMMARY, RunLog, load_run
+from fedtune.runlog import CONFIG, METRICS, SUMMARY, RunLog, load_run, write_models
 from fedtune.runtime.checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
 from fedtune.runtime.inprocess import InProcessPool
 from fedtune.runtime.server import ClientPool, run_rounds
@@ -204,13 +204,11 @@ def save_adapters(exp: Experiment, state: ServerState, client_states, run_dir: P
         exp.load(tensors)
         save_model_folder(exp.model, exp.tokenizer, run_dir / "adapters" / name, base_name, classification)
     if state.models:
-        (run_dir / "models.json").write_text(json.dumps(
-            {"models": sorted(state.models),
-             "assignment": {str(c): name for c, name in sorted(state.assignment.items())}}, indent=2) + "\n")
+        write_models(run_dir, state.assignment, list(state.models))
     if exp.algorithm.personalized:
-        for cid, state in client_states.items():
+        for cid, personal in client_states.items():
             exp.algorithm.load(ClientContext(cid, 0, exp.model, exp.initial, {}, exp.base),
-                               state or exp.algorithm.at_client_rank(cid, exp.initial))
+                               personal or exp.algorithm.at_client_rank(cid, exp.initial))
             save_model_folder(exp.model, exp.tokenizer, run_dir / "adapters" / f"client_{cid}", base_name,
                               classification)
         return

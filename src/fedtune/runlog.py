@@ -34,6 +34,7 @@ from fedtune.errors import FedtuneError
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 SUMMARY = "summary.json"
+MODELS = "models.json"
 TENSORBOARD = "tensorboard"
 
 
@@ -185,3 +186,20 @@ def load_run(run_dir: str | Path) -> Run:
     config = yaml.safe_load((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
     summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).is_file() else None
     return Run(path=path, config=config or {}, rows=rows, summary=summary)
+
+
+def write_models(run_dir: str | Path, assignment: dict[int, str], names: list[str]) -> Path:
+    """Write ``models.json`` for a run that ends with several models: their ``names`` and each client's model."""
+    path = Path(run_dir) / MODELS
+    path.write_text(json.dumps({"models": sorted(names),
+                                "assignment": {str(c): n for c, n in sorted(assignment.items())}}, indent=2) + "\n")
+    return path
+
+
+def load_models(run_dir: str | Path) -> dict[str, list[int]]:
+    """The models a run ended with (``models.json``), each with its clients; ``{}`` for a run with one model."""
+    path = Path(run_dir) / MODELS
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    return {name: sorted(int(c) for c, m in saved["assignment"].items() if m == name) for name in saved["models"]}

@@ -33,11 +33,10 @@ from peft.utils.constants import EMBEDDING_LAYER_NAMES
 from fedtune.config import RunConfig, load_config
 from fedtune.data.templates import Template
 from fedtune.errors import FedtuneError
-from fedtune.runlog import CONFIG, load_run
+from fedtune.runlog import CONFIG, load_models, load_run
 
 ADAPTER_CONFIG = "adapter_config.json"
 CLASSIFIER_CONFIG = "classifier_config.json"
-MODELS = "models.json"
 PARTITION = "partition.json"
 
 
@@ -73,8 +72,7 @@ def personal_clients(folders: dict[str, Path]) -> list[int]:
 def model_assignment(run_dir: Path) -> dict[int, str]:
     """Client → the name of its model, for a run that saved several (``models.json``); clients not listed use
     the global model."""
-    path = run_dir / MODELS
-    return {int(c): name for c, name in json.loads(path.read_text())["assignment"].items()} if path.is_file() else {}
+    return {c: name for name, clients in load_models(run_dir).items() for c in clients}
 
 
 def adapter_folder(run_dir: Path, client: int | None) -> Path:

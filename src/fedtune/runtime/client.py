@@ -34,7 +34,7 @@ def client_round(
     ctx = ClientContext(client_id=client_id, round=rnd, model=exp.model, initial=exp.initial, state=state,
                         base=exp.base, payload=payload, lr=lr, steps=steps, num_examples=len(shard))
     algo.prepare(ctx, payload)
-    ctx.start = {k: v.clone() for k, v in trainable_state(exp.model).items()}
+    ctx.start = trainable_state(exp.model)  # detached copies
     seed = derive_seed(cfg.seed, rnd, client_id)
     torch.manual_seed(seed)
     batches = batch_stream(exp.train, shard, cfg.train.batch_size, np.random.default_rng(seed))
@@ -53,7 +53,7 @@ def client_round(
 
 def client_evaluate(exp: Experiment, client_id: int, tensors: Tensors, state: Tensors) -> dict[str, float]:
     """Metrics of client ``client_id``'s model on its own test shard: its personal tensors, else ``tensors``
-    (what :meth:`~fedtune.algorithms.Algorithm.configure_evaluate` chose for it, at its rank)."""
+    (what :meth:`~fedtune.algorithms.Algorithm.configure_evaluate` chose for it)."""
     ctx = ClientContext(client_id=client_id, round=0, model=exp.model, initial=exp.initial, state=state,
                         base=exp.base)
     personal = exp.algorithm.personal_tensors(ctx)
