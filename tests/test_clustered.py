@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from fedtune.aggregation import weighted_mean
 from fedtune.algorithms import ClientUpdate, build_algorithm
-from fedtune.clustering import agreement, cluster_clients, cosine_similarity_matrix
+from fedtune.clustering import agreement, centre, centred_directions, cluster_clients, cosine_similarity_matrix
 from fedtune.errors import FedtuneError
 from fedtune.run import execute, execute_with
 from fedtune.runlog import load_run
@@ -41,6 +41,22 @@ def test_auto_keeps_structureless_clients_together_and_fixed_k_is_honoured():
     assert cluster_clients(cosine_similarity_matrix(planted([0, 0, 1, 1])), 2).labels == [0, 0, 1, 1]
     assert cluster_clients(cosine_similarity_matrix(planted([0, 1])), "auto").labels == [0, 0]  # n < 3: one
     assert cluster_clients(cosine_similarity_matrix(planted([0, 1, 2])), 5).k == 3  # k capped at n
+
+
+def test_centring_puts_an_incoherent_group_together():
+    """Every client learns one task (a common direction t). English clients also share a language direction d;
+    the model cannot read Portuguese, so those clients' updates are mostly noise. Raw cosines keep the English
+    clients together and scatter the others, each alone; less their mean direction, the others share −d."""
+    truth = [0, 1, 0, 1, 0, 1, 0, 1]
+    g = torch.Generator().manual_seed(0)
+    t, d = torch.randn(256, generator=g), torch.randn(256, generator=g)
+    vectors = [t + 0.5 * d + 0.3 * torch.randn(256, generator=g) if k == 0 else 0.5 * t + torch.randn(256, generator=g)
+               for k in truth]
+    assert cluster_clients(cosine_similarity_matrix(vectors), "auto").labels == [0, 1, 0, 2, 0, 3, 0, 4]
+    centred, mean = centred_directions(vectors)
+    assert torch.allclose(sum(centred), torch.zeros(256, dtype=torch.float64), atol=1e-12)
+    assert cluster_clients(cosine_similarity_matrix(centred), "auto").labels == truth
+    assert torch.allclose(centre(vectors[3] * 7, mean), centred[3])  # a later client: the same m, any length
 
 
 def _updates(x, groups, sizes=None, seed=0):
@@ -89,6 +105,19 @@ def test_a_late_client_joins_the_cluster_its_update_points_to():
     assert 4 not in state.assignment and algo.configure(2, [4], state)[4].tensors is state.global_tensors
     after = algo.aggregate(2, [ups[4]], state)
     assert after.assignment[4] == state.assignment[2] and after.metrics["joined"] == {"4": state.assignment[2]}
+
+
+def test_centred_clustering_stores_its_mean_direction_and_centres_a_late_client_by_it():
+    x = _x()
+    ups = _updates(x, [0, 0, 1, 1, 1])
+    algo = build_algorithm("clustered", {"n_clusters": 2, "center": True}, num_clients=4)
+    state = algo.aggregate(1, ups[:4], algo.init(x))
+    assert state.assignment == {0: "cluster_0", 1: "cluster_0", 2: "cluster_1", 3: "cluster_1"}
+    assert state.extra["clustered/mean_direction"].shape == (x[B].numel(),)
+    after = algo.aggregate(2, [ups[4]], state)
+    assert after.assignment[4] == "cluster_1"
+    assert "clustered/mean_direction" not in build_algorithm("clustered", {"n_clusters": 2}, num_clients=4).aggregate(
+        1, ups[:4], algo.init(x)).extra
 
 
 def test_singletons_one_cluster_random_and_oracle_variants():

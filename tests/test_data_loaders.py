@@ -151,7 +151,7 @@ def test_describe_registered(data_env):
 def test_list_datasets():
     names = [row[0] for row in list_datasets()]
     assert names == ["sst2", "sst2_pt", "cola", "snli", "mmlu", "alpaca_en", "alpaca_zh", "xquad_en", "xquad_es",
-                     "xquad_tr", "xquad_de", "xquad_zh", "xquad_vi", "multilingual", "sst2_multilingual"]
+                     "xquad_tr", "xquad_de", "xquad_zh", "xquad_vi", "multilingual", "sst2_multilingual", "sst2_cola"]
     assert dict((r[0], r[2]) for r in list_datasets())["snli"] == "stanfordnlp/snli"
 
 

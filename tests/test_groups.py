@@ -241,6 +241,28 @@ def test_language_splits_on_the_real_data_record_true_groups(sst2_ml):
     assert summary["assigned"] == len(sst2_ml.train)
 
 
+def test_sst2_cola_is_a_mixture_of_two_tasks_under_one_binary_head(shared_data):
+    if not (shared_data / "cola").is_dir():
+        pytest.skip("CoLA not in the shared data")
+    task = load_task_data(DataConfig(name="sst2_cola", max_train_examples=300, max_eval_examples=100), 0)
+    assert task.label_names == ["negative/unacceptable", "positive/acceptable"] and task.meta_columns == ("task", "row_id")
+    assert task.train.column_names == ["sentence", "label", "task", "row_id"]  # CoLA's source and mark are dropped
+    assert Counter(task.train["task"]) == {"sst2": 300, "cola": 300} and Counter(task.eval["task"]) == {"sst2": 100,
+                                                                                                      "cola": 100}
+    cola = load_task_data(DataConfig(name="cola"), 0).train
+    rows = task.train.to_pandas()
+    for _, r in rows[rows.task == "cola"].head(20).iterrows():  # each row as CoLA has it, label included
+        assert (cola[int(r.row_id)]["sentence"], cola[int(r.row_id)]["label"]) == (r.sentence, r.label)
+    parts = partition_clients(task.train, PartitionConfig(method="group_clusters", by="task", num_clients=4), 0)
+    summary = partition_summary(task.train, parts, "label", task.label_names, by="task")
+    assert sorted(map(tuple, summary["client_groups"])) == [("cola",), ("cola",), ("sst2",), ("sst2",)]
+    info = describe("sst2_cola")
+    assert info["groups"] == {"task": {"sst2": 67_349, "cola": 8_551}} and info["columns"][-2:] == ["task", "row_id"]
+    assert info["label_names"] == task.label_names and sum(info["label_counts"].values()) == 67_349 + 8_551
+    with pytest.raises(FedtuneError, match="'sst2_cola' is a mixture of different datasets"):
+        load_task_data(DataConfig(name="sst2_cola", parallel="disjoint"), 0)
+
+
 def test_data_list_and_show_name_the_parallel_datasets(shared_data):
     rows = {r[0]: r for r in list_datasets()}
     assert rows["multilingual"][1] == "instruction" and rows["sst2_multilingual"][1] == "classification"

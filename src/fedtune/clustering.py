@@ -12,6 +12,12 @@ With ``n_clusters = "auto"`` the number of clusters k is the one with the
 best silhouette (on the same distances) over k = 2 … n − 1; when even that
 silhouette is below ``min_silhouette``, there is one cluster (no structure
 worth splitting). Fewer than three clients: one cluster.
+
+Centering (optional): ũ_i = u_i/‖u_i‖ − m, m = mean_j u_j/‖u_j‖. Updates of
+clients doing one task share a large common direction (learning the task),
+which raw cosines are dominated by; what is left after removing the mean
+direction is what tells groups apart. A client compared later (a late
+joiner) is centred by the same m.
 """
 
 from __future__ import annotations
@@ -30,6 +36,23 @@ from fedtune.aggregation import Tensors
 def update_vector(trained: Tensors, start: Tensors, names: list[str]) -> torch.Tensor:
     """u = concat over ``names`` of (trained − start), flattened, in float64."""
     return torch.cat([(trained[n].double() - start[n].double()).flatten() for n in names])
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    n = v.norm()
+    return v / n if n > 0 else torch.zeros_like(v)
+
+
+def centred_directions(vectors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(ũ_i = u_i/‖u_i‖ − m, m): the unit update directions less their mean m."""
+    unit = [_unit(v.double()) for v in vectors]
+    mean = torch.stack(unit).mean(0)
+    return [u - mean for u in unit], mean
+
+
+def centre(vector: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """A further client's ũ = u/‖u‖ − m, with the clustering round's mean direction m."""
+    return _unit(vector.double()) - mean.double()
 
 
 def cosine_similarity_matrix(vectors: list[torch.Tensor]) -> np.ndarray:

@@ -7,7 +7,8 @@ client's update u_i = y_i − x over the tensors chosen by ``cluster_on``
 (LoRA ``B``, ``A`` or ``both``) and ``cluster_layers`` (``last``: the
 alphabetically last such tensor, as the seed does; ``all``), and clusters
 the clients (:mod:`fedtune.clustering`: Ward on the cosine similarities of
-the u_i; ``n_clusters`` fixed, or ``auto`` by silhouette). Cluster k's model
+the u_i, or with ``center`` of the u_i's directions less their mean;
+``n_clusters`` fixed, or ``auto`` by silhouette). Cluster k's model
 starts as the FedIT average of its members' y_i; from then on each client
 trains from and is evaluated with its cluster's model, and each cluster
 averages its own members only (weighted by data size)::
@@ -37,10 +38,13 @@ from pydantic import Field
 from fedtune.aggregation import Tensors, weighted_mean
 from fedtune.algorithms.base import ClientUpdate, LoraSetup, NoOptions, Payload, ServerState
 from fedtune.algorithms.fedit import FedIT
-from fedtune.clustering import agreement, cluster_clients, cosine_similarity_matrix, nearest_cluster, update_vector
+from fedtune.clustering import (
+    agreement, centre, centred_directions, cluster_clients, cosine_similarity_matrix, nearest_cluster, update_vector,
+)
 from fedtune.errors import FedtuneError
 
 CENTROID = "clustered/centroid/"
+MEAN_DIRECTION = "clustered/mean_direction"
 
 
 class ClusteredOptions(NoOptions):
@@ -56,6 +60,8 @@ class ClusteredOptions(NoOptions):
     """``last``: only the alphabetically last LoRA module's factors (the seed's choice); ``all``: every module."""
     assign: Literal["similarity", "random", "oracle"] = "similarity"
     """``similarity``: the method; ``random``: the same cluster sizes, clients shuffled; ``oracle``: the true groups."""
+    center: bool = False
+    """Compare the update directions less their mean (:mod:`fedtune.clustering`); the seed compares raw updates."""
     recluster_every: int | None = Field(default=None, ge=1)
     """Cluster again every this many rounds after ``cluster_round`` (default: never)."""
 
@@ -129,9 +135,13 @@ class Clustered(FedIT):
         cids = [u.client_id for u in updates]
         names = self._names(updates[0].tensors)
         vectors = [update_vector(u.tensors, state.model_of(u.client_id), names) for u in updates]
+        extra = {k: v for k, v in state.extra.items() if not k.startswith(CENTROID) and k != MEAN_DIRECTION}
+        if self.options.center:
+            vectors, mean = centred_directions(vectors)
+            extra[MEAN_DIRECTION] = mean.float()
         sim = cosine_similarity_matrix(vectors)
         labels, info = self._labels(rnd, sim, cids)
-        models, assignment, extra = {}, {}, {k: v for k, v in state.extra.items() if not k.startswith(CENTROID)}
+        models, assignment = {}, {}
         for k in sorted(set(labels)):
             members = [i for i, lab in enumerate(labels) if lab == k]
             models[cluster_name(k)] = weighted_mean([updates[i].tensors for i in members],
@@ -156,7 +166,9 @@ class Clustered(FedIT):
         for u in updates:
             if u.client_id not in assignment:  # a late client: it trained from the global model
                 names = self._names(u.tensors)
-                vec = update_vector(u.tensors, state.global_tensors, names).float()
+                vec = update_vector(u.tensors, state.global_tensors, names)
+                if MEAN_DIRECTION in state.extra:
+                    vec = centre(vec, state.extra[MEAN_DIRECTION])
                 assignment[u.client_id] = joined[str(u.client_id)] = nearest_cluster(vec, centroids)
         models = dict(state.models)
         for name in sorted(set(assignment[u.client_id] for u in updates)):

@@ -25,6 +25,11 @@ the same question in several languages. That is what a language-clustering
 benchmark wants, but not a measure of generalisation to unseen items; for that
 use ``data.parallel: disjoint``, which gives each row id one language (a seeded,
 balanced draw, per split), so every item appears once.
+
+A mixture (``sst2_cola``) stacks unrelated datasets of one kind and label
+count the same way, with a ``task`` column instead of ``language``; class i
+of every member is label i of the one head, named by the members' names
+joined (``negative/unacceptable``). ``max_*_examples`` cap each member.
 """
 
 from __future__ import annotations
@@ -84,7 +89,6 @@ class TaskData:
     :func:`~fedtune.data.instructions.as_instructions` so partitions can use them."""
 
 
-LANGUAGE = "language"
 ROW_ID = "row_id"
 
 
@@ -301,68 +305,87 @@ def _held_out_text(info: dict[str, Any]) -> str:
 
 
 def _load_parallel(spec: ParallelSpec, cfg: DataConfig, seed: int) -> TaskData:
-    """The selected languages' datasets stacked, with ``language`` and ``row_id`` columns (see the module doc)."""
-    languages = _languages(spec, cfg.languages)
+    """The selected members' datasets stacked, with a member column and ``row_id`` (see the module doc)."""
+    members = _members(spec, cfg)
     whole = {"languages": None, "parallel": "aligned", "max_train_examples": None, "max_eval_examples": None}
     # a language without an eval split holds out the same row ids as every other (same rows, same seed)
-    tasks = {
-        lang: load_task_data(cfg.model_copy(update={"name": spec.members[lang], **whole}), seed) for lang in languages
-    }
-    first = tasks[languages[0]]
-    evals = {lang: t.eval for lang, t in tasks.items()}
+    tasks = {m: load_task_data(cfg.model_copy(update={"name": spec.members[m], **whole}), seed) for m in members}
+    first = tasks[members[0]]
+    if len({t.text_columns for t in tasks.values()}) > 1:
+        raise FedtuneError(f"dataset '{spec.name}': its members read different text columns; a mixture needs one")
+    evals = {m: t.eval for m, t in tasks.items()}
     if len({e is None for e in evals.values()}) > 1:
         raise FedtuneError(
-            f"dataset '{spec.name}': only some languages have an eval split; "
+            f"dataset '{spec.name}': only some members have an eval split; "
             "set data.eval_split to a split they all have"
         )
     return TaskData(
         name=spec.name,
         kind=first.kind,
-        train=_stack(spec, {lang: t.train for lang, t in tasks.items()}, cfg, cfg.max_train_examples, seed),
+        train=_stack(spec, {m: t.train for m, t in tasks.items()}, cfg, cfg.max_train_examples, seed),
         eval=None if first.eval is None else _stack(spec, evals, cfg, cfg.max_eval_examples, seed),
         text_columns=first.text_columns,
         label_column=first.label_column,
-        label_names=first.label_names,
+        label_names=_joint_label_names(spec, [t.label_names for t in tasks.values()]),
         source=" + ".join(dict.fromkeys(t.source for t in tasks.values())),
         skipped_rows=sum(t.skipped_rows for t in tasks.values()),
         target_column=first.target_column,
         eval_origin=[o for t in tasks.values() for o in t.eval_origin],
         notes=[line for t in tasks.values() for line in t.notes],
-        meta_columns=(LANGUAGE, ROW_ID),
+        meta_columns=(spec.column, ROW_ID),
     )
+
+
+def _joint_label_names(spec: ParallelSpec, names: list[list[str]]) -> list[str]:
+    """One head's label names: the members' names of each class, joined by "/" where they differ."""
+    if len({len(n) for n in names}) > 1:
+        raise FedtuneError(f"dataset '{spec.name}': its members have different numbers of labels; "
+                           "a mixture needs one label set")
+    return ["/".join(dict.fromkeys(column)) for column in zip(*names)]
 
 
 def _stack(
     spec: ParallelSpec, parts: dict[str, datasets.Dataset], cfg: DataConfig, limit: int | None, seed: int
 ) -> datasets.Dataset:
-    """One split of every language, one after another: row ids per language (all, or a disjoint share), capped."""
+    """One split of every member, one after another: row ids per member (all, or a disjoint share), capped."""
     sizes = {lang: len(ds) for lang, ds in parts.items()}
-    if len(set(sizes.values())) > 1:
+    if spec.aligned and len(set(sizes.values())) > 1:
         raise FedtuneError(
             f"dataset '{spec.name}' is not row-aligned "
             f"({', '.join(f'{lang} {n:,} rows' for lang, n in sizes.items())}); "
             "every language's file must hold the same items in the same order (with data.on_malformed=skip, fix the "
             "malformed rows instead)"
         )
-    n = next(iter(sizes.values()))
     if cfg.parallel == "disjoint":
+        n = next(iter(sizes.values()))
         shares = np.array_split(np.random.default_rng(seed).permutation(n), len(parts))
         ids = {lang: np.sort(share) for lang, share in zip(parts, shares)}
     else:
-        ids = {lang: np.arange(n) for lang in parts}
+        ids = {lang: np.arange(n) for lang, n in sizes.items()}
+    common = [c for c in next(iter(parts.values())).column_names if all(c in ds.column_names for ds in parts.values())]
     stacked = []
     for lang, ds in parts.items():
         keep = ids[lang]
         if limit is not None and len(keep) > limit:
             keep = np.sort(np.random.default_rng(seed).choice(keep, size=limit, replace=False))
-        rows = ds.select(keep).to_dict()
-        stacked.append({**rows, LANGUAGE: [lang] * len(keep), ROW_ID: keep.tolist()})
+        rows = ds.select(keep).select_columns(common).to_dict()  # a mixture keeps the columns all members have
+        stacked.append({**rows, spec.column: [lang] * len(keep), ROW_ID: keep.tolist()})
     return datasets.Dataset.from_dict(_concat(stacked), features=datasets.Features(
-        {**next(iter(parts.values())).features, LANGUAGE: datasets.Value("string"), ROW_ID: datasets.Value("int64")}
+        {**{c: next(iter(parts.values())).features[c] for c in common}, spec.column: datasets.Value("string"),
+         ROW_ID: datasets.Value("int64")}
     ))
 
 
-def _languages(spec: ParallelSpec, requested: list[str] | None) -> list[str]:
+def _members(spec: ParallelSpec, cfg: DataConfig) -> list[str]:
+    """The members to load: the languages of ``data.languages`` (default all); every task of a mixture."""
+    if not spec.aligned:
+        if cfg.languages is not None or cfg.parallel != "aligned":
+            raise FedtuneError(
+                f"data.languages and data.parallel are for translations; '{spec.name}' is a mixture of different "
+                f"datasets ({', '.join(spec.members)}) and loads all of them; remove them"
+            )
+        return list(spec.members)
+    requested = cfg.languages
     available = ", ".join(spec.members)
     if requested is None:
         return list(spec.members)
@@ -380,10 +403,11 @@ def _languages(spec: ParallelSpec, requested: list[str] | None) -> list[str]:
 
 
 def _describe_parallel(spec: ParallelSpec, cfg: DataConfig) -> dict[str, Any]:
-    """:func:`describe` of each language, summed; the examples show row 0 in the first languages."""
-    languages = _languages(spec, cfg.languages)
+    """:func:`describe` of each member, summed; the examples show row 0 in the first members."""
+    languages = _members(spec, cfg)
     infos = {
-        lang: describe(cfg.model_copy(update={"name": spec.members[lang], "languages": None})) for lang in languages
+        lang: describe(cfg.model_copy(update={"name": spec.members[lang], "languages": None, "parallel": "aligned"}))
+        for lang in languages
     }
     first = infos[languages[0]]
     common = [split for split in first["splits"] if all(split in i["splits"] for i in infos.values())]
@@ -394,17 +418,20 @@ def _describe_parallel(spec: ParallelSpec, cfg: DataConfig) -> dict[str, Any]:
     examples = []
     for k in range(min(3, len(languages) * len(first["examples"]))):
         lang, row = languages[k % len(languages)], k // len(languages)
-        examples.append({**infos[lang]["examples"][row], LANGUAGE: lang, ROW_ID: row})
+        examples.append({**infos[lang]["examples"][row], spec.column: lang, ROW_ID: row})
     return {
         **first,
         "name": spec.name,
         "source": " + ".join(dict.fromkeys(i["source"] for i in infos.values())),
         "description": spec.description,
         "splits": splits,
-        "columns": first["columns"] + [LANGUAGE, ROW_ID],
-        "label_counts": {name: sum(i["label_counts"][name] for i in infos.values()) for name in first["label_counts"]},
+        "columns": [c for c in first["columns"] if all(c in i["columns"] for i in infos.values())] + [spec.column, ROW_ID],
+        "label_names": _joint_label_names(spec, [i["label_names"] for i in infos.values()]),
+        "label_counts": {joint: sum(list(i["label_counts"].values())[k] for i in infos.values())
+                         for k, joint in enumerate(_joint_label_names(spec, [list(i["label_counts"]) for i in
+                                                                            infos.values()]))},
         "examples": examples,
-        "groups": {LANGUAGE: {lang: i["splits"][first["train_split"]]["rows"] for lang, i in infos.items()}},
+        "groups": {spec.column: {lang: i["splits"][first["train_split"]]["rows"] for lang, i in infos.items()}},
     }
 
 

@@ -5,7 +5,9 @@ which columns hold the text and the label, the label set, and the Hugging Face
 Hub id that is its online equivalent. Adding a dataset is adding one entry to
 ``REGISTRY``; nothing else in the package names a dataset. A parallel
 multilingual dataset (:class:`ParallelSpec`, in ``PARALLEL``) is a set of
-registered datasets, one per language, whose row i is the same item.
+registered datasets, one per language, whose row i is the same item; a
+mixture (the same class, ``aligned=False``) is a set of unrelated datasets of
+one kind and label count, loaded as one with a ``task`` column.
 """
 
 from __future__ import annotations
@@ -202,12 +204,18 @@ REGISTRY: dict[str, DatasetSpec] = {
 
 @dataclass(frozen=True)
 class ParallelSpec:
-    """Registered datasets, one per language, aligned row by row, loaded as one with a ``language`` column."""
+    """Registered datasets loaded as one, with a column naming each row's member: translations aligned row by
+    row (``language``), or a mixture of tasks (``task``)."""
 
     name: str
     description: str
     members: Mapping[str, str]
-    """Language code -> registered dataset; row i of each is the same item (question, sentence) translated."""
+    """Member name (language code, task) -> registered dataset."""
+    column: str = "language"
+    """The column that names each row's member."""
+    aligned: bool = True
+    """Row i of every member is the same item (question, sentence) translated; False: a mixture of unrelated
+    datasets of one kind and one label count (class i of each is label i of the one head)."""
 
     @property
     def kind(self) -> Kind:
@@ -227,14 +235,23 @@ PARALLEL: dict[str, ParallelSpec] = {
             description="SST-2 in English and Portuguese (sst2 + sst2_pt, row-aligned; parallel)",
             members={"en": "sst2", "pt": "sst2_pt"},
         ),
+        ParallelSpec(
+            name="sst2_cola",
+            description="SST-2 sentiment and CoLA acceptability under one binary head, with a task column (mixture)",
+            members={"sst2": "sst2", "cola": "cola"},
+            column="task",
+            aligned=False,
+        ),
     ]
 }
 
 
 def verbaliser_spec(name: str) -> DatasetSpec | None:
-    """The spec whose verbaliser (instruction, answers) a dataset uses: its own, or a parallel set's first member's."""
+    """The spec whose verbaliser (instruction, answers) a dataset uses: its own, or a parallel set's first member's
+    (None for a mixture: its members ask different questions, so the prompt names the joint label set)."""
     if name in PARALLEL:
-        return REGISTRY[next(iter(PARALLEL[name].members.values()))]
+        spec = PARALLEL[name]
+        return REGISTRY[next(iter(spec.members.values()))] if spec.aligned else None
     return REGISTRY.get(name)
 
 
