@@ -4,14 +4,16 @@ Scenarios (8 clients, ``group_clusters``: each client holds one group, two or fo
 client holds out 20% of its shard as its own test set):
 
 - ``a``: MiniLM on SST-2, 4 clients in English and 4 in Portuguese (``sst2_multilingual``), accuracy;
-- (the issue's scenario ``b``, SST-2 and CoLA clients under one binary head, needs a classification mixture of
-  two datasets, which fedtune does not have yet);
+- ``b``: MiniLM, 4 clients on SST-2 and 4 on CoLA under one binary head (``sst2_cola``), accuracy;
 - ``c``: SmolLM2-135M on XQuAD instructions in 4 languages × 2 clients (``multilingual``), perplexity of each
   client's held-out responses, and ROUGE-L of greedy generations.
 
-Methods: ``clustered`` with ``n_clusters: auto`` (clustered in round 1 on every client's LoRA-B update of the
-last module), ``fedit``, ``local`` (each client alone) and ``oracle`` (clusters = the true groups). Reported
+Methods: ``clustered`` with ``n_clusters: auto`` (clustered in round 2 on every client's LoRA-B update of the
+last module, after one FedIT round: round 1's updates, from B = 0, carry no group signal on MiniLM),
+``clustered-centred`` (the same, comparing the update directions less their mean: ``center: true``),
+``fedit``, ``local`` (each client alone) and ``oracle`` (clusters = the true groups, from round 2). Reported
 per scenario and method: the mean per-client metric (``client_eval/<metric>`` after the last round), its name,
+its mean per true group,
 ARI and NMI of the clusters against the true groups (clustered methods), MB up / down, wall seconds, and a
 matmul probe before and after.
 
@@ -30,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedtune.config import load_config
+from fedtune.report import group_metrics
 from fedtune.run import execute
 from fedtune.runlog import load_run
 from mmlu_speed import matmul_gflops
@@ -39,6 +42,10 @@ SCENARIOS: dict[str, dict] = {
           "config": "configs/quickstart.yaml", "by": "language",
           "overrides": ["data.name=sst2_multilingual", "data.parallel=disjoint", "data.max_train_examples=1200",
                         "train.lr=2e-3", "train.lr_schedule=constant"]},
+    "b": {"what": "MiniLM, 4 clients SST-2, 4 clients CoLA, one binary head", "metric": "client_eval/accuracy",
+          "config": "configs/quickstart.yaml", "by": "task",
+          "overrides": ["data.name=sst2_cola", "data.max_train_examples=1200", "train.lr=2e-3",
+                        "train.lr_schedule=constant"]},
     "c": {"what": "SmolLM2-135M, XQuAD instructions: en, es, de, zh × 2 clients", "metric": "client_eval/perplexity",
           "config": "configs/snli_instruct_fedit.yaml", "by": "language",
           "overrides": ["data.name=multilingual", "data.languages=[en,es,de,zh]", "data.parallel=disjoint",
@@ -47,11 +54,13 @@ SCENARIOS: dict[str, dict] = {
                         "eval.max_new_tokens=24", "eval.batch_size=16"]},
 }
 
+CLUSTERED = ["algorithm.name=clustered", "algorithm.options.cluster_round=2"]
 METHODS: dict[str, list[str]] = {
-    "clustered": ["algorithm.name=clustered", "algorithm.options.n_clusters=auto"],
+    "clustered": [*CLUSTERED, "algorithm.options.n_clusters=auto"],
+    "clustered-centred": [*CLUSTERED, "algorithm.options.n_clusters=auto", "algorithm.options.center=true"],
     "fedit": ["algorithm.name=fedit"],
     "local": ["algorithm.name=local"],
-    "oracle": ["algorithm.name=clustered", "algorithm.options.assign=oracle"],
+    "oracle": [*CLUSTERED, "algorithm.options.assign=oracle"],
 }
 
 
@@ -65,12 +74,14 @@ def run_scenario(key: str, args) -> list[dict]:
         cfg = load_config(sc["config"], [f"output_dir={Path(args.runs) / key}", f"name={method}", *sizes,
                                          *sc["overrides"], *METHODS[method], *args.override])
         res = execute(cfg, overwrite=True)
-        rows = load_run(res.run_dir).rows
+        run = load_run(res.run_dir)
+        rows = run.rows
         clustering = next((r for r in rows if "agg/clusters" in r), {})
         last = rows[-1]
         results.append({
             "scenario": key, "method": method, "metric": sc["metric"], "mean_client_metric": last.get(sc["metric"]),
             "client_metric_std": last.get(sc["metric"] + "_std"),
+            "per_group": group_metrics(run, sc["metric"]),
             "rouge": last.get("client_eval/rouge_l") if key == "c" else None,
             "clusters": clustering.get("agg/clusters"), "ari": clustering.get("agg/ari"),
             "nmi": clustering.get("agg/nmi"), "cluster_of": clustering.get("agg/cluster_of"),
@@ -85,8 +96,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=10, help="local steps per client per round")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=20, help="local steps per client per round")
     ap.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--runs", default="/tmp/fedtune-bench/clustered")
     ap.add_argument("--results", default="benchmarks/results")

@@ -7,7 +7,7 @@ from rich.console import Console
 
 from fedtune.errors import FedtuneError
 from fedtune.report import build_report
-from fedtune.runlog import RunLog, load_run, scalars
+from fedtune.runlog import RunLog, load_run, scalars, write_models
 from fedtune.units import human_bytes, human_seconds
 
 
@@ -223,3 +223,30 @@ def test_report_lists_the_value_each_client_holds(tmp_path):
     rows = [line.split() for line in text.splitlines() if "site_" in line]
     assert rows == [["0", "site_a", "40"], ["1", "site_b", "38"]]
     assert build_report([write_run(tmp_path / "b", "fedit", [0.5], 0)]).clients == []
+
+
+def test_report_gives_each_clients_model_and_final_metric_and_the_mean_per_group(tmp_path):
+    log = RunLog(tmp_path / "c")
+    log.write_config({"name": "c", "algorithm": {"name": "clustered", "options": {}}})
+    log.write_json("partition.json", {"sizes": [10, 20, 30], "group_column": "language",
+                                      "client_groups": [["en"], ["pt"], ["en", "pt"]]})
+    write_models(tmp_path / "c", {0: "cluster_0", 1: "cluster_1", 2: "cluster_0"}, ["cluster_0", "cluster_1"])
+    per_client = {"0": {"accuracy": 0.9, "n": 5}, "1": {"accuracy": 0.5, "n": 5}, "2": {"accuracy": 0.7, "n": 5}}
+    log.log_round({"round": 1, "client_eval/accuracy": 0.6, "client_metrics": {"0": {"accuracy": 0.1}}})
+    log.log_round({"round": 2, "client_eval/accuracy": 0.7, "client_metrics": per_client})
+    report = build_report([tmp_path / "c"])
+    assert report.metric == "client_eval/accuracy"
+    assert report.rows[0]["per_group"] == {"en": {"mean": pytest.approx(0.8), "clients": 2},
+                                           "pt": {"mean": pytest.approx(0.6), "clients": 2}}
+    console = Console(record=True, width=140)
+    for table in report.clients:
+        console.print(table)
+    text = console.export_text()
+    rows = [line.split() for line in text.splitlines() if "cluster_" in line]
+    assert rows == [["0", "en", "10", "cluster_0", "0.9000"], ["1", "pt", "20", "cluster_1", "0.5000"],
+                    ["2", "en,", "pt", "30", "cluster_0", "0.7000"]]
+    assert "c: client_eval/accuracy by language (mean over its clients)" in " ".join(text.split())
+    assert [line.split() for line in text.splitlines() if line.split()[:1] in (["en"], ["pt"])] == [
+        ["en", "2", "0.8000"], ["pt", "2", "0.6000"]]
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["runs"][0]["per_group"]["en"]["clients"] == 2
+    assert build_report([tmp_path / "c"], metric="client_eval/accuracy").rows[0]["per_group"]

@@ -16,7 +16,10 @@ for one run, and to ``report/`` beside the first run (``runs/report/``) for seve
 Runs that share no eval metric (a run without evaluation) are compared on
 ``train_loss``, and the report says so. A run whose ``partition.json`` records
 client groups (``partition.by`` other than the label) also gets a table of the
-value(s) of that column each client holds.
+value(s) of that column each client holds, the model it ended with (runs of
+several models) and its own final value of a ``client_eval/`` metric; and,
+per group, the mean of that value over the group's clients (``per_group`` in
+``report.json``; a client holding several groups counts in each).
 """
 
 from __future__ import annotations
@@ -109,7 +112,40 @@ def _summarise(run: Run, metric: str) -> dict[str, Any]:
         "wall_time_s": sum(row.get("time_round_s", 0.0) for row in run.rows),
         "clients_left_out": left_out(run),
         "models": load_models(run.path),
+        "per_group": group_metrics(run, metric),
     }
+
+
+def _partition(run: Run) -> dict[str, Any]:
+    path = run.path / "partition.json"
+    try:
+        partition = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        raise FedtuneError(f"{path} is not valid JSON; restore it from the run, or delete it") from None
+    return partition if isinstance(partition, dict) else {}
+
+
+def client_finals(run: Run, metric: str) -> dict[int, float]:
+    """Each client's own value of a ``client_eval/<m>`` metric in the last round that recorded them; {} otherwise."""
+    if not metric.startswith("client_eval/"):
+        return {}
+    key = metric[len("client_eval/"):]
+    last = next((row["client_metrics"] for row in reversed(run.rows) if row.get("client_metrics")), {})
+    return {int(c): m[key] for c, m in last.items() if m.get(key) is not None}
+
+
+def group_metrics(run: Run, metric: str) -> dict[str, dict[str, float]]:
+    """Per group (``partition.json``'s ``client_groups``): the mean of its clients' final ``metric`` and their
+    number; {} for a run without groups or without per-client values of ``metric``."""
+    groups, finals = _partition(run).get("client_groups"), client_finals(run, metric)
+    if not isinstance(groups, list) or not finals:
+        return {}
+    members: dict[str, list[float]] = {}
+    for cid, held in enumerate(groups):
+        if cid in finals:
+            for g in held:
+                members.setdefault(str(g), []).append(finals[cid])
+    return {g: {"mean": float(np.mean(v)), "clients": len(v)} for g, v in sorted(members.items())}
 
 
 def left_out(run: Run) -> list[dict[str, Any]]:
@@ -251,28 +287,43 @@ def build_report(run_dirs: list[Path], metric: str | None = None, out_dir: Path 
     except OSError as e:
         reason = e.strerror or str(e)
         raise FedtuneError(f"cannot write report to {out_dir}: {reason}; choose another folder with --out") from None
-    clients = [t for t in (_clients_table(run) for run in runs) if t is not None]
+    clients = [t for run in runs for t in _clients_table(run, metric)]
     return Report(metric=metric, table=_table(rows, metric), rows=rows, plots=plots, out_dir=out_dir,
                   note=note, clients=clients)
 
 
-def _clients_table(run: Run) -> Table | None:
-    """The value(s) of the partition column each client of ``run`` holds (``partition.json``), if recorded."""
-    path = run.path / "partition.json"
-    try:
-        partition = json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
-        raise FedtuneError(f"{path} is not valid JSON; restore it from the run, or delete it") from None
-    groups = partition.get("client_groups") if isinstance(partition, dict) else None
+def _clients_table(run: Run, metric: str) -> list[Table]:
+    """The value(s) of the partition column each client of ``run`` holds (``partition.json``), if recorded, with
+    its model and final ``metric``; then the per-group means."""
+    partition = _partition(run)
+    groups = partition.get("client_groups")
     if not isinstance(groups, list):
-        return None
+        return []
     column = str(partition.get("group_column", "value"))
     sizes = partition.get("sizes") or [None] * len(groups)
+    model_of = {c: name for name, clients in load_models(run.path).items() for c in clients}
+    finals = client_finals(run, metric)
     table = Table(title=f"{run.name}: clients by {column}", box=box.SIMPLE_HEAD, show_edge=False,
                   title_justify="left")
     table.add_column("client", justify="right")
     table.add_column(column, overflow="fold")
     table.add_column("examples", justify="right")
+    if model_of:
+        table.add_column("model")
+    if finals:
+        table.add_column(metric, justify="right")
     for cid, (held, size) in enumerate(zip(groups, sizes)):
-        table.add_row(str(cid), ", ".join(map(str, held)), "-" if size is None else f"{size:,}")
-    return table
+        cells = [str(cid), ", ".join(map(str, held)), "-" if size is None else f"{size:,}"]
+        cells += [model_of.get(cid, "-")] if model_of else []
+        cells += [f"{finals[cid]:.4f}" if cid in finals else "-"] if finals else []
+        table.add_row(*cells)
+    per_group = group_metrics(run, metric)
+    if not per_group:
+        return [table]
+    by_group = Table(title=f"{run.name}: {metric} by {column} (mean over its clients)", box=box.SIMPLE_HEAD,
+                     show_edge=False, title_justify="left")
+    for col, justify in ((column, "left"), ("clients", "right"), (metric, "right")):
+        by_group.add_column(col, justify=justify)
+    for g, v in per_group.items():
+        by_group.add_row(g, str(v["clients"]), f"{v['mean']:.4f}")
+    return [table, by_group]
