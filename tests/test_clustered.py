@@ -172,3 +172,27 @@ def test_clustered_runs_identically_on_both_runtimes_and_saves_every_model(tmp_p
     assert report.rows[0]["models"] == {name: sorted(int(c) for c, m in models["assignment"].items() if m == name)
                                         for name in models["models"]}
     assert (tmp_path / "report" / "clustering_round1_dendrogram.png").is_file()
+
+
+def test_each_cluster_takes_steps_of_its_own_server_optimiser():
+    x = _x()
+    ups = _updates(x, [0, 0, 1, 1])
+    opts = {"cluster_round": 2, "n_clusters": 2, "server": "fedadam", "server_options": {"server_lr": 0.1}}
+    algo = build_algorithm("clustered", opts, num_clients=4)
+    fedadam = build_algorithm("fedadam", {"server_lr": 0.1})
+    r1 = algo.aggregate(1, ups, algo.init(x))  # before clustering: FedAdam on the global model
+    alone = fedadam.aggregate(1, ups, fedadam.init(x))
+    assert all(torch.equal(r1.global_tensors[k], alone.global_tensors[k]) for k in x)
+    assert r1.extra["clustered/server/global/server_opt/step"].item() == 1
+    r2 = algo.aggregate(2, _updates(r1.global_tensors, [0, 0, 1, 1]), r1)
+    assert not any(k.startswith("clustered/server/") for k in r2.extra)  # clusters and moments start anew
+    members = [ClientUpdate(c, {k: v + 0.5 * c for k, v in r2.models["cluster_0"].items()}, 10) for c in (0, 1)]
+    r3 = algo.aggregate(3, members, r2)
+    want = fedadam.aggregate(3, members, type(r2)(round=2, global_tensors=r2.models["cluster_0"]))
+    assert all(torch.equal(r3.models["cluster_0"][k], want.global_tensors[k]) for k in x)
+    assert r3.models["cluster_1"] is r2.models["cluster_1"]
+    r4 = algo.aggregate(4, [ClientUpdate(2, {k: v - 1 for k, v in r3.models["cluster_1"].items()}, 10)], r3)
+    steps = {k: v.item() for k, v in r4.extra.items() if k.endswith("server_opt/step")}
+    assert steps == {"clustered/server/cluster_0/server_opt/step": 1, "clustered/server/cluster_1/server_opt/step": 1}
+    with pytest.raises(FedtuneError, match="algorithm.options.server_options"):
+        build_algorithm("clustered", {"server": "fedadam", "server_options": {"server_lr": -1}})

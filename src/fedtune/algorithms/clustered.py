@@ -15,7 +15,12 @@ averages its own members only (weighted by data size)::
 
     x_k ← Σ_{i ∈ S ∩ C_k} p_i y_i,    p_i = n_i / Σ_{j ∈ S ∩ C_k} n_j
 
-A cluster without clients in a round keeps its model. A client absent at the
+A cluster without clients in a round keeps its model. With ``server`` set to
+a server optimiser (FedAvgM, FedAdam, FedYogi, FedAdagrad), each cluster's
+model (and the global one before clustering) takes a step of its own
+optimiser, with moments of its own, on its members' pseudo-gradient
+x̄_k − x_k instead of becoming x̄_k; every clustering round starts the
+moments afresh, as it starts the clusters. A client absent at the
 clustering round trains from x when it first takes part and joins the
 cluster whose mean update (centroid) is most similar to its own update.
 ``recluster_every`` clusters again every that many rounds, from fresh
@@ -29,7 +34,7 @@ FedIT.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,12 +43,16 @@ from pydantic import Field
 from fedtune.aggregation import Tensors, weighted_mean
 from fedtune.algorithms.base import ClientUpdate, LoraSetup, NoOptions, Payload, ServerState
 from fedtune.algorithms.fedit import FedIT
+from fedtune.algorithms.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from fedtune.clustering import (
     agreement, centre, centred_directions, cluster_clients, cosine_similarity_matrix, nearest_cluster, update_vector,
 )
 from fedtune.errors import FedtuneError
 
 CENTROID = "clustered/centroid/"
+SERVER = "clustered/server/"
+GLOBAL = "global"
+SERVERS = {cls.name: cls for cls in (FedIT, FedAvgM, FedAdam, FedYogi, FedAdagrad)}
 MEAN_DIRECTION = "clustered/mean_direction"
 
 
@@ -64,6 +73,10 @@ class ClusteredOptions(NoOptions):
     """Compare the update directions less their mean (:mod:`fedtune.clustering`); the seed compares raw updates."""
     recluster_every: int | None = Field(default=None, ge=1)
     """Cluster again every this many rounds after ``cluster_round`` (default: never)."""
+    server: Literal["fedit", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = "fedit"
+    """How each cluster's model takes its members' average: as it is (FedIT), or as a server optimiser's step."""
+    server_options: dict[str, Any] = Field(default_factory=dict)
+    """Options of ``server``, e.g. ``{server_lr: 0.01}`` (``fedtune algorithms`` lists them)."""
 
 
 def cluster_name(k: int) -> str:
@@ -85,6 +98,10 @@ class Clustered(FedIT):
         o = self.options
         if isinstance(o.n_clusters, int) and o.n_clusters < 1:
             raise FedtuneError("algorithm.options.n_clusters must be a positive integer or 'auto'")
+        try:
+            self.server = SERVERS[o.server].create(o.server_options, self.lora, rounds, num_clients)
+        except FedtuneError as e:
+            raise FedtuneError(str(e).replace("algorithm.options", "algorithm.options.server_options")) from None
 
     def clusters_in(self, rnd: int) -> bool:
         """Whether round ``rnd`` clusters the clients."""
@@ -131,11 +148,21 @@ class Clustered(FedIT):
         order = {g: i for i, g in enumerate(dict.fromkeys(groups))}
         return [order[g] for g in groups], info
 
+    def _step(self, rnd: int, scope: str, members: list[ClientUpdate], model: Tensors, extra: Tensors) -> Tensors:
+        """``model`` (a cluster's, or the global one) after a round of its ``members``: ``server``'s aggregate,
+        with that server's state for ``scope`` kept in ``extra`` (updated in place) under ``clustered/server/``."""
+        prefix = f"{SERVER}{scope}/"
+        own = {k[len(prefix):]: extra.pop(k) for k in [k for k in extra if k.startswith(prefix)]}
+        new = self.server.aggregate(rnd, members, ServerState(round=rnd, global_tensors=model, extra=own))
+        extra.update({prefix + k: v for k, v in new.extra.items()})
+        return new.global_tensors
+
     def _cluster(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
         cids = [u.client_id for u in updates]
         names = self._names(updates[0].tensors)
         vectors = [update_vector(u.tensors, state.model_of(u.client_id), names) for u in updates]
-        extra = {k: v for k, v in state.extra.items() if not k.startswith(CENTROID) and k != MEAN_DIRECTION}
+        extra = {k: v for k, v in state.extra.items()
+                 if not k.startswith((CENTROID, SERVER)) and k != MEAN_DIRECTION}  # clusters and moments start anew
         if self.options.center:
             vectors, mean = centred_directions(vectors)
             extra[MEAN_DIRECTION] = mean.float()
@@ -159,8 +186,10 @@ class Clustered(FedIT):
     def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
         if self.clusters_in(rnd):
             return self._cluster(rnd, updates, state)
+        extra = dict(state.extra)
         if not state.models:
-            return super().aggregate(rnd, updates, state)
+            new = self._step(rnd, GLOBAL, updates, state.global_tensors, extra)
+            return ServerState(round=rnd, global_tensors=new, extra=extra)
         assignment, joined = dict(state.assignment), {}
         centroids = {name[len(CENTROID):]: v for name, v in state.extra.items() if name.startswith(CENTROID)}
         for u in updates:
@@ -173,7 +202,7 @@ class Clustered(FedIT):
         models = dict(state.models)
         for name in sorted(set(assignment[u.client_id] for u in updates)):
             members = [u for u in updates if assignment[u.client_id] == name]
-            models[name] = weighted_mean([u.tensors for u in members], [u.num_examples for u in members])
+            models[name] = self._step(rnd, name, members, models[name], extra)
         metrics = {"joined": joined} if joined else {}
-        return ServerState(round=rnd, global_tensors=state.global_tensors, extra=state.extra, models=models,
+        return ServerState(round=rnd, global_tensors=state.global_tensors, extra=extra, models=models,
                            assignment=assignment, metrics=metrics)
