@@ -7,7 +7,6 @@ dataset (``train.tsv``, ``dev.tsv``) written on the fly.
 """
 
 import random
-import shutil
 
 import pytest
 

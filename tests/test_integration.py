@@ -1,7 +1,6 @@
 """Integration: the real packaged models and the real SST-2 files, a few hundred examples."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -293,9 +293,9 @@ def describe_table(info: dict[str, Any], width: int = 100) -> Table:
             for c, v in example.items()
         ]
         rows.append((f"example {i + 1}", "\n".join(fields)))
-    for field, value in rows:
+    for name, value in rows:
         if value:
-            table.add_row(field, value)
+            table.add_row(name, value)
     return table
 
 
