@@ -70,7 +70,8 @@ class ClusteredOptions(NoOptions):
     assign: Literal["similarity", "random", "oracle"] = "similarity"
     """``similarity``: the method; ``random``: the same cluster sizes, clients shuffled; ``oracle``: the true groups."""
     center: bool = False
-    """Compare the update directions less their mean (:mod:`fedtune.clustering`); the seed compares raw updates."""
+    """Compare the clients' update directions less their mean direction, which clients of one task share; the
+    seed compares the raw updates."""
     recluster_every: int | None = Field(default=None, ge=1)
     """Cluster again every this many rounds after ``cluster_round`` (default: never)."""
     server: Literal["fedit", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = "fedit"
