@@ -232,10 +232,12 @@ def test_report_gives_each_clients_model_and_final_metric_and_the_mean_per_group
                                       "client_groups": [["en"], ["pt"], ["en", "pt"]]})
     write_models(tmp_path / "c", {0: "cluster_0", 1: "cluster_1", 2: "cluster_0"}, ["cluster_0", "cluster_1"])
     per_client = {"0": {"accuracy": 0.9, "n": 5}, "1": {"accuracy": 0.5, "n": 5}, "2": {"accuracy": 0.7, "n": 5}}
-    log.log_round({"round": 1, "client_eval/accuracy": 0.6, "client_metrics": {"0": {"accuracy": 0.1}}})
-    log.log_round({"round": 2, "client_eval/accuracy": 0.7, "client_metrics": per_client})
+    log.log_round({"round": 1, "eval/cluster_0/accuracy": 0.4, "client_eval/accuracy": 0.6,
+                   "client_metrics": {"0": {"accuracy": 0.1}}})
+    log.log_round({"round": 2, "eval/cluster_0/accuracy": 0.5, "client_eval/accuracy": 0.7,
+                   "client_metrics": per_client})
     report = build_report([tmp_path / "c"])
-    assert report.metric == "client_eval/accuracy"
+    assert report.metric == "client_eval/accuracy"  # the clients' mean, not the first of several models
     assert report.rows[0]["per_group"] == {"en": {"mean": pytest.approx(0.8), "clients": 2},
                                            "pt": {"mean": pytest.approx(0.6), "clients": 2}}
     console = Console(record=True, width=140)

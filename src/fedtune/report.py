@@ -40,7 +40,7 @@ from fedtune.runlog import Run, load_models, load_run
 from fedtune.units import human_bytes, human_seconds
 
 _METRIC_PREFIXES = ("eval/", "client_eval/")
-_PREFERRED = ("eval/accuracy", "eval/loss")
+_PREFERRED = ("eval/accuracy", "eval/loss", "client_eval/accuracy", "client_eval/loss")
 _TRAIN_LOSS = "train_loss"
 _LOWER_IS_BETTER = ("loss", "perplexity", "_std")
 
@@ -67,8 +67,9 @@ def available_metrics(run: Run) -> list[str]:
 
 
 def _default_metric(runs: list[Run]) -> tuple[str, str | None]:
-    """``eval/accuracy`` if every run has it, else ``eval/loss``, else the first metric all runs share,
-    else ``train_loss`` (with a note naming the runs without eval metrics)."""
+    """The first of ``eval/accuracy``, ``eval/loss``, ``client_eval/accuracy``, ``client_eval/loss`` that every
+    run has (a run of several models, e.g. clustered, has ``eval/<model>/…`` instead, and its clients' means), else
+    the first metric all runs share, else ``train_loss`` (with a note naming the runs without eval metrics)."""
     shared = [m for m in available_metrics(runs[0]) if all(m in available_metrics(r) for r in runs[1:])]
     for m in _PREFERRED:
         if m in shared:
