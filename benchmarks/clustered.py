@@ -49,9 +49,9 @@ SCENARIOS: dict[str, dict] = {
     "c": {"what": "SmolLM2-135M, XQuAD instructions: en, es, de, zh × 2 clients", "metric": "client_eval/perplexity",
           "config": "configs/snli_instruct_fedit.yaml", "by": "language",
           "overrides": ["data.name=multilingual", "data.languages=[en,es,de,zh]", "data.parallel=disjoint",
-                        "data.max_train_examples=120", "data.max_eval_examples=null", "model.max_length=384",
-                        "train.batch_size=4", "train.lr=1e-3", "eval.metrics=[perplexity,rouge]",
-                        "eval.max_new_tokens=24", "eval.batch_size=16"]},
+                        "data.max_train_examples=60", "data.max_eval_examples=null", "model.max_length=256",
+                        "train.batch_size=2", "train.lr=1e-3", "eval.metrics=[perplexity,rouge]",
+                        "eval.max_new_tokens=24", "eval.batch_size=8"]},
 }
 
 CLUSTERED = ["algorithm.name=clustered", "algorithm.options.cluster_round=2"]
