@@ -82,7 +82,7 @@ def run_scenario(key: str, args) -> list[dict]:
             "scenario": key, "method": method, "metric": sc["metric"], "mean_client_metric": last.get(sc["metric"]),
             "client_metric_std": last.get(sc["metric"] + "_std"),
             "per_group": group_metrics(run, sc["metric"]),
-            "rouge": last.get("client_eval/rouge_l") if key == "c" else None,
+            "rouge_l": last.get("client_eval/rougeL") if key == "c" else None,
             "clusters": clustering.get("agg/clusters"), "ari": clustering.get("agg/ari"),
             "nmi": clustering.get("agg/nmi"), "cluster_of": clustering.get("agg/cluster_of"),
             "bytes_up": last["cum_bytes_up"], "bytes_down": last["cum_bytes_down"], "seconds": res.seconds,
