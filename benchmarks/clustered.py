@@ -108,15 +108,17 @@ def main() -> None:
     probe_after = matmul_gflops()
     table = Table(title=f"clustered FL · 8 clients · {args.rounds} rounds × {args.steps} local steps · "
                         f"matmul probe {probe_before:.0f} → {probe_after:.0f} GFLOP/s")
-    for col in ("scenario", "method", "metric", "mean per client", "clusters", "ARI", "NMI", "MB up", "MB down",
-                "wall s"):
+    for col in ("scenario", "method", "metric", "mean per client", "per group", "ROUGE-L", "clusters", "ARI", "NMI",
+                "MB up", "MB down", "wall s"):
         table.add_column(col, justify="left" if col in ("scenario", "method", "metric") else "right")
 
     def fmt(x, spec=".4f"):
         return "-" if x is None else format(x, spec)
 
     for r in results:
-        table.add_row(r["scenario"], r["method"], r["metric"], fmt(r["mean_client_metric"]), fmt(r["clusters"], "d"),
+        groups = " ".join(f"{g} {v['mean']:.3f}" for g, v in r["per_group"].items())
+        table.add_row(r["scenario"], r["method"], r["metric"], fmt(r["mean_client_metric"]), groups or "-",
+                      fmt(r["rouge_l"]), fmt(r["clusters"], "d"),
                       fmt(r["ari"], ".2f"), fmt(r["nmi"], ".2f"), f"{r['bytes_up'] / 1e6:,.1f}",
                       f"{r['bytes_down'] / 1e6:,.1f}", f"{r['seconds']:.0f}")
     Console().print(table)
