@@ -18,6 +18,7 @@ ARI and NMI of the clusters against the true groups (clustered methods), MB up /
 matmul probe before and after.
 
     python benchmarks/clustered.py [--scenarios a c] [--methods ...] [--rounds N] [--steps S]
+    python benchmarks/clustered.py --summarise    # rebuild the JSON's rows from the recorded run directories
 
 Writes ``benchmarks/results/clustered.json`` (scenarios not run keep their previous entry).
 """
@@ -27,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+import numpy as np
 
 from rich.console import Console
 from rich.table import Table
@@ -74,22 +77,56 @@ def run_scenario(key: str, args) -> list[dict]:
         cfg = load_config(sc["config"], [f"output_dir={Path(args.runs) / key}", f"name={method}", *sizes,
                                          *sc["overrides"], *METHODS[method], *args.override])
         res = execute(cfg, overwrite=True)
-        run = load_run(res.run_dir)
-        rows = run.rows
-        clustering = next((r for r in rows if "agg/clusters" in r), {})
-        last = rows[-1]
-        results.append({
-            "scenario": key, "method": method, "metric": sc["metric"], "mean_client_metric": last.get(sc["metric"]),
-            "client_metric_std": last.get(sc["metric"] + "_std"),
-            "per_group": group_metrics(run, sc["metric"]),
-            "rouge_l": last.get("client_eval/rougeL") if key == "c" else None,
-            "clusters": clustering.get("agg/clusters"), "ari": clustering.get("agg/ari"),
-            "nmi": clustering.get("agg/nmi"), "cluster_of": clustering.get("agg/cluster_of"),
-            "bytes_up": last["cum_bytes_up"], "bytes_down": last["cum_bytes_down"], "seconds": res.seconds,
-            "run_dir": str(res.run_dir),
-        })
+        results.append(result_row(key, method, res.run_dir))
         Console().print(f"{key} · {method}: {sc['metric']} {results[-1]['mean_client_metric']} ({res.seconds:.0f} s)")
     return results
+
+
+def result_row(key: str, method: str, run_dir: Path) -> dict:
+    """One method's figures, read from its run directory alone."""
+    metric = SCENARIOS[key]["metric"]
+    run = load_run(run_dir)
+    clustering = next((r for r in run.rows if "agg/clusters" in r), {})
+    last = run.rows[-1]
+    return {
+        "scenario": key, "method": method, "metric": metric, "mean_client_metric": last.get(metric),
+        "client_metric_std": last.get(metric + "_std"),
+        "per_group": group_metrics(run, metric),
+        "rouge_l": last.get("client_eval/rougeL") if key == "c" else None,
+        "clusters": clustering.get("agg/clusters"), "ari": clustering.get("agg/ari"),
+        "nmi": clustering.get("agg/nmi"), "cluster_of": clustering.get("agg/cluster_of"),
+        "similarity_by_group": similarity_by_group(run_dir, clustering),
+        "bytes_up": last["cum_bytes_up"], "bytes_down": last["cum_bytes_down"], "seconds": run.summary["seconds"],
+        "run_dir": str(run_dir),
+    }
+
+
+def similarity_by_group(run_dir: Path, clustering: dict) -> dict | None:
+    """The clustering round's logged cosines (as clustered: raw or centred), averaged over the pairs of clients in
+    the same true group (per group) and in different groups."""
+    if "agg/similarity" not in clustering:
+        return None
+    groups = json.loads((Path(run_dir) / "partition.json").read_text())["client_groups"]
+    sim, cids = np.array(clustering["agg/similarity"]), clustering["agg/similarity_clients"]
+    pairs = [(i, j) for i in range(len(cids)) for j in range(i + 1, len(cids))]
+    group = [", ".join(groups[c]) for c in cids]
+    within = {g: float(np.mean([sim[i, j] for i, j in pairs if group[i] == group[j] == g])) for g in sorted(set(group))}
+    return {"within": within, "between": float(np.mean([sim[i, j] for i, j in pairs if group[i] != group[j]]))}
+
+
+def summarise(args) -> None:
+    """Rebuild every recorded scenario's rows from its run directories (sizes and probes kept)."""
+    out = Path(args.results) / "clustered.json"
+    if not out.is_file():
+        raise SystemExit(f"{out} does not exist; run the benchmark first")
+    recorded = json.loads(out.read_text())
+    for key, entry in recorded.items():
+        if all(Path(r["run_dir"], "metrics.jsonl").is_file() for r in entry["results"]):
+            entry["results"] = [result_row(key, r["method"], Path(r["run_dir"])) for r in entry["results"]]
+        else:
+            print(f"{key}: some run directories are not here; its rows are left as they are")
+    out.write_text(json.dumps(recorded, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def main() -> None:
@@ -101,7 +138,11 @@ def main() -> None:
     ap.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--runs", default="/tmp/fedtune-bench/clustered")
     ap.add_argument("--results", default="benchmarks/results")
+    ap.add_argument("--summarise", action="store_true",
+                    help="run nothing: rebuild the recorded rows from their run directories")
     args = ap.parse_args()
+    if args.summarise:
+        return summarise(args)
 
     probe_before = matmul_gflops()
     results = [r for key in args.scenarios for r in run_scenario(key, args)]
