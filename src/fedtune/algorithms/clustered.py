@@ -80,6 +80,19 @@ class ClusteredOptions(NoOptions):
     """Options of ``server``, e.g. ``{server_lr: 0.01}`` (``fedtune algorithms`` lists them)."""
 
 
+def cluster_tensor_names(tensors: Tensors, cluster_on: str, cluster_layers: str) -> list[str]:
+    """The LoRA tensors an update vector is made of: factors ``B``, ``A`` or ``both``, of the alphabetically
+    ``last`` adapted module or of ``all``."""
+    keys = {"B": ("lora_B",), "A": ("lora_A",), "both": ("lora_A", "lora_B")}[cluster_on]
+    names = sorted(n for n in tensors if any(k in n for k in keys))
+    if not names:
+        raise FedtuneError("algorithm 'clustered' found no LoRA tensors to cluster on")
+    if cluster_layers == "last":
+        last_module = max(n.split(".lora_")[0] for n in names)
+        names = [n for n in names if n.split(".lora_")[0] == last_module]
+    return names
+
+
 def cluster_name(k: int) -> str:
     return f"cluster_{k}"
 
@@ -123,14 +136,7 @@ class Clustered(FedIT):
 
     # ------------------------------------------------------------------ aggregation
     def _names(self, tensors: Tensors) -> list[str]:
-        keys = {"B": ("lora_B",), "A": ("lora_A",), "both": ("lora_A", "lora_B")}[self.options.cluster_on]
-        names = sorted(n for n in tensors if any(k in n for k in keys))
-        if not names:
-            raise FedtuneError("algorithm 'clustered' found no LoRA tensors to cluster on")
-        if self.options.cluster_layers == "last":
-            last_module = max(n.split(".lora_")[0] for n in names)
-            names = [n for n in names if n.split(".lora_")[0] == last_module]
-        return names
+        return cluster_tensor_names(tensors, self.options.cluster_on, self.options.cluster_layers)
 
     def _labels(self, rnd: int, sim: np.ndarray, cids: list[int]) -> tuple[list[int], dict]:
         o = self.options
