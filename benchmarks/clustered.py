@@ -11,7 +11,9 @@ client holds out 20% of its shard as its own test set):
 Methods: ``clustered`` with ``n_clusters: auto`` (clustered in round 2 on every client's LoRA-B update of the
 last module, after one FedIT round: round 1's updates, from B = 0, carry no group signal on MiniLM),
 ``clustered-centred`` (the same, comparing the update directions less their mean: ``center: true``),
-``fedit``, ``local`` (each client alone) and ``oracle`` (clusters = the true groups, from round 2). Reported
+``fedit``, ``local`` (each client alone) and ``oracle`` (clusters = the true groups, from round 2); on request
+(``--methods``), ``clustered-centred-all`` (centred, on both factors of every module: the choice that
+``benchmarks/clustering_signal.py`` finds best in scenario c). Reported
 per scenario and method: the mean per-client metric (``client_eval/<metric>`` after the last round), its name,
 its mean per true group,
 ARI and NMI of the clusters against the true groups (clustered methods), MB up / down, wall seconds, and a
@@ -64,7 +66,10 @@ METHODS: dict[str, list[str]] = {
     "fedit": ["algorithm.name=fedit"],
     "local": ["algorithm.name=local"],
     "oracle": [*CLUSTERED, "algorithm.options.assign=oracle"],
+    "clustered-centred-all": [*CLUSTERED, "algorithm.options.n_clusters=auto", "algorithm.options.center=true",
+                              "algorithm.options.cluster_on=both", "algorithm.options.cluster_layers=all"],
 }
+DEFAULT_METHODS = ["clustered", "clustered-centred", "fedit", "local", "oracle"]
 
 
 def run_scenario(key: str, args) -> list[dict]:
@@ -132,7 +137,8 @@ def summarise(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
-    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS,
+                    help="methods to run; a scenario rerun at the same sizes keeps the rows of the others")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=20, help="local steps per client per round")
     ap.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE")
@@ -166,10 +172,17 @@ def main() -> None:
     out = Path(args.results) / "clustered.json"
     previous = json.loads(out.read_text()) if out.is_file() else {}
     for key in args.scenarios:
-        previous[key] = {"what": SCENARIOS[key]["what"], "rounds": args.rounds, "local_steps": args.steps,
-                         "overrides": SCENARIOS[key]["overrides"] + args.override,
-                         "matmul_gflops_before": probe_before, "matmul_gflops_after": probe_after,
-                         "results": [r for r in results if r["scenario"] == key]}
+        entry = {"what": SCENARIOS[key]["what"], "rounds": args.rounds, "local_steps": args.steps,
+                 "overrides": SCENARIOS[key]["overrides"] + args.override,
+                 "matmul_gflops_before": probe_before, "matmul_gflops_after": probe_after}
+        held = previous.get(key, {})
+        same = all(held.get(k) == entry[k] for k in ("what", "rounds", "local_steps", "overrides"))
+        rows = {r["method"]: r for r in held.get("results", [])} if same else {}
+        rows.update({r["method"]: r for r in results if r["scenario"] == key})
+        if same:  # the probes of every run that made a row
+            entry["matmul_gflops_before"] = min(held["matmul_gflops_before"], probe_before)
+            entry["matmul_gflops_after"] = min(held["matmul_gflops_after"], probe_after)
+        previous[key] = {**entry, "results": [rows[m] for m in METHODS if m in rows]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(previous, indent=2) + "\n")
     print(f"wrote {out}")
