@@ -9,7 +9,7 @@ probe before and after (this shared machine's speed varies between days), and
     python benchmarks/algorithms.py [--algorithms fedit fedprox ...] [-o key=value ...] [--option fedprox.mu=0.1]
 
 A run of a subset (``--algorithms``, ``--option``) at the same config keeps the other rows; a row is labelled
-by its algorithm and the options given. The server optimisers' defaults were tuned for nothing here: a row that
+by its algorithm and the options given, and holds the matmul probes of the command that ran it. The server optimisers' defaults were tuned for nothing here: a row that
 trails FedIT is a finding at these defaults, not a verdict on the method.
 """
 
@@ -76,14 +76,13 @@ def main() -> None:
     config = yaml.safe_load(Path(args.config).read_text())
     held = json.loads(out.read_text()) if out.is_file() else {}
     same = held.get("config_values") == config and held.get("overrides") == args.override
-    kept = [{"label": r["algorithm"], **r} for r in held.get("results", [])] if same else []
-    rows = {r["label"]: r for r in kept}
-    rows.update({r["label"]: r for r in results})  # a rerun at the same config keeps the other rows
-    probes = [(probe_before, probe_after)] + ([(held["matmul_gflops_before"], held["matmul_gflops_after"])]
-                                              if same else [])
+    # a rerun at the same config keeps the other rows; each row keeps the probes of the command that made it
+    kept = [{"label": r["algorithm"], "matmul_gflops_before": held.get("matmul_gflops_before"),
+             "matmul_gflops_after": held.get("matmul_gflops_after"), **r} for r in held.get("results", [])]
+    rows = {r["label"]: r for r in (kept if same else [])}
+    rows.update({r["label"]: {**r, "matmul_gflops_before": probe_before, "matmul_gflops_after": probe_after}
+                 for r in results})
     out.write_text(json.dumps({"config": args.config, "config_values": config, "overrides": args.override,
-                               "matmul_gflops_before": min(p[0] for p in probes),
-                               "matmul_gflops_after": min(p[1] for p in probes),
                                "results": list(rows.values())}, indent=2) + "\n")
     print(f"wrote {out}")
 
