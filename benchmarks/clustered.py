@@ -72,15 +72,23 @@ METHODS: dict[str, list[str]] = {
 DEFAULT_METHODS = ["clustered", "clustered-centred", "fedit", "local", "oracle"]
 
 
+def scenario_overrides(key: str, rounds: int, steps: int) -> list[str]:
+    """The config overrides of scenario ``key`` at ``rounds`` × ``steps``: 8 clients, one group each, every client
+    in every round, each evaluated once at the end on its own 20% test shard."""
+    sc = SCENARIOS[key]
+    return ["partition.method=group_clusters", f"partition.by={sc['by']}", "partition.num_clients=8",
+            "partition.client_test_fraction=0.2", "federation.clients_per_round=null", f"federation.rounds={rounds}",
+            f"train.local_steps={steps}", "eval.per_client=true", "eval.every=0", "data.eval_fraction=0",
+            *sc["overrides"]]
+
+
 def run_scenario(key: str, args) -> list[dict]:
     sc = SCENARIOS[key]
-    sizes = ["partition.method=group_clusters", f"partition.by={sc['by']}", "partition.num_clients=8",
-             "partition.client_test_fraction=0.2", "federation.clients_per_round=null", f"federation.rounds={args.rounds}",
-             f"train.local_steps={args.steps}", "eval.per_client=true", "eval.every=0", "data.eval_fraction=0"]
     results = []
     for method in args.methods:
-        cfg = load_config(sc["config"], [f"output_dir={Path(args.runs) / key}", f"name={method}", *sizes,
-                                         *sc["overrides"], *METHODS[method], *args.override])
+        cfg = load_config(sc["config"], [f"output_dir={Path(args.runs) / key}", f"name={method}",
+                                         *scenario_overrides(key, args.rounds, args.steps), *METHODS[method],
+                                         *args.override])
         res = execute(cfg, overwrite=True)
         results.append(result_row(key, method, res.run_dir))
         Console().print(f"{key} · {method}: {sc['metric']} {results[-1]['mean_client_metric']} ({res.seconds:.0f} s)")

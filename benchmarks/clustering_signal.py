@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from clustered import SCENARIOS
+from clustered import SCENARIOS, scenario_overrides
 from fedtune.algorithms.clustered import cluster_tensor_names
 from fedtune.clustering import agreement, centred_directions, cluster_clients, cosine_similarity_matrix, update_vector
 from fedtune.config import load_config
@@ -43,10 +43,8 @@ def main() -> None:
     sc = SCENARIOS[args.scenario]
     rnd = args.cluster_round
     cfg = load_config(sc["config"], [
-        f"output_dir={args.runs}", f"name={args.scenario}", "partition.method=group_clusters", f"partition.by={sc['by']}",
-        "partition.num_clients=8", "partition.client_test_fraction=0.2", "federation.clients_per_round=null",
-        f"federation.rounds={rnd}", f"train.local_steps={args.steps}", "eval.enabled=false", "data.eval_fraction=0",
-        *sc["overrides"], "algorithm.name=clustered", f"algorithm.options.cluster_round={rnd}", *args.override])
+        f"output_dir={args.runs}", f"name={args.scenario}", *scenario_overrides(args.scenario, rnd, args.steps),
+        "eval.enabled=false", "algorithm.name=clustered", f"algorithm.options.cluster_round={rnd}", *args.override])
     scores: dict[str, dict] = {}
 
     def driver(exp, hooks, body):

@@ -18,9 +18,8 @@ from fedtune.data.templates import Template
 from fedtune.models.base import PACKAGED
 from fedtune.models.lora import MERGED_FILE
 from fedtune.report import human_bytes, human_seconds
-from fedtune.runlog import CONFIG, SUMMARY
-from fedtune.saved_model import (ADAPTER_CONFIG, CLASSIFIER_CONFIG, PARTITION, adapter_folders, model_assignment,
-                                 personal_clients)
+from fedtune.runlog import CONFIG, SUMMARY, model_assignment
+from fedtune.saved_model import ADAPTER_CONFIG, CLASSIFIER_CONFIG, PARTITION, adapter_folders, personal_clients
 
 CARD = "README.md"
 

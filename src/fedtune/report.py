@@ -36,7 +36,7 @@ from rich import box
 from rich.table import Table
 
 from fedtune.errors import FedtuneError
-from fedtune.runlog import Run, load_models, load_run
+from fedtune.runlog import Run, load_models, load_run, model_assignment
 from fedtune.units import human_bytes, human_seconds
 
 _METRIC_PREFIXES = ("eval/", "client_eval/")
@@ -288,21 +288,21 @@ def build_report(run_dirs: list[Path], metric: str | None = None, out_dir: Path 
     except OSError as e:
         reason = e.strerror or str(e)
         raise FedtuneError(f"cannot write report to {out_dir}: {reason}; choose another folder with --out") from None
-    clients = [t for run in runs for t in _clients_table(run, metric)]
+    clients = [t for run, row in zip(runs, rows) for t in _clients_table(run, metric, row["per_group"])]
     return Report(metric=metric, table=_table(rows, metric), rows=rows, plots=plots, out_dir=out_dir,
                   note=note, clients=clients)
 
 
-def _clients_table(run: Run, metric: str) -> list[Table]:
+def _clients_table(run: Run, metric: str, per_group: dict[str, dict[str, float]]) -> list[Table]:
     """The value(s) of the partition column each client of ``run`` holds (``partition.json``), if recorded, with
-    its model and final ``metric``; then the per-group means."""
+    its model and final ``metric``; then ``per_group`` (:func:`group_metrics`)."""
     partition = _partition(run)
     groups = partition.get("client_groups")
     if not isinstance(groups, list):
         return []
     column = str(partition.get("group_column", "value"))
     sizes = partition.get("sizes") or [None] * len(groups)
-    model_of = {c: name for name, clients in load_models(run.path).items() for c in clients}
+    model_of = model_assignment(run.path)
     finals = client_finals(run, metric)
     table = Table(title=f"{run.name}: clients by {column}", box=box.SIMPLE_HEAD, show_edge=False,
                   title_justify="left")
@@ -318,7 +318,6 @@ def _clients_table(run: Run, metric: str) -> list[Table]:
         cells += [model_of.get(cid, "-")] if model_of else []
         cells += [f"{finals[cid]:.4f}" if cid in finals else "-"] if finals else []
         table.add_row(*cells)
-    per_group = group_metrics(run, metric)
     if not per_group:
         return [table]
     by_group = Table(title=f"{run.name}: {metric} by {column} (mean over its clients)", box=box.SIMPLE_HEAD,

@@ -203,3 +203,9 @@ def load_models(run_dir: str | Path) -> dict[str, list[int]]:
         return {}
     saved = json.loads(path.read_text())
     return {name: sorted(int(c) for c, m in saved["assignment"].items() if m == name) for name in saved["models"]}
+
+
+def model_assignment(run_dir: str | Path) -> dict[int, str]:
+    """Client → the name of its model, for a run that saved several (``models.json``); clients not listed use
+    the global model."""
+    return {c: name for name, clients in load_models(run_dir).items() for c in clients}

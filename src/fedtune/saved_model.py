@@ -33,7 +33,7 @@ from peft.utils.constants import EMBEDDING_LAYER_NAMES
 from fedtune.config import RunConfig, load_config
 from fedtune.data.templates import Template
 from fedtune.errors import FedtuneError
-from fedtune.runlog import CONFIG, load_models, load_run
+from fedtune.runlog import CONFIG, load_run, model_assignment
 
 ADAPTER_CONFIG = "adapter_config.json"
 CLASSIFIER_CONFIG = "classifier_config.json"
@@ -67,12 +67,6 @@ def personal_clients(folders: dict[str, Path]) -> list[int]:
     if "" in folders:
         return []
     return sorted(int(n[len("client_"):]) for n in folders if n.startswith("client_") and n[len("client_"):].isdigit())
-
-
-def model_assignment(run_dir: Path) -> dict[int, str]:
-    """Client → the name of its model, for a run that saved several (``models.json``); clients not listed use
-    the global model."""
-    return {c: name for name, clients in load_models(run_dir).items() for c in clients}
 
 
 def adapter_folder(run_dir: Path, client: int | None) -> Path:
