@@ -36,7 +36,7 @@ from fedtune.training import length_grouped_batches
 def plain_loop(cfg, total_steps: int) -> float:
     """Seconds for ``total_steps`` plain AdamW steps on the same model and data."""
     exp = build_experiment(cfg)
-    model, data = exp.model, exp.train
+    model, data = exp.model, exp.clients[0].examples
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr)
     rng = np.random.default_rng(cfg.seed)

@@ -1,16 +1,24 @@
 """A real Flower deployment on localhost: TLS SuperLink, three SuperNodes, ``flwr run``.
 
-``scripts/make_certs.sh`` makes a CA and a server certificate; one ``flower-superlink``
-(TLS) and three ``flower-supernode`` processes (``partition-id`` 0..2, the CA as root
-certificate) start on free ports; ``flwr run`` submits a 2-round FedIT run of the tiny
-model to that SuperLink (connection in a private ``FLWR_HOME/config.toml``). A fourth
-SuperNode started with ``--insecure`` claims partition 0: the TLS SuperLink must refuse it
-(had it joined, the ServerApp would stop on two nodes claiming partition-id 0). A second test
-SIGKILLs SuperNode 2 once round 1 is logged: the run completes and round 2 lists ``missing: [2]``.
+``scripts/make_certs.sh`` makes a CA and a server certificate; ``fedtune superlink`` (TLS)
+and three ``fedtune supernode`` processes (the CA as root certificate) start on free ports,
+with no virtual environment activated (``PATH`` holds only the system's folders: the
+commands are called by their path in this interpreter's ``bin/``); ``flwr run`` submits a
+2-round FedIT run of the tiny model to that SuperLink (connection in a private
+``FLWR_HOME/config.toml``).
+
+- Node-local data: each SuperNode runs in its own folder and reads its own ``train.tsv``
+  (``client-id=i data-path=train.tsv``); the server's config names no client file. A
+  ``sitecustomize`` on every process's ``PYTHONPATH`` records each file a process opens
+  under the nodes' folders: the ServerApp opens none, and each node only its own. The run
+  equals the in-process run on the same three files (adapters and bytes), and each node
+  builds its experiment once for all its messages. When the SuperLink is killed, the
+  SuperNodes exit. A fourth SuperNode started with ``--insecure`` is refused by the TLS SuperLink.
+- A split dataset (``partition-id``): SuperNode 2 is SIGKILLed once round 1 is logged; the
+  run completes and round 2 lists ``missing: [2]``.
 
 Every wait has a hard timeout and every process started here (and its children:
-SuperExec, ServerApp, ClientApps) is killed in ``finally``. These are the slowest tests: most of their time
-is Flower starting one ClientApp process (torch import + model build) per message.
+SuperExec, ServerApp, ClientApps) is killed in ``finally``.
 """
 
 from __future__ import annotations
@@ -30,18 +38,26 @@ import pytest
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 pytestmark = [
     pytest.mark.deployment,
     pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl (apt-get install openssl)"),
 ]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _flower_tools_on_path():
-    """The flwr tools (and the processes they start) come from this interpreter's environment, activated or not."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-        yield
+AUDIT = """\
+import json, os, sys
+_root, _log = os.environ.get("AUDIT_ROOT"), os.environ.get("AUDIT_LOG")
+if _root and _log:
+    def _hook(event, args, _root=os.path.realpath(_root), _log=os.path.realpath(_log)):
+        if event == "open" and isinstance(args[0], str):
+            path = os.path.realpath(args[0])
+            if path.startswith(_root + os.sep) and not path.startswith(_log + os.sep):
+                with open(os.path.join(_log, str(os.getpid())), "a") as f:
+                    f.write(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "path": path}) + "\\n")
+    sys.addaudithook(_hook)
+"""
+"""A ``sitecustomize`` (test only): records every open of a file under ``AUDIT_ROOT`` (outside ``AUDIT_LOG``)
+in ``AUDIT_LOG/<pid>``, with the process's argv and working directory."""
 
 RUN_TIMEOUT_S = 300  # a bound on a hung run, generous for a loaded 2-core machine (not a speed target)
 
@@ -102,7 +118,8 @@ def _kill_all(procs: list[subprocess.Popen]) -> None:
 class Deployment:
     """Certificates, a TLS SuperLink, SuperNodes and ``flwr run``, all in ``tmp_path``; :meth:`close` kills them."""
 
-    def __init__(self, tmp_path: Path, model_dir: Path, data_dir: Path, **federation):
+    def __init__(self, tmp_path: Path, model_dir: Path, data_dir: Path, partition: dict | None = None,
+                 labels: list[str] | None = None, **federation):
         self.tmp = tmp_path
         self.certs, self.logs, home = tmp_path / "certs", tmp_path / "logs", tmp_path / "flwr_home"
         self.logs.mkdir()
@@ -118,8 +135,8 @@ class Deployment:
         self.cfg_path = tmp_path / "tiny.yaml"
         self.cfg_path.write_text(json.dumps({  # JSON is YAML
             "name": "deployed", "output_dir": str(tmp_path / "runs"), "seed": 3, "threads": 1,
-            "data": {"name": str(data_dir), "text_column": "sentence", "label_column": "label"},
-            "partition": {"method": "iid", "num_clients": 3},
+            "data": {"name": str(data_dir), "text_column": "sentence", "label_column": "label", "labels": labels},
+            "partition": partition or {"method": "iid", "num_clients": 3},
             "model": {"name": str(model_dir), "max_length": 32},
             "lora": {"r": 4, "alpha": 8},
             "train": {"local_steps": 3, "batch_size": 8, "lr": 2e-2},
@@ -128,7 +145,18 @@ class Deployment:
             "eval": {"every": 1, "batch_size": 32},
         }))
         self.run_dir = tmp_path / "runs" / "deployed"
-        self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+        site = tmp_path / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(AUDIT)
+        self.audit = tmp_path / "audit"
+        self.audit.mkdir()
+        self.nodes_root = tmp_path / "nodes"
+        self.nodes_root.mkdir()
+        # no activated environment: only the system's folders on PATH (openssl, bash); fedtune by its path
+        self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
+                    "PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": str(site),
+                    "AUDIT_ROOT": str(tmp_path), "AUDIT_LOG": str(self.audit)}
+        self.env.pop("VIRTUAL_ENV", None)
         self.procs: list[subprocess.Popen] = []
         self.node_logs: list[Path] = []
         self.nodes: list[subprocess.Popen] = []
@@ -146,19 +174,26 @@ class Deployment:
     def activated(self) -> int:
         return self.link_log.read_text(errors="replace").count("Activated node_id")
 
-    def start_link_and_nodes(self, n: int = 3) -> None:
+    def start_link_and_nodes(self, n: int = 3, node_config=None) -> None:
+        """The SuperLink, then ``n`` SuperNodes; ``node_config(i)`` gives node i's (default: ``partition-id``),
+        and each runs in its own folder ``nodes/node_<i>``."""
         c = self.certs
+        self.link = None
         link, _ = self.start("superlink", [
-            "flower-superlink", "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"),
+            str(BIN / "fedtune"), "superlink", "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"),
             "--ssl-keyfile", str(c / "server.key"), "--host", "127.0.0.1", "--port", str(self.port),
             "--database", str(self.tmp / "state.db"), "--disable-runtime-dependency-installation"])
         _wait_for("SuperLink listening", lambda: "Uvicorn running" in self.link_log.read_text(errors="replace"),
                   45, [link], [self.link_log])
+        self.link = link
         for i in range(n):
+            folder = self.nodes_root / f"node_{i}"
+            folder.mkdir(exist_ok=True)
+            config = node_config(i) if node_config else f"partition-id={i} num-partitions={n}"
             p, log = self.start(f"supernode{i}", [
-                "flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates", str(c / "ca.crt"),
-                "--port", str(_free_port()), "--node-config", f"partition-id={i} num-partitions={n}",
-                "--max-wait-time", "60"])
+                str(BIN / "fedtune"), "supernode", "--superlink", f"127.0.0.1:{self.port}",
+                "--root-certificates", str(c / "ca.crt"), "--port", str(_free_port()), "--node-config", config,
+                "--max-wait-time", "20"], cwd=folder)
             self.nodes.append(p)
             self.node_logs.append(log)
 
@@ -169,7 +204,7 @@ class Deployment:
     def flwr_run(self) -> subprocess.Popen:
         with self.flwr_log.open("wb") as fh:
             run = subprocess.Popen(
-                ["flwr", "run", str(REPO), "--stream", "--run-config", f"config='{self.cfg_path}' overwrite=true"],
+                [str(BIN / "flwr"), "run", str(REPO), "--stream", "--run-config", f"config='{self.cfg_path}' overwrite=true"],
                 stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=REPO, start_new_session=True)
         self.procs.append(run)
         return run
@@ -185,14 +220,23 @@ class Deployment:
         _kill_all(self.procs)
 
 
-def test_tls_superlink_three_supernodes_flwr_run(tmp_path, tiny_model_dir, tiny_tsv_dataset):
-    dep = Deployment(tmp_path, tiny_model_dir, tiny_tsv_dataset, round_timeout_s=120)
+def test_tls_deployment_with_node_local_data_matches_inprocess(tmp_path, tiny_model_dir, tiny_tsv_dataset):
+    from fedtune.config import RunConfig
+    from fedtune.run import execute
+    from fedtune.runlog import load_run
+    from safetensors.torch import load_file
+    from test_node_local import client_files
+
+    dep = Deployment(tmp_path, tiny_model_dir, tiny_tsv_dataset, round_timeout_s=120, labels=["0", "1"],
+                     partition={"method": "files", "num_clients": 3})
+    files = client_files(dep.nodes_root, tiny_tsv_dataset)
     try:
-        dep.start_link_and_nodes(3)
-        # Same partition as node 0: if TLS let it in, FlowerPool would refuse two nodes with partition-id 0.
+        dep.start_link_and_nodes(3, node_config=lambda i: f"client-id={i} data-path=train.tsv")
+        # the same client as node 0: if TLS let it in, FlowerPool would refuse two nodes claiming client 0
         insecure, insecure_log = dep.start("insecure", [
-            "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{dep.port}", "--port", str(_free_port()),
-            "--node-config", "partition-id=0 num-partitions=3", "--max-retries", "3", "--max-wait-time", "20"])
+            str(BIN / "fedtune"), "supernode", "--insecure", "--superlink", f"127.0.0.1:{dep.port}",
+            "--port", str(_free_port()), "--node-config", "client-id=0 data-path=train.tsv",
+            "--max-retries", "3", "--max-wait-time", "20"], cwd=dep.nodes_root / "node_0")
         dep.wait_registered(3)
         run = dep.flwr_run()
         rows = dep.wait_finished(run)
@@ -201,13 +245,42 @@ def test_tls_superlink_three_supernodes_flwr_run(tmp_path, tiny_model_dir, tiny_
             assert r["clients"] == [0, 1, 2], r
             assert r["missing"] == [] and r["rejected"] == [], r
             assert r["bytes_up"] > 0 and r["wire_bytes_up"] >= r["bytes_up"]
-        assert (dep.run_dir / "adapter" / "adapter_config.json").is_file()
+
+        # the same three files in-process: the same adapters, the same bytes
+        cfg = json.loads(dep.cfg_path.read_text())
+        cfg["name"], cfg["partition"]["files"] = "inprocess", [str(f) for f in files]
+        ref = RunConfig.model_validate(cfg)
+        execute(ref)
+        deployed, local = load_file(dep.run_dir / "adapter" / "adapter_model.safetensors"), \
+            load_file(ref.run_dir / "adapter" / "adapter_model.safetensors")
+        assert deployed.keys() == local.keys()
+        assert all(bool((deployed[k] == local[k]).all()) for k in deployed)
+        for ra, rb in zip(load_run(ref.run_dir).rows, rows, strict=True):
+            for key in ("bytes_up", "bytes_down", "train_loss", "eval/accuracy"):
+                assert ra.get(key) == rb.get(key), key
+
+        # who opened which client file: each node its own, the ServerApp none
+        opens = [json.loads(line) for f in dep.audit.iterdir() for line in f.read_text().splitlines()]
+        client_files_opened = [o for o in opens if o["path"] in {str(f.resolve()) for f in files}]
+        assert client_files_opened, "the audit hook saw no node read its file"
+        server = [o for o in opens if "flwr-serverapp" in " ".join(o["argv"])]
+        assert any(o["path"] == str(dep.cfg_path.resolve()) for o in server), "the hook did not run in the ServerApp"
+        for o in client_files_opened:
+            assert "supernode" in " ".join(o["argv"]), o  # a node's worker, not the ServerApp
+            assert Path(o["path"]).parent == Path(o["cwd"]).resolve(), o  # its own folder's file
+        for i, log in enumerate(dep.node_logs):  # one build per node, for hello + 2 train + evaluations
+            assert log.read_text(errors="replace").count("built the experiment") == 1, log.read_text()[-3000:]
 
         # The insecure SuperNode gave up (Flower exit code 305: no connection) and never registered.
-        _wait_for("the --insecure SuperNode gave up", lambda: insecure.poll() is not None, 30, [], [insecure_log])
+        _wait_for("the --insecure SuperNode gave up", lambda: insecure.poll() is not None, 60, [], [insecure_log])
         assert insecure.returncode != 0
         assert "SuperNode ID" not in insecure_log.read_text(errors="replace")
         assert dep.activated() == 3
+
+        # the SuperLink dies: every SuperNode (and its fedtune supernode process) exits on its own
+        _kill_all([dep.link])
+        _wait_for("the SuperNodes exited after losing their SuperLink",
+                  lambda: all(p.poll() is not None for p in dep.nodes), 120, [], dep.node_logs)
     finally:
         dep.close()
 

@@ -56,21 +56,23 @@ def tiny_cfg(tmp_path, model_dir, data_dir, name, **over) -> RunConfig:
 class LocalGrid:
     """A Flower Grid whose nodes run :data:`clientapp` in this process.
 
+    ``node_configs``: one node config per node (default: ``partition-id`` 0..n-1, a split dataset).
+
     ``fail``: {(round, client): "error" | "gone" | "drop" | "nan"}: reply with the error a SuperNode sends when
     the ClientApp raised, with the SuperLink's error for a node that went away, send no reply (a timeout), or
     reply with NaN tensors. Round 0 is the initial evaluation: ``(0, client)`` with "error" makes every evaluate
     message of that client fail.
     """
 
-    def __init__(self, num_nodes: int, fail=None):
+    def __init__(self, num_nodes: int, fail=None, node_configs=None):
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as a ServerApp process has them
         ids = itertools.count(1000, 7)
+        node_configs = node_configs or [{"partition-id": pid, "num-partitions": num_nodes} for pid in range(num_nodes)]
         self.contexts = {
-            next(ids): Context(run_id=1, node_id=0, node_config={"partition-id": pid, "num-partitions": num_nodes},
-                               state=RecordDict(), run_config={})
-            for pid in range(num_nodes)
+            next(ids): Context(run_id=1, node_id=0, node_config=dict(nc), state=RecordDict(), run_config={})
+            for nc in node_configs
         }
         self.fail = fail or {}
         self.sent: list[Message] = []
@@ -287,7 +289,7 @@ def test_a_node_without_partition_id_is_named(tmp_path, tiny_model_dir, tiny_tsv
     grid = LocalGrid(3)
     first = next(iter(grid.contexts))
     grid.contexts[first].node_config = {}
-    with pytest.raises(FedtuneError, match="failed to answer: FedtuneError: this SuperNode has no partition-id"):
+    with pytest.raises(FedtuneError, match="failed to start its client: FedtuneError: this SuperNode has no partition-id"):
         execute_with(cfg, local_grid_driver(grid), "flower")
 
 

@@ -289,4 +289,4 @@ def test_sft_experiment_keeps_the_language_column_for_its_partition(shared_data,
     cfg.data.languages = ["en", "zh", "vi"]
     exp = build_experiment(cfg)
     assert exp.partition["client_groups"] == [["en", "vi"], ["vi", "zh"], ["en", "zh"]]
-    assert sum(len(s) for s in exp.shards) == 36
+    assert sum(len(c.train) for c in exp.clients.values()) == 36

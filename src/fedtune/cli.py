@@ -337,6 +337,34 @@ def eval_mmlu(
                                       "seconds": seconds}, indent=2))
 
 
+_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=_PASSTHROUGH)
+def supernode(ctx: typer.Context) -> None:
+    """Run a Flower SuperNode that keeps fedtune's model and data loaded between messages.
+
+    Takes flower-supernode's options (flower-supernode --help), e.g. --superlink HOST:PORT --root-certificates
+    ca.crt --node-config "client-id=0 data-path=notes.tsv". Checks the data-path, needs no activated venv, and
+    exits when the SuperLink stays unreachable for --max-wait-time (default 300 s). See docs/flower.md.
+    """
+    from fedtune.runtime.supernode import run_supernode
+
+    raise typer.Exit(run_supernode(list(ctx.args)))
+
+
+@app.command(context_settings=_PASSTHROUGH)
+def superlink(ctx: typer.Context) -> None:
+    """Run a Flower SuperLink from this environment (no activated venv needed).
+
+    Takes flower-superlink's options (flower-superlink --help), e.g. --ssl-ca-certfile certs/ca.crt --ssl-certfile
+    certs/server.pem --ssl-keyfile certs/server.key --host 0.0.0.0 --port 9093. See docs/flower.md.
+    """
+    from fedtune.runtime.supernode import run_superlink
+
+    raise typer.Exit(run_superlink(list(ctx.args)))
+
+
 def _fail(message: str, status: int = 2) -> None:
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(status)

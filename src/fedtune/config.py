@@ -55,6 +55,10 @@ class DataConfig(_Strict):
     languages: list[str] | None = None
     """Parallel multilingual datasets (``multilingual``, ``sst2_multilingual``): the languages to load, e.g.
     ``[en, es, tr, de]``; default all. Rows carry a ``language`` column (partition with ``by: language``)."""
+    labels: list[str] | None = None
+    """Classification: the labels as written in the data, in class order (the head's outputs); default: the
+    sorted labels of the training split. Required with ``partition.method: files``, so that every client's file
+    is read against the same classes (a row with another label is malformed)."""
     parallel: Literal["aligned", "disjoint"] = "aligned"
     """Parallel datasets: ``aligned`` keeps every row in every language (row i of one language is the translation
     of row i of another); ``disjoint`` gives each row one language only (seeded), so no item appears twice."""
@@ -65,13 +69,16 @@ class PartitionConfig(_Strict):
 
     method: Literal[
         "iid", "dirichlet", "pathological", "natural", "quantity", "group_clusters", "group_iid", "group_pairs",
-        "language_clusters", "language_iid", "language_multi_domain",
+        "language_clusters", "language_iid", "language_multi_domain", "files",
     ] = "iid"
     """``iid``; ``dirichlet`` (skew over ``by``, strength ``alpha``); ``pathological`` (``classes_per_client`` values
     of ``by`` each); ``natural`` (one client per value of ``by``); ``quantity`` (power-law client sizes). Group splits
     over ``by`` (FedMLLM): ``group_clusters`` (one group per client, several clients per group), ``group_iid``
     (every client holds every group), ``group_pairs`` (client k holds groups k and k+1 mod G);
-    ``language_clusters``, ``language_iid``, ``language_multi_domain`` are the same with ``by: language`` by default."""
+    ``language_clusters``, ``language_iid``, ``language_multi_domain`` are the same with ``by: language`` by default.
+    ``files``: node-local data, nothing is split: client i's examples are its own file (``files[i]``, or in a
+    Flower deployment the ``data-path`` its SuperNode is started with), and ``data.name`` is the server's own data
+    (only its eval split is used). Every other method splits one dataset on purpose (``data.name``)."""
     num_clients: int | None = Field(default=None, ge=1)
     """Number of clients the training examples are split across; default 8, and for ``natural`` one client per
     value of ``by``."""
@@ -87,11 +94,27 @@ class PartitionConfig(_Strict):
     """Dirichlet: resample until every client has at least this many examples."""
     client_test_fraction: float = Field(default=0.0, ge=0, lt=1)
     """Fraction of each client's shard held out as its own test shard (personalised evaluation)."""
+    files: list[str] | None = None
+    """``method: files``: client i's data file (CSV/TSV/JSON/JSONL, read with ``data``'s columns), one per client,
+    for the in-process engine and Flower's simulation. A deployed SuperNode reads the file of its ``data-path``
+    node config instead, so the server's config need not name any client file."""
 
     @model_validator(mode="after")
     def _defaults(self) -> "PartitionConfig":
         if self.method.startswith("language_") and "by" not in self.model_fields_set:
             self.__dict__["by"] = "language"
+        if self.files is not None and self.method != "files":
+            raise ValueError(f"partition.files is for partition.method=files, not '{self.method}'; remove it")
+        if self.method == "files" and self.files is not None:
+            if not self.files:
+                raise ValueError("partition.files is empty; give one data file per client")
+            if self.num_clients is not None and self.num_clients != len(self.files):
+                raise ValueError(f"partition.num_clients={self.num_clients} but partition.files names "
+                                 f"{len(self.files)} files; give one file per client (or drop num_clients)")
+            self.__dict__["num_clients"] = len(self.files)
+        if self.method == "files" and self.num_clients is None:
+            raise ValueError("partition.method=files needs partition.files (one data file per client) or, for a "
+                             "Flower deployment whose SuperNodes name their own data-path, partition.num_clients")
         if self.num_clients is None and self.method != "natural":
             self.__dict__["num_clients"] = 8
         return self

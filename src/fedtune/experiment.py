@@ -10,15 +10,17 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from fedtune.aggregation import Tensors
 from fedtune.algorithms import Algorithm, LoraSetup, build_algorithm
-from fedtune.config import RunConfig
+from fedtune.config import DataConfig, RunConfig
 from fedtune.data import TaskData, load_task_data, partition_clients, partition_summary, split_client_test
+from fedtune.data.partition import counts_summary
 from fedtune.data.instructions import COLUMNS, load_instruction_data
 from fedtune.data.templates import Template
 from fedtune.errors import FedtuneError
@@ -48,26 +50,65 @@ def derive_seed(*parts: int) -> int:
 
 
 @dataclass
+class ClientData:
+    """The examples one client holds: it trains on rows ``train`` of ``examples`` and is tested on rows ``test``."""
+
+    examples: Encoded
+    train: np.ndarray
+    test: np.ndarray
+
+
+@dataclass
 class Experiment:
-    """The built pieces of a run. Client ``i`` trains on ``train`` rows ``shards[i]``."""
+    """The built pieces of a run, as one process holds them.
+
+    ``clients`` holds the data of the clients this process runs: every client in-process, one on a Flower
+    node, none in a Flower ServerApp. ``client_sizes`` gives every client's (training rows, test rows);
+    with node-local data (``partition.method: files``) a ServerApp learns them from the nodes
+    (:meth:`describe_clients`). ``task`` is the data this process loaded itself: the dataset that is split
+    (or the server's own data with node-local data, or on a node its own file).
+    """
 
     cfg: RunConfig
-    task: TaskData
+    task: TaskData | None
     algorithm: Algorithm
     model: torch.nn.Module
     tokenizer: Any
-    train: Encoded
     eval: Encoded | None
-    shards: list[np.ndarray]
-    client_tests: list[np.ndarray]
+    clients: dict[int, ClientData]
+    num_clients: int
+    client_sizes: list[tuple[int, int]]
     partition: dict[str, Any]
     initial: Tensors = field(default_factory=dict)
     base: Tensors = field(default_factory=dict)
     """Pristine frozen weights of the adapted modules, for algorithms that merge updates into them."""
 
+    def client(self, cid: int) -> ClientData:
+        """Client ``cid``'s data; a one-line error in a process that does not hold it."""
+        if cid not in self.clients:
+            raise FedtuneError(f"this process holds the data of clients {sorted(self.clients)}, not of client {cid}")
+        return self.clients[cid]
+
+    def describe_clients(self, reports: dict[int, dict[str, Any]]) -> None:
+        """Take every client's sizes and label counts from its own report (node-local data on Flower):
+        ``{cid: {"train": n, "test": m, "label_counts": [...]}}``."""
+        self.client_sizes = [(int(reports[c]["train"]), int(reports[c]["test"])) for c in range(self.num_clients)]
+        counts = [reports[c].get("label_counts") for c in range(self.num_clients)]
+        self.partition = files_summary(self.client_sizes, counts, self.label_names, self.cfg)
+
+    def client_report(self, cid: int) -> dict[str, Any]:
+        """What client ``cid`` tells the server of its data: its training and test rows, and (classification)
+        its rows per class."""
+        data = self.client(cid)
+        report: dict[str, Any] = {"train": len(data.train), "test": len(data.test)}
+        if self.cfg.model.task == "classification":
+            labels = np.asarray(data.examples.labels, dtype=np.int64)
+            report["label_counts"] = np.bincount(labels, minlength=len(self.label_names)).tolist()
+        return report
+
     @property
-    def num_clients(self) -> int:
-        return len(self.shards)
+    def label_names(self) -> list[str]:
+        return list(self.task.label_names) if self.task else list(self.cfg.data.labels or [])
 
     def load(self, tensors: Tensors) -> None:
         """Put a model state (trainable tensors, and ``merged/`` base-weight updates) into ``model``."""
@@ -77,7 +118,7 @@ class Experiment:
         """Metrics of the model as it is now on ``data`` rows ``indices`` (all: None), for the run's task."""
         ev = self.cfg.eval
         if self.cfg.model.task == "sft":
-            return evaluate_instructions(self.model, self.tokenizer, data, indices, self.eval_metrics,
+            return evaluate_instructions(self.model, self.tokenizer, data, indices, self.eval_metrics(data),
                                          ev.batch_size, ev.max_new_tokens)
         return evaluate_classifier(self.model, eval_batches(data, indices, ev.batch_size))
 
@@ -86,12 +127,11 @@ class Experiment:
         """The training forward pass of the run's task (outputs carry ``.loss``)."""
         return causal_lm_forward if self.cfg.model.task == "sft" else model_forward
 
-    @property
-    def eval_metrics(self) -> list[str]:
-        """Decoder metrics: as configured, else choice scoring where there are candidates, and perplexity."""
+    def eval_metrics(self, data: Encoded) -> list[str]:
+        """Decoder metrics on ``data``: as configured, else choice scoring where it has candidates, and perplexity."""
         if self.cfg.eval.metrics is not None:
             return list(self.cfg.eval.metrics)
-        closed = any(len(c) for c in self.train.choices)
+        closed = any(len(c) for c in data.choices)
         return (["choice"] if closed else []) + ["perplexity"]
 
     @property
@@ -107,17 +147,18 @@ class Experiment:
         if not cfg.eval.enabled:
             return "no evaluation in this run: eval.enabled is false; set eval.enabled=true to evaluate"
         personalized = self.algorithm.personalized
-        if (personalized or cfg.eval.per_client) and any(len(t) for t in self.client_tests):
+        if (personalized or cfg.eval.per_client) and any(test for _, test in self.client_sizes):
             return None
         if self.eval is not None and not personalized:
             return None
         if personalized:
             return ("no evaluation in this run: every client's test shard is empty; "
                     "raise partition.client_test_fraction")
+        source = self.task.source if self.task else cfg.data.name
         if cfg.data.eval_fraction == 0:
-            return (f"no evaluation in this run: {self.task.source} has no dev/test/validation split and "
+            return (f"no evaluation in this run: {source} has no dev/test/validation split and "
                     "data.eval_fraction is 0; set data.eval_fraction (e.g. 0.1) or data.eval_split")
-        return (f"no evaluation in this run: {self.task.source} is too small to hold out "
+        return (f"no evaluation in this run: {source} is too small to hold out "
                 f"data.eval_fraction={cfg.data.eval_fraction} of its rows and keep every label in training; "
                 "set data.name to a folder with train and dev files, or add rows")
 
@@ -168,11 +209,22 @@ def algorithm_for(cfg: RunConfig) -> Algorithm:
                            cfg.partition.num_clients)
 
 
-def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None) -> Experiment:
+Holds = Literal["all", "none"] | int
+"""Whose data a process loads: ``"all"`` (the in-process engine), ``"none"`` (a Flower ServerApp), or one
+client id (a Flower node)."""
+
+
+def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, holds: Holds = "all",
+                     data_path: str | None = None) -> Experiment:
     """Load data, partition it, tokenise it, load the model, attach LoRA; all seeded by ``cfg.seed``.
 
-    ``note(line)`` receives lines for people: what the data loading chose (columns found by name, an eval
-    split held out), a line before the model loads (which can take minutes) and one describing it once adapted.
+    ``holds``: the clients whose data this process loads (:data:`Holds`). With node-local data
+    (``partition.method: files``) a client's examples are its own file: ``data_path`` on a node (its
+    ``data-path`` node config), else ``partition.files[cid]``; a process holding no client (a ServerApp)
+    opens no client file, and one holding a client does not load the server's data. Every other partition
+    splits ``data.name``, which every process then reads. ``note(line)`` receives lines for people: what the
+    data loading chose (columns found by name, an eval split held out), a line before the model loads (which
+    can take minutes) and one describing it once adapted.
     """
     note = note or (lambda line: None)
     if cfg.threads:
@@ -184,16 +236,6 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None) 
     if ranks and algorithm.pools_data:
         raise FedtuneError(f"algorithm '{algorithm.name}' trains one pooled model; remove lora.client_ranks / rank_tiers")
     sft = cfg.model.task == "sft"
-    # personalised algorithms are evaluated on client test shards only: no global eval split is held out
-    data_cfg = cfg.data.model_copy(update={"eval_fraction": 0.0}) if algorithm.personalized else cfg.data
-    task = load_instruction_data(data_cfg, cfg.seed) if sft else load_task_data(data_cfg, cfg.seed)
-    for line in task.notes:  # columns found by name, an eval split held out
-        note(line)
-    if not sft and (task.kind != "classification" or task.label_column is None):
-        raise FedtuneError(
-            f"dataset '{cfg.data.name}' is a {task.kind} dataset; model.task=classification needs a labelled "
-            "classification dataset (e.g. sst2, cola, snli), or set model.task=sft to instruction-tune on it"
-        )
     if cfg.data.tasks is not None and not sft:
         raise FedtuneError("data.tasks (a multitask mixture) is for model.task=sft")
     if algorithm.personalized and cfg.partition.client_test_fraction <= 0:
@@ -201,17 +243,113 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None) 
             f"algorithm '{algorithm.name}' is evaluated on each client's own test shard; "
             "set partition.client_test_fraction (e.g. 0.2)"
         )
+    load = _node_local_data if cfg.partition.method == "files" else _split_data
+    data = load(cfg, algorithm, holds, data_path, note)
+    if ranks and len(ranks) != data.num_clients:
+        raise FedtuneError(f"lora.client_ranks / rank_tiers give {len(ranks)} ranks but partition.method="
+                           f"{cfg.partition.method} gives {data.num_clients} clients (one per value of "
+                           f"'{cfg.partition.by}'); give one rank per client")
+    task = data.task
+    label_names = task.label_names if task is not None else list(cfg.data.labels or [])
+
+    torch.manual_seed(cfg.seed)
+    note(f"loading model {cfg.model.name} …")
+    if sft:
+        base, tokenizer = load_causal_lm(cfg.model)
+        template = Template(cfg.sft.template, tokenizer, cfg.sft.system_prompt)
+
+        def encode(t: TaskData, ds) -> Encoded:
+            rows = {c: ds[c][:] for c in COLUMNS}
+            return encode_instructions(tokenizer, template, rows, cfg.model.max_length, cfg.sft.train_on_inputs)
+    else:
+        base, tokenizer = load_classifier(cfg.model, len(label_names), label_names)
+
+        def encode(t: TaskData, ds) -> Encoded:
+            texts = [ds[c][:] for c in t.text_columns]
+            return encode_classification(tokenizer, texts, ds[t.label_column][:], cfg.model.max_length)
+
+    torch.manual_seed(derive_seed(cfg.seed, 1))
+    with quiet_loading():
+        model = apply_lora(base, cfg.lora, cfg.model.task, rank=lora.max_rank)
+    note(_model_line(cfg, model, ranks, None if sft else len(label_names)))
+    encoded: dict[int, Encoded] = {}  # one encoding per loaded dataset: the clients of a split share it
+    clients = {}
+    for cid, (t, train_rows, test_rows) in data.clients.items():
+        if id(t) not in encoded:
+            encoded[id(t)] = encode(t, t.train)
+        clients[cid] = ClientData(encoded[id(t)], train_rows, test_rows)
+    exp = Experiment(
+        cfg=cfg,
+        task=task,
+        algorithm=algorithm,
+        model=model,
+        tokenizer=tokenizer,
+        eval=encode(task, task.eval) if task is not None and task.eval is not None else None,
+        clients=clients,
+        num_clients=data.num_clients,
+        client_sizes=data.sizes,
+        partition=data.summary,
+        initial=trainable_state(model),
+        base=adapted_base_weights(model) if algorithm.uses_base_weights else {},
+    )
+    if cfg.partition.method == "files" and holds == "all":
+        exp.describe_clients({cid: exp.client_report(cid) for cid in clients})
+    return exp
+
+
+@dataclass
+class _Loaded:
+    """What a process loaded: its ``task`` (the split dataset, or the server's own data), the data of the
+    clients it holds (their dataset, training rows, test rows), every client's (train, test) sizes and the
+    partition summary (empty where only the nodes know them)."""
+
+    task: TaskData | None
+    clients: dict[int, tuple[TaskData, np.ndarray, np.ndarray]]
+    sizes: list[tuple[int, int]]
+    summary: dict[str, Any]
+    num_clients: int
+
+
+def _held(holds: Holds, num_clients: int) -> list[int]:
+    if holds == "all":
+        return list(range(num_clients))
+    if holds == "none":
+        return []
+    if not 0 <= int(holds) < num_clients:
+        raise FedtuneError(f"client {holds} does not exist: the run has clients 0..{num_clients - 1}")
+    return [int(holds)]
+
+
+def _load(cfg: RunConfig, data_cfg) -> TaskData:
+    return load_instruction_data(data_cfg, cfg.seed) if cfg.model.task == "sft" else load_task_data(data_cfg, cfg.seed)
+
+
+def _check_task(cfg: RunConfig, task: TaskData) -> None:
+    if cfg.model.task != "sft" and (task.kind != "classification" or task.label_column is None):
+        raise FedtuneError(
+            f"dataset '{task.name}' is a {task.kind} dataset; model.task=classification needs a labelled "
+            "classification dataset (e.g. sst2, cola, snli), or set model.task=sft to instruction-tune on it"
+        )
+
+
+def _split_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_path: str | None,
+                note: Callable[[str], None]) -> _Loaded:
+    """One dataset (``data.name``) split across the clients by ``partition.method``; every process reads it."""
+    if data_path is not None:
+        raise FedtuneError(f"a data-path was given, but partition.method={cfg.partition.method} splits "
+                           f"data.name={cfg.data.name} across the clients; use partition.method=files for node-local data")
+    # personalised algorithms are evaluated on client test shards only: no global eval split is held out
+    data_cfg = cfg.data.model_copy(update={"eval_fraction": 0.0}) if algorithm.personalized else cfg.data
+    task = _load(cfg, data_cfg)
+    for line in task.notes:  # columns found by name, an eval split held out
+        note(line)
+    _check_task(cfg, task)
     if cfg.partition.method != "iid" and cfg.partition.by not in task.train.column_names:
         raise FedtuneError(
             f"partition.by='{cfg.partition.by}' is not a column of {task.name} "
             f"(columns: {', '.join(task.train.column_names)}); set partition.by to one of them"
         )
-
     parts = partition_clients(task.train, cfg.partition, cfg.seed)
-    if ranks and len(ranks) != len(parts):
-        raise FedtuneError(f"lora.client_ranks / rank_tiers give {len(ranks)} ranks but partition.method="
-                           f"{cfg.partition.method} gives {len(parts)} clients (one per value of "
-                           f"'{cfg.partition.by}'); give one rank per client")
     algorithm.num_clients = len(parts)  # natural without partition.num_clients: known only now
     shards, tests = [], []
     for cid, part in enumerate(parts):
@@ -229,38 +367,58 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None) 
     if algorithm.pools_data:
         shards = [np.sort(np.concatenate(shards))]
         tests = [np.sort(np.concatenate(tests))]
+    held = {cid: (task, shards[cid], tests[cid]) for cid in _held(holds, len(shards))}
+    return _Loaded(task, held, [(len(a), len(b)) for a, b in zip(shards, tests)], summary, len(shards))
 
-    torch.manual_seed(cfg.seed)
-    note(f"loading model {cfg.model.name} …")
-    if sft:
-        base, tokenizer = load_causal_lm(cfg.model)
-        template = Template(cfg.sft.template, tokenizer, cfg.sft.system_prompt)
 
-        def encode(ds) -> Encoded:
-            rows = {c: ds[c][:] for c in COLUMNS}
-            return encode_instructions(tokenizer, template, rows, cfg.model.max_length, cfg.sft.train_on_inputs)
-    else:
-        base, tokenizer = load_classifier(cfg.model, len(task.label_names), task.label_names)
+def _node_local_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_path: str | None,
+                     note: Callable[[str], None]) -> _Loaded:
+    """Node-local data (``partition.method: files``): each client reads its own file; the server its own data."""
+    sft = cfg.model.task == "sft"
+    if not sft and not cfg.data.labels:
+        raise FedtuneError("partition.method=files: set data.labels to the class labels as written in the clients' "
+                           "files, in order (e.g. [0, 1]), so that every node reads its file against the same classes")
+    if algorithm.pools_data:
+        raise FedtuneError(f"algorithm '{algorithm.name}' pools every client's data in one place, which node-local "
+                           "data (partition.method=files) rules out; split one dataset instead (e.g. partition.method=iid)")
+    n = int(cfg.partition.num_clients)
+    algorithm.num_clients = n
+    task = None
+    if holds in ("all", "none") and cfg.eval.enabled and not algorithm.personalized:
+        task = _load(cfg, cfg.data)  # the server's own data: only its eval split is used
+        for line in task.notes:
+            note(line)
+        _check_task(cfg, task)
+    clients = {}
+    for cid in _held(holds, n):
+        path = data_path if data_path is not None else (cfg.partition.files or [None] * n)[cid]
+        if path is None:
+            raise FedtuneError(f"client {cid} has no data file: list it in partition.files, or in a deployment start "
+                               f"its SuperNode with --node-config 'client-id={cid} data-path=<its file>'")
+        t = load_client_file(cfg, path)
+        _check_task(cfg, t)
+        rows = np.arange(len(t.train))
+        tr, te = split_client_test(rows, cfg.partition.client_test_fraction, derive_seed(cfg.seed, cid))
+        if not len(tr):
+            raise FedtuneError(f"client {cid}'s file {path} leaves no training rows; add rows or lower "
+                               "partition.client_test_fraction")
+        clients[cid] = (t, tr, te)
+    return _Loaded(task, clients, [], {}, n)
 
-        def encode(ds) -> Encoded:
-            texts = [ds[c][:] for c in task.text_columns]
-            return encode_classification(tokenizer, texts, ds[task.label_column][:], cfg.model.max_length)
 
-    torch.manual_seed(derive_seed(cfg.seed, 1))
-    with quiet_loading():
-        model = apply_lora(base, cfg.lora, cfg.model.task, rank=lora.max_rank)
-    note(_model_line(cfg, model, ranks, None if sft else len(task.label_names)))
-    return Experiment(
-        cfg=cfg,
-        task=task,
-        algorithm=algorithm,
-        model=model,
-        tokenizer=tokenizer,
-        train=encode(task.train),
-        eval=encode(task.eval) if task.eval is not None else None,
-        shards=shards,
-        client_tests=tests,
-        partition=summary,
-        initial=trainable_state(model),
-        base=adapted_base_weights(model) if algorithm.uses_base_weights else {},
-    )
+def load_client_file(cfg: RunConfig, path: str) -> TaskData:
+    """A client's own data file, read with the run's columns and labels (every row of it is the client's)."""
+    if not Path(path).exists():
+        raise FedtuneError(f"client data file '{path}' does not exist (resolved: {Path(path).resolve()}); "
+                           "check the data-path of this node (relative paths are from its working directory)")
+    fields = {k: v for k, v in cfg.data.model_dump().items()
+              if k in ("text_column", "text_pair_column", "label_column", "labels", "on_malformed")}
+    return _load(cfg, DataConfig(name=str(path), eval_fraction=0.0, **fields))
+
+
+def files_summary(sizes: list[tuple[int, int]], label_counts: list[list[int] | None], label_names: list[str],
+                  cfg: RunConfig) -> dict[str, Any]:
+    """The partition summary of node-local data, from each client's (train, test) sizes and label counts."""
+    counts = None if any(c is None for c in label_counts) else label_counts
+    return counts_summary([tr + te for tr, te in sizes], counts, cfg.data.label_column or "label", label_names,
+                          method="files")

@@ -114,7 +114,7 @@ class RunProgress:
     def on_round_start(self, rnd: int, clients: list[int]) -> None:
         if self.first is None:
             self.first = (rnd, self.now())
-        total = sum(local_steps(self.exp.cfg.train, len(self.exp.shards[c])) for c in clients)
+        total = sum(local_steps(self.exp.cfg.train, self.exp.client_sizes[c][0]) for c in clients)
         self.progress.update(self.evaluating, visible=False)
         self.progress.reset(self.steps, total=total * self.exp.steps_multiplier, visible=self.show_steps,
                             description=f"round {rnd}: {len(clients)} clients")

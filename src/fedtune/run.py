@@ -138,20 +138,11 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
     else:
         log = RunLog(cfg.run_dir, overwrite=overwrite, tensorboard=cfg.log.tensorboard)
         log.write_config(cfg.to_dict())
-    exp = build_experiment(cfg, note=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
-    log.write_json("partition.json", {**exp.partition, "skipped_rows": exp.task.skipped_rows,
-                                      "source": exp.task.source, "text_columns": list(exp.task.text_columns),
-                                      "eval": exp.task.eval_origin})
-    console.print(summary_table(exp.partition))
-    gap = exp.evaluation_gap()
-    if gap:
-        console.print(f"note: {gap}", style="yellow", markup=False, highlight=False, soft_wrap=True)
-    if exp.task.skipped_rows:
-        console.print(f"[yellow]skipped {exp.task.skipped_rows} malformed rows (data.on_malformed=skip)")
-    for line in exp.algorithm.advice(cfg.train):
-        console.print(f"[yellow]note: {line}")
-
+    # on Flower the clients' data lives on their nodes: the server loads none of it
+    exp = build_experiment(cfg, note=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True),
+                           holds="all" if runtime == "inprocess" else "none")
     def federate(pool: ClientPool):
+        _describe_data(exp, log, console)  # after the pool: with node-local data the nodes report their sizes
         start = None
         if ckpt is not None:
             start = (ckpt.state, ckpt.row)
@@ -185,6 +176,23 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
                       f"rejected); see client_problems in {cfg.run_dir / 'summary.json'}")
     log.close()
     return RunResult(cfg.run_dir, final, seconds)
+
+
+def _describe_data(exp: Experiment, log: RunLog, console: Console) -> None:
+    """Write ``partition.json`` and print the partition, the evaluation gap and the algorithm's advice."""
+    task = exp.task
+    log.write_json("partition.json", {**exp.partition, "skipped_rows": task.skipped_rows if task else 0,
+                                      "source": task.source if task else None,
+                                      "text_columns": list(task.text_columns) if task else [],
+                                      "eval": task.eval_origin if task else []})
+    console.print(summary_table(exp.partition))
+    gap = exp.evaluation_gap()
+    if gap:
+        console.print(f"note: {gap}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+    if task and task.skipped_rows:
+        console.print(f"[yellow]skipped {task.skipped_rows} malformed rows (data.on_malformed=skip)")
+    for line in exp.algorithm.advice(exp.cfg.train):
+        console.print(f"[yellow]note: {line}")
 
 
 def save_adapters(exp: Experiment, state: ServerState, client_states, run_dir: Path) -> None:

@@ -127,7 +127,8 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
             f"(columns: {', '.join(train_tables[0].columns)}); set them to the input text and label columns "
             "(columns named text or sentence, and label, are found without them)"
         )
-    values = schema.label_values or _label_order(train_tables, schema.label_column)
+    given = tuple(cfg.labels) if cfg.labels and schema.label_column else None
+    values = given or schema.label_values or _label_order(train_tables, schema.label_column)
     train, problems = _rows(train_tables, schema, values)
     eval_split = cfg.eval_split or _default_eval(loc, cfg.train_split)
     evaluation = None
@@ -141,7 +142,7 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
         )
     if not _length(train):
         raise FedtuneError(f"split '{cfg.train_split}' of {loc.source} has no usable rows; check the file")
-    if schema.kind == "classification":
+    if schema.kind == "classification" and given is None:  # given labels fix the classes, whatever a file holds
         _check_two_labels(train, schema.label_column, values, loc.source)
     notes = [_columns_note(schema, loc.source)] if schema.detected else []
     origin: list[dict[str, Any]] = []
@@ -165,7 +166,7 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
         eval=None if evaluation is None else _dataset(evaluation, loc.source),
         text_columns=schema.text_columns,
         label_column=schema.label_column,
-        label_names=list(schema.label_names or values),
+        label_names=list(schema.label_names if schema.label_names and given in (None, schema.label_values) else values),
         source=loc.source,
         skipped_rows=len(problems),
         target_column=schema.target_column,

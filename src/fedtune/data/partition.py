@@ -100,10 +100,26 @@ def partition_summary(
     (its sorted values), ``client_groups`` (per client, the values it holds, sorted)
     and ``group_counts`` (per client, value -> rows, non-zero only).
     """
-    sizes = np.array([len(p) for p in parts], dtype=np.int64)
+    counts = None
+    if label_column is not None:
+        labels = _values(train, label_column, "label column").astype(np.int64)
+        num_labels = max(len(label_names), int(labels.max()) + 1 if len(labels) else 0)
+        counts = [np.bincount(labels[p], minlength=num_labels).tolist() for p in parts]
+    summary = counts_summary([len(p) for p in parts], counts, label_column, label_names)
+    summary["num_examples"] = len(train)
+    if by is not None and by != label_column and by in train.column_names:
+        summary.update(_group_summary(_values(train, by, "partition.by"), parts, by))
+    return summary
+
+
+def counts_summary(sizes: Sequence[int], label_counts: Sequence[Sequence[int]] | None, label_column: str | None,
+                   label_names: Sequence[str], method: str | None = None) -> dict[str, Any]:
+    """Client sizes and, given per-client label counts, the label statistics of :func:`partition_summary`
+    (``method: "files"``: node-local data, whose clients reported their own counts)."""
+    sizes = np.array(sizes, dtype=np.int64)
     summary: dict[str, Any] = {
-        "num_clients": len(parts),
-        "num_examples": len(train),
+        "num_clients": len(sizes),
+        "num_examples": int(sizes.sum()),
         "assigned": int(sizes.sum()),
         "sizes": sizes.tolist(),
         "size_min": int(sizes.min()),
@@ -111,19 +127,17 @@ def partition_summary(
         "size_max": int(sizes.max()),
         "size_std": float(sizes.std()),
     }
-    if by is not None and by != label_column and by in train.column_names:
-        summary.update(_group_summary(_values(train, by, "partition.by"), parts, by))
-    if label_column is None:
+    if method is not None:
+        summary["method"] = method
+    if label_counts is None or label_column is None:
         return summary
-    labels = _values(train, label_column, "label column").astype(np.int64)
-    num_labels = max(len(label_names), int(labels.max()) + 1 if len(labels) else 0)
-    counts = np.stack([np.bincount(labels[p], minlength=num_labels) for p in parts])
+    counts = np.asarray(label_counts, dtype=np.int64)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.nansum(np.where(shares > 0, shares * np.log2(shares), 0.0), axis=1)
     summary.update(
         label_column=label_column,
-        label_names=list(label_names) or [str(i) for i in range(num_labels)],
+        label_names=list(label_names) or [str(i) for i in range(counts.shape[1])],
         label_counts=counts.tolist(),
         labels_per_client=(counts > 0).sum(axis=1).tolist(),
         mean_label_entropy=float(entropy[sizes > 0].mean()),

@@ -29,7 +29,8 @@ def client_round(
     on any runtime and in any client order.
     """
     algo, cfg = exp.algorithm, exp.cfg
-    shard = exp.shards[client_id]
+    data = exp.client(client_id)
+    shard = data.train
     steps = local_steps(cfg.train, len(shard)) * exp.steps_multiplier
     ctx = ClientContext(client_id=client_id, round=rnd, model=exp.model, initial=exp.initial, state=state,
                         base=exp.base, payload=payload, lr=lr, steps=steps, num_examples=len(shard))
@@ -37,7 +38,7 @@ def client_round(
     ctx.start = trainable_state(exp.model)  # detached copies
     seed = derive_seed(cfg.seed, rnd, client_id)
     torch.manual_seed(seed)
-    batches = batch_stream(exp.train, shard, cfg.train.batch_size, np.random.default_rng(seed))
+    batches = batch_stream(data.examples, shard, cfg.train.batch_size, np.random.default_rng(seed))
     loss, seen = train_local(
         exp.model, batches, steps, cfg.train, lr,
         loss_fn=lambda batch, out: algo.loss(ctx, batch, out),
@@ -58,4 +59,5 @@ def client_evaluate(exp: Experiment, client_id: int, tensors: Tensors, state: Te
                         base=exp.base)
     personal = exp.algorithm.personal_tensors(ctx)
     exp.algorithm.load(ctx, tensors if personal is None else personal)
-    return exp.evaluate(exp.train, exp.client_tests[client_id])
+    data = exp.client(client_id)
+    return exp.evaluate(data.examples, data.test)

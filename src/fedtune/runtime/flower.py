@@ -3,11 +3,12 @@
 Server side, :class:`FlowerPool` is the :class:`~fedtune.runtime.server.ClientPool`
 that :func:`~fedtune.runtime.server.run_rounds` drives inside a ``ServerApp``:
 it turns each :class:`~fedtune.algorithms.Payload` into a ``Message`` for the
-node that holds that client's partition, and each reply back into a
-:class:`~fedtune.algorithms.ClientUpdate`. Client side, :data:`clientapp`
-answers those messages with :func:`~fedtune.runtime.client.client_round` and
+node of that client, and each reply back into a
+:class:`~fedtune.algorithms.ClientUpdate`. Node side, :func:`answer` replies to
+those messages with :func:`~fedtune.runtime.client.client_round` and
 :func:`~fedtune.runtime.client.client_evaluate`, the functions the in-process
-engine calls. Nothing here knows which algorithm runs.
+engine calls; the ClientApp that calls it is in
+:mod:`fedtune.runtime.flower_client`. Nothing here knows which algorithm runs.
 
 Wire format (one ``RecordDict`` per message)::
 
@@ -19,14 +20,20 @@ Wire format (one ``RecordDict`` per message)::
     evaluate  server → client   "model":   ArrayRecord   the tensors the client is evaluated with
                                                          (Algorithm.configure_evaluate);  "fedtune" as above
               client → server   "metrics": MetricRecord  the client's test metrics
-    query     server → client   "fedtune": ConfigRecord  action = "hello" | "state"
-              client → server   "metrics": MetricRecord  partition_id;  "state": ArrayRecord (action "state")
+    query     server → client   "fedtune": ConfigRecord  action = "hello" (and run) | "state"
+              client → server   "metrics": ConfigRecord  hello: client_id, and with node-local data its
+                                                         train/test sizes and label_counts
+                                "state":   ArrayRecord   (action "state") the client's persistent tensors
 
-Client ``i`` is the node whose ``node_config["partition-id"]`` is ``i``; its
-persistent tensors (``ClientContext.state``) live in that node's
-``Context.state`` under ``"fedtune.state"``. A client process builds its
-:class:`~fedtune.experiment.Experiment` once per run config and reuses it for
-every message (a module-level cache), so the base model is never reloaded.
+Client ``i`` is the node whose node config says ``client-id=i`` (node-local
+data, ``partition.method: files``; with its ``data-path``) or ``partition-id=i``
+(a split dataset; the simulation engine); its persistent tensors
+(``ClientContext.state``) live in that node's ``Context.state`` under
+``"fedtune.state"``. A node builds its :class:`~fedtune.experiment.Experiment`
+(its own client's data only) once per run config and reuses it for every
+message (:func:`node_experiment`), so the base model is never reloaded: in a
+Ray actor of the simulation engine, or in the ``fedtune supernode`` worker that
+a deployed node's ClientApp forwards to (:mod:`fedtune.runtime.flower_client`).
 
 Bytes: ``bytes_up``/``bytes_down`` are the tensor bytes inside the ArrayRecords
 actually sent and received (equal to the in-process accounting);
@@ -48,7 +55,6 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
@@ -58,10 +64,10 @@ from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment, build_experiment
 from fedtune.runtime.client import client_evaluate, client_round
+from fedtune.runtime.flower_client import clientapp
 
 log = logging.getLogger("fedtune.flower")
 
-STATE_KEY = "fedtune.state"
 RAW_STYPE = "fedtune.torch_raw"
 """Serialisation type of tensors numpy cannot hold (bfloat16): the raw little-endian bytes."""
 
@@ -108,84 +114,90 @@ def record_tensor_bytes(record: ArrayRecord) -> int:
     return total
 
 
-def _config_record(values: dict[str, Any]) -> ConfigRecord:
-    return ConfigRecord(dict(values))
+# --------------------------------------------------------------------------- node side
 
-
-# --------------------------------------------------------------------------- client side
-
-_CACHE: dict[str, Experiment] = {}
+_CACHE: dict[tuple[str, int, str | None], Experiment] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _run_key(run_json: str) -> str:
-    return hashlib.sha256(run_json.encode()).hexdigest()
+def node_client(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[int, str | None]:
+    """(client id, data path) of the node whose node config is ``node_config``.
 
-
-def experiment_for(run_json: str) -> Experiment:
-    """The client process's Experiment for this run config: built on first use, then reused.
-
-    Only the latest run's experiment is kept (a node serves one run at a time).
+    Node-local data (``partition.method: files``): ``client-id`` and ``data-path`` (a deployed SuperNode), or
+    ``partition-id`` (the simulation engine; the file is ``partition.files[id]``). A split dataset: ``partition-id``.
     """
-    key = _run_key(run_json)
+    if cfg.partition.method == "files":
+        cid = node_config.get("client-id", node_config.get("partition-id"))
+        path = node_config.get("data-path")
+        if cid is None:
+            raise FedtuneError("this SuperNode has no client-id; start it with --node-config "
+                               "'client-id=<i> data-path=<its data file>' (node-local data, partition.method=files)")
+        return int(cid), None if path is None else str(path)
+    if "data-path" in node_config:
+        raise FedtuneError(f"this SuperNode names a data-path, but the run splits data.name={cfg.data.name} "
+                           f"(partition.method={cfg.partition.method}); set partition.method=files for node-local data")
+    pid = node_config.get("partition-id")
+    if pid is None:
+        raise FedtuneError("this SuperNode has no partition-id; start it with "
+                           "--node-config 'partition-id=<i> num-partitions=<n>' (a split dataset), or run with "
+                           "partition.method=files and --node-config 'client-id=<i> data-path=<file>'")
+    return int(pid), None
+
+
+def node_experiment(run_json: str, node_config: dict[str, Any]) -> tuple[Experiment, int]:
+    """This node's Experiment for the run config (its client's data only) and its client id: built on first
+    use, then reused for every message. Only the latest run's experiment is kept (a node serves one run at a time)."""
+    cfg = RunConfig.model_validate(json.loads(run_json))
+    cid, path = node_client(cfg, node_config)
+    key = (hashlib.sha256(run_json.encode()).hexdigest(), cid, path)
     with _CACHE_LOCK:
         exp = _CACHE.get(key)
         if exp is None:
-            cfg = RunConfig.model_validate(json.loads(run_json))
             _CACHE.clear()
-            exp = _CACHE[key] = build_experiment(cfg)
-        return exp
+            t0 = time.perf_counter()
+            exp = _CACHE[key] = build_experiment(cfg, holds=cid, data_path=path)
+            log.info("client %d: built the experiment of run %s in %.1fs (%d training rows%s); kept for its messages",
+                     cid, cfg.name, time.perf_counter() - t0, len(exp.client(cid).train),
+                     f" from {path}" if path else "")
+        return exp, cid
 
 
-def _client_id(msg: Message, context: Context) -> tuple[Experiment, int, dict[str, Any]]:
-    meta = dict(msg.content["fedtune"])
-    exp = experiment_for(str(meta["run"]))
-    cid = int(meta["client_id"])
-    pid = context.node_config.get("partition-id")
-    if pid is not None and int(pid) != cid:
-        raise FedtuneError(f"message for client {cid} reached the node of partition {pid}")
+def _meta_of(content: RecordDict, node_config: dict[str, Any]) -> tuple[Experiment, int, dict[str, Any]]:
+    meta = dict(content["fedtune"])
+    exp, cid = node_experiment(str(meta["run"]), node_config)
+    if "client_id" in meta and int(meta["client_id"]) != cid:
+        raise FedtuneError(f"message for client {meta['client_id']} reached the node of client {cid}")
     return exp, cid, meta
 
 
-def _state(context: Context) -> Tensors:
-    return record_to_tensors(context.state[STATE_KEY]) if STATE_KEY in context.state else {}
+def answer(message_type: str, content: RecordDict, node_config: dict[str, Any],
+           state: ArrayRecord | None) -> tuple[RecordDict, ArrayRecord | None]:
+    """A node's reply to one message (wire format above) and its client's new persistent state (None: unchanged).
 
-
-clientapp = ClientApp()
-"""The fedtune ClientApp: one node per client (``partition-id`` = client id)."""
-
-
-@clientapp.train()
-def _train(msg: Message, context: Context) -> Message:
-    exp, cid, meta = _client_id(msg, context)
-    payload = Payload(record_to_tensors(msg.content["payload"]), dict(msg.content["config"]))
-    state = _state(context)
-    update = client_round(exp, cid, int(meta["round"]), payload, state, float(meta["lr"]))
-    context.state[STATE_KEY] = tensors_to_record(state)
-    metrics = {"client_id": cid, "num_examples": int(update.num_examples), "state_tensors": len(state)}
-    metrics.update({f"m.{k}": float(v) for k, v in update.metrics.items()})
-    return Message(RecordDict({"update": tensors_to_record(update.tensors), "metrics": MetricRecord(metrics)}),
-                   reply_to=msg)
-
-
-@clientapp.evaluate()
-def _evaluate(msg: Message, context: Context) -> Message:
-    exp, cid, _ = _client_id(msg, context)
-    metrics = client_evaluate(exp, cid, record_to_tensors(msg.content["model"]), _state(context))
-    return Message(RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()})}), reply_to=msg)
-
-
-@clientapp.query()
-def _query(msg: Message, context: Context) -> Message:
-    action = msg.content["fedtune"]["action"]
-    pid = context.node_config.get("partition-id")
-    if pid is None:
-        raise FedtuneError("this SuperNode has no partition-id; start it with "
-                           "--node-config 'partition-id=<i> num-partitions=<n>'")
-    content = RecordDict({"metrics": MetricRecord({"partition_id": int(pid)})})
+    The one place a node does fedtune's work: called in the ClientApp process, or in the long-lived
+    ``fedtune supernode`` worker the ClientApp forwards to (:mod:`fedtune.runtime.supernode`).
+    """
+    held = record_to_tensors(state)
+    if message_type == "train":
+        exp, cid, meta = _meta_of(content, node_config)
+        payload = Payload(record_to_tensors(content["payload"]), dict(content["config"]))
+        update = client_round(exp, cid, int(meta["round"]), payload, held, float(meta["lr"]))
+        metrics = {"client_id": cid, "num_examples": int(update.num_examples), "state_tensors": len(held)}
+        metrics.update({f"m.{k}": float(v) for k, v in update.metrics.items()})
+        return (RecordDict({"update": tensors_to_record(update.tensors), "metrics": MetricRecord(metrics)}),
+                tensors_to_record(held))
+    if message_type == "evaluate":
+        exp, cid, _ = _meta_of(content, node_config)
+        metrics = client_evaluate(exp, cid, record_to_tensors(content["model"]), held)
+        return RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()})}), None
+    action = content["fedtune"]["action"]
     if action == "state":
-        content["state"] = context.state[STATE_KEY] if STATE_KEY in context.state else ArrayRecord()
-    return Message(content, reply_to=msg)
+        return RecordDict({"state": state if state is not None else ArrayRecord()}), None
+    exp, cid, _ = _meta_of(content, node_config)  # "hello": build (or reuse) the experiment, say who this is
+    report: dict[str, Any] = {"client_id": cid}
+    if exp.cfg.partition.method == "files":  # only this node knows its data: its sizes and label counts
+        report.update(exp.client_report(cid))
+    return RecordDict({"metrics": ConfigRecord(report)}), None
 
 
 # --------------------------------------------------------------------------- server side
@@ -215,7 +227,7 @@ class FlowerPool:
 
     # ------------------------------------------------------------ plumbing
     def _meta(self, **kw: Any) -> ConfigRecord:
-        return _config_record({"run": self.run_json, **kw})
+        return ConfigRecord({"run": self.run_json, **kw})
 
     def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
         return list(self.grid.send_and_receive(messages, timeout=timeout))
@@ -243,7 +255,8 @@ class FlowerPool:
         return out
 
     def _discover(self, connect_timeout_s: float) -> dict[int, int]:
-        """Map client id → node id: wait for the nodes, ask each for its partition-id."""
+        """Map client id → node id: wait for the nodes, send each the run (it builds its experiment) and ask
+        which client it is; with node-local data each also reports its data's sizes and label counts."""
         need = self.exp.num_clients
         deadline = time.monotonic() + connect_timeout_s
         while len(nodes := list(self.grid.get_node_ids())) < need:
@@ -251,20 +264,27 @@ class FlowerPool:
                 raise FedtuneError(f"only {len(nodes)} of {need} Flower nodes connected within {connect_timeout_s:.0f}s; "
                                    f"start one SuperNode per client (partition.num_clients={need})")
             time.sleep(0.2)
-        msgs = [Message(RecordDict({"fedtune": _config_record({"action": "hello"})}), dst_node_id=n,
-                        message_type="query") for n in nodes]
+        msgs = [Message(RecordDict({"fedtune": self._meta(action="hello")}), dst_node_id=n, message_type="query")
+                for n in nodes]
         node_of: dict[int, int] = {}
+        reports: dict[int, dict[str, Any]] = {}
         for reply in self._exchange(msgs, timeout=connect_timeout_s):
             if reply.has_error():
-                raise FedtuneError(f"node {reply.metadata.src_node_id} failed to answer: {reply.error.reason[:500]}")
-            pid = int(reply.content["metrics"]["partition_id"])
-            if pid in node_of:
-                raise FedtuneError(f"two Flower nodes claim partition-id {pid}")
-            node_of[pid] = reply.metadata.src_node_id
+                raise FedtuneError(f"node {reply.metadata.src_node_id} failed to start its client: "
+                                   f"{reply.error.reason[-800:]}")
+            report = dict(reply.content["metrics"])
+            cid = int(report["client_id"])
+            if cid in node_of:
+                raise FedtuneError(f"two Flower nodes claim client {cid}")
+            node_of[cid] = reply.metadata.src_node_id
+            reports[cid] = report
         missing = sorted(set(range(need)) - set(node_of))
         if missing:
-            raise FedtuneError(f"no Flower node holds partition-id {missing} (need 0..{need - 1}: "
-                               "one SuperNode per client, --node-config 'partition-id=<i> num-partitions=<n>')")
+            how = ("--node-config 'client-id=<i> data-path=<file>'" if self.exp.cfg.partition.method == "files"
+                   else "--node-config 'partition-id=<i> num-partitions=<n>'")
+            raise FedtuneError(f"no Flower node holds client {missing} (need 0..{need - 1}: one SuperNode per client, {how})")
+        if self.exp.cfg.partition.method == "files":
+            self.exp.describe_clients(reports)
         return node_of
 
     # ------------------------------------------------------------ ClientPool
@@ -276,7 +296,7 @@ class FlowerPool:
             record = tensors_to_record(p.tensors)
             down += record_tensor_bytes(record)
             wire_down += record.count_bytes()
-            content = RecordDict({"payload": record, "config": _config_record(p.config),
+            content = RecordDict({"payload": record, "config": ConfigRecord(p.config),
                                   "fedtune": self._meta(round=rnd, lr=float(lr), client_id=cid)})
             messages.append(Message(content, dst_node_id=self.node_of[cid], message_type="train", group_id=str(rnd)))
         updates, up, wire_up = [], 0, 0
@@ -342,7 +362,7 @@ class FlowerPool:
     def final_client_states(self) -> dict[int, Tensors]:
         """Every client's persistent tensors, read from its node."""
         cids = sorted(self.node_of)
-        msgs = [Message(RecordDict({"fedtune": _config_record({"action": "state"})}), dst_node_id=self.node_of[cid],
+        msgs = [Message(RecordDict({"fedtune": ConfigRecord({"action": "state"})}), dst_node_id=self.node_of[cid],
                         message_type="query") for cid in cids]
         states: dict[int, Tensors] = {}
         for cid, reply in self._exchange_with(msgs, cids, timeout=self.timeout_s):

@@ -1,10 +1,11 @@
-"""The Flower app objects for ``flwr run .`` and for a deployed SuperLink/SuperNodes.
+"""The ServerApp for ``flwr run .`` and for a deployed SuperLink/SuperNodes.
 
-``pyproject.toml`` names them::
+``pyproject.toml`` names it and the ClientApp (:mod:`fedtune.runtime.flower_client`,
+kept apart so that a node's per-message ClientApp process does not import torch)::
 
     [tool.flwr.app.components]
     serverapp = "fedtune.runtime.flower_app:serverapp"
-    clientapp = "fedtune.runtime.flower_app:clientapp"
+    clientapp = "fedtune.runtime.flower_client:clientapp"
 
 The ServerApp reads its run from the run config (``[tool.flwr.app.config]``,
 or ``flwr run . --run-config "config='configs/x.yaml' overrides='lora.r=16 seed=1'"``):
@@ -15,9 +16,12 @@ or ``flwr run . --run-config "config='configs/x.yaml' overrides='lora.r=16 seed=
     resume      continue the run directory after its last checkpoint
 
 It then runs exactly what ``execute(cfg, runtime="flower")`` runs, over the
-Grid Flower gives it (simulation or deployment). The ClientApp receives the
-resolved run config in every message; a SuperNode needs the model and data
-the config names, and ``--node-config "partition-id=<i> num-partitions=<n>"``.
+Grid Flower gives it (simulation or deployment), and loads no client's data.
+The ClientApp receives the resolved run config in every message; a SuperNode
+needs the model the config names and either its own data
+(``--node-config "client-id=<i> data-path=<file>"``, ``partition.method: files``)
+or, for a dataset split on purpose, that dataset and
+``--node-config "partition-id=<i> num-partitions=<n>"``.
 """
 
 from __future__ import annotations
@@ -27,12 +31,8 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedtune.config import load_config
-from fedtune.runtime import flower as _flower
 from fedtune.runtime.flower import FlowerPool
 
-# A plain assignment, not ``from ... import clientapp``: ``flwr run`` checks the
-# component references statically (AST) and only sees names assigned here.
-clientapp = _flower.clientapp
 serverapp = ServerApp()
 
 

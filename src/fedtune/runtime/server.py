@@ -155,9 +155,9 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
                     hooks.on_eval_start(rnd, f"the eval split ({name})" if name else "the eval split", len(exp.eval))
                 out.update(_prefixed(f"eval/{name}" if name else "eval", evaluate_global(exp, tensors)))
         if per_client:
-            cids = [cid for cid in range(exp.num_clients) if len(exp.client_tests[cid])]
+            cids = [cid for cid in range(exp.num_clients) if exp.client_sizes[cid][1]]
             if hooks:
-                tested = [len(exp.client_tests[c]) for c in cids]
+                tested = [exp.client_sizes[c][1] for c in cids]
                 what = f"the test shards of {len(tested)} client" + "s" * (len(tested) != 1)
                 hooks.on_eval_start(rnd, what, sum(tested))
             clients = pool.evaluate(algo.configure_evaluate(cids, state))

@@ -1,0 +1,317 @@
+"""``fedtune supernode`` and ``fedtune superlink``: Flower's deployment commands, run from fedtune's environment.
+
+Both take exactly the options of ``flower-supernode`` / ``flower-superlink``
+(flwr's own flags, passed through) and fix what the plain commands get wrong:
+
+- **no activated venv needed**: the SuperLink starts ``flower-superexec`` and the
+  SuperNode ``flwr-clientapp`` by name from ``PATH``; these commands put this
+  interpreter's ``bin/`` first on it, so ``.venv/bin/fedtune supernode ...``
+  works without ``source .venv/bin/activate`` (the plain ``.venv/bin/flower-superlink``
+  fails on its first run with ``FileNotFoundError: flower-superexec``);
+- **the model stays loaded** (``supernode``): this process is the node's worker.
+  It listens on a private local socket (a fresh 0700 folder with the socket and
+  a random key, passed to the ClientApp as node config ``fedtune-worker``) and
+  answers every message the node's short-lived ClientApp processes forward
+  (:mod:`fedtune.runtime.flower_client`) with the same
+  :func:`~fedtune.runtime.flower.answer` a simulation node runs, on an
+  experiment it builds once per run: the model, the tokenised data and the
+  training code stay in memory from round to round;
+- **node-local data is checked before joining**: a ``data-path`` in
+  ``--node-config`` must exist; it is made absolute (relative to the directory
+  the command runs in) so every process of the node reads the same file;
+- **a node whose SuperLink is gone exits**: unless ``--max-wait-time`` is given,
+  the SuperNode stops retrying after :data:`LINK_WAIT_S` seconds without its
+  SuperLink (flwr's default is to retry forever). flwr 1.42's SuperNode then
+  logs that it gives up but its process lingers, so this process also watches
+  the SuperLink's address itself (a TCP connect every few seconds): unreachable
+  for ``--max-wait-time`` plus a grace of :data:`EXIT_GRACE_S`, the SuperNode's
+  process group is stopped and this command exits with status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from multiprocessing.connection import Listener
+from pathlib import Path
+
+from fedtune.errors import FedtuneError
+from fedtune.runtime.flower_client import WORKER_KEY
+
+LINK_WAIT_S = 300
+"""Seconds a ``fedtune supernode`` keeps trying to reach its SuperLink before it exits (``--max-wait-time``)."""
+EXIT_GRACE_S = 10
+"""Seconds after ``--max-wait-time`` that the SuperNode gets to exit by itself before it is stopped."""
+LINK_POLL_S = 2.0
+
+
+def tools_env() -> dict[str, str]:
+    """This environment with this interpreter's ``bin/`` first on ``PATH`` (where Flower's commands live)."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def flower_tool(name: str) -> str:
+    """The path of Flower's command ``name`` in this environment."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.is_file() else shutil.which(name)
+    if found is None:
+        raise FedtuneError(f"'{name}' is not installed in this environment; install fedtune's dependencies "
+                           "(scripts/setup.sh, or pip install -c constraints.txt -e .)")
+    return found
+
+
+def run_superlink(args: list[str]) -> int:
+    """Run ``flower-superlink args`` with this environment's tools on ``PATH``; its exit status."""
+    return _supervise([flower_tool("flower-superlink"), *args], on_exit=lambda: None)
+
+
+def node_config_arg(args: list[str]) -> tuple[int | None, str]:
+    """The index of the value of ``--node-config`` in ``args`` (None: not given) and that value."""
+    for i, a in enumerate(args):
+        if a == "--node-config" and i + 1 < len(args):
+            return i + 1, args[i + 1]
+        if a.startswith("--node-config="):
+            return i, a.split("=", 1)[1]
+    return None, ""
+
+
+_PAIR = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")
+
+
+def parse_node_config(text: str) -> dict[str, object]:
+    """``key=value`` pairs as Flower reads them, but text may also be unquoted (``data-path=/srv/a.tsv``):
+    quoted → text; true/false → bool; integers and decimals → numbers; anything else → text."""
+    out: dict[str, object] = {}
+    rest = _PAIR.sub("", text).strip()
+    if rest:
+        raise FedtuneError(f"cannot read --node-config near {rest!r}; write space-separated key=value pairs, "
+                           "e.g. 'client-id=0 data-path=notes.tsv'")
+    for key, raw in _PAIR.findall(text):
+        if raw[:1] in "'\"" and raw[-1:] == raw[:1] and len(raw) >= 2:
+            out[key] = raw[1:-1]
+        elif raw in ("true", "false"):
+            out[key] = raw == "true"
+        else:
+            try:
+                out[key] = int(raw)
+            except ValueError:
+                try:
+                    out[key] = float(raw)
+                except ValueError:
+                    out[key] = raw
+    return out
+
+
+def _with_node_config(args: list[str], extra: dict[str, str]) -> list[str]:
+    """``args`` with ``--node-config`` rewritten as Flower parses it (text quoted) and ``extra``'s keys set."""
+    at, value = node_config_arg(args)
+    config = {k: v for k, v in parse_node_config(value).items() if k not in extra}
+    items = [f"{k}={_quoted(v)}" for k, v in config.items()] + [f"{k}={_quoted(v)}" for k, v in extra.items()]
+    joined = " ".join(items)
+    if at is None:
+        return [*args, "--node-config", joined]
+    out = list(args)
+    out[at] = joined if out[at - 1] == "--node-config" else f"--node-config={joined}"
+    return out
+
+
+def _quoted(value) -> str:
+    if isinstance(value, str):
+        if '"' in value:
+            raise FedtuneError(f"node config value {value!r} contains a double quote, which Flower cannot pass")
+        return f'"{value}"'
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def prepare_node_args(args: list[str], worker_folder: str | None) -> list[str]:
+    """The ``flower-supernode`` arguments for ``args``: ``data-path`` checked and made absolute, the worker's
+    folder added, and ``--max-wait-time`` :data:`LINK_WAIT_S` unless given."""
+    _, value = node_config_arg(args)
+    config = parse_node_config(value)
+    if WORKER_KEY in config:
+        raise FedtuneError(f"--node-config key '{WORKER_KEY}' is set by fedtune supernode itself; remove it")
+    extra: dict[str, str] = {}
+    if "data-path" in config:
+        path = Path(str(config["data-path"])).expanduser().resolve()
+        if not path.is_file() and not path.is_dir():
+            raise FedtuneError(f"data-path '{config['data-path']}' does not exist (resolved: {path}); give this "
+                               "node's own data file")
+        extra["data-path"] = str(path)
+    if worker_folder is not None:
+        extra[WORKER_KEY] = worker_folder
+    out = _with_node_config(args, extra) if value or extra else list(args)
+    if not any(a == "--max-wait-time" or a.startswith("--max-wait-time=") for a in out):
+        out += ["--max-wait-time", str(LINK_WAIT_S)]
+    return out
+
+
+class NodeWorker:
+    """The node's long-lived worker: answers the messages its ClientApp processes forward, one at a time,
+    with :func:`fedtune.runtime.flower.answer` (which keeps the run's experiment between messages)."""
+
+    def __init__(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="fedtune-node-")  # 0700: only this user reaches the socket
+        key = os.urandom(32)
+        key_file = Path(self.folder) / "authkey"
+        key_file.touch(mode=0o600)
+        key_file.write_bytes(key)
+        self.listener = Listener(str(Path(self.folder) / "worker.sock"), family="AF_UNIX", authkey=key)
+        self.thread = threading.Thread(target=self._serve, name="fedtune-node-worker", daemon=True)
+
+    def start(self) -> "NodeWorker":
+        self.thread.start()
+        return self
+
+    def _serve(self) -> None:
+        from fedtune.runtime.flower import answer  # torch, transformers: once, before the first message
+
+        while True:
+            try:
+                conn = self.listener.accept()
+            except OSError:
+                return  # closed
+            except Exception:  # a client with the wrong key, or one that hung up: keep serving
+                continue
+            with conn:
+                try:
+                    request = conn.recv()
+                except (EOFError, OSError):
+                    continue
+                try:
+                    reply = ("ok", answer(*request))
+                except FedtuneError as e:
+                    reply = ("error", f"FedtuneError: {e}")
+                except Exception as e:
+                    reply = ("error", "".join(traceback.format_exception(e)).rstrip())
+                try:
+                    conn.send(reply)
+                except (OSError, EOFError):
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def run_supernode(args: list[str]) -> int:
+    """Run ``flower-supernode`` with ``args`` (see the module docstring), serving as its worker; its exit status."""
+    worker = NodeWorker()
+    try:
+        command = [flower_tool("flower-supernode"), *prepare_node_args(args, worker.folder)]
+    except BaseException:
+        worker.close()
+        raise
+    host, port = superlink_address(command)
+    wait_s = float(_option(command, "--max-wait-time"))
+    print(f"fedtune supernode: {shlex.join(command)}", flush=True)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("fedtune supernode: %(message)s"))
+    logging.getLogger("fedtune").addHandler(handler)
+    logging.getLogger("fedtune").setLevel(logging.INFO)
+    worker.start()
+    return _supervise(command, on_exit=worker.close, link=(host, port, wait_s + EXIT_GRACE_S))
+
+
+def _option(args: list[str], name: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def superlink_address(args: list[str]) -> tuple[str, int]:
+    """(host, port) of ``--superlink`` in flower-supernode's ``args`` (flwr's default 127.0.0.1:9092)."""
+    address = _option(args, "--superlink") or "127.0.0.1:9092"
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise FedtuneError(f"--superlink {address!r} is not HOST:PORT; give the SuperLink's address, e.g. link.example.org:9093")
+    return host.strip("[]"), int(port)
+
+
+def link_reachable(host: str, port: int, timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to (host, port) opens."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _watch_link(child: subprocess.Popen, stopped: threading.Event, host: str, port: int, limit_s: float) -> None:
+    """Stop ``child``'s process group once (host, port) has been unreachable for ``limit_s`` in a row
+    (and it has been reachable once: before that, flwr's own first-connection timeout applies)."""
+    seen, down_since = False, None
+    while child.poll() is None:
+        if link_reachable(host, port):
+            seen, down_since = True, None
+        elif seen:
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > limit_s:
+                print(f"fedtune supernode: the SuperLink at {host}:{port} has been unreachable for {limit_s:.0f}s; "
+                      "stopping this node", flush=True)
+                stopped.set()
+                _stop_group(child)
+                return
+        time.sleep(LINK_POLL_S)
+
+
+def _stop_group(child: subprocess.Popen) -> None:
+    """SIGTERM ``child``'s process group (it and its SuperExec and ClientApps), SIGKILL what is left after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            child.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _supervise(command: list[str], on_exit, link: tuple[str, int, float] | None = None) -> int:
+    """Run ``command`` as a child in its own process group; SIGTERM/SIGINT are passed on to it; ``link``
+    (host, port, seconds): stop it once its SuperLink has been unreachable that long. ``on_exit()`` once it
+    has ended; the exit status is the child's (1 if stopped for its link)."""
+    child = subprocess.Popen(command, env=tools_env(), start_new_session=True)
+    stopped = threading.Event()
+    if link is not None:
+        threading.Thread(target=_watch_link, args=(child, stopped, *link), name="fedtune-link-watch",
+                         daemon=True).start()
+
+    def forward(signum, frame):
+        if child.poll() is None:
+            try:
+                os.killpg(child.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        rc = child.wait()
+        return 1 if stopped.is_set() else rc
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if child.poll() is None:
+            _stop_group(child)
+        else:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)  # a SuperExec or ClientApp left behind
+            except (ProcessLookupError, PermissionError):
+                pass
+        on_exit()
