@@ -115,11 +115,26 @@ def _kill_all(procs: list[subprocess.Popen]) -> None:
             pass
 
 
+def tiny_config(model_dir: Path, data_dir: Path, partition: dict | None = None, labels: list[str] | None = None,
+                **federation) -> dict:
+    """The tests' run: 2 FedIT rounds of the tiny model over 3 clients."""
+    return {
+        "seed": 3, "threads": 1,
+        "data": {"name": str(data_dir), "text_column": "sentence", "label_column": "label", "labels": labels},
+        "partition": partition or {"method": "iid", "num_clients": 3},
+        "model": {"name": str(model_dir), "max_length": 32},
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"local_steps": 3, "batch_size": 8, "lr": 2e-2},
+        "federation": {"rounds": 2, **federation},
+        "algorithm": {"name": "fedit"},
+        "eval": {"every": 1, "batch_size": 32},
+    }
+
+
 class Deployment:
     """Certificates, a TLS SuperLink, SuperNodes and ``flwr run``, all in ``tmp_path``; :meth:`close` kills them."""
 
-    def __init__(self, tmp_path: Path, model_dir: Path, data_dir: Path, partition: dict | None = None,
-                 labels: list[str] | None = None, **federation):
+    def __init__(self, tmp_path: Path, config: dict):
         self.tmp = tmp_path
         self.certs, self.logs, home = tmp_path / "certs", tmp_path / "logs", tmp_path / "flwr_home"
         self.logs.mkdir()
@@ -132,18 +147,8 @@ class Deployment:
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "local-tls"\n\n[superlink.local-tls]\naddress = "127.0.0.1:{self.port}"\n'
             f'root-certificates = "{self.certs / "ca.crt"}"\n')
-        self.cfg_path = tmp_path / "tiny.yaml"
-        self.cfg_path.write_text(json.dumps({  # JSON is YAML
-            "name": "deployed", "output_dir": str(tmp_path / "runs"), "seed": 3, "threads": 1,
-            "data": {"name": str(data_dir), "text_column": "sentence", "label_column": "label", "labels": labels},
-            "partition": partition or {"method": "iid", "num_clients": 3},
-            "model": {"name": str(model_dir), "max_length": 32},
-            "lora": {"r": 4, "alpha": 8},
-            "train": {"local_steps": 3, "batch_size": 8, "lr": 2e-2},
-            "federation": {"rounds": 2, **federation},
-            "algorithm": {"name": "fedit"},
-            "eval": {"every": 1, "batch_size": 32},
-        }))
+        self.cfg_path = tmp_path / "deployed.yaml"
+        self.cfg_path.write_text(json.dumps({**config, "name": "deployed", "output_dir": str(tmp_path / "runs")}))
         self.run_dir = tmp_path / "runs" / "deployed"
         site = tmp_path / "site"
         site.mkdir()
@@ -163,10 +168,11 @@ class Deployment:
         self.link_log = self.logs / "superlink.log"
         self.flwr_log = self.logs / "flwr_run.log"
 
-    def start(self, name: str, args: list[str], cwd: Path | None = None) -> tuple[subprocess.Popen, Path]:
+    def start(self, name: str, args: list[str], cwd: Path | None = None,
+              env: dict | None = None) -> tuple[subprocess.Popen, Path]:
         log = self.logs / f"{name}.log"
         with log.open("wb") as fh:
-            p = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=cwd or self.tmp,
+            p = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env or self.env, cwd=cwd or self.tmp,
                                  start_new_session=True)
         self.procs.append(p)
         return p, log
@@ -174,9 +180,11 @@ class Deployment:
     def activated(self) -> int:
         return self.link_log.read_text(errors="replace").count("Activated node_id")
 
-    def start_link_and_nodes(self, n: int = 3, node_config=None) -> None:
+    def start_link_and_nodes(self, n: int = 3, node_config=None, plain: bool = False) -> None:
         """The SuperLink, then ``n`` SuperNodes; ``node_config(i)`` gives node i's (default: ``partition-id``),
-        and each runs in its own folder ``nodes/node_<i>``."""
+        and each runs in its own folder ``nodes/node_<i>``. ``plain``: Flower's own ``flower-supernode``
+        (with this environment's ``bin/`` on PATH, which it needs), whose ClientApp rebuilds the experiment for
+        every message, instead of ``fedtune supernode``."""
         c = self.certs
         self.link = None
         link, _ = self.start("superlink", [
@@ -190,10 +198,12 @@ class Deployment:
             folder = self.nodes_root / f"node_{i}"
             folder.mkdir(exist_ok=True)
             config = node_config(i) if node_config else f"partition-id={i} num-partitions={n}"
+            command = [str(BIN / "flower-supernode")] if plain else [str(BIN / "fedtune"), "supernode"]
             p, log = self.start(f"supernode{i}", [
-                str(BIN / "fedtune"), "supernode", "--superlink", f"127.0.0.1:{self.port}",
+                *command, "--superlink", f"127.0.0.1:{self.port}",
                 "--root-certificates", str(c / "ca.crt"), "--port", str(_free_port()), "--node-config", config,
-                "--max-wait-time", "20"], cwd=folder)
+                "--max-wait-time", "20"], cwd=folder,
+                env={**self.env, "PATH": f"{BIN}{os.pathsep}{self.env['PATH']}"} if plain else None)
             self.nodes.append(p)
             self.node_logs.append(log)
 
@@ -227,8 +237,8 @@ def test_tls_deployment_with_node_local_data_matches_inprocess(tmp_path, tiny_mo
     from safetensors.torch import load_file
     from test_node_local import client_files
 
-    dep = Deployment(tmp_path, tiny_model_dir, tiny_tsv_dataset, round_timeout_s=120, labels=["0", "1"],
-                     partition={"method": "files", "num_clients": 3})
+    dep = Deployment(tmp_path, tiny_config(tiny_model_dir, tiny_tsv_dataset, round_timeout_s=120, labels=["0", "1"],
+                                           partition={"method": "files", "num_clients": 3}))
     files = client_files(dep.nodes_root, tiny_tsv_dataset)
     try:
         dep.start_link_and_nodes(3, node_config=lambda i: f"client-id={i} data-path=train.tsv")
@@ -287,7 +297,7 @@ def test_tls_deployment_with_node_local_data_matches_inprocess(tmp_path, tiny_mo
 
 def test_supernode_killed_during_round_2_is_left_out(tmp_path, tiny_model_dir, tiny_tsv_dataset):
     """SIGKILL SuperNode 2 (and its ClientApp processes) once round 1 is logged: round 2 aggregates 0 and 1."""
-    dep = Deployment(tmp_path, tiny_model_dir, tiny_tsv_dataset, round_timeout_s=60)
+    dep = Deployment(tmp_path, tiny_config(tiny_model_dir, tiny_tsv_dataset, round_timeout_s=60))
     try:
         dep.start_link_and_nodes(3)
         dep.wait_registered(3)

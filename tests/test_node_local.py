@@ -78,6 +78,10 @@ def test_flower_nodes_with_their_own_data_path_match_inprocess(tmp_path, tiny_mo
     part_b = json.loads((b.run_dir / "partition.json").read_text())
     for key in ("sizes", "label_counts", "num_clients"):
         assert part_a[key] == part_b[key], key
+    # the simulation engine's nodes have only a partition-id: they read partition.files[partition-id]
+    c = files_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "sim", files)
+    execute_with(c, local_grid_driver(LocalGrid(3)), "flower")
+    assert max_diff(adapter(a.run_dir), adapter(c.run_dir)) == 0.0
 
 
 def test_the_server_opens_no_client_file(tmp_path, tiny_model_dir, tiny_tsv_dataset):

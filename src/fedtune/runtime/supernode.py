@@ -234,8 +234,10 @@ def _option(args: list[str], name: str) -> str | None:
 
 
 def superlink_address(args: list[str]) -> tuple[str, int]:
-    """(host, port) of ``--superlink`` in flower-supernode's ``args`` (flwr's default 127.0.0.1:9092)."""
-    address = _option(args, "--superlink") or "127.0.0.1:9092"
+    """(host, port) of ``--superlink`` in flower-supernode's ``args`` (default: flwr's)."""
+    from flwr.supercore.constant import SUPERLINK_DEFAULT_CLIENT_ADDRESS
+
+    address = _option(args, "--superlink") or SUPERLINK_DEFAULT_CLIENT_ADDRESS
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise FedtuneError(f"--superlink {address!r} is not HOST:PORT; give the SuperLink's address, e.g. link.example.org:9093")
