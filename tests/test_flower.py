@@ -137,7 +137,11 @@ def test_records_round_trip_dtypes_and_count_tensor_bytes():
     for k in tensors:
         assert back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k])
     assert record_tensor_bytes(record) == 4 * 32 * 4 + 3 * 8 + 10 * 2 + 6 * 8
-    assert record.count_bytes() > record_tensor_bytes(record)  # serialised: + .npy headers and names
+    assert record.count_bytes() > record_tensor_bytes(record)  # serialised: + the layout (names, dtypes, shapes)
+    assert len(record) == 1  # one packed Array: one object on Flower's wire, however many tensors
+    assert record_to_tensors(tensors_to_record({})) == {}
+    scalar = record_to_tensors(tensors_to_record({"s": torch.tensor(2.5), "e": torch.zeros(0, 3)}))
+    assert scalar["s"].shape == () and scalar["s"].item() == 2.5 and scalar["e"].shape == (0, 3)
 
 
 # --------------------------------------------------------------------------- FlowerPool over a local Grid

@@ -38,7 +38,7 @@ a deployed node's ClientApp forwards to (:mod:`fedtune.runtime.flower_client`).
 Bytes: ``bytes_up``/``bytes_down`` are the tensor bytes inside the ArrayRecords
 actually sent and received (equal to the in-process accounting);
 ``wire_bytes_*`` are their serialised sizes (``ArrayRecord.count_bytes``:
-adds the ``.npy`` headers and the names).
+adds the layout key, the tensors' names, dtypes and shapes).
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ from fedtune.runtime.flower_client import clientapp
 
 log = logging.getLogger("fedtune.flower")
 
-RAW_STYPE = "fedtune.torch_raw"
-"""Serialisation type of tensors numpy cannot hold (bfloat16): the raw little-endian bytes."""
+PACKED_STYPE = "fedtune.packed"
+"""Serialisation type of a tensor pack (:func:`tensors_to_record`): the tensors' raw bytes, back to back."""
 
 T = TypeVar("T")
 
@@ -81,37 +81,45 @@ RAISED = frozenset({ErrorCode.UNKNOWN, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, Erro
 
 
 def tensors_to_record(tensors: Tensors) -> ArrayRecord:
-    """Named tensors → ``ArrayRecord`` (numpy serialisation; raw bytes for bfloat16)."""
-    record = ArrayRecord()
+    """Named tensors → an ``ArrayRecord`` of one packed ``Array``: their bytes back to back (``uint8``), and the
+    layout (name, dtype, shape of each, in order) as the record's one key, JSON.
+
+    One Array, not one per tensor: Flower moves each Array as its own object (an HTTP request between the
+    SuperLink and a node, and between the SuperLink and the ServerApp), and a LoRA payload has dozens of tensors.
+    Any dtype travels, bfloat16 included.
+    """
+    layout, parts = [], []
     for name, t in tensors.items():
         t = t.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:
-            data = t.view(torch.int16).numpy().tobytes()
-            record[name] = Array(dtype="bfloat16", shape=tuple(t.shape), stype=RAW_STYPE, data=data)
-        else:
-            record[name] = Array.from_numpy_ndarray(t.numpy())
+        layout.append([name, str(t.dtype).removeprefix("torch."), list(t.shape)])
+        parts.append(t.reshape(-1).view(torch.uint8))
+    packed = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+    record = ArrayRecord()
+    record[json.dumps(layout)] = Array(dtype="uint8", shape=(packed.numel(),), stype=PACKED_STYPE,
+                                       data=packed.numpy().tobytes())
     return record
 
 
 def record_to_tensors(record: ArrayRecord | None) -> Tensors:
-    """``ArrayRecord`` → named tensors (each a fresh, writable tensor)."""
+    """``ArrayRecord`` made by :func:`tensors_to_record` → named tensors (each a fresh, writable tensor)."""
     out: Tensors = {}
-    for name, arr in (record or {}).items():
-        if arr.stype == RAW_STYPE:
-            flat = torch.frombuffer(bytearray(arr.data), dtype=torch.int16).view(torch.bfloat16)
-            out[name] = flat.reshape(tuple(arr.shape)).clone()
-        else:
-            out[name] = torch.from_numpy(np.array(arr.numpy(), copy=True))
+    for key, arr in (record or {}).items():
+        if arr.stype != PACKED_STYPE:
+            raise FedtuneError(f"a record entry of type '{arr.stype}' is not a fedtune tensor pack; is the peer "
+                               "running the same fedtune version?")
+        buf = torch.frombuffer(bytearray(arr.data), dtype=torch.uint8) if len(arr.data) else torch.zeros(0, dtype=torch.uint8)
+        offset = 0
+        for name, dtype, shape in json.loads(key):
+            dt = getattr(torch, dtype)
+            n = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+            out[name] = buf[offset:offset + n].clone().view(dt).reshape(shape)
+            offset += n
     return out
 
 
 def record_tensor_bytes(record: ArrayRecord) -> int:
-    """Tensor bytes inside a record, from each Array's dtype and shape: Σ numel · element size."""
-    total = 0
-    for arr in record.values():
-        itemsize = 2 if arr.stype == RAW_STYPE else np.dtype(arr.dtype).itemsize
-        total += math.prod(arr.shape) * itemsize
-    return total
+    """Tensor bytes inside a record: Σ numel · element size over its tensors (the packed Arrays' lengths)."""
+    return sum(math.prod(arr.shape) * np.dtype(arr.dtype).itemsize for arr in record.values())
 
 
 # --------------------------------------------------------------------------- node side

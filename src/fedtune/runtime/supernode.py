@@ -15,7 +15,11 @@ Both take exactly the options of ``flower-supernode`` / ``flower-superlink``
   (:mod:`fedtune.runtime.flower_client`) with the same
   :func:`~fedtune.runtime.flower.answer` a simulation node runs, on an
   experiment it builds once per run: the model, the tokenised data and the
-  training code stay in memory from round to round;
+  training code stay in memory from round to round. Flower still starts one
+  ``flwr-clientapp`` task process per message (through ``PATH``): the one
+  found first is this worker's shim (:data:`SHIM`), and the task process is
+  forked from the worker, so no message pays for starting Python and
+  importing Flower;
 - **node-local data is checked before joining**: a ``data-path`` in
   ``--node-config`` must exist; it is made absolute (relative to the directory
   the command runs in) so every process of the node reads the same file;
@@ -48,6 +52,8 @@ from pathlib import Path
 
 from fedtune.errors import FedtuneError
 from fedtune.runtime.flower_client import WORKER_KEY
+
+log = logging.getLogger("fedtune.supernode")
 
 LINK_WAIT_S = 300
 """Seconds a ``fedtune supernode`` keeps trying to reach its SuperLink before it exits (``--max-wait-time``)."""
@@ -157,9 +163,45 @@ def prepare_node_args(args: list[str], worker_folder: str | None) -> list[str]:
     return out
 
 
+SHIM = """#!{python} -I
+# fedtune supernode's flwr-clientapp: the SuperExec starts one per task; this asks the node's worker to fork
+# one from its warm process (Flower and fedtune already imported) and exits with that child's status.
+import os, signal, sys
+from multiprocessing.connection import Client
+
+folder = {folder!r}
+try:
+    conn = Client(os.path.join(folder, "worker.sock"), family="AF_UNIX",
+                  authkey=open(os.path.join(folder, "authkey"), "rb").read())
+except OSError as e:
+    print(f"fedtune supernode: worker unreachable ({{e}}); starting Flower's own flwr-clientapp", file=sys.stderr)
+    os.execv({real!r}, [{real!r}, *sys.argv[1:]])
+conn.send(("fork", sys.argv, dict(os.environ), os.getcwd()))
+_, pid = conn.recv()
+
+def stop(signum, frame):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+_, code = conn.recv()
+sys.exit(code)
+"""
+"""The ``flwr-clientapp`` that ``fedtune supernode`` puts first on the SuperExec's ``PATH`` (a fork client)."""
+
+
 class NodeWorker:
-    """The node's long-lived worker: answers the messages its ClientApp processes forward, one at a time,
-    with :func:`fedtune.runtime.flower.answer` (which keeps the run's experiment between messages)."""
+    """The node's long-lived worker, listening on a private socket for two requests:
+
+    - ``("fork", argv, env, cwd)`` from the ``flwr-clientapp`` shim (:data:`SHIM`): fork a child of this warm
+      process that runs Flower's ClientApp main with that argv (a task process without the 2–8 s of starting
+      Python and importing Flower), reply its pid, then its exit status;
+    - a message forwarded by the ClientApp (:mod:`fedtune.runtime.flower_client`): answer it with
+      :func:`fedtune.runtime.flower.answer`, one at a time, on the experiment kept between messages.
+    """
 
     def __init__(self) -> None:
         self.folder = tempfile.mkdtemp(prefix="fedtune-node-")  # 0700: only this user reaches the socket
@@ -168,6 +210,13 @@ class NodeWorker:
         key_file.touch(mode=0o600)
         key_file.write_bytes(key)
         self.listener = Listener(str(Path(self.folder) / "worker.sock"), family="AF_UNIX", authkey=key)
+        self.bin = Path(self.folder) / "bin"
+        self.bin.mkdir()
+        shim = self.bin / "flwr-clientapp"
+        shim.write_text(SHIM.format(python=sys.executable, folder=self.folder,
+                                    real=str(Path(sys.executable).parent / "flwr-clientapp")))
+        shim.chmod(0o700)
+        self.answering = threading.Lock()
         self.thread = threading.Thread(target=self._serve, name="fedtune-node-worker", daemon=True)
 
     def start(self) -> "NodeWorker":
@@ -175,7 +224,11 @@ class NodeWorker:
         return self
 
     def _serve(self) -> None:
-        from fedtune.runtime.flower import answer  # torch, transformers: once, before the first message
+        import importlib
+
+        # torch, transformers and Flower's ClientApp main: imported once, before the first message and fork
+        for module in ("fedtune.runtime.flower", "flwr.supernode.cli.flwr_clientapp"):
+            importlib.import_module(module)
 
         while True:
             try:
@@ -184,21 +237,68 @@ class NodeWorker:
                 return  # closed
             except Exception:  # a client with the wrong key, or one that hung up: keep serving
                 continue
-            with conn:
-                try:
-                    request = conn.recv()
-                except (EOFError, OSError):
-                    continue
-                try:
-                    reply = ("ok", answer(*request))
-                except FedtuneError as e:
-                    reply = ("error", f"FedtuneError: {e}")
-                except Exception as e:
-                    reply = ("error", "".join(traceback.format_exception(e)).rstrip())
-                try:
-                    conn.send(reply)
-                except (OSError, EOFError):
-                    pass
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn) -> None:
+        with conn:
+            try:
+                request = conn.recv()
+            except (EOFError, OSError):
+                return
+            if request[0] == "fork":
+                self._fork(conn, *request[1:])
+                return
+            reply = self._answer(request)
+            try:
+                conn.send(reply)
+            except (OSError, EOFError):
+                pass
+
+    def _answer(self, request: tuple) -> tuple[str, object]:
+        from fedtune.runtime.flower import answer
+
+        with self.answering:
+            t0 = time.perf_counter()
+            try:
+                reply = ("ok", answer(*request))
+                log.info("answered a %s message in %.2fs", request[0], time.perf_counter() - t0)
+                return reply
+            except FedtuneError as e:
+                return "error", f"FedtuneError: {e}"
+            except Exception as e:
+                return "error", "".join(traceback.format_exception(e)).rstrip()
+
+    def _fork(self, conn, argv: list[str], env: dict[str, str], cwd: str) -> None:
+        pid = os.fork()
+        if pid == 0:  # the task process: Flower's ClientApp main, then exit without this process's cleanup
+            code = 1
+            try:
+                self.listener.close()
+                os.chdir(cwd)
+                os.environ.clear()
+                os.environ.update(env)
+                sys.argv = list(argv)
+                from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+                flwr_clientapp()
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        try:
+            conn.send(("pid", pid))
+        except (OSError, EOFError):
+            pass
+        _, status = os.waitpid(pid, 0)
+        try:
+            conn.send(("exit", os.waitstatus_to_exitcode(status)))
+        except (OSError, EOFError):
+            pass
 
     def close(self) -> None:
         self.listener.close()
@@ -221,7 +321,7 @@ def run_supernode(args: list[str]) -> int:
     logging.getLogger("fedtune").addHandler(handler)
     logging.getLogger("fedtune").setLevel(logging.INFO)
     worker.start()
-    return _supervise(command, on_exit=worker.close, link=(host, port, wait_s + EXIT_GRACE_S))
+    return _supervise(command, on_exit=worker.close, link=(host, port, wait_s + EXIT_GRACE_S), first_on_path=worker.bin)
 
 
 def _option(args: list[str], name: str) -> str | None:
@@ -285,11 +385,15 @@ def _stop_group(child: subprocess.Popen) -> None:
             continue
 
 
-def _supervise(command: list[str], on_exit, link: tuple[str, int, float] | None = None) -> int:
+def _supervise(command: list[str], on_exit, link: tuple[str, int, float] | None = None,
+               first_on_path: Path | None = None) -> int:
     """Run ``command`` as a child in its own process group; SIGTERM/SIGINT are passed on to it; ``link``
     (host, port, seconds): stop it once its SuperLink has been unreachable that long. ``on_exit()`` once it
     has ended; the exit status is the child's (1 if stopped for its link)."""
-    child = subprocess.Popen(command, env=tools_env(), start_new_session=True)
+    env = tools_env()
+    if first_on_path is not None:
+        env["PATH"] = f"{first_on_path}{os.pathsep}{env['PATH']}"
+    child = subprocess.Popen(command, env=env, start_new_session=True)
     stopped = threading.Event()
     if link is not None:
         threading.Thread(target=_watch_link, args=(child, stopped, *link), name="fedtune-link-watch",
