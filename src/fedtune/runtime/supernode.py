@@ -290,11 +290,14 @@ class NodeWorker:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
+        t0 = time.perf_counter()
         try:
             conn.send(("pid", pid))
         except (OSError, EOFError):
             pass
         _, status = os.waitpid(pid, 0)
+        log.info("task process %d (forked) ended with status %d after %.2fs", pid, os.waitstatus_to_exitcode(status),
+                 time.perf_counter() - t0)
         try:
             conn.send(("exit", os.waitstatus_to_exitcode(status)))
         except (OSError, EOFError):
