@@ -108,7 +108,7 @@ class Experiment:
 
     @property
     def label_names(self) -> list[str]:
-        return list(self.task.label_names) if self.task else list(self.cfg.data.labels or [])
+        return _label_names(self.cfg, self.task)
 
     def load(self, tensors: Tensors) -> None:
         """Put a model state (trainable tensors, and ``merged/`` base-weight updates) into ``model``."""
@@ -250,7 +250,7 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
                            f"{cfg.partition.method} gives {data.num_clients} clients (one per value of "
                            f"'{cfg.partition.by}'); give one rank per client")
     task = data.task
-    label_names = task.label_names if task is not None else list(cfg.data.labels or [])
+    label_names = _label_names(cfg, task)
 
     torch.manual_seed(cfg.seed)
     note(f"loading model {cfg.model.name} …")
@@ -308,6 +308,11 @@ class _Loaded:
     sizes: list[tuple[int, int]]
     summary: dict[str, Any]
     num_clients: int
+
+
+def _label_names(cfg: RunConfig, task: TaskData | None) -> list[str]:
+    """The classes: those of the data this process loaded, else (a node with its own file) ``data.labels``."""
+    return list(task.label_names) if task is not None else list(cfg.data.labels or [])
 
 
 def _held(holds: Holds, num_clients: int) -> list[int]:

@@ -83,14 +83,15 @@ def run_superlink(args: list[str]) -> int:
     return _supervise([flower_tool("flower-superlink"), *args], on_exit=lambda: None)
 
 
-def node_config_arg(args: list[str]) -> tuple[int | None, str]:
-    """The index of the value of ``--node-config`` in ``args`` (None: not given) and that value."""
+def option_at(args: list[str], name: str) -> tuple[int | None, str | None]:
+    """Where the value of option ``name`` is in ``args`` (``--name value`` or ``--name=value``; None: not given)
+    and that value."""
     for i, a in enumerate(args):
-        if a == "--node-config" and i + 1 < len(args):
+        if a == name and i + 1 < len(args):
             return i + 1, args[i + 1]
-        if a.startswith("--node-config="):
+        if a.startswith(name + "="):
             return i, a.split("=", 1)[1]
-    return None, ""
+    return None, None
 
 
 _PAIR = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")
@@ -122,8 +123,8 @@ def parse_node_config(text: str) -> dict[str, object]:
 
 def _with_node_config(args: list[str], extra: dict[str, str]) -> list[str]:
     """``args`` with ``--node-config`` rewritten as Flower parses it (text quoted) and ``extra``'s keys set."""
-    at, value = node_config_arg(args)
-    config = {k: v for k, v in parse_node_config(value).items() if k not in extra}
+    at, value = option_at(args, "--node-config")
+    config = {k: v for k, v in parse_node_config(value or "").items() if k not in extra}
     items = [f"{k}={_quoted(v)}" for k, v in config.items()] + [f"{k}={_quoted(v)}" for k, v in extra.items()]
     joined = " ".join(items)
     if at is None:
@@ -144,8 +145,8 @@ def _quoted(value) -> str:
 def prepare_node_args(args: list[str], worker_folder: str | None) -> list[str]:
     """The ``flower-supernode`` arguments for ``args``: ``data-path`` checked and made absolute, the worker's
     folder added, and ``--max-wait-time`` :data:`LINK_WAIT_S` unless given."""
-    _, value = node_config_arg(args)
-    config = parse_node_config(value)
+    _, value = option_at(args, "--node-config")
+    config = parse_node_config(value or "")
     if WORKER_KEY in config:
         raise FedtuneError(f"--node-config key '{WORKER_KEY}' is set by fedtune supernode itself; remove it")
     extra: dict[str, str] = {}
@@ -158,7 +159,7 @@ def prepare_node_args(args: list[str], worker_folder: str | None) -> list[str]:
     if worker_folder is not None:
         extra[WORKER_KEY] = worker_folder
     out = _with_node_config(args, extra) if value or extra else list(args)
-    if not any(a == "--max-wait-time" or a.startswith("--max-wait-time=") for a in out):
+    if option_at(out, "--max-wait-time")[1] is None:
         out += ["--max-wait-time", str(LINK_WAIT_S)]
     return out
 
@@ -317,7 +318,7 @@ def run_supernode(args: list[str]) -> int:
         worker.close()
         raise
     host, port = superlink_address(command)
-    wait_s = float(_option(command, "--max-wait-time"))
+    wait_s = float(option_at(command, "--max-wait-time")[1])
     print(f"fedtune supernode: {shlex.join(command)}", flush=True)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("fedtune supernode: %(message)s"))
@@ -327,20 +328,11 @@ def run_supernode(args: list[str]) -> int:
     return _supervise(command, on_exit=worker.close, link=(host, port, wait_s + EXIT_GRACE_S), first_on_path=worker.bin)
 
 
-def _option(args: list[str], name: str) -> str | None:
-    for i, a in enumerate(args):
-        if a == name and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
 def superlink_address(args: list[str]) -> tuple[str, int]:
     """(host, port) of ``--superlink`` in flower-supernode's ``args`` (default: flwr's)."""
     from flwr.supercore.constant import SUPERLINK_DEFAULT_CLIENT_ADDRESS
 
-    address = _option(args, "--superlink") or SUPERLINK_DEFAULT_CLIENT_ADDRESS
+    address = option_at(args, "--superlink")[1] or SUPERLINK_DEFAULT_CLIENT_ADDRESS
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise FedtuneError(f"--superlink {address!r} is not HOST:PORT; give the SuperLink's address, e.g. link.example.org:9093")
