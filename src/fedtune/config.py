@@ -69,13 +69,14 @@ class PartitionConfig(_Strict):
 
     method: Literal[
         "iid", "dirichlet", "pathological", "natural", "quantity", "group_clusters", "group_iid", "group_pairs",
-        "language_clusters", "language_iid", "language_multi_domain", "files",
+        "language_clusters", "language_iid", "language_multi_domain", "contiguous", "files",
     ] = "iid"
     """``iid``; ``dirichlet`` (skew over ``by``, strength ``alpha``); ``pathological`` (``classes_per_client`` values
     of ``by`` each); ``natural`` (one client per value of ``by``); ``quantity`` (power-law client sizes). Group splits
     over ``by`` (FedMLLM): ``group_clusters`` (one group per client, several clients per group), ``group_iid``
     (every client holds every group), ``group_pairs`` (client k holds groups k and k+1 mod G);
     ``language_clusters``, ``language_iid``, ``language_multi_domain`` are the same with ``by: language`` by default.
+    ``contiguous``: client i holds the i-th of ``num_clients`` consecutive blocks of the rows, in file order.
     ``files``: node-local data, nothing is split: client i's examples are its own file (``files[i]``, or in a
     Flower deployment the ``data-path`` its SuperNode is started with), and ``data.name`` is the server's own data
     (only its eval split is used). Every other method splits one dataset on purpose (``data.name``)."""
@@ -94,6 +95,11 @@ class PartitionConfig(_Strict):
     """Dirichlet: resample until every client has at least this many examples."""
     client_test_fraction: float = Field(default=0.0, ge=0, lt=1)
     """Fraction of each client's shard held out as its own test shard (personalised evaluation)."""
+    server_fraction: float = Field(default=0.0, ge=0, lt=1)
+    """The server's own slice of the training split, which no client holds: its first ``server_fraction`` of the
+    rows, contiguous in file order (FedKDLoRA's public data); the clients split the rest. With ``method: files`` it
+    is the first rows of ``data.name``'s training split, the server's own data. Only algorithms that train on the
+    server use it (``fedtune algorithms``); 0: the server holds no training data."""
     files: list[str] | None = None
     """``method: files``: client i's data file (CSV/TSV/JSON/JSONL, read with ``data``'s columns), one per client,
     for the in-process engine and Flower's simulation. A deployed SuperNode reads the file of its ``data-path``
@@ -132,6 +138,10 @@ class ModelConfig(_Strict):
     """Inputs are truncated to this many tokens; batches are padded only to their longest member."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of the base model's weights and compute."""
+    finetune: Literal["lora", "full"] = "lora"
+    """What the clients train and the federation moves: ``lora`` (the adapters of the ``lora`` section, and the
+    head) or ``full`` (every parameter of the model; the run saves a complete model folder). Heterogeneous ranks
+    and the algorithms built on LoRA factors need ``lora``."""
 
 
 class SftConfig(_Strict):

@@ -7,7 +7,6 @@ examples whichever runtime executes it.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +19,16 @@ from fedtune.aggregation import Tensors
 from fedtune.algorithms import Algorithm, LoraSetup, build_algorithm
 from fedtune.config import DataConfig, RunConfig
 from fedtune.data import TaskData, load_task_data, partition_clients, partition_summary, split_client_test
-from fedtune.data.partition import counts_summary
+from fedtune.data.partition import counts_summary, server_split
 from fedtune.data.instructions import COLUMNS, load_instruction_data
 from fedtune.data.templates import Template
 from fedtune.errors import FedtuneError
 from fedtune.evaluation import evaluate_classifier, evaluate_instructions
 from fedtune.models.base import load_causal_lm, load_classifier, quiet_loading
-from fedtune.models.lora import adapted_base_weights, apply_lora, load_state, trainable_state
+from fedtune.models.adapters import ADAPTERS
+from fedtune.models.lora import adapted_base_weights, load_state, trainable_state
+from fedtune.seeds import derive_seed, seed_everything
+from fedtune.server_context import ServerContext
 from fedtune.training import (
     Encoded,
     Forward,
@@ -36,17 +38,6 @@ from fedtune.training import (
     eval_batches,
     model_forward,
 )
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (run seed, round, client): stable across processes and machines."""
-    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
 
 
 @dataclass
@@ -82,6 +73,29 @@ class Experiment:
     initial: Tensors = field(default_factory=dict)
     base: Tensors = field(default_factory=dict)
     """Pristine frozen weights of the adapted modules, for algorithms that merge updates into them."""
+    server_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """The server's own rows of ``task.train`` (``partition.server_fraction``), which no client holds; empty in a
+    process that did not load ``task`` or when the server holds none."""
+    note: Callable[[str], None] = lambda line: None
+    """Where lines for people go (the run's console)."""
+    _server: ServerContext | None = field(default=None, repr=False)
+
+    def server_context(self, run_dir: Path | None = None) -> ServerContext:
+        """The server's side of the run for algorithms that train there (:mod:`fedtune.server_context`), built on
+        the first call and the same object after; ``run_dir``: where server-side artefacts go."""
+        if self._server is None:
+            if self.task is None or not len(self.server_rows):
+                raise FedtuneError("this run gives the server no data of its own; set partition.server_fraction "
+                                   "(e.g. 0.2)")
+            if self.cfg.model.task != "classification":
+                raise FedtuneError(f"algorithm '{self.algorithm.name}' trains on the server for model.task="
+                                   "classification only")
+            tokenised = ServerContext.encode_rows(self.task, self.tokenizer, self.cfg.model.max_length)
+            self._server = ServerContext(
+                cfg=self.cfg, model=self.model, tokenizer=self.tokenizer, label_names=self.label_names,
+                task=self.task, rows=self.server_rows, examples=tokenised(self.task.train.select(self.server_rows)),
+                eval=self.eval, load_state=self.load, run_dir=run_dir, note=self.note)
+        return self._server
 
     def client(self, cid: int) -> ClientData:
         """Client ``cid``'s data; a one-line error in a process that does not hold it."""
@@ -190,14 +204,13 @@ def clients_per_round(cfg: RunConfig, num_clients: int) -> int:
     return num_clients
 
 
-def _model_line(cfg: RunConfig, model: torch.nn.Module, ranks: list[int] | None, num_labels: int | None) -> str:
+def model_line(name: str, model: torch.nn.Module, how: str, num_labels: int | None) -> str:
     """What was loaded, in place of transformers' load report (which lists a new task head as MISSING)."""
     total = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     head = f", a new {num_labels}-label classification head" if num_labels is not None else ""
-    rank = f"r={cfg.lora.r}" if ranks is None else f"ranks {min(ranks)}-{max(ranks)} (counted at rank {max(ranks)})"
-    return (f"model {cfg.model.name}: {total / 1e6:.1f}M parameters{head}; "
-            f"training {trained:,} ({100 * trained / total:.2f}%) with LoRA {rank}")
+    return (f"model {name}: {total / 1e6:.1f}M parameters{head}; "
+            f"training {trained:,} ({100 * trained / total:.2f}%) with {how}")
 
 
 def algorithm_for(cfg: RunConfig) -> Algorithm:
@@ -238,6 +251,16 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
     sft = cfg.model.task == "sft"
     if cfg.data.tasks is not None and not sft:
         raise FedtuneError("data.tasks (a multitask mixture) is for model.task=sft")
+    finetune = cfg.model.finetune
+    if finetune not in algorithm.adapters:
+        raise FedtuneError(f"algorithm '{algorithm.name}' works on LoRA factors; model.finetune={finetune} has none "
+                           f"(use model.finetune=lora, or an algorithm for any kind, e.g. fedit)")
+    if ranks and finetune != "lora":
+        raise FedtuneError(f"lora.client_ranks / rank_tiers give clients LoRA ranks, but model.finetune={finetune} "
+                           "trains every parameter; remove them or use model.finetune=lora")
+    if algorithm.trains_on_server and cfg.partition.server_fraction <= 0:
+        raise FedtuneError(f"algorithm '{algorithm.name}' trains on the server's own data; set "
+                           "partition.server_fraction (e.g. 0.2) to give the server a slice no client holds")
     if algorithm.personalized and cfg.partition.client_test_fraction <= 0:
         raise FedtuneError(
             f"algorithm '{algorithm.name}' is evaluated on each client's own test shard; "
@@ -269,9 +292,10 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
             return encode_classification(tokenizer, texts, ds[t.label_column][:], cfg.model.max_length)
 
     torch.manual_seed(derive_seed(cfg.seed, 1))
+    adapter = ADAPTERS[finetune]
     with quiet_loading():
-        model = apply_lora(base, cfg.lora, cfg.model.task, rank=lora.max_rank)
-    note(_model_line(cfg, model, ranks, None if sft else len(label_names)))
+        model = adapter.build(base, cfg.lora, cfg.model.task, lora.max_rank)
+    note(model_line(cfg.model.name, model, adapter.describe(cfg.lora, ranks), None if sft else len(label_names)))
     encoded: dict[int, Encoded] = {}  # one encoding per loaded dataset: the clients of a split share it
     clients = {}
     for cid, (t, train_rows, test_rows) in data.clients.items():
@@ -291,6 +315,8 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
         partition=data.summary,
         initial=trainable_state(model),
         base=adapted_base_weights(model) if algorithm.uses_base_weights else {},
+        server_rows=data.server_rows,
+        note=note,
     )
     if cfg.partition.method == "files" and holds == "all":
         exp.describe_clients({cid: exp.client_report(cid) for cid in clients})
@@ -308,6 +334,7 @@ class _Loaded:
     sizes: list[tuple[int, int]]
     summary: dict[str, Any]
     num_clients: int
+    server_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def _label_names(cfg: RunConfig, task: TaskData | None) -> list[str]:
@@ -354,14 +381,19 @@ def _split_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_path: s
             f"partition.by='{cfg.partition.by}' is not a column of {task.name} "
             f"(columns: {', '.join(task.train.column_names)}); set partition.by to one of them"
         )
-    parts = partition_clients(task.train, cfg.partition, cfg.seed)
+    server_rows, client_rows = server_split(len(task.train), cfg.partition.server_fraction)
+    clients_view = task.train.select(client_rows) if len(server_rows) else task.train
+    parts = partition_clients(clients_view, cfg.partition, cfg.seed)
+    summary = partition_summary(clients_view, parts, task.label_column, task.label_names, by=cfg.partition.by)
+    if len(server_rows):
+        summary["server_examples"] = len(server_rows)
+        parts = [client_rows[p] for p in parts]
     algorithm.num_clients = len(parts)  # natural without partition.num_clients: known only now
     shards, tests = [], []
     for cid, part in enumerate(parts):
         tr, te = split_client_test(part, cfg.partition.client_test_fraction, derive_seed(cfg.seed, cid))
         shards.append(tr)
         tests.append(te)
-    summary = partition_summary(task.train, parts, task.label_column, task.label_names, by=cfg.partition.by)
     if cfg.partition.method in GROUP_PARTITIONS:
         algorithm.client_groups = client_groups(task.train[cfg.partition.by], shards)
     if any(len(s) == 0 for s in shards):
@@ -373,7 +405,8 @@ def _split_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_path: s
         shards = [np.sort(np.concatenate(shards))]
         tests = [np.sort(np.concatenate(tests))]
     held = {cid: (task, shards[cid], tests[cid]) for cid in _held(holds, len(shards))}
-    return _Loaded(task, held, [(len(a), len(b)) for a, b in zip(shards, tests)], summary, len(shards))
+    return _Loaded(task, held, [(len(a), len(b)) for a, b in zip(shards, tests)], summary, len(shards),
+                   server_rows if holds in ("all", "none") else server_rows[:0])
 
 
 def _node_local_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_path: str | None,
@@ -389,11 +422,14 @@ def _node_local_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_pa
     n = int(cfg.partition.num_clients)
     algorithm.num_clients = n
     task = None
-    if holds in ("all", "none") and cfg.eval.enabled and not algorithm.personalized:
-        task = _load(cfg, cfg.data)  # the server's own data: only its eval split is used
+    server_rows = np.zeros(0, dtype=np.int64)
+    if holds in ("all", "none") and ((cfg.eval.enabled and not algorithm.personalized)
+                                     or cfg.partition.server_fraction > 0):
+        task = _load(cfg, cfg.data)  # the server's own data: its eval split, and its training rows for the server
         for line in task.notes:
             note(line)
         _check_task(cfg, task)
+        server_rows = server_split(len(task.train), cfg.partition.server_fraction)[0]
     clients = {}
     for cid in _held(holds, n):
         path = data_path if data_path is not None else (cfg.partition.files or [None] * n)[cid]
@@ -408,7 +444,7 @@ def _node_local_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_pa
             raise FedtuneError(f"client {cid}'s file {path} leaves no training rows; add rows or lower "
                                "partition.client_test_fraction")
         clients[cid] = (t, tr, te)
-    return _Loaded(task, clients, [], {}, n)
+    return _Loaded(task, clients, [], {}, n, server_rows)
 
 
 def load_client_file(cfg: RunConfig, path: str) -> TaskData:

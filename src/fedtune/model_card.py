@@ -19,7 +19,8 @@ from fedtune.models.base import PACKAGED
 from fedtune.models.lora import MERGED_FILE
 from fedtune.report import human_bytes, human_seconds
 from fedtune.runlog import CONFIG, SUMMARY, model_assignment
-from fedtune.saved_model import ADAPTER_CONFIG, CLASSIFIER_CONFIG, PARTITION, adapter_folders, personal_clients
+from fedtune.models.adapters import CLASSIFIER_CONFIG
+from fedtune.saved_model import ADAPTER_CONFIG, PARTITION, adapter_folders, is_full_model, personal_clients
 
 CARD = "README.md"
 
@@ -34,7 +35,7 @@ def write_model_cards(run_dir: Path) -> list[Path]:
     personal, assignment = personal_clients(folders), model_assignment(run_dir)
     written = []
     for name, folder in folders.items():
-        adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
+        adapter = {} if is_full_model(folder) else json.loads((folder / ADAPTER_CONFIG).read_text())
         if personal:
             client = int(name[len("client_"):])
             who, personalized = f"client {client}'s own model", True
@@ -49,25 +50,30 @@ def write_model_cards(run_dir: Path) -> list[Path]:
 
 def model_card(cfg: RunConfig, summary: dict[str, Any], partition: dict[str, Any], adapter: dict[str, Any],
                folder: Path, who: str = "", client: int | None = None, personalized: bool = False) -> str:
-    """The card of the adapter in ``folder`` as Markdown. ``who``: which of the run's models it is (e.g. client 3's
-    own); ``client``: a client that uses it (``fedtune predict --client``)."""
+    """The card of the adapter in ``folder`` as Markdown (``adapter``: its ``adapter_config.json``; empty for a
+    complete model, ``model.finetune: full``). ``who``: which of the run's models it is (e.g. client 3's own);
+    ``client``: a client that uses it (``fedtune predict --client``)."""
     from fedtune.algorithms import ALGORITHMS
+    from fedtune.models.base import public_model_name
 
-    base = adapter["base_model_name_or_path"]
+    full = not adapter
+    base = public_model_name(cfg.model.name) if full else adapter["base_model_name_or_path"]
     classification = cfg.model.task == "classification"
     on_hub = not Path(base).is_absolute()
-    front = ["---", "library_name: peft"] + ([f"base_model: {base}"] if on_hub else []) + [
+    front = ["---", f"library_name: {'transformers' if full else 'peft'}"] + ([f"base_model: {base}"] if on_hub else []) + [
         f"pipeline_tag: {'text-classification' if classification else 'text-generation'}",
-        "tags:", "- fedtune", "- lora", "- federated-learning", f"- {cfg.algorithm.name}", "---", ""]
+        "tags:", "- fedtune", f"- {'full-fine-tuning' if full else 'lora'}", "- federated-learning",
+        f"- {cfg.algorithm.name}", "---", ""]
     algo = ALGORITHMS.get(cfg.algorithm.name)
-    lines = [f"# {cfg.name}: a LoRA adapter for {base}" + (f" ({who})" if who else ""), "",
+    what = f"{base}, fine-tuned in full" if full else f"a LoRA adapter for {base}"
+    lines = [f"# {cfg.name}: {what}" + (f" ({who})" if who else ""), "",
              f"Trained by fedtune with `{cfg.algorithm.name}`" + (f": {algo.summary}." if algo else "."), ""]
     lines += ["## Training", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in _training_rows(cfg, summary, partition, adapter, base)]
     lines += ["", "## Results after the last round", ""]
     lines += _results(summary, personalized)
     lines += ["", "## Using it", ""]
-    lines += _usage(cfg, partition, folder, base, client)
+    lines += _usage(cfg, partition, folder, base, client, full)
     if (folder / MERGED_FILE).is_file():
         lines += ["", f"`{cfg.algorithm.name}` merges part of the update into the base weights: add "
                   f"`{MERGED_FILE}` (ΔW by parameter name) to them after loading, or the model is incomplete:", "",
@@ -108,6 +114,7 @@ def _training_rows(cfg: RunConfig, summary: dict, partition: dict, adapter: dict
         ("rounds", f"{summary.get('rounds', fed.rounds)}, {per_round} per round"),
         ("local training", f"{steps} of batch {train.batch_size}, {train.optimizer} lr {train.lr:g}"
          + (f" ({train.lr_schedule})" if train.lr_schedule != "constant" else "")),
+        ("fine-tuning", "every parameter (`model.finetune: full`)") if not adapter else
         ("LoRA", f"r = {adapter['r']}, α = {adapter['lora_alpha']:g} on {', '.join(sorted(adapter['target_modules']))}"
          + (f" (clients train ranks {min(ranks)}–{max(ranks)})" if ranks else "")
          + ("; classifier head trained" if cfg.model.task == "classification" and cfg.lora.train_head else "")),
@@ -140,7 +147,8 @@ def _results(summary: dict, personalized: bool) -> list[str]:
     return out + ["", "; ".join(notes) + "."]
 
 
-def _usage(cfg: RunConfig, partition: dict, folder: Path, base: str, client: int | None) -> list[str]:
+def _usage(cfg: RunConfig, partition: dict, folder: Path, base: str, client: int | None,
+           full: bool = False) -> list[str]:
     where = f"folder = {json.dumps(str(folder))}  # this folder"
     run = f"{folder.parent.parent if folder.parent.name == 'adapters' else folder.parent}"
     flag = f" --client {client}" if client is not None else ""
@@ -148,11 +156,16 @@ def _usage(cfg: RunConfig, partition: dict, folder: Path, base: str, client: int
         pair = len(partition.get("text_columns", [])) > 1
         inputs = '["the first text"], ["the second text"]' if pair else '["a text to classify"]'
         code = [
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "", where,
+            "model = AutoModelForSequenceClassification.from_pretrained(folder).eval()",
+        ] if full else [
             "from peft import PeftModel",
             "from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer", "", where,
             f'config = AutoConfig.from_pretrained(f"{{folder}}/{CLASSIFIER_CONFIG}")  # with the label names',
             f"base = AutoModelForSequenceClassification.from_pretrained({json.dumps(base)}, config=config)",
             "model = PeftModel.from_pretrained(base, folder).eval()",
+        ]
+        code += [
             "tokenizer = AutoTokenizer.from_pretrained(folder)", "",
             f"probs = model(**tokenizer({inputs}, return_tensors=\"pt\")).logits.softmax(-1)[0]",
             "print(model.config.id2label[int(probs.argmax())], float(probs.max()))",
@@ -170,16 +183,19 @@ def _usage(cfg: RunConfig, partition: dict, folder: Path, base: str, client: int
             prompt = [f'messages = [{system}{{"role": "user", "content": "Name three colours."}}]',
                       "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)",
                       'ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids']
+        load = (["from transformers import AutoModelForCausalLM, AutoTokenizer", "", where,
+                 "model = AutoModelForCausalLM.from_pretrained(folder).eval()"] if full else
+                ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "", where,
+                 f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})",
+                 "model = PeftModel.from_pretrained(base, folder).eval()"])
         code = [
-            "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "", where,
-            f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})",
-            "model = PeftModel.from_pretrained(base, folder).eval()",
+            *load,
             "tokenizer = AutoTokenizer.from_pretrained(folder)", "", *prompt,
             f"out = model.generate(input_ids=ids, max_new_tokens={cfg.eval.max_new_tokens}, do_sample=False)",
             "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))",
         ]
         cli = f'fedtune predict {run}{flag} --text "Name three colours."'
     head = (["", "transformers reports the classifier head as missing from the base model: the adapter holds it."]
-            if cfg.model.task == "classification" else [])
-    return ["With transformers and peft alone:", "", "```python", *code, "```", *head, "",
+            if cfg.model.task == "classification" and not full else [])
+    return [f"With transformers{'' if full else ' and peft'} alone:", "", "```python", *code, "```", *head, "",
             "Or with fedtune (offline, from the run directory):", "", "```bash", cli, "```"]

@@ -15,6 +15,10 @@ one per cluster; per client ``adapters/client_<i>/`` for personalised algorithms
 - ``merged.safetensors`` where the algorithm merges updates into base weights;
 - ``README.md``, the model card (:mod:`fedtune.model_card`).
 
+With ``model.finetune: full`` the same folders hold a complete model instead
+(``config.json``, ``model.safetensors``, the tokenizer and the card), loadable by
+``AutoModelForSequenceClassification`` / ``AutoModelForCausalLM.from_pretrained``.
+
 fedtune loads a run's model offline: a packaged base comes from its package (the
 run's ``model.name``), not from the Hub id the adapter names.
 """
@@ -28,37 +32,41 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft.utils.constants import EMBEDDING_LAYER_NAMES
 
 from fedtune.config import RunConfig, load_config
 from fedtune.data.templates import Template
 from fedtune.errors import FedtuneError
+from fedtune.models.adapters import ADAPTERS
 from fedtune.runlog import CONFIG, load_run, model_assignment
 
 ADAPTER_CONFIG = "adapter_config.json"
-CLASSIFIER_CONFIG = "classifier_config.json"
+MODEL_CONFIG = "config.json"
 PARTITION = "partition.json"
 
 
 def save_model_folder(model, tokenizer, folder: Path, base_name: str, classification: bool) -> None:
-    """Save ``model`` (a PeftModel) in peft format with its tokenizer, naming ``base_name`` as its base."""
-    for cfg in model.peft_config.values():
-        cfg.base_model_name_or_path = base_name
-    # peft's "auto" would ask the Hub for the base's config.json to decide whether to save the embeddings; they
-    # travel only when LoRA targets them, which peft then detects from target_modules itself.
-    targets = {t for cfg in model.peft_config.values() for t in (cfg.target_modules or ())}
-    model.save_pretrained(folder, save_embedding_layers="auto" if targets & set(EMBEDDING_LAYER_NAMES) else False)
-    tokenizer.save_pretrained(folder)
-    if classification:
-        model.get_base_model().config.to_json_file(folder / CLASSIFIER_CONFIG)
+    """Save ``model`` as its adapter kind saves (a peft adapter, or a complete model folder), with its tokenizer."""
+    from peft import PeftModel
+
+    kind = ADAPTERS["lora" if isinstance(model, PeftModel) else "full"]
+    kind.save(model, tokenizer, folder, base_name, classification)
+
+
+def is_full_model(folder: Path) -> bool:
+    """The folder holds a complete model (``model.finetune: full``), not a peft adapter."""
+    return (folder / MODEL_CONFIG).is_file() and not (folder / ADAPTER_CONFIG).is_file()
+
+
+def _saved(folder: Path) -> bool:
+    return (folder / ADAPTER_CONFIG).is_file() or (folder / MODEL_CONFIG).is_file()
 
 
 def adapter_folders(run_dir: Path) -> dict[str, Path]:
     """Every adapter folder a run saved, by name: ``""`` for ``adapter/`` (the global model), else its folder
     name under ``adapters/``: ``client_<i>`` (personalised), or one of several models (``models.json``)."""
-    found = {"": run_dir / "adapter"} if (run_dir / "adapter" / ADAPTER_CONFIG).is_file() else {}
+    found = {"": run_dir / "adapter"} if _saved(run_dir / "adapter") else {}
     if (run_dir / "adapters").is_dir():
-        found.update({p.name: p for p in sorted((run_dir / "adapters").iterdir()) if (p / ADAPTER_CONFIG).is_file()})
+        found.update({p.name: p for p in sorted((run_dir / "adapters").iterdir()) if _saved(p)})
     return found
 
 
@@ -111,7 +119,7 @@ class RunModel:
 
     @property
     def label_names(self) -> list[str]:
-        config = self.model.get_base_model().config
+        config = self.model.config
         return [config.id2label[i] for i in range(config.num_labels)]
 
 
@@ -125,8 +133,10 @@ def load_run_model(run_dir: Path, client: int | None = None) -> RunModel:
     folder = adapter_folder(run_dir, client)
     cfg = load_config(run_dir / CONFIG)
     partition = json.loads((run_dir / PARTITION).read_text()) if (run_dir / PARTITION).is_file() else {}
-    named = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    base = cfg.model.model_copy(update={"name": cfg.model.name if cfg.model.name in PACKAGED or not named else named})
+    full = is_full_model(folder)
+    named = None if full else json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    name = str(folder) if full else cfg.model.name if cfg.model.name in PACKAGED or not named else named
+    base = cfg.model.model_copy(update={"name": name})
     if cfg.model.task == "sft":
         model, tok = load_causal_lm(base)
         columns = ["instruction", "input"]  # the input, optional, follows a tab
@@ -137,7 +147,7 @@ def load_run_model(run_dir: Path, client: int | None = None) -> RunModel:
         names = partition["label_names"]
         model, tok = load_classifier(base, len(names), names)
         columns = partition["text_columns"]
-    return RunModel(cfg, load_adapter(model, folder).eval(), tok, folder, columns)
+    return RunModel(cfg, (model if full else load_adapter(model, folder)).eval(), tok, folder, columns)
 
 
 def split_inputs(texts: list[str], pair: bool) -> list[list[str]]:

@@ -233,6 +233,19 @@ def _shared_prefix_length(ids: torch.Tensor, mask: torch.Tensor, scored: torch.T
     return min(int(differ[0, 0]) if len(differ) else ids.shape[1], ids.shape[1] - 1)
 
 
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """A fresh ``cfg.optimizer`` over the model's trainable parameters at ``lr`` (LoRA B at λ · lr with
+    ``cfg.lora_plus_ratio`` λ)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ratio = cfg.lora_plus_ratio or 1.0
+    groups = [{"params": [p for n, p in named if "lora_B" not in n], "lr": lr},
+              {"params": [p for n, p in named if "lora_B" in n], "lr": lr * ratio}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
 def train_local(
     model: torch.nn.Module,
     batches: Iterator[dict[str, torch.Tensor]],
@@ -249,16 +262,8 @@ def train_local(
     A fresh optimiser per call: client optimiser state does not travel between rounds.
     With ``cfg.lora_plus_ratio`` λ the LoRA B factors train at λ · lr (LoRA+).
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    ratio = cfg.lora_plus_ratio or 1.0
-    groups = [{"params": [p for n, p in named if "lora_B" not in n], "lr": lr},
-              {"params": [p for n, p in named if "lora_B" in n], "lr": lr * ratio}]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(model, cfg, lr)
     model.train()
     total, seen = 0.0, 0
     for _ in range(steps):

@@ -41,6 +41,7 @@ from fedtune.aggregation import Tensors
 from fedtune.config import TrainConfig, explain
 from fedtune.errors import FedtuneError
 from fedtune.models.lora import fit_lora_rank, load_state, trainable_state
+from fedtune.server_context import ServerContext
 
 Scalar = int | float | str | bool
 
@@ -149,6 +150,11 @@ class Algorithm(ABC):
     """Train on the union of all shards as one client (the centralized reference)."""
     uses_base_weights: ClassVar[bool] = False
     """The global model holds ``merged/`` updates of the base weights, so clients reset them each round."""
+    adapters: ClassVar[tuple[str, ...]] = ("lora", "full")
+    """The kinds of fine-tuning (``model.finetune``) the algorithm federates; LoRA-factor methods: ``lora`` only."""
+    trains_on_server: ClassVar[bool] = False
+    """The algorithm trains on the server's own data (``partition.server_fraction``): the round loop hands it
+    the run's :class:`~fedtune.server_context.ServerContext` once, before the first round (:meth:`setup_server`)."""
 
     def __init__(self, options: dict[str, Any] | None = None, lora: LoraSetup | None = None,
                  rounds: int | None = None, num_clients: int | None = None):
@@ -175,6 +181,10 @@ class Algorithm(ABC):
             parts.append("partition.client_test_fraction > 0 (each client is evaluated on its own test shard)")
         if cls.pools_data:
             parts.append("one rank for all (no lora.client_ranks / rank_tiers)")
+        if "full" not in cls.adapters:
+            parts.append("model.finetune: lora")
+        if cls.trains_on_server:
+            parts.append("partition.server_fraction > 0 (the server's own data)")
         if cls.requires:
             parts.append(cls.requires)
         return "; ".join(parts)
@@ -190,6 +200,15 @@ class Algorithm(ABC):
         return []
 
     # ------------------------------------------------------------------ server side
+    def setup_server(self, server: ServerContext) -> None:
+        """``trains_on_server`` algorithms: receive the run's server context, once, before :meth:`init` (or before
+        the first round of a resumed run)."""
+
+    def evaluate_on_server(self, state: ServerState) -> dict[str, dict[str, float]]:
+        """Models of the server's own (e.g. a teacher that never leaves it) scored on the eval split, by name:
+        logged as ``eval/<name>/<metric>`` in every evaluated round. Default: none."""
+        return {}
+
     def init(self, initial: Tensors) -> ServerState:
         return ServerState(round=0, global_tensors={k: v.clone() for k, v in initial.items()})
 

@@ -56,6 +56,7 @@ def _history_key(rnd: int, module: str, factor: str) -> str:
 class _FactorAggregation(Algorithm):
     """Shared parts: split updates into per-module factors and the rest; the server model holds dense merges."""
 
+    adapters = ("lora",)
     uses_base_weights = True
     requires = "meant for heterogeneous ranks: lora.client_ranks or lora.rank_tiers (runs with one rank too)"
 

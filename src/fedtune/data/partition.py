@@ -1,7 +1,7 @@
 """Splitting the training examples across clients.
 
 :func:`partition_clients` returns one sorted index array per client. Every
-method is deterministic for a seed; every method but ``natural`` changes with
+method is deterministic for a seed; every method but ``natural`` and ``contiguous`` changes with
 the seed. Clients are disjoint, and together they hold every example, except
 under ``pathological``, where the rows of a value of ``by`` that no client
 draws stay unused (possible only when ``num_clients`` is smaller than the
@@ -18,6 +18,8 @@ number of values; :func:`partition_summary` reports the count).
   client ``j mod num_clients``. It does not depend on the seed.
 - ``quantity``: IID labels; client i (from 1) gets a share proportional to
   ``i ** -quantity_skew``.
+- ``contiguous``: client i holds the i-th of ``num_clients`` consecutive,
+  near-equal blocks of the rows in file order (the FedKDLoRA seed's split).
 
 Group splits (FedMLLM's language splits, over any group column ``by``:
 language, task, domain). The G groups are the sorted distinct values of
@@ -66,6 +68,16 @@ def partition_clients(train: datasets.Dataset, cfg: PartitionConfig, seed: int) 
         )
     parts = _METHODS[cfg.method](train, cfg, seed)
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def server_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(the server's rows, the clients' rows) of n training rows: the first ⌊fraction · n⌉ rows, contiguous in
+    file order, are the server's (``partition.server_fraction``); the clients' partition splits the rest."""
+    k = int(round(fraction * n))
+    if fraction > 0 and not 0 < k < n:
+        raise FedtuneError(f"partition.server_fraction={fraction} of {n} training rows leaves "
+                           f"{'the server no rows' if k == 0 else 'the clients no rows'}; adjust it or add rows")
+    return np.arange(k, dtype=np.int64), np.arange(k, n, dtype=np.int64)
 
 
 def split_client_test(indices: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -202,6 +214,10 @@ _BY = "by"
 
 def _iid(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
     return np.array_split(np.random.default_rng(seed).permutation(len(train)), cfg.num_clients)
+
+
+def _contiguous(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+    return np.array_split(np.arange(len(train)), cfg.num_clients)
 
 
 def _natural(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
@@ -352,6 +368,7 @@ def _quantity(train: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[
 
 _METHODS: dict[str, Callable[[datasets.Dataset, PartitionConfig, int], list[np.ndarray]]] = {
     "iid": _iid,
+    "contiguous": _contiguous,
     "dirichlet": _dirichlet,
     "pathological": _pathological,
     "natural": _natural,

@@ -92,7 +92,11 @@ def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> 
 def load_adapter(model: torch.nn.Module, path: Path) -> PeftModel:
     """``model`` with the peft adapter at ``path``: a run directory (its ``adapter/``) or an adapter folder."""
     path = Path(path)
-    folder = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+    run = (path / "adapter" / "adapter_config.json").is_file() or (path / "adapter" / "config.json").is_file()
+    folder = path / "adapter" if run else path
+    if not (folder / "adapter_config.json").is_file() and (folder / "config.json").is_file():
+        raise FedtuneError(f"{folder} holds a complete model (a model.finetune=full run), not a peft adapter: "
+                           f"load it as the model itself (e.g. --model {folder})")
     if not (folder / "adapter_config.json").is_file():
         clients = sorted(p.name for p in (path / "adapters").glob("client_*")) if (path / "adapters").is_dir() else []
         hint = f"; this run saved one adapter per client: give {path / 'adapters'}/<client_i>" if clients else ""

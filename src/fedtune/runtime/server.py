@@ -154,6 +154,8 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
                 if hooks:
                     hooks.on_eval_start(rnd, f"the eval split ({name})" if name else "the eval split", len(exp.eval))
                 out.update(_prefixed(f"eval/{name}" if name else "eval", evaluate_global(exp, tensors)))
+            for name, metrics in algo.evaluate_on_server(state).items():
+                out.update(_prefixed(f"eval/{name}", metrics))
         if per_client:
             cids = [cid for cid in range(exp.num_clients) if exp.client_sizes[cid][1]]
             if hooks:
@@ -173,6 +175,8 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         if hooks:
             hooks.on_round_end(row)
 
+    if algo.trains_on_server:
+        algo.setup_server(exp.server_context(log.run_dir))
     if start is not None:
         state, row = start
     else:
