@@ -354,7 +354,7 @@ def test_starters_name_existing_fields_and_validate():
     (LoraConfig.model_fields["target_modules"], "list or null"),
     (PartitionConfig.model_fields["method"], "one of: iid, dirichlet, pathological, natural, quantity, group_clusters, "
                                              "group_iid, group_pairs, language_clusters, language_iid, "
-                                             "language_multi_domain, files"),
+                                             "language_multi_domain, contiguous, files"),
     (DataConfig.model_fields["text_column"], "text or null"),
     (DataConfig.model_fields["name"], ""),
     (EvalConfig.model_fields["metrics"], "list of: choice, perplexity, rouge; or null"),
