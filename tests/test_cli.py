@@ -196,7 +196,8 @@ def test_algorithms_lists_requirements_and_options_with_meaning_and_allowed_valu
     assert "    mu=0.01 [float ≥ 0]: Weight of the proximal term.\n" in out
     assert "    warmup=none [one of: none, linear]\n" in out
     assert "\nflora: " in out and "meant for heterogeneous ranks: lora.client_ranks" in out
-    assert "fedit: FedAvg of LoRA A, B (and head), weighted by client data size\n  requires: nothing beyond the " \
+    assert "fedit: FedAvg of the trained tensors (LoRA A, B and head, or every parameter), weighted by client data "\
+           "size\n  requires: nothing beyond the " \
            "defaults\n  options: none\n" in out
 
 

@@ -236,3 +236,53 @@ def test_fedkd_gives_identical_students_on_both_runtimes(tmp_path, tiny_model_di
     ra, rb = _rows(inproc.run_dir), _rows(flower.run_dir)
     assert [r["eval/teacher/accuracy"] for r in ra] == [r["eval/teacher/accuracy"] for r in rb]
     assert [r["bytes_down"] for r in ra] == [r["bytes_down"] for r in rb]
+
+
+class Stop(BaseException):
+    """Stands for the process being stopped (the in-process pool absorbs only Exceptions)."""
+
+
+def test_a_stopped_fedkd_run_resumes_with_its_teacher(tmp_path, tiny_model_dir, tiny_tsv_dataset, tiny_teacher_dir,
+                                                      monkeypatch):
+    """The teacher trains every round and lives in the checkpoint: a resumed run ends like an uninterrupted one."""
+    import fedtune.runtime.inprocess as inprocess
+    from fedtune.run import execute
+
+    full = _kd(tmp_path, tiny_model_dir, tiny_tsv_dataset, tiny_teacher_dir, "name=full", "federation.rounds=3")
+    cut = _kd(tmp_path, tiny_model_dir, tiny_tsv_dataset, tiny_teacher_dir, "name=cut", "federation.rounds=3")
+    execute(full)
+    real = inprocess.client_round
+
+    def stop_at_round_3(exp, cid, rnd, *args, **kw):
+        if rnd >= 3:
+            raise Stop
+        return real(exp, cid, rnd, *args, **kw)
+
+    monkeypatch.setattr(inprocess, "client_round", stop_at_round_3)
+    with pytest.raises(Stop):
+        execute(cut)
+    monkeypatch.undo()
+    execute(cut, resume=True)
+    a, b = _adapter(full.run_dir), _adapter(cut.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _rows(full.run_dir)[-1]["eval/teacher/accuracy"] == _rows(cut.run_dir)[-1]["eval/teacher/accuracy"]
+
+
+def test_server_training_leaves_the_shared_client_model_as_it_found_it(tmp_path, tiny_model_dir, tiny_tsv_dataset,
+                                                                       tiny_teacher_dir):
+    from fedtune.algorithms import ClientUpdate
+    from fedtune.models.lora import trainable_state
+
+    from fedtune.experiment import build_experiment
+
+    exp = build_experiment(_kd(tmp_path, tiny_model_dir, tiny_tsv_dataset, tiny_teacher_dir))
+    algo = exp.algorithm
+    algo.setup_server(exp.server_context())
+    state = algo.init(exp.initial)
+    before = trainable_state(exp.model)
+    exp.model.eval()
+    updates = [ClientUpdate(c, {k: v + 0.01 * c for k, v in exp.initial.items()}, 10) for c in range(3)]
+    new = algo.aggregate(1, updates, state)
+    after = trainable_state(exp.model)
+    assert all(torch.equal(before[k], after[k]) for k in before) and not exp.model.training
+    assert any(not torch.equal(new.global_tensors[k], state.global_tensors[k]) for k in before)

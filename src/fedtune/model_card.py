@@ -103,6 +103,8 @@ def _training_rows(cfg: RunConfig, summary: dict, partition: dict, adapter: dict
     data = f"`{cfg.data.name}`"
     if partition.get("num_examples"):
         data += f", {partition['num_examples']:,} training examples"
+        if partition.get("server_examples"):
+            data += f" (and {partition['server_examples']:,} held by the server only)"
     return [
         ("method", f"`{cfg.algorithm.name}`" + (f" ({options})" if options else "")),
         ("base model", f"`{base}`" + (f" (fedtune: `{cfg.model.name}`)" if cfg.model.name != base else "")),

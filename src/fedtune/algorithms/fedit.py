@@ -6,7 +6,8 @@ Deep Networks from Decentralized Data" (AISTATS 2017).
 
 Each sampled client i starts from the global adapters, trains locally on its
 n_i examples and returns its trainable tensors θ_i (LoRA A and B, and the task
-head when it is trained). The server averages each tensor separately::
+head when it is trained; every parameter with ``model.finetune: full``, which
+makes this full-parameter FedAvg). The server averages each tensor separately::
 
     θ ← Σ_i p_i θ_i,    p_i = n_i / Σ_j n_j   over the round's clients.
 
@@ -24,7 +25,7 @@ from fedtune.models.lora import fit_lora_rank
 
 class FedIT(Algorithm):
     name = "fedit"
-    summary = "FedAvg of LoRA A, B (and head), weighted by client data size"
+    summary = "FedAvg of the trained tensors (LoRA A, B and head, or every parameter), weighted by client data size"
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
         sets = [u.tensors for u in updates]

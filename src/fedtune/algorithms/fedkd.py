@@ -174,6 +174,16 @@ class FedKD(FedIT):
             "model": self.teacher_base, "finetune": self.teacher_kind, "label_names": self.server.label_names,
             "pretrain_epochs": self.options.teacher_pretrain_epochs, "pretrain_loss": loss, "data": cfg.data.name,
             "server_rows": len(self.server.rows), "seed": cfg.seed}, indent=2) + "\n")
+        (folder / "README.md").write_text(
+            f"# The FedKDLoRA teacher of run `{cfg.name}`\n\n"
+            f"`{self.teacher_base}` with a {len(self.server.label_names)}-class head "
+            f"({', '.join(self.server.label_names)}), trained {self.teacher_kind} "
+            f"({'a peft adapter on that base' if self.teacher_kind == 'lora' else 'a complete model folder'}), "
+            f"pre-trained {self.options.teacher_pretrain_epochs:g} epochs on the server's {len(self.server.rows)} rows "
+            f"of `{cfg.data.name}` (mean loss {loss:.4f}). `{TEACHER_JSON}` records the same.\n\n"
+            "Reuse it in a later run, without pre-training it again:\n\n"
+            f"```yaml\nalgorithm:\n  name: fedkd\n  options:\n    teacher: {folder.resolve()}\n"
+            "    teacher_pretrain_epochs: 0\n```\n")
 
     # ------------------------------------------------------------------ rounds
     def init(self, initial: Tensors) -> ServerState:

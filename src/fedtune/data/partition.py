@@ -178,6 +178,8 @@ def summary_table(summary: dict[str, Any], max_rows: int = 20, max_labels: int =
     )
     if "mean_label_entropy" in summary:
         caption += f" · mean label entropy {summary['mean_label_entropy']:.3f} bits"
+    if summary.get("server_examples"):
+        caption += f" · the server holds {summary['server_examples']:,} more (partition.server_fraction)"
     table = Table(caption=caption)
     table.add_column("client", justify="right")
     table.add_column("examples", justify="right")
