@@ -150,9 +150,31 @@ def test_describe_registered(data_env):
 
 def test_list_datasets():
     names = [row[0] for row in list_datasets()]
-    assert names == ["sst2", "sst2_pt", "cola", "snli", "mmlu", "alpaca_en", "alpaca_zh", "xquad_en", "xquad_es",
-                     "xquad_tr", "xquad_de", "xquad_zh", "xquad_vi", "multilingual", "sst2_multilingual", "sst2_cola"]
+    assert names == ["sst2", "sst2_pt", "cola", "snli", "mmlu", "alpaca_en", "alpaca_zh", "dolly", "natural_instructions",
+                     "xquad_en", "xquad_es", "xquad_tr", "xquad_de", "xquad_zh", "xquad_vi", "multilingual",
+                     "sst2_multilingual", "sst2_cola"]
     assert dict((r[0], r[2]) for r in list_datasets())["snli"] == "stanfordnlp/snli"
+
+
+def test_dolly_and_natural_instructions_keep_their_category_and_task_for_partitioning():
+    from collections import Counter
+
+    from fedtune.config import PartitionConfig
+    from fedtune.data import partition_clients
+    from fedtune.data.instructions import load_instruction_data
+
+    dolly = load_instruction_data(DataConfig(name="dolly", eval_fraction=0), seed=0)
+    assert len(dolly.train) == 15_011 and dolly.train["task"][0] == "dolly"
+    assert Counter(dolly.train["category"])["creative_writing"] == 709
+    row = next(r for r in dolly.train if r["input"])  # the context paragraph is the instruction's input
+    assert row["output"] and row["instruction"]
+    parts = partition_clients(dolly.train, PartitionConfig(method="natural", by="category"), seed=0)
+    assert len(parts) == 8
+
+    ni = load_instruction_data(DataConfig(name="natural_instructions", eval_fraction=0), seed=0)
+    assert len(ni.train) == 19_313 and len(set(ni.train["task"])) == 20
+    assert Counter(ni.train["task"])["task181_outcome_extraction"] == 338
+    assert sum(1 for o in ni.train["output"] if not o) == 6  # task511's empty outputs, kept as in the source
 
 
 # --------------------------------------------------------------------------- user files

@@ -88,22 +88,25 @@ def as_instructions(task: TaskData) -> TaskData:
 
 
 def _open_ended(ds: datasets.Dataset, task: TaskData, label_column: str | None) -> datasets.Dataset:
+    """Instruction rows: the first text column is the instruction, the second (if any) its input."""
     n = len(ds)
-    inputs = ds["input"][:] if "input" in ds.column_names else [""] * n
+    instruction, *rest = task.text_columns
+    inputs = ds[rest[0]][:] if rest and rest[0] in ds.column_names else [""] * n
     return datasets.Dataset.from_dict({
-        "instruction": ds["instruction"][:],
+        "instruction": ds[instruction][:],
         "input": [x or "" for x in inputs],
-        "output": ds[task.target_column][:],
+        "output": [x or "" for x in ds[task.target_column][:]],
         "choices": [[] for _ in range(n)],
         "answer": [-1] * n,
-        "task": [task.name] * n,
-        **{c: ds[c][:] for c in task.meta_columns},
+        "task": ds["task"][:] if "task" in task.meta_columns else [task.name] * n,
+        **{c: ds[c][:] for c in task.meta_columns if c != "task"},
     }, features=_features(ds, task))
 
 
 def _features(ds: datasets.Dataset, task: TaskData, **more: datasets.Value) -> datasets.Features:
     """:data:`COLUMNS`' types, the task's meta columns' own types, and ``more``."""
-    return datasets.Features({**_FEATURES, **{c: ds.features[c] for c in task.meta_columns}, **more})
+    meta = {c: ds.features[c] for c in task.meta_columns if c != "task"}
+    return datasets.Features({**_FEATURES, **meta, **more})
 
 
 def _verbaliser(task: TaskData):
@@ -125,9 +128,9 @@ def _verbaliser(task: TaskData):
             "output": [answers[y] for y in labels],
             "choices": [answers] * len(ds),
             "answer": list(labels),
-            "task": [task.name] * len(ds),
+            "task": cols["task"] if "task" in task.meta_columns else [task.name] * len(ds),
             label_column: list(labels),
-            **{c: cols[c] for c in task.meta_columns},
+            **{c: cols[c] for c in task.meta_columns if c != "task"},
         }
         return datasets.Dataset.from_dict(out, features=_features(ds, task, **{label_column: datasets.Value("int64")}))
 

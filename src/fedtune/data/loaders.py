@@ -172,6 +172,7 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
         target_column=schema.target_column,
         eval_origin=origin,
         notes=notes,
+        meta_columns=loc.spec.meta_columns if loc.spec is not None else (),
     )
 
 

@@ -58,6 +58,9 @@ class DatasetSpec:
     """Split name here -> split name on the Hub (only the Hub splits that carry labels)."""
     hub_columns: Callable[[dict[str, list[Any]]], dict[str, list[Any]]] | None = None
     """Turns the Hub's columns into this spec's columns; None: they already match."""
+    meta_columns: tuple[str, ...] = ()
+    """Columns about each row (a category, a source task) kept through instruction formatting, so that
+    ``partition.by`` can split over them; a ``task`` column names each row's task in place of the dataset."""
 
 
 def _mmlu_from_hub(cols: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -180,6 +183,29 @@ REGISTRY: dict[str, DatasetSpec] = {
                 target_column="output",
             )
             for lang, language in [("en", "English"), ("zh", "Chinese")]
+        ),
+        DatasetSpec(
+            name="dolly",
+            kind="instruction",
+            description="Dolly-15k: 15,011 human-written instructions in 8 categories (a category column)",
+            folder="dolly",
+            files={"train": "databricks-dolly-15k.jsonl"},
+            text_columns=("instruction", "context"),
+            required=("response",),
+            target_column="response",
+            meta_columns=("category",),
+            hub_id="databricks/databricks-dolly-15k",
+            hub_splits={"train": "train"},
+        ),
+        DatasetSpec(
+            name="natural_instructions",
+            kind="instruction",
+            description="Super-NaturalInstructions: 20 English tasks, up to 1,000 rows each (a task column)",
+            folder="natural_instructions",
+            files={"train": "train.jsonl"},
+            text_columns=("instruction", "input"),
+            target_column="output",  # 6 rows of task511 have an empty output, as in the source: kept
+            meta_columns=("task",),
         ),
         *(
             DatasetSpec(
