@@ -1,5 +1,6 @@
 """FedIT aggregation against hand computation, and the algorithm registry."""
 
+import json
 import math
 
 import pytest
@@ -238,3 +239,42 @@ def test_each_server_optimiser_option_from_a_config_changes_the_step_as_computed
 def test_server_schedule_options_from_a_config_scale_the_step_of_round_2(options, eta2):
     algo = _configured("fedavgm", rounds=3, server_lr=1.0, momentum=0.0, **options)
     assert _two_steps(algo) == pytest.approx((1.0, 1.0 + eta2 * 3), rel=1e-6)
+
+
+def test_after_local_training_scores_each_trained_client_on_its_own_test_shard(tmp_path, tiny_model_dir,
+                                                                               tiny_tsv_dataset):
+    """FedIT-FT: the round's clients score the model they just trained, before aggregation."""
+    from fedtune.config import load_config
+    from fedtune.evaluation import mean_metrics
+    from fedtune.experiment import build_experiment
+    from fedtune.runlog import RunLog
+    from fedtune.runtime.inprocess import InProcessPool
+    from fedtune.runtime.server import run_rounds
+
+    cfg = load_config(None, [
+        f"output_dir={tmp_path}", "name=ft", f"model.name={tiny_model_dir}", f"data.name={tiny_tsv_dataset}",
+        "data.text_column=sentence", "data.label_column=label", "partition.num_clients=3",
+        "partition.client_test_fraction=0.25", "eval.after_local_training=true", "federation.rounds=2",
+        "train.local_steps=3", "train.lr=1e-2", "threads=1", "eval.every=2",
+    ])
+    exp = build_experiment(cfg)
+    updates = []
+
+    class Keeping(InProcessPool):
+        def train(self, rnd, payloads, lr):
+            out = super().train(rnd, payloads, lr)
+            updates.append(out)
+            return out
+
+    run_rounds(exp, Keeping(exp), RunLog(cfg.run_dir))
+    rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "client_ft/accuracy" not in rows[1] and "client_ft/accuracy" in rows[2]  # evaluated rounds only
+    scores = {}
+    for u in updates[1]:
+        exp.load(u.tensors)  # the trained model the client sent
+        scores[u.client_id] = exp.evaluate(exp.clients[u.client_id].examples, exp.clients[u.client_id].test)
+        assert u.metrics["ft/accuracy"] == scores[u.client_id]["accuracy"]
+    assert rows[2]["client_ft/accuracy"] == pytest.approx(mean_metrics(scores)["accuracy"])
+    with pytest.raises(FedtuneError, match="client_test_fraction"):
+        build_experiment(cfg.model_copy(update={"partition": cfg.partition.model_copy(
+            update={"client_test_fraction": 0.0})}))

@@ -303,6 +303,10 @@ class EvalConfig(_Strict):
     """Examples per evaluation forward pass."""
     per_client: bool = False
     """Also evaluate on every client's own test shard (always on for personalised algorithms)."""
+    after_local_training: bool = False
+    """The "-FT" protocol (FedIT-FT is FedIT with this on): on evaluated rounds, each of the round's clients also
+    scores its model right after local training, before aggregation, on its own test shard; logged as
+    ``client_ft/<metric>``, the example-weighted mean over them. Needs ``partition.client_test_fraction`` > 0."""
     metrics: list[Literal["choice", "perplexity", "rouge"]] | None = None
     """``model.task: sft`` only. ``choice``: score each candidate answer (verbalised labels); ``perplexity``:
     of the reference responses; ``rouge``: ROUGE-L F1 of greedy generations. Default: choice where the data has

@@ -191,6 +191,13 @@ def client_groups(column, shards: list[np.ndarray]) -> list[str]:
     return groups
 
 
+def evaluated_round(cfg: RunConfig, rnd: int) -> bool:
+    """Round ``rnd`` is evaluated: evaluation is on, and it is the last round or a multiple of ``eval.every``
+    (round 0, the initial model, is one)."""
+    every = cfg.eval.every
+    return cfg.eval.enabled and (rnd == cfg.federation.rounds or bool(every and rnd % every == 0))
+
+
 def clients_per_round(cfg: RunConfig, num_clients: int) -> int:
     fed = cfg.federation
     if fed.clients_per_round is not None:
@@ -261,6 +268,9 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
     if algorithm.trains_on_server and cfg.partition.server_fraction <= 0:
         raise FedtuneError(f"algorithm '{algorithm.name}' trains on the server's own data; set "
                            "partition.server_fraction (e.g. 0.2) to give the server a slice no client holds")
+    if cfg.eval.after_local_training and cfg.partition.client_test_fraction <= 0:
+        raise FedtuneError("eval.after_local_training scores each client on its own test shard; set "
+                           "partition.client_test_fraction (e.g. 0.2)")
     if algorithm.personalized and cfg.partition.client_test_fraction <= 0:
         raise FedtuneError(
             f"algorithm '{algorithm.name}' is evaluated on each client's own test shard; "

@@ -29,10 +29,10 @@ from rich.progress import (
 from rich.text import Text
 
 from fedtune.experiment import Experiment
+from fedtune.runlog import METRIC_PREFIXES as _SHOWN
 from fedtune.training import local_steps
 from fedtune.units import human_seconds
 
-_SHOWN = ("eval/", "client_eval/")
 
 
 def round_line(row: dict[str, Any], rounds: int, left_s: float | None = None) -> str:

@@ -36,10 +36,10 @@ from rich import box
 from rich.table import Table
 
 from fedtune.errors import FedtuneError
+from fedtune.runlog import METRIC_PREFIXES as _METRIC_PREFIXES
 from fedtune.runlog import Run, load_models, load_run, model_assignment
 from fedtune.units import human_bytes, human_seconds
 
-_METRIC_PREFIXES = ("eval/", "client_eval/")
 _PREFERRED = ("eval/accuracy", "eval/loss", "client_eval/accuracy", "client_eval/loss")
 _TRAIN_LOSS = "train_loss"
 _LOWER_IS_BETTER = ("loss", "perplexity", "_std")

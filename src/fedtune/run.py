@@ -37,7 +37,7 @@ from fedtune.models.base import public_model_name
 from fedtune.models.lora import MERGED, MERGED_FILE
 from fedtune.progress import RunProgress
 from fedtune.report import clustering_plots
-from fedtune.runlog import CONFIG, METRICS, SUMMARY, RunLog, load_run, write_models
+from fedtune.runlog import CONFIG, METRIC_PREFIXES, METRICS, SUMMARY, RunLog, load_run, write_models
 from fedtune.runtime.checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
 from fedtune.runtime.inprocess import InProcessPool
 from fedtune.runtime.server import ClientPool, run_rounds
@@ -160,7 +160,7 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
         state, last, client_states = driver(exp, hooks, federate)
 
     save_adapters(exp, state, client_states, cfg.run_dir)
-    final = {k: v for k, v in last.items() if k.startswith(("eval/", "client_eval/"))}
+    final = {k: v for k, v in last.items() if k.startswith(METRIC_PREFIXES)}
     seconds = time.perf_counter() - t0
     run = load_run(cfg.run_dir)
     problems = [p for row in run.rows for p in row.get("client_problems", [])]

@@ -12,7 +12,8 @@ A metrics row is flat: ``round``, ``lr``, ``clients``, ``num_clients``,
 ``train_loss``, ``train_examples``, ``bytes_up``/``bytes_down`` and their running
 totals ``cum_bytes_up``/``cum_bytes_down``, ``time_{train,aggregate,eval,round}_s``,
 and, on evaluated rounds, ``eval/<metric>`` and ``client_eval/<metric>`` keys (the clients' example-weighted
-mean, and ``_std`` their spread) with each client's own metrics under ``client_metrics: {"<id>": {...}}``.
+mean, and ``_std`` their spread) with each client's own metrics under ``client_metrics: {"<id>": {...}}``,
+and ``client_ft/<metric>`` with ``eval.after_local_training`` (the round's clients scored right after training).
 :class:`RunLog` writes a directory, :func:`load_run` reads one back.
 """
 
@@ -28,6 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+METRIC_PREFIXES = ("eval/", "client_eval/", "client_ft/")
+"""The metrics of a row, by where they were measured: the held-out split (``eval/``), each client's own test shard
+with the model it is evaluated with (``client_eval/``), or right after its local training (``client_ft/``)."""
 
 from fedtune.errors import FedtuneError
 

@@ -9,10 +9,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from fedtune.runlog import Run
+from fedtune.runlog import METRIC_PREFIXES, Run
 from fedtune.units import human_bytes, human_seconds
-
-_GROUPS = ("eval/", "client_eval/")
 
 
 def _number(value: Any) -> str:
@@ -24,12 +22,13 @@ def _number(value: Any) -> str:
 def _header(metric: str) -> str:
     """``client_eval/macro_f1`` → 'clients macro f1': words, so that a narrow terminal wraps headers."""
     prefix, _, name = metric.partition("/")
-    return f"{'clients' if prefix == 'client_eval' else prefix} {name.replace('_', ' ')}"
+    words = {"client_eval": "clients", "client_ft": "clients trained"}.get(prefix, prefix)
+    return f"{words} {name.replace('_', ' ')}"
 
 
 def metrics_of(run: Run) -> list[str]:
     """The run's ``eval/`` and ``client_eval/`` keys, first seen first."""
-    return list(dict.fromkeys(k for row in run.rows for k in row if k.startswith(_GROUPS)))
+    return list(dict.fromkeys(k for row in run.rows for k in row if k.startswith(METRIC_PREFIXES)))
 
 
 def round_table(run: Run, metrics: list[str] | None = None, totals: bool = True) -> Table:
@@ -62,10 +61,10 @@ def round_table(run: Run, metrics: list[str] | None = None, totals: bool = True)
 
 def fitted_tables(run: Run, console: Console) -> list[Table]:
     """:func:`round_table` of every metric, or where that is wider than ``console``, one table of the
-    ``eval/`` metrics (with the totals) and one of the ``client_eval/`` ones."""
+    ``eval/`` metrics (with the totals) and one of the clients' (``client_eval/``, ``client_ft/``)."""
     table = round_table(run)
     metrics = metrics_of(run)
-    groups = [[m for m in metrics if m.startswith(g)] for g in _GROUPS]
+    groups = [[m for m in metrics if m.startswith("eval/")], [m for m in metrics if not m.startswith("eval/")]]
     wide = console.measure(table, options=console.options.update_width(10_000)).maximum > console.width
     if not wide or not all(groups):
         return [table]

@@ -9,9 +9,13 @@ import torch
 
 from fedtune.aggregation import Tensors
 from fedtune.algorithms import ClientContext, ClientUpdate, Payload
-from fedtune.experiment import Experiment, derive_seed
+from fedtune.experiment import Experiment, derive_seed, evaluated_round
 from fedtune.models.lora import trainable_state
 from fedtune.training import batch_stream, local_steps, train_local
+
+
+FT = "ft/"
+"""Prefix of the metrics a client measured right after its local training (``eval.after_local_training``)."""
 
 
 def client_round(
@@ -49,6 +53,8 @@ def client_round(
     ctx.train_loss = loss
     update = algo.update(ctx)
     update.metrics.update(train_loss=loss, steps=steps, examples_seen=seen)
+    if cfg.eval.after_local_training and evaluated_round(cfg, rnd) and len(data.test):
+        update.metrics.update({FT + k: v for k, v in exp.evaluate(data.examples, data.test).items()})
     return update
 
 

@@ -20,7 +20,8 @@ from fedtune.aggregation import Tensors, tensor_bytes
 from fedtune.algorithms import ClientUpdate, Payload, ServerState
 from fedtune.errors import FedtuneError
 from fedtune.evaluation import mean_metrics
-from fedtune.experiment import Experiment, clients_per_round, derive_seed
+from fedtune.experiment import Experiment, clients_per_round, derive_seed, evaluated_round
+from fedtune.runtime.client import FT
 from fedtune.runlog import RunLog
 from fedtune.training import round_lr
 
@@ -137,7 +138,6 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
     min_clients = 1 if algo.pools_data else cfg.federation.min_clients_per_round
     if min_clients > k:
         raise FedtuneError(f"federation.min_clients_per_round={min_clients} exceeds the {k} clients sampled per round")
-    every = cfg.eval.every
     per_client = algo.personalized or cfg.eval.per_client
     tolerate = cfg.federation.tolerate_client_failures
 
@@ -145,7 +145,7 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         """The round's ``eval/`` metrics (``eval/<model>/`` for several models), the clients' ``client_eval/``
         means (and spread), and each client's own metrics as ``client_metrics: {"<client id>": {...}}``;
         nothing on rounds that are not evaluated. Also the clients lost while evaluating."""
-        if not cfg.eval.enabled or not (rnd == rounds or (every and rnd % every == 0)):
+        if not evaluated_round(cfg, rnd):
             return {}, []
         out: dict[str, Any] = {}
         lost: list[dict] = []
@@ -228,6 +228,9 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         state = algo.aggregate(rnd, updates, state)
         t_aggregated = now()
         metrics, lost_eval = evaluation(rnd, state)
+        trained = {u.client_id: {k[len(FT):]: v for k, v in u.metrics.items() if k.startswith(FT)} for u in updates}
+        if any(trained.values()):
+            metrics.update(_prefixed("client_ft", mean_metrics({c: m for c, m in trained.items() if m})))
         t_end = now()
         cum_up += bytes_up
         cum_down += bytes_down
