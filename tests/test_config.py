@@ -362,3 +362,10 @@ def test_starters_name_existing_fields_and_validate():
 ])
 def test_allowed_values_come_from_type_and_bounds(field, text):
     assert allowed(field) == text
+
+
+def test_every_shipped_config_is_valid():
+    configs = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.*"))
+    assert len(configs) >= 8
+    for path in configs:
+        load_config(path)  # raises one line naming the problem

@@ -190,6 +190,8 @@ class FedKD(FedIT):
         state = super().init(initial)
         epochs = self.options.teacher_pretrain_epochs
         if epochs:
+            self.server.note(f"pre-training the teacher: {epochs:g} epochs ({self.server.steps(epochs)} steps) on the "
+                             f"{len(self.server.rows)} server rows …")
             loss = self.server.train(self.teacher, self.teacher_data, epochs, self.teacher_lr,
                                      derive_seed(self.server.cfg.seed, 0, _SEED))
             self.server.note(f"teacher pre-trained: {epochs:g} epochs on {len(self.server.rows)} server rows "
