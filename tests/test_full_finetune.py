@@ -92,8 +92,8 @@ def test_full_instruction_tuning_saves_a_causal_lm(tmp_path, tiny_llama_dir, tin
 
 @pytest.mark.parametrize("extra,match", [
     (["lora.client_ranks=[2, 1]"], "trains every parameter"),
-    (["algorithm.name=flora"], "works on LoRA factors"),
-    (["algorithm.name=clustered"], "works on LoRA factors"),
+    (["algorithm.name=flora"], "federates model.finetune=lora, not full"),
+    (["algorithm.name=clustered"], "federates model.finetune=lora, not full"),
 ])
 def test_lora_only_settings_are_an_error_with_full_fine_tuning(tmp_path, tiny_model_dir, tiny_tsv_dataset, extra,
                                                                match):

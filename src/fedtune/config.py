@@ -95,6 +95,9 @@ class PartitionConfig(_Strict):
     """Dirichlet: resample until every client has at least this many examples."""
     client_test_fraction: float = Field(default=0.0, ge=0, lt=1)
     """Fraction of each client's shard held out as its own test shard (personalised evaluation)."""
+    client_aux_fraction: float = Field(default=0.0, ge=0, lt=1)
+    """Fraction of each client's remaining training rows held out as its auxiliary split, for algorithms that
+    measure its data there (FedAMoLE's routing embeddings); only those algorithms accept it."""
     server_fraction: float = Field(default=0.0, ge=0, lt=1)
     """The server's own slice of the training split, which no client holds: its first ``server_fraction`` of the
     rows, contiguous in file order (FedKDLoRA's public data); the clients split the rest. With ``method: files`` it
@@ -138,10 +141,11 @@ class ModelConfig(_Strict):
     """Inputs are truncated to this many tokens; batches are padded only to their longest member."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of the base model's weights and compute."""
-    finetune: Literal["lora", "full"] = "lora"
+    finetune: Literal["lora", "full", "mole"] = "lora"
     """What the clients train and the federation moves: ``lora`` (the adapters of the ``lora`` section, and the
-    head) or ``full`` (every parameter of the model; the run saves a complete model folder). Heterogeneous ranks
-    and the algorithms built on LoRA factors need ``lora``."""
+    head), ``full`` (every parameter of the model; the run saves a complete model folder) or ``mole`` (mixtures
+    of LoRA experts, the ``mole`` section; for ``fedamole``). Heterogeneous ranks and the algorithms built on
+    LoRA factors need ``lora``."""
 
 
 class SftConfig(_Strict):
@@ -211,6 +215,28 @@ class LoraConfig(_Strict):
             raise FedtuneError(f"{what} {len(ranks)} clients but partition.num_clients is {num_clients}; "
                                "give one rank per client")
         return ranks
+
+
+class MoleConfig(_Strict):
+    """Mixtures of LoRA experts (``model.finetune: mole``): FedAMoLE's AMoLE on each target module, y = W₀x +
+    s·B_s A_s x + Σ_{e ∈ top-k} p̃_e s·B_e A_e x over the experts a client holds, routed per token."""
+
+    num_experts: int = Field(default=30, ge=1)
+    """Domain experts per target module (the server assigns each client a subset)."""
+    r: int = Field(default=8, ge=1)
+    """Rank of every expert (and of the router's token projection)."""
+    alpha: float = Field(default=16.0, gt=0)
+    """Every expert's update is scaled by alpha / r."""
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the experts' input (not on the router's)."""
+    top_k: int = Field(default=2, ge=1)
+    """Experts mixed per token, among the client's own; their router probabilities are renormalised."""
+    balance_weight: float = Field(default=0.001, ge=0)
+    """Weight of the load-balancing loss N · Σ_e f_e P_e, summed over the target modules."""
+    target_modules: list[str] | None = None
+    """Linear modules to put mixtures on; default: the attention projections of the architecture (as LoRA's)."""
+    train_head: bool = True
+    """Train (and federate) the task head of a classification model."""
 
 
 class TrainConfig(_Strict):
@@ -336,6 +362,7 @@ class RunConfig(_Strict):
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    mole: MoleConfig = Field(default_factory=MoleConfig)
     sft: SftConfig = Field(default_factory=SftConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)

@@ -25,7 +25,7 @@ from fedtune.data.templates import Template
 from fedtune.errors import FedtuneError
 from fedtune.evaluation import evaluate_classifier, evaluate_instructions
 from fedtune.models.base import load_causal_lm, load_classifier, quiet_loading
-from fedtune.models.adapters import ADAPTERS
+from fedtune.models.adapters import adapter_for
 from fedtune.models.lora import adapted_base_weights, load_state, trainable_state
 from fedtune.seeds import derive_seed, seed_everything
 from fedtune.server_context import ServerContext
@@ -42,11 +42,14 @@ from fedtune.training import (
 
 @dataclass
 class ClientData:
-    """The examples one client holds: it trains on rows ``train`` of ``examples`` and is tested on rows ``test``."""
+    """The examples one client holds: it trains on rows ``train`` of ``examples`` and is tested on rows ``test``;
+    rows ``aux`` (``partition.client_aux_fraction``) are its auxiliary split, for algorithms that measure
+    something of its data besides training (FedAMoLE's routing embeddings)."""
 
     examples: Encoded
     train: np.ndarray
     test: np.ndarray
+    aux: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 @dataclass
@@ -225,8 +228,10 @@ def algorithm_for(cfg: RunConfig) -> Algorithm:
     ``federation.rounds`` and ``partition.num_clients`` (None for a natural partition until it is drawn)."""
     ranks = cfg.lora.ranks(cfg.partition.num_clients)
     lora = LoraSetup(scale=cfg.lora.alpha / cfg.lora.r, client_ranks=tuple(ranks) if ranks else None)
-    return build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora, cfg.federation.rounds,
-                           cfg.partition.num_clients)
+    algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora, cfg.federation.rounds,
+                                cfg.partition.num_clients)
+    algorithm.seed = cfg.seed
+    return algorithm
 
 
 Holds = Literal["all", "none"] | int
@@ -260,14 +265,21 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
         raise FedtuneError("data.tasks (a multitask mixture) is for model.task=sft")
     finetune = cfg.model.finetune
     if finetune not in algorithm.adapters:
-        raise FedtuneError(f"algorithm '{algorithm.name}' works on LoRA factors; model.finetune={finetune} has none "
-                           f"(use model.finetune=lora, or an algorithm for any kind, e.g. fedit)")
+        kinds = " or ".join(algorithm.adapters)
+        raise FedtuneError(f"algorithm '{algorithm.name}' federates model.finetune={kinds}, not {finetune}; set "
+                           f"model.finetune={algorithm.adapters[0]}, or choose an algorithm for {finetune} "
+                           f"(fedtune algorithms lists what each requires)")
     if ranks and finetune != "lora":
         raise FedtuneError(f"lora.client_ranks / rank_tiers give clients LoRA ranks, but model.finetune={finetune} "
                            "trains every parameter; remove them or use model.finetune=lora")
     if algorithm.trains_on_server and cfg.partition.server_fraction <= 0:
         raise FedtuneError(f"algorithm '{algorithm.name}' trains on the server's own data; set "
                            "partition.server_fraction (e.g. 0.2) to give the server a slice no client holds")
+    if (cfg.partition.client_aux_fraction > 0) != algorithm.uses_aux_split:
+        raise FedtuneError(
+            f"algorithm '{algorithm.name}' measures routing on each client's auxiliary split: set "
+            "partition.client_aux_fraction (e.g. 0.1)" if algorithm.uses_aux_split else
+            f"partition.client_aux_fraction holds out rows that algorithm '{algorithm.name}' never reads; remove it")
     if cfg.eval.after_local_training and cfg.partition.client_test_fraction <= 0:
         raise FedtuneError("eval.after_local_training scores each client on its own test shard; set "
                            "partition.client_test_fraction (e.g. 0.2)")
@@ -302,16 +314,16 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
             return encode_classification(tokenizer, texts, ds[t.label_column][:], cfg.model.max_length)
 
     torch.manual_seed(derive_seed(cfg.seed, 1))
-    adapter = ADAPTERS[finetune]
+    adapter = adapter_for(cfg)
     with quiet_loading():
-        model = adapter.build(base, cfg.lora, cfg.model.task, lora.max_rank)
-    note(model_line(cfg.model.name, model, adapter.describe(cfg.lora, ranks), None if sft else len(label_names)))
+        model = adapter.build(base, cfg.model.task, lora.max_rank)
+    note(model_line(cfg.model.name, model, adapter.describe(ranks), None if sft else len(label_names)))
     encoded: dict[int, Encoded] = {}  # one encoding per loaded dataset: the clients of a split share it
     clients = {}
-    for cid, (t, train_rows, test_rows) in data.clients.items():
+    for cid, (t, train_rows, aux_rows, test_rows) in data.clients.items():
         if id(t) not in encoded:
             encoded[id(t)] = encode(t, t.train)
-        clients[cid] = ClientData(encoded[id(t)], train_rows, test_rows)
+        clients[cid] = ClientData(encoded[id(t)], train_rows, test_rows, aux_rows)
     exp = Experiment(
         cfg=cfg,
         task=task,
@@ -340,7 +352,7 @@ class _Loaded:
     partition summary (empty where only the nodes know them)."""
 
     task: TaskData | None
-    clients: dict[int, tuple[TaskData, np.ndarray, np.ndarray]]
+    clients: dict[int, tuple[TaskData, np.ndarray, np.ndarray, np.ndarray]]
     sizes: list[tuple[int, int]]
     summary: dict[str, Any]
     num_clients: int
@@ -399,10 +411,11 @@ def _split_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_path: s
         summary["server_examples"] = len(server_rows)
         parts = [client_rows[p] for p in parts]
     algorithm.num_clients = len(parts)  # natural without partition.num_clients: known only now
-    shards, tests = [], []
+    shards, auxes, tests = [], [], []
     for cid, part in enumerate(parts):
-        tr, te = split_client_test(part, cfg.partition.client_test_fraction, derive_seed(cfg.seed, cid))
+        tr, aux, te = _client_rows(part, cfg, cid)
         shards.append(tr)
+        auxes.append(aux)
         tests.append(te)
     if cfg.partition.method in GROUP_PARTITIONS:
         algorithm.client_groups = client_groups(task.train[cfg.partition.by], shards)
@@ -412,11 +425,20 @@ def _split_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_path: s
             f"clients {empty} received no training examples; use fewer clients or a larger partition.alpha"
         )
     if algorithm.pools_data:
-        shards = [np.sort(np.concatenate(shards))]
-        tests = [np.sort(np.concatenate(tests))]
-    held = {cid: (task, shards[cid], tests[cid]) for cid in _held(holds, len(shards))}
+        shards, auxes, tests = ([np.sort(np.concatenate(rows))] for rows in (shards, auxes, tests))
+    held = {cid: (task, shards[cid], auxes[cid], tests[cid]) for cid in _held(holds, len(shards))}
     return _Loaded(task, held, [(len(a), len(b)) for a, b in zip(shards, tests)], summary, len(shards),
                    server_rows if holds in ("all", "none") else server_rows[:0])
+
+
+def _client_rows(rows: np.ndarray, cfg: RunConfig, cid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Client ``cid``'s (train, aux, test) rows: ``partition.client_test_fraction`` of ``rows`` for its test
+    shard, then ``client_aux_fraction`` of the rest for its auxiliary split, each seeded by (seed, client)."""
+    train, test = split_client_test(rows, cfg.partition.client_test_fraction, derive_seed(cfg.seed, cid))
+    if cfg.partition.client_aux_fraction <= 0:
+        return train, train[:0], test
+    train, aux = split_client_test(train, cfg.partition.client_aux_fraction, derive_seed(cfg.seed, cid, 2))
+    return train, aux, test
 
 
 def _node_local_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_path: str | None,
@@ -448,12 +470,11 @@ def _node_local_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_pa
                                f"its SuperNode with --node-config 'client-id={cid} data-path=<its file>'")
         t = load_client_file(cfg, path)
         _check_task(cfg, t)
-        rows = np.arange(len(t.train))
-        tr, te = split_client_test(rows, cfg.partition.client_test_fraction, derive_seed(cfg.seed, cid))
+        tr, aux, te = _client_rows(np.arange(len(t.train)), cfg, cid)
         if not len(tr):
             raise FedtuneError(f"client {cid}'s file {path} leaves no training rows; add rows or lower "
                                "partition.client_test_fraction")
-        clients[cid] = (t, tr, te)
+        clients[cid] = (t, tr, aux, te)
     return _Loaded(task, clients, [], {}, n, server_rows)
 
 

@@ -19,7 +19,7 @@ from fedtune.models.base import PACKAGED
 from fedtune.models.lora import MERGED_FILE
 from fedtune.report import human_bytes, human_seconds
 from fedtune.runlog import CONFIG, SUMMARY, model_assignment
-from fedtune.models.adapters import CLASSIFIER_CONFIG
+from fedtune.models.adapters import CLASSIFIER_CONFIG, MOLE_CONFIG
 from fedtune.saved_model import ADAPTER_CONFIG, PARTITION, adapter_folders, is_full_model, personal_clients
 
 CARD = "README.md"
@@ -35,7 +35,9 @@ def write_model_cards(run_dir: Path) -> list[Path]:
     personal, assignment = personal_clients(folders), model_assignment(run_dir)
     written = []
     for name, folder in folders.items():
-        adapter = {} if is_full_model(folder) else json.loads((folder / ADAPTER_CONFIG).read_text())
+        adapter = ({} if is_full_model(folder) else
+                   {"mole": json.loads((folder / MOLE_CONFIG).read_text())} if (folder / MOLE_CONFIG).is_file() else
+                   json.loads((folder / ADAPTER_CONFIG).read_text()))
         if personal:
             client = int(name[len("client_"):])
             who, personalized = f"client {client}'s own model", True
@@ -51,21 +53,25 @@ def write_model_cards(run_dir: Path) -> list[Path]:
 def model_card(cfg: RunConfig, summary: dict[str, Any], partition: dict[str, Any], adapter: dict[str, Any],
                folder: Path, who: str = "", client: int | None = None, personalized: bool = False) -> str:
     """The card of the adapter in ``folder`` as Markdown (``adapter``: its ``adapter_config.json``; empty for a
-    complete model, ``model.finetune: full``). ``who``: which of the run's models it is (e.g. client 3's own);
+    complete model, ``model.finetune: full``; ``{"mole": <mole_config.json>}`` for mixtures of experts). ``who``: which of the run's models it is (e.g. client 3's own);
     ``client``: a client that uses it (``fedtune predict --client``)."""
     from fedtune.algorithms import ALGORITHMS
     from fedtune.models.base import public_model_name
 
-    full = not adapter
-    base = public_model_name(cfg.model.name) if full else adapter["base_model_name_or_path"]
+    full, mole = not adapter, adapter.get("mole")
+    base = (public_model_name(cfg.model.name) if full else
+            mole["base_model_name_or_path"] if mole else adapter["base_model_name_or_path"])
     classification = cfg.model.task == "classification"
     on_hub = not Path(base).is_absolute()
-    front = ["---", f"library_name: {'transformers' if full else 'peft'}"] + ([f"base_model: {base}"] if on_hub else []) + [
+    library = "transformers" if full else "fedtune" if mole else "peft"
+    tag = "full-fine-tuning" if full else "mixture-of-experts" if mole else "lora"
+    front = ["---", f"library_name: {library}"] + ([f"base_model: {base}"] if on_hub else []) + [
         f"pipeline_tag: {'text-classification' if classification else 'text-generation'}",
-        "tags:", "- fedtune", f"- {'full-fine-tuning' if full else 'lora'}", "- federated-learning",
+        "tags:", "- fedtune", f"- {tag}", "- federated-learning",
         f"- {cfg.algorithm.name}", "---", ""]
     algo = ALGORITHMS.get(cfg.algorithm.name)
-    what = f"{base}, fine-tuned in full" if full else f"a LoRA adapter for {base}"
+    what = (f"{base}, fine-tuned in full" if full else f"mixtures of LoRA experts for {base}" if mole else
+            f"a LoRA adapter for {base}")
     lines = [f"# {cfg.name}: {what}" + (f" ({who})" if who else ""), "",
              f"Trained by fedtune with `{cfg.algorithm.name}`" + (f": {algo.summary}." if algo else "."), ""]
     lines += ["## Training", "", "| | |", "|---|---|"]
@@ -73,7 +79,7 @@ def model_card(cfg: RunConfig, summary: dict[str, Any], partition: dict[str, Any
     lines += ["", "## Results after the last round", ""]
     lines += _results(summary, personalized)
     lines += ["", "## Using it", ""]
-    lines += _usage(cfg, partition, folder, base, client, full)
+    lines += _mole_usage(folder, client) if mole else _usage(cfg, partition, folder, base, client, full)
     if (folder / MERGED_FILE).is_file():
         lines += ["", f"`{cfg.algorithm.name}` merges part of the update into the base weights: add "
                   f"`{MERGED_FILE}` (ΔW by parameter name) to them after loading, or the model is incomplete:", "",
@@ -117,6 +123,7 @@ def _training_rows(cfg: RunConfig, summary: dict, partition: dict, adapter: dict
         ("local training", f"{steps} of batch {train.batch_size}, {train.optimizer} lr {train.lr:g}"
          + (f" ({train.lr_schedule})" if train.lr_schedule != "constant" else "")),
         ("fine-tuning", "every parameter (`model.finetune: full`)") if not adapter else
+        ("mixtures", _mole_row(adapter["mole"])) if "mole" in adapter else
         ("LoRA", f"r = {adapter['r']}, α = {adapter['lora_alpha']:g} on {', '.join(sorted(adapter['target_modules']))}"
          + (f" (clients train ranks {min(ranks)}–{max(ranks)})" if ranks else "")
          + ("; classifier head trained" if cfg.model.task == "classification" and cfg.lora.train_head else "")),
@@ -147,6 +154,21 @@ def _results(summary: dict, personalized: bool) -> list[str]:
         notes.append("`client_eval/` the example-weighted mean over the clients' own test shards"
                      + (", each client scored with its own model" if personalized else ""))
     return out + ["", "; ".join(notes) + "."]
+
+
+def _mole_row(mole: dict) -> str:
+    held = [len(e) for e in mole["experts"].values()]
+    return (f"{mole['num_experts']} LoRA experts (r = {mole['r']}, α = {mole['alpha']:g}, top-{mole['top_k']}) and a "
+            f"shared one on {', '.join(mole['target_modules'])}; this model holds {sum(held) / len(held):.1f} "
+            "experts per module")
+
+
+def _mole_usage(folder: Path, client: int | None) -> list[str]:
+    run = folder.parent.parent if folder.parent.name == "adapters" else folder.parent
+    flag = f" --client {client}" if client is not None else ""
+    return ["Mixtures of LoRA experts have no transformers or peft format; fedtune loads them on the base model "
+            "(`fedtune.models.adapters.load_mole(base, folder)`), or from the run directory:", "",
+            "```bash", f'fedtune predict {run}{flag} --text "..."', "```"]
 
 
 def _usage(cfg: RunConfig, partition: dict, folder: Path, base: str, client: int | None,

@@ -36,7 +36,7 @@ import torch
 from fedtune.config import RunConfig, load_config
 from fedtune.data.templates import Template
 from fedtune.errors import FedtuneError
-from fedtune.models.adapters import ADAPTERS
+from fedtune.models.adapters import MOLE_CONFIG, kind_of
 from fedtune.runlog import CONFIG, load_run, model_assignment
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -45,11 +45,8 @@ PARTITION = "partition.json"
 
 
 def save_model_folder(model, tokenizer, folder: Path, base_name: str, classification: bool) -> None:
-    """Save ``model`` as its adapter kind saves (a peft adapter, or a complete model folder), with its tokenizer."""
-    from peft import PeftModel
-
-    kind = ADAPTERS["lora" if isinstance(model, PeftModel) else "full"]
-    kind.save(model, tokenizer, folder, base_name, classification)
+    """Save ``model`` as its adapter kind saves (a peft adapter, mixtures, or a complete model), with its tokenizer."""
+    kind_of(model).save(model, tokenizer, folder, base_name, classification)
 
 
 def is_full_model(folder: Path) -> bool:
@@ -58,7 +55,7 @@ def is_full_model(folder: Path) -> bool:
 
 
 def _saved(folder: Path) -> bool:
-    return (folder / ADAPTER_CONFIG).is_file() or (folder / MODEL_CONFIG).is_file()
+    return any((folder / f).is_file() for f in (ADAPTER_CONFIG, MODEL_CONFIG, MOLE_CONFIG))
 
 
 def adapter_folders(run_dir: Path) -> dict[str, Path]:
@@ -133,8 +130,9 @@ def load_run_model(run_dir: Path, client: int | None = None) -> RunModel:
     folder = adapter_folder(run_dir, client)
     cfg = load_config(run_dir / CONFIG)
     partition = json.loads((run_dir / PARTITION).read_text()) if (run_dir / PARTITION).is_file() else {}
-    full = is_full_model(folder)
-    named = None if full else json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    full, mole = is_full_model(folder), (folder / MOLE_CONFIG).is_file()
+    named = json.loads((folder / (MOLE_CONFIG if mole else ADAPTER_CONFIG)).read_text()).get(
+        "base_model_name_or_path") if not full else None
     name = str(folder) if full else cfg.model.name if cfg.model.name in PACKAGED or not named else named
     base = cfg.model.model_copy(update={"name": name})
     if cfg.model.task == "sft":
@@ -147,7 +145,13 @@ def load_run_model(run_dir: Path, client: int | None = None) -> RunModel:
         names = partition["label_names"]
         model, tok = load_classifier(base, len(names), names)
         columns = partition["text_columns"]
-    return RunModel(cfg, (model if full else load_adapter(model, folder)).eval(), tok, folder, columns)
+    if mole:
+        from fedtune.models.adapters import load_mole
+
+        model = load_mole(model, folder, cfg.model.task)
+    elif not full:
+        model = load_adapter(model, folder)
+    return RunModel(cfg, model.eval(), tok, folder, columns)
 
 
 def split_inputs(texts: list[str], pair: bool) -> list[list[str]]:

@@ -8,6 +8,7 @@ from typing import Any
 from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, LoraSetup, Payload, ServerState
 from fedtune.algorithms.clustered import Clustered
 from fedtune.algorithms.fedkd import FedKD
+from fedtune.algorithms.fedamole import FedAMoLE
 from fedtune.algorithms.fedit import Centralized, FedIT
 from fedtune.algorithms.fedprox import FedProx
 from fedtune.algorithms.hetero_lora import FLoRA, FLoRIST, FlexLoRA
@@ -19,7 +20,7 @@ from fedtune.errors import FedtuneError
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls
     for cls in (FedIT, FedProx, Scaffold, FedAvgM, FedAdam, FedYogi, FedAdagrad, Clustered, LocalOnly, Centralized,
-                FLoRA, FLoRIST, FlexLoRA, FedKD)
+                FLoRA, FLoRIST, FlexLoRA, FedKD, FedAMoLE)
 }
 
 

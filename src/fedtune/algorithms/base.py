@@ -127,6 +127,10 @@ class ClientContext:
     """The optimiser steps of this round's local training."""
     num_examples: int = 0
     train_loss: float = float("nan")
+    examples: Any = None
+    """The client's tokenised examples (:class:`~fedtune.training.Encoded`; rows ``aux`` are its auxiliary split)."""
+    aux: Any = None
+    """The rows of ``examples`` in the client's auxiliary split (``uses_aux_split`` algorithms)."""
 
 
 class NoOptions(BaseModel):
@@ -152,6 +156,8 @@ class Algorithm(ABC):
     """The global model holds ``merged/`` updates of the base weights, so clients reset them each round."""
     adapters: ClassVar[tuple[str, ...]] = ("lora", "full")
     """The kinds of fine-tuning (``model.finetune``) the algorithm federates; LoRA-factor methods: ``lora`` only."""
+    uses_aux_split: ClassVar[bool] = False
+    """The client half reads the client's auxiliary split (``partition.client_aux_fraction``, :attr:`ClientContext.aux`)."""
     trains_on_server: ClassVar[bool] = False
     """The algorithm trains on the server's own data (``partition.server_fraction``): the round loop hands it
     the run's :class:`~fedtune.server_context.ServerContext` once, before the first round (:meth:`setup_server`)."""
@@ -163,6 +169,8 @@ class Algorithm(ABC):
         """The run's ``federation.rounds``, for server-side schedules (None outside a run)."""
         self.num_clients = num_clients
         """How many clients the federation has (None outside a run)."""
+        self.seed = 0
+        """The run's seed (``seed``), for the server's own random choices; set by the run."""
         self.client_groups: list[str] | None = None
         """Each client's group (the most frequent value of ``partition.by`` in its shard), set by the run when
         the partition is over a column; reference variants (e.g. oracle clusters) and agreement scores use it."""
@@ -181,10 +189,12 @@ class Algorithm(ABC):
             parts.append("partition.client_test_fraction > 0 (each client is evaluated on its own test shard)")
         if cls.pools_data:
             parts.append("one rank for all (no lora.client_ranks / rank_tiers)")
-        if "full" not in cls.adapters:
-            parts.append("model.finetune: lora")
+        if cls.adapters != Algorithm.adapters:
+            parts.append(f"model.finetune: {' or '.join(cls.adapters)}")
         if cls.trains_on_server:
             parts.append("partition.server_fraction > 0 (the server's own data)")
+        if cls.uses_aux_split:
+            parts.append("partition.client_aux_fraction > 0 (each client's auxiliary split)")
         if cls.requires:
             parts.append(cls.requires)
         return "; ".join(parts)

@@ -35,7 +35,7 @@ from fedtune.algorithms.fedit import FedIT
 from fedtune.config import LoraConfig
 from fedtune.distillation import attention_mse, mutual_losses
 from fedtune.errors import FedtuneError
-from fedtune.models.adapters import ADAPTERS
+from fedtune.models.adapters import Full, Lora
 from fedtune.models.base import public_model_name, quiet_loading
 from fedtune.models.lora import load_trainable, trainable_state
 from fedtune.seeds import derive_seed
@@ -139,9 +139,9 @@ class FedKD(FedIT):
                     model = PeftModel.from_pretrained(base, folder, is_trainable=True)
             return model, tokenizer, kind, info["model"]
         model, tokenizer = server.load_classifier(o.teacher)
-        lora = LoraConfig(r=o.teacher_lora_r, alpha=2.0 * o.teacher_lora_r)
+        kind = Lora(LoraConfig(r=o.teacher_lora_r, alpha=2.0 * o.teacher_lora_r)) if o.teacher_finetune == "lora" else Full()
         with quiet_loading():
-            model = ADAPTERS[o.teacher_finetune].build(model, lora, "classification", None)
+            model = kind.build(model, "classification")
         return model, tokenizer, o.teacher_finetune, o.teacher
 
     def _check_attention_layouts(self) -> None:
@@ -167,8 +167,8 @@ class FedKD(FedIT):
         if run_dir is None:
             return
         folder = run_dir / TEACHER_DIR
-        ADAPTERS[self.teacher_kind].save(self.teacher, self.teacher_tokenizer, folder,
-                                         public_model_name(self.teacher_base), classification=True)
+        (Lora() if self.teacher_kind == "lora" else Full()).save(
+            self.teacher, self.teacher_tokenizer, folder, public_model_name(self.teacher_base), classification=True)
         cfg = self.server.cfg
         (folder / TEACHER_JSON).write_text(json.dumps({
             "model": self.teacher_base, "finetune": self.teacher_kind, "label_names": self.server.label_names,

@@ -11,19 +11,26 @@ factors names the kinds it accepts (:attr:`Algorithm.adapters
 - ``full``: every parameter of the model trains and travels (full-parameter FedAvg).
   Saved as a complete model folder (``config.json`` + safetensors) that
   ``AutoModelForSequenceClassification`` / ``AutoModelForCausalLM.from_pretrained`` load.
+- ``mole``: mixtures of LoRA experts (:mod:`fedtune.models.mole`); a client holds the experts it is
+  assigned, the shared expert, the router and the head. Saved as ``mole_config.json`` and
+  ``mole_model.safetensors`` (the experts the model holds), which :func:`load_mole` puts back on the base.
 """
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 from peft.utils.constants import EMBEDDING_LAYER_NAMES
+from safetensors.torch import load_file, save_file
 
-from fedtune.config import LoraConfig
-from fedtune.models.lora import apply_lora
+from fedtune.config import LoraConfig, MoleConfig, RunConfig
+from fedtune.errors import FedtuneError
+from fedtune.models.lora import apply_lora, load_trainable, trainable_state
+from fedtune.models.mole import apply_mole, is_expert, mole_layers, set_local_experts
 
 CLASSIFIER_CONFIG = "classifier_config.json"
 """Beside a LoRA classifier's adapter: the base config as the classifier was trained with it (label names,
@@ -37,12 +44,12 @@ class AdapterKind(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def build(self, model: torch.nn.Module, lora: LoraConfig, task: str, rank: int | None) -> torch.nn.Module:
+    def build(self, model: torch.nn.Module, task: str, rank: int | None = None) -> torch.nn.Module:
         """``model`` ready to train: its trainable parameters are the ones that require grad. Initialised from the
         current torch RNG state; ``rank``: the LoRA rank of the model when clients train several."""
 
     @abstractmethod
-    def describe(self, lora: LoraConfig, ranks: list[int] | None) -> str:
+    def describe(self, ranks: list[int] | None = None) -> str:
         """What trains, for the line that describes the loaded model (e.g. ``LoRA r=8``)."""
 
     @abstractmethod
@@ -54,11 +61,14 @@ class AdapterKind(ABC):
 class Lora(AdapterKind):
     name = "lora"
 
-    def build(self, model, lora, task, rank):
-        return apply_lora(model, lora, task, rank=rank)
+    def __init__(self, cfg: LoraConfig | None = None):
+        self.cfg = cfg or LoraConfig()
 
-    def describe(self, lora, ranks):
-        rank = f"r={lora.r}" if ranks is None else f"ranks {min(ranks)}-{max(ranks)} (counted at rank {max(ranks)})"
+    def build(self, model, task, rank=None):
+        return apply_lora(model, self.cfg, task, rank=rank)
+
+    def describe(self, ranks=None):
+        rank = f"r={self.cfg.r}" if ranks is None else f"ranks {min(ranks)}-{max(ranks)} (counted at rank {max(ranks)})"
         return f"LoRA {rank}"
 
     def save(self, model, tokenizer, folder, base_name, classification):
@@ -78,12 +88,12 @@ class Full(AdapterKind):
 
     name = "full"
 
-    def build(self, model, lora, task, rank):
+    def build(self, model, task, rank=None):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
 
-    def describe(self, lora, ranks):
+    def describe(self, ranks=None):
         return "full fine-tuning"
 
     def save(self, model, tokenizer, folder, base_name, classification):
@@ -92,4 +102,66 @@ class Full(AdapterKind):
         tokenizer.save_pretrained(folder)
 
 
-ADAPTERS: dict[str, AdapterKind] = {kind.name: kind for kind in (Lora(), Full())}
+MOLE_CONFIG = "mole_config.json"
+MOLE_WEIGHTS = "mole_model.safetensors"
+
+
+class Mole(AdapterKind):
+    """Mixtures of LoRA experts on the target modules (FedAMoLE's AMoLE)."""
+
+    name = "mole"
+
+    def __init__(self, cfg: MoleConfig | None = None):
+        self.cfg = cfg or MoleConfig()
+
+    def build(self, model, task, rank=None):
+        return apply_mole(model, self.cfg, task)
+
+    def describe(self, ranks=None):
+        c = self.cfg
+        return f"{c.num_experts} LoRA experts (r={c.r}, top-{c.top_k}) and a shared one per module"
+
+    def save(self, model, tokenizer, folder, base_name, classification):
+        """The experts the model holds now (``local`` of each mixture), the shared ones, routers and head."""
+        folder.mkdir(parents=True, exist_ok=True)
+        layers = mole_layers(model)
+        held = {n: list(m.local) for n, m in layers.items()}
+        tensors = {n: t.contiguous() for n, t in trainable_state(model).items()
+                   if not is_expert(n) or int(n.rsplit(".", 2)[-2]) in held[n.split(".experts.")[0]]}
+        save_file(tensors, str(folder / MOLE_WEIGHTS))
+        first = next(iter(layers.values()))
+        (folder / MOLE_CONFIG).write_text(json.dumps({
+            "base_model_name_or_path": base_name, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+            "num_experts": len(first.experts), "r": first.r, "alpha": first.scale * first.r, "top_k": first.top_k,
+            "experts": held}, indent=2) + "\n")
+        tokenizer.save_pretrained(folder)
+        if classification:
+            model.config.to_json_file(folder / CLASSIFIER_CONFIG)
+
+
+def load_mole(model: torch.nn.Module, folder: Path, task: str = "classification") -> torch.nn.Module:
+    """``model`` (the base) with the mixtures saved in ``folder`` (:meth:`Mole.save`), routing as they did."""
+    info = json.loads((folder / MOLE_CONFIG).read_text())
+    cfg = MoleConfig(num_experts=info["num_experts"], r=info["r"], alpha=info["alpha"], top_k=info["top_k"],
+                     dropout=0.0, target_modules=info["target_modules"])
+    model = apply_mole(model, cfg, task)
+    try:
+        load_trainable(model, load_file(str(folder / MOLE_WEIGHTS)))
+    except (KeyError, RuntimeError) as e:
+        raise FedtuneError(f"mixtures in {folder} do not fit this model: {' '.join(str(e).split())[:300]}") from None
+    set_local_experts(model, info["experts"])
+    return model
+
+
+def adapter_for(cfg: RunConfig) -> AdapterKind:
+    """The run's kind of fine-tuning (``model.finetune``), with its section of the config."""
+    return {"lora": lambda: Lora(cfg.lora), "full": Full, "mole": lambda: Mole(cfg.mole)}[cfg.model.finetune]()
+
+
+def kind_of(model: torch.nn.Module) -> AdapterKind:
+    """The kind a built model carries (peft LoRA, mixtures, or none: full), to save it as that kind."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return Lora()
+    return Mole() if mole_layers(model) else Full()

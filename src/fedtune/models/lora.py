@@ -31,9 +31,6 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn"],
 }
 
-_HEAD_NAMES = ("classifier", "score")
-
-
 def default_targets(model_type: str) -> list[str]:
     if model_type not in DEFAULT_TARGETS:
         raise FedtuneError(
@@ -43,6 +40,22 @@ def default_targets(model_type: str) -> list[str]:
     return DEFAULT_TARGETS[model_type]
 
 
+HEAD_NAMES = ("classifier", "score")
+"""The names of a classification model's task head (BERT-style, Llama-style)."""
+
+
+def check_targets(model: torch.nn.Module, targets: list[str] | None, key: str) -> list[str]:
+    """``targets`` (default: the architecture's attention projections), each the name of a module of ``model``,
+    or a one-line error naming ``key`` and the model's linear modules."""
+    targets = targets or default_targets(model.config.model_type)
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise FedtuneError(f"{key} {missing} not found in the model; linear modules are: {', '.join(linear)}")
+    return targets
+
+
 def apply_lora(model: torch.nn.Module, cfg: LoraConfig, task: str = "classification", rank: int | None = None) -> PeftModel:
     """Wrap ``model`` with LoRA adapters (initialised from the current torch RNG state).
 
@@ -50,14 +63,7 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig, task: str = "classificat
     alpha is scaled with it, so the scale alpha / r of ``cfg`` holds at every rank.
     """
     rank = rank or cfg.r
-    targets = cfg.target_modules or default_targets(model.config.model_type)
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise FedtuneError(
-            f"lora.target_modules {missing} not found in the model; linear modules are: {', '.join(linear)}"
-        )
+    targets = check_targets(model, cfg.target_modules, "lora.target_modules")
     peft_cfg = PeftLoraConfig(
         task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
         r=rank,
@@ -69,7 +75,7 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig, task: str = "classificat
     peft_model = get_peft_model(model, peft_cfg)
     if not cfg.train_head:
         for name, p in peft_model.named_parameters():
-            if any(h in name for h in _HEAD_NAMES):
+            if any(h in name for h in HEAD_NAMES):
                 p.requires_grad_(False)
     return peft_model
 

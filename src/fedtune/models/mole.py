@@ -21,10 +21,15 @@ Load balancing over L (|L| = N), from the last forward pass::
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fedtune.config import MoleConfig
+from fedtune.errors import FedtuneError
+from fedtune.models.lora import HEAD_NAMES, check_targets
 
 
 class LoraExpert(nn.Module):
@@ -42,8 +47,10 @@ class MoleLinear(nn.Module):
     """A frozen ``base`` linear layer with AMoLE beside it (module docstring); ``local`` lists the experts the
     client holds (set with :meth:`set_local`)."""
 
-    def __init__(self, base: nn.Linear, num_experts: int, r: int, alpha: float, dropout: float, top_k: int):
+    def __init__(self, base: nn.Linear, num_experts: int, r: int, alpha: float, dropout: float, top_k: int,
+                 balance_weight: float = 0.0):
         super().__init__()
+        self.balance_weight = balance_weight
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -87,3 +94,65 @@ class MoleLinear(nn.Module):
         b = torch.stack([self.experts[e].B for e in self.local])  # N × d_out × r
         weighted = weights.unsqueeze(-1) * torch.einsum("...d,nrd->...nr", h, a)
         return out + self.scale * torch.einsum("...nr,nor->...o", weighted, b)
+
+
+# --------------------------------------------------------------------------- a model with mixtures
+
+def apply_mole(model: nn.Module, cfg: MoleConfig, task: str = "classification") -> nn.Module:
+    """Put a :class:`MoleLinear` on every target linear module of ``model`` (in place, initialised from the
+    current torch RNG state); everything else is frozen but a classifier's head (``cfg.train_head``)."""
+    targets = set(check_targets(model, cfg.target_modules, "mole.target_modules"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    found = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets]
+    for name, module in found:
+        if not isinstance(module, nn.Linear):
+            raise FedtuneError(f"mole.target_modules: '{name}' is a {type(module).__name__}, not a Linear layer")
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf,
+                MoleLinear(module, cfg.num_experts, cfg.r, cfg.alpha, cfg.dropout, cfg.top_k, cfg.balance_weight))
+    if task == "classification" and cfg.train_head:
+        for name, p in model.named_parameters():
+            if any(name.startswith(h + ".") or f".{h}." in name for h in HEAD_NAMES):
+                p.requires_grad_(True)
+    return model
+
+
+def mole_layers(model: nn.Module) -> dict[str, MoleLinear]:
+    """The model's mixtures by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, MoleLinear)}
+
+
+EXPERT = re.compile(r"^(?P<module>.+)\.experts\.(?P<e>\d+)\.(?:A|B)$")
+"""The parameter name of a domain expert's factor: ``<module>.experts.<e>.A`` / ``.B``."""
+
+
+def expert_names(module: str, e: int) -> tuple[str, str]:
+    """The names of expert ``e``'s A and B in ``module``."""
+    return f"{module}.experts.{e}.A", f"{module}.experts.{e}.B"
+
+
+def held_experts(names) -> dict[str, list[int]]:
+    """Module → the sorted experts whose factors are among the tensor ``names``."""
+    held: dict[str, set[int]] = {}
+    for n in names:
+        m = EXPERT.match(n)
+        if m:
+            held.setdefault(m["module"], set()).add(int(m["e"]))
+    return {k: sorted(v) for k, v in held.items()}
+
+
+def is_expert(name: str) -> bool:
+    return EXPERT.match(name) is not None
+
+
+def set_local_experts(model: nn.Module, held: dict[str, list[int]]) -> None:
+    """Route each mixture among the experts ``held[module]`` (a module not listed: none but the shared one)."""
+    for name, layer in mole_layers(model).items():
+        layer.set_local(held.get(name, []))
+
+
+def balance_loss(model: nn.Module) -> torch.Tensor:
+    """Σ over the mixtures of balance_weight · their load-balancing loss in the last training forward pass."""
+    losses = [m.balance_weight * m.balance_loss for m in mole_layers(model).values() if m.balance_loss is not None]
+    return torch.stack(losses).sum() if losses else torch.zeros(())

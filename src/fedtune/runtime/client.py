@@ -37,7 +37,8 @@ def client_round(
     shard = data.train
     steps = local_steps(cfg.train, len(shard)) * exp.steps_multiplier
     ctx = ClientContext(client_id=client_id, round=rnd, model=exp.model, initial=exp.initial, state=state,
-                        base=exp.base, payload=payload, lr=lr, steps=steps, num_examples=len(shard))
+                        base=exp.base, payload=payload, lr=lr, steps=steps, num_examples=len(shard),
+                        examples=data.examples, aux=data.aux)
     algo.prepare(ctx, payload)
     ctx.start = trainable_state(exp.model)  # detached copies
     seed = derive_seed(cfg.seed, rnd, client_id)
