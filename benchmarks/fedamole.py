@@ -1,0 +1,186 @@
+"""FedAMoLE against FedIT, FedIT-FT and local-only: the mean per-client test metric, 10 clients.
+
+Scenarios (the seed's, scaled to a 2-core CPU machine):
+
+- ``a-0.1``, ``a-1``, ``a-100``: MiniLM-L6 on SNLI as 3-way classification, Dirichlet(α) over the labels
+  (accuracy);
+- ``b``: SmolLM2-135M on SNLI as instructions, α = 0.1 (choice-scoring accuracy);
+- ``c``: SmolLM2-135M on the Natural Instructions "meta" split, one task per client (the first 10 of the 20
+  tasks by name, ``--rows`` / 10 rows of each, as node-local files), ROUGE-L of greedy generations (128 new
+  tokens; ``--new-tokens``).
+
+Every client's shard: 20% test, 10% auxiliary (FedAMoLE's routing embeddings; the other methods train on
+it too, so each trains on what it can use), the rest training. Methods: FedAMoLE (``model.finetune: mole``,
+the seed's defaults: 30 experts r = 8 per module, top-2, expert_choices 2, 2 to 8 experts per client);
+FedIT with the global model scored on each client's test shard; FedIT-FT, the same run scored right after
+each client's local training (``eval.after_local_training``); local-only. Against the seed's 200 local steps
+of batch 1 per round, each round here trains ``--steps`` steps of batch ``--batch`` (default 20 × 8).
+
+    python benchmarks/fedamole.py --scenarios a-0.1 a-1 a-100      # scenario (a), two worker processes
+    python benchmarks/fedamole.py --scenarios b c --rounds 5
+
+Writes ``benchmarks/results/fedamole.json``: per scenario and method the mean per-client test metric and
+its name, MB up/down, wall seconds and the mean experts per client (FedAMoLE), with the sizes used and a
+matmul probe per worker; scenarios not run keep their earlier entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mmlu_speed import matmul_gflops  # noqa: E402
+
+from fedtune.config import load_config  # noqa: E402
+from fedtune.run import execute  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+NI_TASKS = 10
+
+
+def scenario(name: str, args) -> tuple[list[str], str]:
+    """(the scenario's config overrides, the per-client metric it reports)."""
+    if name.startswith("a-"):
+        return (["data.name=snli", f"data.max_train_examples={args.rows}", "partition.method=dirichlet",
+                 f"partition.alpha={name[2:]}", "partition.min_client_size=20", "model.name=minilm",
+                 "model.max_length=64", "train.lr=2e-3"], "accuracy")
+    if name == "b":
+        return (["data.name=snli", f"data.max_train_examples={args.rows}", "partition.method=dirichlet",
+                 "partition.alpha=0.1", "partition.min_client_size=20", "model.name=smollm2-135m",
+                 "model.task=sft", "model.max_length=128", "train.lr=5e-4", "eval.metrics=[choice]"], "accuracy")
+    if name == "c":
+        files = ni_task_files(Path(args.runs) / "ni_meta", args.rows // 10)
+        return (["data.name=natural_instructions", "data.eval_fraction=0", "partition.method=files", f"partition.files={json.dumps(files)}",
+                 "model.name=smollm2-135m", "model.task=sft", "model.max_length=256", "train.lr=5e-4",
+                 "eval.metrics=[rouge]", f"eval.max_new_tokens={args.new_tokens}"], "rougeL")
+    raise SystemExit(f"unknown scenario {name}; choose from a-0.1, a-1, a-100, b, c")
+
+
+def ni_task_files(folder: Path, rows: int) -> list[str]:
+    """The meta split: the first 10 Natural Instructions tasks (sorted by name), a seeded ``rows`` of each, one
+    JSON-lines file per task: client i holds task i's file."""
+    import numpy as np
+
+    from fedtune.config import DataConfig
+    from fedtune.data.instructions import load_instruction_data
+
+    data = load_instruction_data(DataConfig(name="natural_instructions", eval_fraction=0), seed=0).train
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = sorted(set(data["task"]))[:NI_TASKS]
+    files = []
+    for i, task in enumerate(tasks):
+        idx = [j for j, t in enumerate(data["task"]) if t == task]
+        keep = np.random.default_rng(i).permutation(idx)[:rows]
+        path = folder / f"{task}.jsonl"
+        path.write_text("".join(json.dumps({k: data[int(j)][k] for k in ("instruction", "input", "output")}) + "\n"
+                                for j in sorted(keep)))
+        files.append(str(path))
+    return files
+
+
+METHODS = {
+    "fedamole": ["algorithm.name=fedamole", "model.finetune=mole"],
+    "fedit": ["algorithm.name=fedit", "eval.per_client=true", "eval.after_local_training=true"],
+    "local": ["algorithm.name=local"],
+}
+
+
+def run_scenario(name: str, args) -> dict:
+    overrides, metric = scenario(name, args)
+    clients = [] if name == "c" else ["partition.num_clients=10"]  # c: one client per task file
+    base = [f"output_dir={args.runs}", *clients, "partition.client_test_fraction=0.2",
+            f"federation.rounds={args.rounds}", f"train.local_steps={args.steps}", f"train.batch_size={args.batch}",
+            "train.lr_schedule=cosine", "lora.r=8", "lora.alpha=16", "eval.every=0", "threads=1", "seed=0",
+            "data.max_eval_examples=200",  # FedIT's global model is also scored on the dev split: kept small
+            *overrides]
+    probe = matmul_gflops()
+    rows = {}
+    for method, extra in METHODS.items():
+        aux = ["partition.client_aux_fraction=0.1"] if method == "fedamole" else []
+        cfg = load_config(None, [*base, f"name={name}-{method}", *extra, *aux])
+        t0 = time.perf_counter()
+        res = execute(cfg, overwrite=True)
+        wall = time.perf_counter() - t0
+        summary = json.loads((res.run_dir / "summary.json").read_text())
+        metrics = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+        entry = {"metric": metric, "mb_up": summary["cum_bytes_up"] / 1e6, "mb_down": summary["cum_bytes_down"] / 1e6,
+                 "wall_s": wall}
+        final = res.final
+        if method == "fedit":
+            rows["fedit"] = {**entry, "value": final[f"client_eval/{metric}"]}
+            rows["fedit-ft"] = {**entry, "value": final[f"client_ft/{metric}"]}
+            continue
+        entry["value"] = final[f"client_eval/{metric}"]
+        experts = [r["agg/mean_experts_per_client"] for r in metrics if "agg/mean_experts_per_client" in r]
+        if experts:
+            entry["mean_experts_per_client"] = sum(experts) / len(experts)
+        rows[method] = entry
+        print(json.dumps({"scenario": name, "method": method, "value": entry["value"], "wall_s": wall}), flush=True)
+    return {"methods": rows, "matmul_gflops": {"before": probe, "after": matmul_gflops()},
+            "sizes": {"rows": args.rows, "rounds": args.rounds, "steps": args.steps, "batch": args.batch,
+                      "clients": 10, "test_fraction": 0.2, "aux_fraction": 0.1}}
+
+
+def table(results: dict) -> Table:
+    t = Table(title="FedAMoLE benchmark (mean per-client test metric after the last round)")
+    for col in ("scenario", "metric", "fedamole", "fedit", "fedit-ft", "local", "experts / client",
+                "MB up (amole / fedit)", "wall s (amole)"):
+        t.add_column(col)
+    for name, res in results.items():
+        m = res["methods"]
+        t.add_row(name, m["fedamole"]["metric"], *(f"{m[k]['value']:.4f}" for k in ("fedamole", "fedit", "fedit-ft", "local")),
+                  f"{m['fedamole'].get('mean_experts_per_client', 0):.2f}",
+                  f"{m['fedamole']['mb_up']:.1f} / {m['fedit']['mb_up']:.1f}", f"{m['fedamole']['wall_s']:.0f}")
+    return t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scenarios", nargs="+", default=["a-0.1", "a-1", "a-100", "b", "c"])
+    parser.add_argument("--rows", type=int, default=2000, help="training rows drawn for each scenario")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--runs", default="runs/bench_fedamole")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("-o", "--output", default=str(RESULTS / "fedamole.json"))
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps({args.one: run_scenario(args.one, args)}), flush=True)
+        return
+    flags = ["--rows", str(args.rows), "--rounds", str(args.rounds), "--steps", str(args.steps), "--batch",
+             str(args.batch), "--new-tokens", str(args.new_tokens), "--runs", args.runs]
+    out = Path(args.output)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    pending, running = list(args.scenarios), []
+    t0 = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < args.workers:
+            name = pending.pop(0)
+            running.append(subprocess.Popen([sys.executable, __file__, "--one", name, *flags], stdout=subprocess.PIPE,
+                                            text=True))
+        proc = running.pop(0)
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                results.update(json.loads(line[len("RESULT "):]))
+                out.write_text(json.dumps(results, indent=2) + "\n")
+            else:
+                print(line, end="", flush=True)
+        if proc.wait() != 0:
+            raise SystemExit(f"a worker failed (exit {proc.returncode})")
+    Console().print(table({k: results[k] for k in args.scenarios if k in results}))
+    print(f"wrote {out} ({(time.perf_counter() - t0) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
