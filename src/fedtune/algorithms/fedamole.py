@@ -82,14 +82,18 @@ class FedAMoLE(Algorithm):
     uses_aux_split = True
 
     # ------------------------------------------------------------------ server side
-    def init(self, initial: Tensors) -> ServerState:
-        state = super().init(initial)
-        self.modules = sorted(held_experts(initial))
+    def _layout(self, tensors: Tensors) -> None:
+        """The modules with mixtures, E and r, read from the model's tensors (at init, or on resuming)."""
+        self.modules = sorted(held_experts(tensors))
         if not self.modules:
             raise FedtuneError("algorithm 'fedamole' found no mixtures of experts; set model.finetune=mole")
         first = self.modules[0]
-        self.num_experts = len(held_experts(initial)[first])
-        self.r = initial[expert_names(first, 0)[0]].shape[0]
+        self.num_experts = len(held_experts(tensors)[first])
+        self.r = tensors[expert_names(first, 0)[0]].shape[0]
+
+    def init(self, initial: Tensors) -> ServerState:
+        state = super().init(initial)
+        self._layout(initial)
         lo, hi = self._bounds()
         check_assignment(self.num_experts, self.num_clients, self.options.expert_choices, lo, hi)
         for m in self.modules:
@@ -116,6 +120,8 @@ class FedAMoLE(Algorithm):
                                                *self._bounds()))
 
     def configure(self, rnd: int, client_ids: list[int], state: ServerState) -> dict[int, Payload]:
+        if not hasattr(self, "modules"):  # a resumed run: init did not run in this process
+            self._layout(state.global_tensors)
         shared = {n: t for n, t in state.global_tensors.items() if not is_expert(n)}
         payloads = {}
         for cid in client_ids:
