@@ -231,7 +231,8 @@ def data_list() -> None:
     from fedtune.data import list_datasets
 
     table = Table(title="registered datasets (use the name as data.name)", title_justify="left")
-    for column in ("name", "kind", "hub id", "description"):
+    table.add_column("name", no_wrap=True)  # a name is typed as data.name: never broken across lines
+    for column in ("kind", "hub id", "description"):
         table.add_column(column, overflow="fold")
     for name, kind, hub_id, description in list_datasets():
         table.add_row(name, kind, hub_id or "-", description)
