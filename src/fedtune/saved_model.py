@@ -17,7 +17,9 @@ one per cluster; per client ``adapters/client_<i>/`` for personalised algorithms
 
 With ``model.finetune: full`` the same folders hold a complete model instead
 (``config.json``, ``model.safetensors``, the tokenizer and the card), loadable by
-``AutoModelForSequenceClassification`` / ``AutoModelForCausalLM.from_pretrained``.
+``AutoModelForSequenceClassification`` / ``AutoModelForCausalLM.from_pretrained``; with ``mole`` they hold
+``mole_config.json`` and ``mole_model.safetensors`` (the experts that model holds), which fedtune loads back on
+the base (:func:`~fedtune.models.adapters.load_mole`).
 
 fedtune loads a run's model offline: a packaged base comes from its package (the
 run's ``model.name``), not from the Hub id the adapter names.
