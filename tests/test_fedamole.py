@@ -204,29 +204,15 @@ def test_fedamole_instruction_tunes_a_causal_lm(tmp_path, tiny_llama_dir, tiny_a
     assert (res.run_dir / "adapters" / "client_2" / "mole_config.json").is_file()
 
 
-class Stop(BaseException):
-    """Stands for the process being stopped (the in-process pool absorbs only Exceptions)."""
-
-
 def test_a_stopped_fedamole_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_dir, tiny_tsv_dataset,
                                                                     monkeypatch):
-    import fedtune.runtime.inprocess as inprocess
     from fedtune.run import execute
+    from test_resume import execute_stopped_at
 
     full = _cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "name=full", "federation.rounds=3")
     cut = _cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "name=cut", "federation.rounds=3")
     execute(full)
-    real = inprocess.client_round
-
-    def stop_at_round_3(exp, cid, rnd, *args, **kw):
-        if rnd >= 3:
-            raise Stop
-        return real(exp, cid, rnd, *args, **kw)
-
-    monkeypatch.setattr(inprocess, "client_round", stop_at_round_3)
-    with pytest.raises(Stop):
-        execute(cut)
-    monkeypatch.undo()
+    execute_stopped_at(cut, 3, monkeypatch)
     res = execute(cut, resume=True)
     for c in range(3):
         a = load_file(str(full.run_dir / "adapters" / f"client_{c}" / "mole_model.safetensors"))

@@ -238,30 +238,16 @@ def test_fedkd_gives_identical_students_on_both_runtimes(tmp_path, tiny_model_di
     assert [r["bytes_down"] for r in ra] == [r["bytes_down"] for r in rb]
 
 
-class Stop(BaseException):
-    """Stands for the process being stopped (the in-process pool absorbs only Exceptions)."""
-
-
 def test_a_stopped_fedkd_run_resumes_with_its_teacher(tmp_path, tiny_model_dir, tiny_tsv_dataset, tiny_teacher_dir,
                                                       monkeypatch):
     """The teacher trains every round and lives in the checkpoint: a resumed run ends like an uninterrupted one."""
-    import fedtune.runtime.inprocess as inprocess
     from fedtune.run import execute
+    from test_resume import execute_stopped_at
 
     full = _kd(tmp_path, tiny_model_dir, tiny_tsv_dataset, tiny_teacher_dir, "name=full", "federation.rounds=3")
     cut = _kd(tmp_path, tiny_model_dir, tiny_tsv_dataset, tiny_teacher_dir, "name=cut", "federation.rounds=3")
     execute(full)
-    real = inprocess.client_round
-
-    def stop_at_round_3(exp, cid, rnd, *args, **kw):
-        if rnd >= 3:
-            raise Stop
-        return real(exp, cid, rnd, *args, **kw)
-
-    monkeypatch.setattr(inprocess, "client_round", stop_at_round_3)
-    with pytest.raises(Stop):
-        execute(cut)
-    monkeypatch.undo()
+    execute_stopped_at(cut, 3, monkeypatch)
     execute(cut, resume=True)
     a, b = _adapter(full.run_dir), _adapter(cut.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)

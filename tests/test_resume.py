@@ -40,6 +40,23 @@ class Stop(BaseException):
     """Stands for the process being stopped (the in-process pool absorbs only Exceptions)."""
 
 
+def execute_stopped_at(cfg, rnd: int, monkeypatch) -> None:
+    """Run ``cfg`` in-process and stop it (:class:`Stop`) as round ``rnd`` begins: rounds before it are checkpointed."""
+    import fedtune.runtime.inprocess as inprocess
+
+    real = inprocess.client_round
+
+    def stop_at(exp, cid, r, *args, **kw):
+        if r >= rnd:
+            raise Stop
+        return real(exp, cid, r, *args, **kw)
+
+    monkeypatch.setattr(inprocess, "client_round", stop_at)
+    with pytest.raises(Stop):
+        execute(cfg)
+    monkeypatch.undo()
+
+
 def _four_rounds(tmp_path, tiny_model_dir, tiny_tsv_dataset, name, **over):
     # a stateful algorithm too: LocalOnly's per-client adapters must come back from the checkpoint
     return tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, name, federation={"rounds": 4},

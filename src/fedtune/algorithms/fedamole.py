@@ -35,8 +35,9 @@ from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, NoOp
 from fedtune.errors import FedtuneError
 from fedtune.expert_assignment import assign_experts, check_assignment, preferences
 from fedtune.models.base import body_and_head
-from fedtune.models.lora import load_trainable, trainable_state
-from fedtune.models.mole import balance_loss, expert_names, held_experts, is_expert, mole_layers, set_local_experts
+from fedtune.models.lora import load_trainable
+from fedtune.models.mole import (balance_loss, expert_names, held_experts, held_state, is_expert, mole_layers,
+                                 set_local_experts)
 from fedtune.seeds import derive_seed
 from fedtune.training import eval_batches
 
@@ -182,9 +183,7 @@ class FedAMoLE(Algorithm):
         return outputs.loss + balance_loss(ctx.model)
 
     def update(self, ctx: ClientContext) -> ClientUpdate:
-        local = {n: list(layer.local) for n, layer in mole_layers(ctx.model).items()}
-        tensors = {n: t for n, t in trainable_state(ctx.model).items()
-                   if not is_expert(n) or int(n.rsplit(".", 2)[-2]) in local[n.split(".experts.")[0]]}
+        tensors = held_state(ctx.model)
         ctx.state.clear()
         ctx.state.update(tensors)  # the client's own model, as it left local training: its personal model
         tensors.update(self._embeddings(ctx))

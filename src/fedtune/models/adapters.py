@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from fedtune.config import LoraConfig, MoleConfig, RunConfig
 from fedtune.errors import FedtuneError
-from fedtune.models.lora import apply_lora, load_trainable, trainable_state
-from fedtune.models.mole import apply_mole, is_expert, mole_layers, set_local_experts
+from fedtune.models.lora import apply_lora, load_trainable
+from fedtune.models.mole import apply_mole, held_state, mole_layers, set_local_experts
 
 CLASSIFIER_CONFIG = "classifier_config.json"
 """Beside a LoRA classifier's adapter: the base config as the classifier was trained with it (label names,
@@ -126,9 +126,7 @@ class Mole(AdapterKind):
         folder.mkdir(parents=True, exist_ok=True)
         layers = mole_layers(model)
         held = {n: list(m.local) for n, m in layers.items()}
-        tensors = {n: t.contiguous() for n, t in trainable_state(model).items()
-                   if not is_expert(n) or int(n.rsplit(".", 2)[-2]) in held[n.split(".experts.")[0]]}
-        save_file(tensors, str(folder / MOLE_WEIGHTS))
+        save_file({n: t.contiguous() for n, t in held_state(model).items()}, str(folder / MOLE_WEIGHTS))
         first = next(iter(layers.values()))
         (folder / MOLE_CONFIG).write_text(json.dumps({
             "base_model_name_or_path": base_name, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),

@@ -29,7 +29,7 @@ from torch import nn
 
 from fedtune.config import MoleConfig
 from fedtune.errors import FedtuneError
-from fedtune.models.lora import HEAD_NAMES, check_targets
+from fedtune.models.lora import HEAD_NAMES, check_targets, trainable_state
 
 
 class LoraExpert(nn.Module):
@@ -144,6 +144,13 @@ def held_experts(names) -> dict[str, list[int]]:
 
 def is_expert(name: str) -> bool:
     return EXPERT.match(name) is not None
+
+
+def held_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors the model holds now: every one but the experts its mixtures do not route among."""
+    local = {n: set(layer.local) for n, layer in mole_layers(model).items()}
+    return {n: t for n, t in trainable_state(model).items()
+            if (m := EXPERT.match(n)) is None or int(m["e"]) in local[m["module"]]}
 
 
 def set_local_experts(model: nn.Module, held: dict[str, list[int]]) -> None:
