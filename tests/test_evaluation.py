@@ -113,6 +113,14 @@ def test_mean_metrics_weights_by_examples():
     assert "loss_std" not in m
 
 
+def test_mean_metrics_are_the_same_bits_whatever_order_clients_answer_in():
+    # Flower hands back evaluations in arrival order; these values round differently summed backwards
+    vals, ns = [0.3101475693193326, 0.7298317482601286, 0.8988382879679935], [44, 22, 31]
+    forward = {c: {"accuracy": v, "n": n} for c, (v, n) in enumerate(zip(vals, ns))}
+    backward = {c: forward[c] for c in reversed(forward)}
+    assert mean_metrics(forward) == mean_metrics(backward)
+
+
 def _all_splits(n: int, max_rows: int):
     """Every split of range(n) into consecutive batches of at most max_rows (brute force)."""
     if n == 0:

@@ -377,9 +377,10 @@ def mean_metrics(
     (the metric over the pooled examples, for metrics that are means), ``n`` becomes
     Σₖ nₖ, and for each m in ``std_of`` ``m_std`` is the unweighted population
     standard deviation of mₖ across clients (how unevenly clients are served).
-    Clients with nₖ = 0 are left out; only metrics every client reports are combined.
+    Clients with nₖ = 0 are left out; only metrics every client reports are combined. Clients are summed in
+    id order, so the result is the same bits whatever order they answered in (Flower's is arrival order).
     """
-    results = [r for r in per_client.values() if r["n"] > 0]
+    results = [per_client[c] for c in sorted(per_client) if per_client[c]["n"] > 0]
     if not results:
         raise ValueError("mean_metrics needs at least one client with n > 0")
     n = np.array([r["n"] for r in results], dtype=np.float64)
