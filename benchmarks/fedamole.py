@@ -18,7 +18,7 @@ each client's local training (``eval.after_local_training``); local-only. Agains
 of batch 1 per round, each round here trains ``--steps`` steps of batch ``--batch`` (default 20 × 8).
 
     python benchmarks/fedamole.py --scenarios a-0.1 a-1 a-100      # scenario (a), two worker processes
-    python benchmarks/fedamole.py --scenarios b c --rounds 5
+    python benchmarks/fedamole.py --scenarios b c --rounds 4 --steps 5 --batch 4   # beside it, smaller
 
 Writes ``benchmarks/results/fedamole.json``: per scenario and method the mean per-client test metric and
 its name, MB up/down, wall seconds and the mean experts per client (FedAMoLE), with the sizes used and a
@@ -172,8 +172,8 @@ def main() -> None:
                                                    stdout=subprocess.PIPE, text=True)))
         name, proc = running.pop(0)
         for line in proc.stdout:
-            if line.startswith("RESULT "):
-                results.update(json.loads(line[len("RESULT "):]))
+            if line.startswith("RESULT "):  # merged into the file as it is now: another invocation may share it
+                results = {**(json.loads(out.read_text()) if out.is_file() else {}), **json.loads(line[len("RESULT "):])}
                 out.write_text(json.dumps(results, indent=2) + "\n")
             else:
                 print(line, end="", flush=True)

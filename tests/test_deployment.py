@@ -299,7 +299,7 @@ def test_tls_deployment_with_node_local_data_matches_inprocess(tmp_path, tiny_mo
 
 def test_supernode_killed_during_round_2_is_left_out(tmp_path, tiny_model_dir, tiny_tsv_dataset):
     """SIGKILL SuperNode 2 (and its ClientApp processes) once round 1 is logged: round 2 aggregates 0 and 1."""
-    dep = Deployment(tmp_path, tiny_config(tiny_model_dir, tiny_tsv_dataset, round_timeout_s=60))
+    dep = Deployment(tmp_path, tiny_config(tiny_model_dir, tiny_tsv_dataset, round_timeout_s=40))
     try:
         dep.start_link_and_nodes(3)
         dep.wait_registered(3)
