@@ -82,6 +82,14 @@ def test_the_seed_form_refuses_temperature_and_weights():
         build_algorithm("fedkd", {"kd_loss": "seed", "temperature": 3.0})
 
 
+def test_a_teacher_rank_without_a_lora_teacher_is_an_error():
+    from fedtune.algorithms import build_algorithm
+
+    with pytest.raises(FedtuneError, match="set teacher_finetune: lora, or remove it"):
+        build_algorithm("fedkd", {"teacher_lora_r": 4})
+    assert build_algorithm("fedkd", {"teacher_lora_r": 4, "teacher_finetune": "lora"}).options.teacher_lora_r == 4
+
+
 # --------------------------------------------------------------------------- the server's data
 
 @pytest.mark.parametrize("method", ["iid", "contiguous", "dirichlet"])
@@ -215,6 +223,10 @@ def test_a_lora_teacher_is_saved_as_an_adapter_and_reused(tmp_path, tiny_model_d
                         "algorithm.options.teacher_pretrain_epochs=0"))
     assert ([r["eval/teacher/accuracy"] for r in _rows(first.run_dir)]
             == [r["eval/teacher/accuracy"] for r in _rows(again.run_dir)])
+    with pytest.raises(FedtuneError, match="remove teacher_lora_r"):
+        execute(_kd(tmp_path, tiny_model_dir, tiny_tsv_dataset, saved, "name=lora-rank",
+                    "algorithm.options.teacher_pretrain_epochs=0", "algorithm.options.teacher_finetune=lora",
+                    "algorithm.options.teacher_lora_r=4"))
 
 
 def test_fedkd_needs_server_data(tmp_path, tiny_model_dir, tiny_tsv_dataset, tiny_teacher_dir):

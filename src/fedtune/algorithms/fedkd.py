@@ -86,6 +86,8 @@ class FedKDOptions(NoOptions):
         knobs = sorted({"temperature", "ce_weight", "kd_weight"} & self.model_fields_set)
         if self.kd_loss == "seed" and knobs:
             raise ValueError(f"kd_loss=seed has no temperature or weights; remove {', '.join(knobs)}")
+        if "teacher_lora_r" in self.model_fields_set and self.teacher_finetune != "lora":
+            raise ValueError("teacher_lora_r is the rank of a LoRA teacher; set teacher_finetune: lora, or remove it")
         return self
 
 
@@ -122,6 +124,9 @@ class FedKD(FedIT):
             kind = info["finetune"]
             if "teacher_finetune" in o.model_fields_set and o.teacher_finetune != kind:
                 raise FedtuneError(f"teacher {folder} was trained with teacher_finetune={kind}; set that, or drop it")
+            if "teacher_lora_r" in o.model_fields_set:
+                raise FedtuneError(f"teacher {folder} is a saved teacher: its LoRA rank (if any) is the one it was "
+                                   "trained with; remove teacher_lora_r")
             if info.get("label_names") != server.label_names:
                 raise FedtuneError(f"teacher {folder} classifies into {info.get('label_names')}, this run into "
                                    f"{server.label_names}; give a teacher of this task")
