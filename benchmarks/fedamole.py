@@ -127,6 +127,7 @@ def run_scenario(name: str, args) -> dict:
         print(json.dumps({"scenario": name, "method": method, "value": entry["value"], "wall_s": wall}), flush=True)
     return {"methods": rows, "matmul_gflops": {"before": probe, "after": matmul_gflops()},
             "sizes": {"rows": args.rows, "rounds": args.rounds, "steps": args.steps, "batch": args.batch,
+                      "new_tokens": args.new_tokens,
                       "clients": 10, "test_fraction": 0.2, "aux_fraction": 0.1}}
 
 
