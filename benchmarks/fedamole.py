@@ -10,15 +10,20 @@ Scenarios (the seed's, scaled to a 2-core CPU machine):
   tokens; ``--new-tokens``).
 
 Dirichlet(0.1) over SNLI's 3 labels leaves some of the 10 clients a handful of rows (5 at the default 2,000
-rows, seed 0), so every Dirichlet scenario accepts clients of 5 rows or more. Every client's shard: 20% test, 10% auxiliary (FedAMoLE's routing embeddings; the other methods train on
-it too, so each trains on what it can use), the rest training. Methods: FedAMoLE (``model.finetune: mole``,
+rows, seed 0), so every Dirichlet scenario accepts clients of 5 rows or more. Every client's shard: 20% test,
+10% auxiliary (FedAMoLE's routing embeddings; the other methods train on it too, so each trains on what it can
+use), the rest training. Methods: FedAMoLE (``model.finetune: mole``,
 the seed's defaults: 30 experts r = 8 per module, top-2, expert_choices 2, 2 to 8 experts per client);
 FedIT with the global model scored on each client's test shard; FedIT-FT, the same run scored right after
 each client's local training (``eval.after_local_training``); local-only. Against the seed's 200 local steps
 of batch 1 per round, each round here trains ``--steps`` steps of batch ``--batch`` (default 20 × 8).
 
-    python benchmarks/fedamole.py --scenarios a-0.1 a-1 a-100      # scenario (a), two worker processes
-    python benchmarks/fedamole.py --scenarios b c --rounds 4 --steps 5 --batch 4   # beside it, smaller
+The recorded results (README, "Personalised mixtures of LoRA experts") come from three invocations side by
+side, one worker each::
+
+    python benchmarks/fedamole.py --scenarios a-0.1 a-1 a-100 --rounds 8 --steps 12 --batch 8 --workers 1
+    python benchmarks/fedamole.py --scenarios b --rounds 4 --steps 5 --batch 4 --workers 1
+    python benchmarks/fedamole.py --scenarios c --rows 500 --rounds 2 --steps 3 --batch 4 --new-tokens 64 --workers 1
 
 Writes ``benchmarks/results/fedamole.json``: per scenario and method the mean per-client test metric and
 its name, MB up/down, wall seconds and the mean experts per client (FedAMoLE), with the sizes used and a

@@ -157,22 +157,10 @@ def test_a_moved_run_resumes_under_its_new_name_and_threads(tmp_path, tiny_model
 
 def test_stopped_inprocess_run_resumes_on_flower_simulation(tmp_path, tiny_model_dir, tiny_tsv_dataset, monkeypatch):
     """Stopped (a hook raising) after round 2 of 4 in-process; resumed on Flower's simulation engine."""
-    import fedtune.runtime.inprocess as inprocess
-
     full = _four_rounds(tmp_path, tiny_model_dir, tiny_tsv_dataset, "full")
     cut = _four_rounds(tmp_path, tiny_model_dir, tiny_tsv_dataset, "cut")
     execute(full)
-    real = inprocess.client_round
-
-    def stop_at_round_3(exp, cid, rnd, *args, **kw):
-        if rnd >= 3:
-            raise Stop  # not an Exception: the pool does not absorb it, the run stops
-        return real(exp, cid, rnd, *args, **kw)
-
-    monkeypatch.setattr(inprocess, "client_round", stop_at_round_3)
-    with pytest.raises(Stop):
-        execute(cut)
-    monkeypatch.undo()
+    execute_stopped_at(cut, 3, monkeypatch)
     assert load_checkpoint(cut.run_dir).round == 2
     execute(cut, runtime="flower", resume=True)
     assert max_diff(adapter(full.run_dir), adapter(cut.run_dir)) <= 1e-6
@@ -185,21 +173,9 @@ def test_stopped_inprocess_run_resumes_on_flower_simulation(tmp_path, tiny_model
 def test_per_client_state_of_an_inprocess_checkpoint_is_never_dropped_on_flower(
         tmp_path, tiny_model_dir, tiny_tsv_dataset, monkeypatch):
     """LocalOnly's adapters live in the in-process checkpoint; Flower's nodes cannot take them: refused, not lost."""
-    import fedtune.runtime.inprocess as inprocess
-
     cut = _four_rounds(tmp_path, tiny_model_dir, tiny_tsv_dataset, "cut", algorithm={"name": "local"},
                        partition__client_test_fraction=0.25)
-    real = inprocess.client_round
-
-    def stop_at_round_2(exp, cid, rnd, *args, **kw):
-        if rnd >= 2:
-            raise Stop
-        return real(exp, cid, rnd, *args, **kw)
-
-    monkeypatch.setattr(inprocess, "client_round", stop_at_round_2)
-    with pytest.raises(Stop):
-        execute(cut)
-    monkeypatch.undo()
+    execute_stopped_at(cut, 2, monkeypatch)
     with pytest.raises(FedtuneError, match=r"per-client state of clients \[0, 1, 2\].*--runtime inprocess"):
         execute(cut, runtime="flower", resume=True)
     execute(cut, resume=True)  # the checkpoint is intact
