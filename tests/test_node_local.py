@@ -139,22 +139,22 @@ def test_a_split_run_refuses_a_node_with_a_data_path(tmp_path, tiny_model_dir, t
 
 def test_the_node_worker_answers_over_its_socket_and_keeps_its_experiment(tmp_path, tiny_model_dir,
                                                                           tiny_tsv_dataset):
-    from fedtune.runtime import flower
+    from fedtune.runtime import flower_node
 
     files = client_files(tmp_path / "nodes", tiny_tsv_dataset)
     cfg = files_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "w")
     hello = RecordDict({"fedtune": ConfigRecord({"run": json.dumps(cfg.to_dict(), sort_keys=True),
                                                  "action": "hello"})})
-    node_config = {"client-id": 2, "data-path": str(files[2])}
+    node_config = {"client-id": 2, "data-path": str(files[2]), "model-root": str(tiny_model_dir)}
     worker = NodeWorker().start()
     try:
         content, state = worker_call(worker.folder, ("query", hello, node_config, None))
         report = dict(content["metrics"])
         assert report["client_id"] == 2 and report["train"] + report["test"] == SIZES[2] and state is None
-        built = next(iter(flower._CACHE.values()))
+        built = flower_node.kept_experiment()
         worker_call(worker.folder, ("query", hello, node_config, None))
-        assert next(iter(flower._CACHE.values())) is built  # the second message reuses the experiment
-        with pytest.raises(WorkerError, match="FedtuneError: this SuperNode has no client-id"):
+        assert flower_node.kept_experiment() is built  # the second message reuses the experiment
+        with pytest.raises(WorkerError, match="a node without a client-id .* this SuperNode has no client-id"):
             worker_call(worker.folder, ("query", hello, {"data-path": str(files[2])}, None))
     finally:
         worker.close()

@@ -11,7 +11,7 @@ Runtimes: ``inprocess`` (every client in this process) and ``flower``
 (Flower's simulation engine, one virtual SuperNode per client). Both drive the
 same :func:`~fedtune.runtime.server.run_rounds`; :func:`execute_with` takes any
 other way of reaching a pool (e.g. a deployed Flower Grid, see
-:mod:`fedtune.runtime.flower_app`).
+:mod:`fedtune.serverapp`).
 """
 
 from __future__ import annotations
@@ -24,20 +24,23 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 from safetensors.torch import save_file
 from rich.console import Console
 
+from fedtune.aggregation import Tensors
 from fedtune.config import RunConfig, differences
 from fedtune.data import summary_table
 from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment, build_experiment
+from fedtune.files import replaced_folder
 from fedtune.algorithms import ClientContext, ServerState
 from fedtune.model_card import write_model_cards
 from fedtune.models.base import public_model_name
 from fedtune.models.lora import MERGED, MERGED_FILE
 from fedtune.progress import RunProgress
 from fedtune.report import clustering_plots
-from fedtune.runlog import CONFIG, METRIC_PREFIXES, METRICS, SUMMARY, RunLog, load_run, write_models
+from fedtune.runlog import CONFIG, METRIC_PREFIXES, METRICS, SUMMARY, RunLog, load_run, read_rows, write_models
 from fedtune.runtime.checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
 from fedtune.runtime.inprocess import InProcessPool
 from fedtune.runtime.server import ClientPool, run_rounds
@@ -64,7 +67,7 @@ def _inprocess(exp: Experiment, hooks: RunProgress, body: Callable[[ClientPool],
 
 
 def _flower_simulation(exp: Experiment, hooks: RunProgress, body: Callable[[ClientPool], Any]) -> Any:
-    from fedtune.runtime.flower import run_simulation_engine
+    from fedtune.runtime.flower_server import run_simulation_engine
 
     return run_simulation_engine(exp, body)
 
@@ -82,9 +85,10 @@ def execute(cfg: RunConfig, overwrite: bool = False, console: Console | None = N
     return execute_with(cfg, drivers[runtime], runtime, overwrite=overwrite, console=console, resume=resume)
 
 
-def _resume_point(cfg: RunConfig) -> Checkpoint:
-    """The checkpoint a resume continues from. One-line errors for a run that never started (no folder, or no
-    completed round) and for a config that differs from the run's in a key that changes results."""
+def _resume_point(cfg: RunConfig, note: Callable[[str], None]) -> Checkpoint:
+    """The checkpoint a resume continues from (a corrupt latest one: the previous, with a line to ``note``).
+    One-line errors for a run that never started (no folder, or no completed round) and for a config that
+    differs from the run's in a key that changes results."""
     run_dir = cfg.run_dir
     if not run_dir.is_dir():
         raise FedtuneError(f"cannot resume: there is no run at {run_dir}; start it without --resume")
@@ -94,26 +98,29 @@ def _resume_point(cfg: RunConfig) -> Checkpoint:
     if not (run_dir / CONFIG).is_file():
         raise FedtuneError(f"cannot resume {run_dir}: it has a checkpoint but no {CONFIG}; "
                            "start afresh with --overwrite")
-    changed = differences(yaml.safe_load((run_dir / CONFIG).read_text()) or {}, cfg.to_dict())
+    saved = yaml.safe_load((run_dir / CONFIG).read_text()) or {}
+    try:  # a run written before an option existed holds no value for it: compare with its default filled in
+        saved = RunConfig.model_validate(saved).to_dict()
+    except ValidationError:
+        pass
+    changed = differences(saved, cfg.to_dict())
     if changed:
         raise FedtuneError(f"cannot resume {run_dir}: its config differs ({'; '.join(changed)}); resume with the "
                            f"run's settings, e.g. fedtune run {run_dir / CONFIG} --resume, or start afresh with "
                            "--overwrite")
-    return load_checkpoint(run_dir)
+    return load_checkpoint(run_dir, note)
 
 
-def _reopen_log(cfg: RunConfig, ckpt: Checkpoint) -> RunLog:
-    """The run log of a resumed run: rows after the checkpoint are dropped; ``config.yaml`` takes the new
-    result-neutral settings (threads, output paths)."""
-    run_dir = cfg.run_dir
-    metrics = run_dir / METRICS
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
-    metrics.unlink(missing_ok=True)
-    log = RunLog(run_dir, tensorboard=cfg.log.tensorboard)
+def _reopen_log(cfg: RunConfig, ckpt: Checkpoint, note: Callable[[str], None]) -> RunLog:
+    """The run log of a resumed run: the rows after the checkpoint are dropped (the log is replaced at once,
+    never deleted and rewritten); ``config.yaml`` takes the new result-neutral settings (threads, output paths)."""
+    metrics = cfg.run_dir / METRICS
+    rows, torn = read_rows(metrics) if metrics.is_file() else ([], False)
+    if torn:
+        note(f"{metrics}: its last line was cut short (the run stopped while writing it); it is rewritten")
+    log = RunLog(cfg.run_dir, tensorboard=cfg.log.tensorboard, reopen=True)
+    log.keep_rows([row for row in rows if row["round"] <= ckpt.round])
     log.write_config(cfg.to_dict())
-    for row in rows:
-        if row["round"] <= ckpt.round:
-            log.log_round(row)
     return log
 
 
@@ -121,10 +128,11 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
                  console: Console | None = None, resume: bool = False) -> RunResult:
     """Build ``cfg``'s experiment, federate it through ``driver``, save adapters and summary."""
     console = console or Console(quiet=True)
+    say = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     t0 = time.perf_counter()
     ckpt = None
     if resume:
-        ckpt = _resume_point(cfg)
+        ckpt = _resume_point(cfg, say)
         if ckpt.round == cfg.federation.rounds and (cfg.run_dir / SUMMARY).is_file():
             summary = json.loads((cfg.run_dir / SUMMARY).read_text())
             return RunResult(cfg.run_dir, summary.get("final", {}), 0.0, already_finished=True)
@@ -133,14 +141,13 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
                 f"cannot resume {cfg.run_dir}: algorithm '{cfg.algorithm.name}' kept per-client state on the Flower "
                 f"nodes of clients {ckpt.clients_with_state_on_nodes}, which the checkpoint does not hold; rerun it"
             )
-        log = _reopen_log(cfg, ckpt)
+        log = _reopen_log(cfg, ckpt, say)
         console.print(f"resuming {cfg.run_dir} after round {ckpt.round}")
     else:
         log = RunLog(cfg.run_dir, overwrite=overwrite, tensorboard=cfg.log.tensorboard)
         log.write_config(cfg.to_dict())
     # on Flower the clients' data lives on their nodes: the server loads none of it
-    exp = build_experiment(cfg, note=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True),
-                           holds="all" if runtime == "inprocess" else "none")
+    exp = build_experiment(cfg, note=say, holds="all" if runtime == "inprocess" else "none")
     def federate(pool: ClientPool):
         _describe_data(exp, log, console)  # after the pool: with node-local data the nodes report their sizes
         start = None
@@ -204,25 +211,29 @@ def save_adapters(exp: Experiment, state: ServerState, client_states, run_dir: P
     personalised algorithm saves each client's under ``adapters/client_<i>/``.
     Updates merged into base weights (``merged/`` tensors) go beside the adapter in
     ``merged.safetensors`` (:func:`~fedtune.models.lora.load_adapter` applies them).
+    Each folder is written beside its place and swapped in (:func:`~fedtune.files.replaced_folder`): a save
+    that fails leaves the folder it would have replaced as it was.
     """
     base_name = public_model_name(exp.cfg.model.name)
     classification = exp.cfg.model.task == "classification"
-    global_tensors = state.global_tensors
+
+    def save(folder: Path, extra: Tensors | None = None) -> None:
+        with replaced_folder(folder) as staged:
+            save_model_folder(exp.model, exp.tokenizer, staged, base_name, classification)
+            if extra:
+                save_file(extra, str(staged / MERGED_FILE))
+
     for name, tensors in state.models.items():
         exp.load(tensors)
-        save_model_folder(exp.model, exp.tokenizer, run_dir / "adapters" / name, base_name, classification)
+        save(run_dir / "adapters" / name)
     if state.models:
         write_models(run_dir, state.assignment, list(state.models))
     if exp.algorithm.personalized:
         for cid, personal in client_states.items():
             exp.algorithm.load(ClientContext(cid, 0, exp.model, exp.initial, {}, exp.base),
                                personal or exp.algorithm.at_client_rank(cid, exp.initial))
-            save_model_folder(exp.model, exp.tokenizer, run_dir / "adapters" / f"client_{cid}", base_name,
-                              classification)
+            save(run_dir / "adapters" / f"client_{cid}")
         return
-    exp.load(global_tensors)
-    save_model_folder(exp.model, exp.tokenizer, run_dir / "adapter", base_name, classification)
-    merged = {k: v.contiguous() for k, v in global_tensors.items() if k.startswith(MERGED)}
-    if merged:
-        save_file(merged, str(run_dir / "adapter" / MERGED_FILE))
+    exp.load(state.global_tensors)
+    save(run_dir / "adapter", {k: v.contiguous() for k, v in state.global_tensors.items() if k.startswith(MERGED)})
     exp.load(exp.initial)

@@ -61,7 +61,7 @@ def _answer(msg: Message, context: Context) -> Message:
     if folder is not None:
         content, new_state = worker_call(str(folder), (msg.metadata.message_type, msg.content, node_config, state))
     else:
-        from fedtune.runtime.flower import answer
+        from fedtune.runtime.flower_node import answer
 
         content, new_state = answer(msg.metadata.message_type, msg.content, node_config, state)
     if new_state is not None:

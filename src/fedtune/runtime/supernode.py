@@ -13,7 +13,7 @@ Both take exactly the options of ``flower-supernode`` / ``flower-superlink``
   a random key, passed to the ClientApp as node config ``fedtune-worker``) and
   answers every message the node's short-lived ClientApp processes forward
   (:mod:`fedtune.runtime.flower_client`) with the same
-  :func:`~fedtune.runtime.flower.answer` a simulation node runs, on an
+  :func:`~fedtune.runtime.flower_node.answer` a simulation node runs, on an
   experiment it builds once per run: the model, the tokenised data and the
   training code stay in memory from round to round. Flower still starts one
   ``flwr-clientapp`` task process per message (through ``PATH``): the one
@@ -201,7 +201,7 @@ class NodeWorker:
       process that runs Flower's ClientApp main with that argv (a task process without the 2–8 s of starting
       Python and importing Flower), reply its pid, then its exit status;
     - a message forwarded by the ClientApp (:mod:`fedtune.runtime.flower_client`): answer it with
-      :func:`fedtune.runtime.flower.answer`, one at a time, on the experiment kept between messages.
+      :func:`fedtune.runtime.flower_node.answer`, one at a time, on the experiment kept between messages.
     """
 
     def __init__(self) -> None:
@@ -218,6 +218,7 @@ class NodeWorker:
                                     real=str(Path(sys.executable).parent / "flwr-clientapp")))
         shim.chmod(0o700)
         self.answering = threading.Lock()
+        self.closed = threading.Event()
         self.thread = threading.Thread(target=self._serve, name="fedtune-node-worker", daemon=True)
 
     def start(self) -> "NodeWorker":
@@ -228,15 +229,16 @@ class NodeWorker:
         import importlib
 
         # torch, transformers and Flower's ClientApp main: imported once, before the first message and fork
-        for module in ("fedtune.runtime.flower", "flwr.supernode.cli.flwr_clientapp"):
+        for module in ("fedtune.runtime.flower_node", "flwr.supernode.cli.flwr_clientapp"):
             importlib.import_module(module)
 
-        while True:
+        while not self.closed.is_set():
             try:
                 conn = self.listener.accept()
-            except OSError:
-                return  # closed
-            except Exception:  # a client with the wrong key, or one that hung up: keep serving
+            except Exception as e:  # one bad connection (reset, wrong key, hung up) must not stop the node
+                if self.closed.is_set():
+                    return
+                log.warning("refused a connection to the worker: %s: %s", type(e).__name__, e)
                 continue
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
@@ -256,18 +258,26 @@ class NodeWorker:
                 pass
 
     def _answer(self, request: tuple) -> tuple[str, object]:
-        from fedtune.runtime.flower import answer
+        """Answer one forwarded message as a deployed node (:func:`~fedtune.runtime.flower_node.answer` with
+        ``deployed=True``). An error is logged here in full and answered with
+        :func:`~fedtune.runtime.flower_node.public_reason` only: the server learns who failed, doing what,
+        and the kind of problem, never text that could quote this node's rows."""
+        from fedtune.runtime.flower_node import answer, public_reason
 
         with self.answering:
             t0 = time.perf_counter()
             try:
-                reply = ("ok", answer(*request))
+                reply = ("ok", answer(*request, deployed=True))
                 log.info("answered a %s message in %.2fs", request[0], time.perf_counter() - t0)
                 return reply
-            except FedtuneError as e:
-                return "error", f"FedtuneError: {e}"
             except Exception as e:
-                return "error", "".join(traceback.format_exception(e)).rstrip()
+                detail = f"FedtuneError: {e}" if isinstance(e, FedtuneError) else "".join(
+                    traceback.format_exception(e)).rstrip()
+                log.error("a %s message failed (only the line below the detail goes to the server):\n%s",
+                          request[0], detail)
+                reason = public_reason(e, request[0], request[2])
+                log.error("sent to the server: %s", reason)
+                return "error", reason
 
     def _fork(self, conn, argv: list[str], env: dict[str, str], cwd: str) -> None:
         pid = os.fork()
@@ -305,6 +315,7 @@ class NodeWorker:
             pass
 
     def close(self) -> None:
+        self.closed.set()
         self.listener.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -1,16 +1,15 @@
-"""The Flower runtime: the same round loop and the same client half, over Flower's Message API.
+"""The server half of the Flower runtime: the same round loop, over Flower's Message API.
 
-Server side, :class:`FlowerPool` is the :class:`~fedtune.runtime.server.ClientPool`
-that :func:`~fedtune.runtime.server.run_rounds` drives inside a ``ServerApp``:
-it turns each :class:`~fedtune.algorithms.Payload` into a ``Message`` for the
+:class:`FlowerPool` is the :class:`~fedtune.runtime.server.ClientPool` that
+:func:`~fedtune.runtime.server.run_rounds` drives inside a ``ServerApp``: it
+turns each :class:`~fedtune.algorithms.Payload` into a ``Message`` for the
 node of that client, and each reply back into a
-:class:`~fedtune.algorithms.ClientUpdate`. Node side, :func:`answer` replies to
-those messages with :func:`~fedtune.runtime.client.client_round` and
-:func:`~fedtune.runtime.client.client_evaluate`, the functions the in-process
-engine calls; the ClientApp that calls it is in
-:mod:`fedtune.runtime.flower_client`. Nothing here knows which algorithm runs.
+:class:`~fedtune.algorithms.ClientUpdate`. The node half, which answers with
+the same client code the in-process engine runs, is
+:mod:`fedtune.runtime.flower_node` (the ClientApp that calls it:
+:mod:`fedtune.runtime.flower_client`). Nothing here knows which algorithm runs.
 
-Wire format (one ``RecordDict`` per message)::
+Wire format (one ``RecordDict`` per message; tensors packed by :mod:`fedtune.runtime.wire`)::
 
     train     server → client   "payload": ArrayRecord   Payload.tensors
                                 "config":  ConfigRecord  Payload.config
@@ -25,15 +24,15 @@ Wire format (one ``RecordDict`` per message)::
                                                          train/test sizes and label_counts
                                 "state":   ArrayRecord   (action "state") the client's persistent tensors
 
+A reply is the node's word: one that cannot be decoded (missing records, a
+malformed tensor pack, metrics of the wrong type) is that client's failure,
+like an error reply, never the run's (:class:`UndecodableReply`).
+
 Client ``i`` is the node whose node config says ``client-id=i`` (node-local
 data, ``partition.method: files``; with its ``data-path``) or ``partition-id=i``
 (a split dataset; the simulation engine); its persistent tensors
 (``ClientContext.state``) live in that node's ``Context.state`` under
-``"fedtune.state"``. A node builds its :class:`~fedtune.experiment.Experiment`
-(its own client's data only) once per run config and reuses it for every
-message (:func:`node_experiment`), so the base model is never reloaded: in a
-Ray actor of the simulation engine, or in the ``fedtune supernode`` worker that
-a deployed node's ClientApp forwards to (:mod:`fedtune.runtime.flower_client`).
+``"fedtune.state"``.
 
 Bytes: ``bytes_up``/``bytes_down`` are the tensor bytes inside the ArrayRecords
 actually sent and received (equal to the in-process accounting);
@@ -43,18 +42,14 @@ adds the layout key, the tensors' names, dtypes and shapes).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
@@ -62,150 +57,61 @@ from fedtune.aggregation import Tensors
 from fedtune.algorithms import ClientUpdate, Payload
 from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError
-from fedtune.experiment import Experiment, build_experiment
-from fedtune.runtime.client import client_evaluate, client_round
+from fedtune.experiment import Experiment
 from fedtune.runtime.flower_client import clientapp
+from fedtune.runtime.wire import record_tensor_bytes, record_to_tensors, tensors_to_record
 
 log = logging.getLogger("fedtune.flower")
-
-PACKED_STYPE = "fedtune.packed"
-"""Serialisation type of a tensor pack (:func:`tensors_to_record`): the tensors' raw bytes, back to back."""
 
 T = TypeVar("T")
 
 RAISED = frozenset({ErrorCode.UNKNOWN, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.CLIENT_APP_RAISED_EXCEPTION})
 """Error codes of a reply whose ClientApp raised: the client's own code failed (the others: it could not answer)."""
 
-
-# --------------------------------------------------------------------------- record conversion
-
-
-def tensors_to_record(tensors: Tensors) -> ArrayRecord:
-    """Named tensors → an ``ArrayRecord`` of one packed ``Array``: their bytes back to back (``uint8``), and the
-    layout (name, dtype, shape of each, in order) as the record's one key, JSON.
-
-    One Array, not one per tensor: Flower moves each Array as its own object (an HTTP request between the
-    SuperLink and a node, and between the SuperLink and the ServerApp), and a LoRA payload has dozens of tensors.
-    Any dtype travels, bfloat16 included.
-    """
-    layout, parts = [], []
-    for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        layout.append([name, str(t.dtype).removeprefix("torch."), list(t.shape)])
-        parts.append(t.reshape(-1).view(torch.uint8))
-    packed = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
-    record = ArrayRecord()
-    record[json.dumps(layout)] = Array(dtype="uint8", shape=(packed.numel(),), stype=PACKED_STYPE,
-                                       data=packed.numpy().tobytes())
-    return record
+CONNECT_TIMEOUT_S = 300.0
+"""Seconds a run waits for its nodes to connect and say who they are before it stops with an error."""
 
 
-def record_to_tensors(record: ArrayRecord | None) -> Tensors:
-    """``ArrayRecord`` made by :func:`tensors_to_record` → named tensors (each a fresh, writable tensor)."""
-    out: Tensors = {}
-    for key, arr in (record or {}).items():
-        if arr.stype != PACKED_STYPE:
-            raise FedtuneError(f"a record entry of type '{arr.stype}' is not a fedtune tensor pack; is the peer "
-                               "running the same fedtune version?")
-        buf = torch.frombuffer(bytearray(arr.data), dtype=torch.uint8) if len(arr.data) else torch.zeros(0, dtype=torch.uint8)
-        offset = 0
-        for name, dtype, shape in json.loads(key):
-            dt = getattr(torch, dtype)
-            n = math.prod(shape) * torch.empty((), dtype=dt).element_size()
-            out[name] = buf[offset:offset + n].clone().view(dt).reshape(shape)
-            offset += n
-    return out
+class UndecodableReply(FedtuneError):
+    """A node's reply that is not what fedtune's ClientApp sends."""
 
 
-def record_tensor_bytes(record: ArrayRecord) -> int:
-    """Tensor bytes inside a record: Σ numel · element size over its tensors (the packed Arrays' lengths)."""
-    return sum(math.prod(arr.shape) * np.dtype(arr.dtype).itemsize for arr in record.values())
+def reason_line(reason: str) -> str:
+    """The last line of an error reply's reason (Flower wraps a ClientApp's exception in its traceback), at
+    most 300 characters."""
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    return lines[-1][-300:] if lines else ""
 
 
-# --------------------------------------------------------------------------- node side
-
-_CACHE: dict[tuple[str, int, str | None], Experiment] = {}
-_CACHE_LOCK = threading.Lock()
-
-
-def node_client(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[int, str | None]:
-    """(client id, data path) of the node whose node config is ``node_config``.
-
-    Node-local data (``partition.method: files``): ``client-id`` and ``data-path`` (a deployed SuperNode), or
-    ``partition-id`` (the simulation engine; the file is ``partition.files[id]``). A split dataset: ``partition-id``.
-    """
-    if cfg.partition.method == "files":
-        cid = node_config.get("client-id", node_config.get("partition-id"))
-        path = node_config.get("data-path")
-        if cid is None:
-            raise FedtuneError("this SuperNode has no client-id; start it with --node-config "
-                               "'client-id=<i> data-path=<its data file>' (node-local data, partition.method=files)")
-        return int(cid), None if path is None else str(path)
-    if "data-path" in node_config:
-        raise FedtuneError(f"this SuperNode names a data-path, but the run splits data.name={cfg.data.name} "
-                           f"(partition.method={cfg.partition.method}); set partition.method=files for node-local data")
-    pid = node_config.get("partition-id")
-    if pid is None:
-        raise FedtuneError("this SuperNode has no partition-id; start it with "
-                           "--node-config 'partition-id=<i> num-partitions=<n>' (a split dataset), or run with "
-                           "partition.method=files and --node-config 'client-id=<i> data-path=<file>'")
-    return int(pid), None
+def _decode_update(cid: int, reply: Message) -> tuple[ArrayRecord, ClientUpdate, bool]:
+    """The update record, the :class:`ClientUpdate` and whether the client holds state, from a train reply;
+    :class:`UndecodableReply` naming what is wrong otherwise."""
+    try:
+        record, metrics = reply.content["update"], dict(reply.content["metrics"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UndecodableReply(f"the reply lacks its update or metrics record ({type(e).__name__})") from None
+    if not isinstance(record, ArrayRecord):
+        raise UndecodableReply("its update is not an ArrayRecord")
+    tensors = record_to_tensors(record)
+    n, held = metrics.get("num_examples"), metrics.get("state_tensors", 0)
+    if type(n) is not int or type(held) is not int:
+        raise UndecodableReply("num_examples and state_tensors must be integers")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in metrics.items()
+               if k.startswith("m.")):
+        raise UndecodableReply("its metrics must be numbers")
+    values = {k[2:]: float(v) for k, v in metrics.items() if k.startswith("m.")}
+    return record, ClientUpdate(cid, tensors, n, values), held > 0
 
 
-def node_experiment(run_json: str, node_config: dict[str, Any]) -> tuple[Experiment, int]:
-    """This node's Experiment for the run config (its client's data only) and its client id: built on first
-    use, then reused for every message. Only the latest run's experiment is kept (a node serves one run at a time)."""
-    cfg = RunConfig.model_validate(json.loads(run_json))
-    cid, path = node_client(cfg, node_config)
-    key = (hashlib.sha256(run_json.encode()).hexdigest(), cid, path)
-    with _CACHE_LOCK:
-        exp = _CACHE.get(key)
-        if exp is None:
-            _CACHE.clear()
-            t0 = time.perf_counter()
-            exp = _CACHE[key] = build_experiment(cfg, holds=cid, data_path=path)
-            log.info("client %d: built the experiment of run %s in %.1fs (%d training rows%s); kept for its messages",
-                     cid, cfg.name, time.perf_counter() - t0, len(exp.client(cid).train),
-                     f" from {path}" if path else "")
-        return exp, cid
-
-
-def _meta_of(content: RecordDict, node_config: dict[str, Any]) -> tuple[Experiment, int, dict[str, Any]]:
-    meta = dict(content["fedtune"])
-    exp, cid = node_experiment(str(meta["run"]), node_config)
-    if "client_id" in meta and int(meta["client_id"]) != cid:
-        raise FedtuneError(f"message for client {meta['client_id']} reached the node of client {cid}")
-    return exp, cid, meta
-
-
-def answer(message_type: str, content: RecordDict, node_config: dict[str, Any],
-           state: ArrayRecord | None) -> tuple[RecordDict, ArrayRecord | None]:
-    """A node's reply to one message (wire format above) and its client's new persistent state (None: unchanged).
-
-    The one place a node does fedtune's work: called in the ClientApp process, or in the long-lived
-    ``fedtune supernode`` worker the ClientApp forwards to (:mod:`fedtune.runtime.supernode`).
-    """
-    held = record_to_tensors(state)
-    if message_type == "train":
-        exp, cid, meta = _meta_of(content, node_config)
-        payload = Payload(record_to_tensors(content["payload"]), dict(content["config"]))
-        update = client_round(exp, cid, int(meta["round"]), payload, held, float(meta["lr"]))
-        metrics = {"client_id": cid, "num_examples": int(update.num_examples), "state_tensors": len(held)}
-        metrics.update({f"m.{k}": float(v) for k, v in update.metrics.items()})
-        return (RecordDict({"update": tensors_to_record(update.tensors), "metrics": MetricRecord(metrics)}),
-                tensors_to_record(held))
-    if message_type == "evaluate":
-        exp, cid, _ = _meta_of(content, node_config)
-        metrics = client_evaluate(exp, cid, record_to_tensors(content["model"]), held)
-        return RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()})}), None
-    action = content["fedtune"]["action"]
-    if action == "state":
-        return RecordDict({"state": state if state is not None else ArrayRecord()}), None
-    exp, cid, _ = _meta_of(content, node_config)  # "hello": build (or reuse) the experiment, say who this is
-    report: dict[str, Any] = {"client_id": cid}
-    if exp.cfg.partition.method == "files":  # only this node knows its data: its sizes and label counts
-        report.update(exp.client_report(cid))
-    return RecordDict({"metrics": ConfigRecord(report)}), None
+def _decode_metrics(reply: Message) -> dict[str, float]:
+    """A client's evaluation metrics from an evaluate reply (:class:`UndecodableReply` otherwise)."""
+    try:
+        metrics = dict(reply.content["metrics"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UndecodableReply(f"the reply lacks its metrics record ({type(e).__name__})") from None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()):
+        raise UndecodableReply("its metrics must be numbers")
+    return {k: float(v) for k, v in metrics.items()}
 
 
 # --------------------------------------------------------------------------- server side
@@ -222,7 +128,8 @@ class FlowerPool:
     process crashed, or no reply within the timeout) to the reason.
     """
 
-    def __init__(self, grid: Grid, exp: Experiment, timeout_s: float | None = None, connect_timeout_s: float = 300.0):
+    def __init__(self, grid: Grid, exp: Experiment, timeout_s: float | None = None,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S):
         self.grid, self.exp = grid, exp
         self.timeout_s = timeout_s
         self.run_json = json.dumps(exp.cfg.to_dict(), sort_keys=True)
@@ -263,8 +170,10 @@ class FlowerPool:
         return out
 
     def _discover(self, connect_timeout_s: float) -> dict[int, int]:
-        """Map client id → node id: wait for the nodes, send each the run (it builds its experiment) and ask
-        which client it is; with node-local data each also reports its data's sizes and label counts."""
+        """Map client id → node id: wait for the nodes, send each the run (it builds its experiment, reading its
+        data afresh) and ask which client it is; with node-local data each also reports its data's sizes and
+        label counts. Every node that fails to start its client is named in one error, by the client id it
+        gives (its node id where it gives none)."""
         need = self.exp.num_clients
         deadline = time.monotonic() + connect_timeout_s
         while len(nodes := list(self.grid.get_node_ids())) < need:
@@ -276,21 +185,36 @@ class FlowerPool:
                 for n in nodes]
         node_of: dict[int, int] = {}
         reports: dict[int, dict[str, Any]] = {}
+        failed: list[str] = []
         for reply in self._exchange(msgs, timeout=connect_timeout_s):
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                raise FedtuneError(f"node {reply.metadata.src_node_id} failed to start its client: "
-                                   f"{reply.error.reason[-800:]}")
-            report = dict(reply.content["metrics"])
-            cid = int(report["client_id"])
-            if cid in node_of:
-                raise FedtuneError(f"two Flower nodes claim client {cid}")
-            node_of[cid] = reply.metadata.src_node_id
-            reports[cid] = report
+                line = reason_line(reply.error.reason) or "no reason given"
+                failed.append(line if line.startswith("client ") else f"node {node}: {line}")
+                continue
+            try:
+                report = dict(reply.content["metrics"])
+                cid = report["client_id"]
+                if type(cid) is not int:
+                    raise TypeError
+            except (KeyError, TypeError, ValueError):
+                failed.append(f"node {node}: its reply does not say which client it is")
+                continue
+            if not 0 <= cid < need:
+                failed.append(f"node {node} claims client {cid}, but the run has clients 0..{need - 1}")
+            elif cid in node_of:
+                failed.append(f"nodes {node_of[cid]} and {node} both claim client {cid}")
+            else:
+                node_of[cid], reports[cid] = node, report
+        if failed:
+            raise FedtuneError(f"{len(failed)} node{'s' * (len(failed) != 1)} could not start {'their' if len(failed) != 1 else 'its'} "
+                               f"client: " + "; ".join(sorted(failed)))
         missing = sorted(set(range(need)) - set(node_of))
         if missing:
             how = ("--node-config 'client-id=<i> data-path=<file>'" if self.exp.cfg.partition.method == "files"
                    else "--node-config 'partition-id=<i> num-partitions=<n>'")
-            raise FedtuneError(f"no Flower node holds client {missing} (need 0..{need - 1}: one SuperNode per client, {how})")
+            raise FedtuneError(f"no Flower node holds client {missing} (need 0..{need - 1}: one SuperNode per client, "
+                               f"{how}; a node that did not answer within {connect_timeout_s:.0f}s is missing too)")
         if self.exp.cfg.partition.method == "files":
             self.exp.describe_clients(reports)
         return node_of
@@ -313,14 +237,16 @@ class FlowerPool:
             if reply.has_error():
                 self._lost(cid, reply, f"round {rnd}")
                 continue
-            record = reply.content["update"]
+            try:
+                record, update, holds_state = _decode_update(cid, reply)
+            except FedtuneError as e:
+                self._undecodable(cid, e, f"round {rnd}")
+                continue
             up += record_tensor_bytes(record)
             wire_up += record.count_bytes()
-            m = dict(reply.content["metrics"])
-            if int(m["state_tensors"]):
+            if holds_state:
                 self.stateful_clients.add(cid)
-            metrics = {k[2:]: v for k, v in m.items() if k.startswith("m.")}
-            updates.append(ClientUpdate(cid, record_to_tensors(record), int(m["num_examples"]), metrics))
+            updates.append(update)
         self._late(set(payloads) - {u.client_id for u in updates}, f"round {rnd}")
         self.round_bytes = (up, down, wire_up, wire_down)
         return sorted(updates, key=lambda u: u.client_id)
@@ -331,6 +257,11 @@ class FlowerPool:
         lost[cid] = reply.error.reason
         log.warning("%s: client %d %s: %s", what, cid, "failed" if lost is self.failures else "was dropped",
                     reply.error.reason[-500:])
+
+    def _undecodable(self, cid: int, error: FedtuneError, what: str) -> None:
+        """File a reply that cannot be decoded as the client's failure."""
+        self.failures[cid] = f"its reply could not be decoded: {error}"
+        log.warning("%s: client %d sent a reply that could not be decoded: %s", what, cid, error)
 
     def _late(self, silent: set[int], what: str) -> None:
         for cid in sorted(silent - set(self.failures) - set(self.dropped)):
@@ -351,7 +282,10 @@ class FlowerPool:
             if reply.has_error():
                 self._lost(cid, reply, "evaluation")
                 continue
-            out[cid] = dict(reply.content["metrics"])
+            try:
+                out[cid] = _decode_metrics(reply)
+            except FedtuneError as e:
+                self._undecodable(cid, e, "evaluation")
         self._late(set(cids) - set(out), "evaluation")
         return out
 
@@ -377,7 +311,10 @@ class FlowerPool:
             if reply.has_error():
                 raise FedtuneError(f"the node of client {cid} failed to return its state: "
                                    f"{reply.error.reason[-500:]}")
-            states[cid] = record_to_tensors(reply.content["state"])
+            try:
+                states[cid] = record_to_tensors(reply.content["state"])
+            except (FedtuneError, KeyError, TypeError) as e:
+                raise FedtuneError(f"the node of client {cid} returned a state that could not be decoded: {e}") from None
         return states
 
 

@@ -4,7 +4,7 @@
 kept apart so that a node's per-message ClientApp process does not import torch)::
 
     [tool.flwr.app.components]
-    serverapp = "fedtune.runtime.flower_app:serverapp"
+    serverapp = "fedtune.serverapp:serverapp"
     clientapp = "fedtune.runtime.flower_client:clientapp"
 
 The ServerApp reads its run from the run config (``[tool.flwr.app.config]``,
@@ -31,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedtune.config import load_config
-from fedtune.runtime.flower import FlowerPool
+from fedtune.runtime.flower_server import FlowerPool
 
 serverapp = ServerApp()
 
