@@ -40,7 +40,8 @@ from fedtune.runlog import load_run
 
 CONFIGS = {"fedadam": "configs/snli_instruct_fedadam.yaml", "fedit": "configs/snli_instruct_fedit.yaml"}
 RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.json")  # of a run directory
-NOT_COMPARED = {"name", "output_dir"}  # where a run was written, not what it ran
+NOT_COMPARED = {"name", "output_dir",  # where a run was written, not what it ran
+                "federation.round_timeout_s"}  # how long Flower waits: the in-process records never wait
 METRICS = ("accuracy", "macro_f1", "mcc")
 
 
@@ -58,7 +59,7 @@ def _overrides(config: dict[str, Any], base: dict[str, Any]) -> list[str]:
     """``key=value`` for each setting of ``config`` that differs from ``base`` (both resolved)."""
     a, b = _flat(config), _flat(base)
     return [f"{k}={json.dumps(a.get(k))}" for k in sorted(a.keys() | b.keys())
-            if k.split(".")[0] not in NOT_COMPARED and a.get(k) != b.get(k)]
+            if k.split(".")[0] not in NOT_COMPARED and k not in NOT_COMPARED and a.get(k) != b.get(k)]
 
 
 def summarise_record(records: Path, record: str) -> dict[str, Any]:

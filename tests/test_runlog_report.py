@@ -92,8 +92,18 @@ def test_load_run_rejects_non_run_dirs(tmp_path):
     with pytest.raises(FedtuneError, match="does not exist"):
         load_run(tmp_path / "missing")
     (tmp_path / "metrics.jsonl").write_text('{"round": 0}\n{"round": \n')
-    with pytest.raises(FedtuneError, match=r"metrics.jsonl:2 is not valid JSON"):
+    with pytest.raises(FedtuneError, match=r"metrics.jsonl:2 is not a round's row"):
         load_run(tmp_path)
+
+
+def test_a_torn_last_line_is_left_out_and_said(tmp_path):
+    """A run killed while writing a row leaves its last line cut short: the rows before it load, and the run
+    says so (``Run.torn``); a bad line anywhere else is still an error."""
+    (tmp_path / "metrics.jsonl").write_text('{"round": 0}\n{"round": 1}\n{"round": 2, "train_lo')
+    run = load_run(tmp_path)
+    assert [r["round"] for r in run.rows] == [0, 1] and run.torn
+    (tmp_path / "metrics.jsonl").write_text('{"round": 0}\n{"round": 1}\n')
+    assert not load_run(tmp_path).torn
 
 
 def test_scalars_are_every_number_of_a_row_but_its_round():

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedtune.errors import FedtuneError
 
@@ -292,15 +292,22 @@ class FederationConfig(_Strict):
     fraction: float | None = Field(default=None, gt=0, le=1)
     """Fraction of the clients sampled each round, instead of ``clients_per_round``."""
     min_clients_per_round: int = Field(default=1, ge=1)
-    """Fewest usable updates a round aggregates; with fewer (clients failed, were dropped or sent
-    non-finite tensors) the run stops with an error naming them (resume it with ``resume``)."""
+    """Fewest usable updates a round aggregates; with fewer (clients failed, were dropped or had their update
+    rejected) the run stops with an error naming them (resume it with ``resume``)."""
     tolerate_client_failures: bool = False
-    """A client whose own code raises (in training or evaluation) stops the run with its error. ``true``: leave
-    it out of that round and go on (``min_clients_per_round`` still applies). Clients that are merely unreachable
-    or late (Flower) are always left out. Every client left out is listed in the run's summary and report."""
-    round_timeout_s: float | None = Field(default=None, gt=0)
-    """Flower runtime: seconds the server waits for a round's replies; late clients count as missing.
-    None: wait for every reply. (In-process clients run synchronously and are never late.)"""
+    """A client whose own code raises (in training or evaluation), or whose update the server rejects (see
+    ``max_update_ratio``), stops the run with one line naming it. ``true``: leave it out of that round and go on
+    (``min_clients_per_round`` still applies). Clients that are merely unreachable or late (Flower) are always
+    left out. Every client left out is listed in the run's summary and report."""
+    max_update_ratio: float = Field(default=100.0, ge=0)
+    """The update guard: reject an update whose change from what its client started with (the L2 norm over the
+    model tensors) exceeds this many times the median change of the round's updates and the previous round's
+    accepted ones (from 3 changes on). Catches a scaled or boosted update that is finite and well-formed;
+    0 turns the guard off. Every update is also checked for its names, shapes, dtypes, finite values and a
+    sample count within the client's rows."""
+    round_timeout_s: float | None = Field(default=3600.0, gt=0)
+    """Flower runtime: seconds the server waits for a round's replies (training, and evaluation); late clients
+    count as missing. null: wait for every reply, however long (a node that hangs then stops the run)."""
 
     @model_validator(mode="after")
     def _count_or_fraction(self) -> "FederationConfig":
@@ -353,7 +360,7 @@ class RunConfig(_Strict):
     """Everything that defines a run."""
 
     name: str = "run"
-    """The run's folder name: it is written to ``output_dir/name``."""
+    """The run's folder name: it is written to ``output_dir/name`` (one folder name: no ``/``, not ``..``)."""
     output_dir: Path = Path("runs")
     """Where run folders go."""
     seed: int = 0
@@ -372,6 +379,13 @@ class RunConfig(_Strict):
     threads: int | None = Field(default=None, ge=1)
     """torch intra-op threads; default: all cores. On a loaded machine, set the cores you can have (e.g. 1).
     Flower simulation: each virtual client reserves this many CPUs (default 1)."""
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        if not name.strip() or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+            raise ValueError(f"name {name!r} must be one folder name inside output_dir (no '/', not '.' or '..')")
+        return name
 
     @property
     def run_dir(self) -> Path:

@@ -15,6 +15,7 @@ from typing import Any
 
 from fedtune.config import RunConfig, load_config
 from fedtune.data.templates import Template
+from fedtune.files import atomic_write_text
 from fedtune.models.base import PACKAGED
 from fedtune.models.lora import MERGED_FILE
 from fedtune.report import human_bytes, human_seconds
@@ -45,7 +46,7 @@ def write_model_cards(run_dir: Path) -> list[Path]:
             users = sorted(c for c, m in assignment.items() if m == name)
             client, personalized = (users[0] if users and name else None), False
             who = f"model `{name}`, used by clients {users}" if name else ("the global model" if assignment else "")
-        (folder / CARD).write_text(model_card(cfg, summary, partition, adapter, folder, who, client, personalized))
+        atomic_write_text(folder / CARD, model_card(cfg, summary, partition, adapter, folder, who, client, personalized))
         written.append(folder / CARD)
     return written
 

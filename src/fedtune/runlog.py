@@ -35,6 +35,7 @@ METRIC_PREFIXES = ("eval/", "client_eval/", "client_ft/")
 with the model it is evaluated with (``client_eval/``), or right after its local training (``client_ft/``)."""
 
 from fedtune.errors import FedtuneError
+from fedtune.files import atomic_write_text
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
@@ -84,18 +85,19 @@ class RunLog:
 
     The directory is created if needed. A directory that already holds a run
     (a ``metrics.jsonl``) is refused unless ``overwrite=True``, which deletes it
-    and starts afresh; a directory without one is written into as it is.
+    and starts afresh, or ``reopen=True`` (a resume), which writes on into it;
+    a directory without one is written into as it is.
     ``tensorboard=True`` also mirrors every row into ``tensorboard/`` (started
     afresh with the ``metrics.jsonl`` it mirrors); it needs the ``tensorboard``
     package, checked before anything is written.
     """
 
-    def __init__(self, run_dir: str | Path, overwrite: bool = False, tensorboard: bool = False):
+    def __init__(self, run_dir: str | Path, overwrite: bool = False, tensorboard: bool = False, reopen: bool = False):
         self.run_dir = Path(run_dir)
         if tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise FedtuneError("log.tensorboard is on but the tensorboard package is not installed; "
                                "pip install tensorboard, or set log.tensorboard: false")
-        if (self.run_dir / METRICS).exists():
+        if (self.run_dir / METRICS).exists() and not reopen:
             if not overwrite:
                 raise FedtuneError(
                     f"run directory {self.run_dir} already holds a run; "
@@ -125,7 +127,7 @@ class RunLog:
 
     def _write(self, name: str, text: str) -> Path:
         path = self.run_dir / name
-        self._guard(path.write_text, text)
+        self._guard(atomic_write_text, path, text)
         return path
 
     def write_config(self, config: Mapping[str, Any]) -> Path:
@@ -137,16 +139,26 @@ class RunLog:
         return self._write(name, json.dumps(obj, indent=2, default=_plain) + "\n")
 
     def log_round(self, row: Mapping[str, Any]) -> None:
-        """Append one round's row to ``metrics.jsonl``; it is on disk when this returns."""
+        """Append one round's row to ``metrics.jsonl``; it is on disk (fsynced) when this returns."""
         line = json.dumps(dict(row), default=_plain) + "\n"
         try:
             with open(self.run_dir / METRICS, "a") as f:
                 f.write(line)
                 f.flush()
+                os.fsync(f.fileno())
             if self._tensorboard is not None:
                 self._tensorboard.write(row)
         except OSError as e:
             self._fail(e)
+
+    def keep_rows(self, rows: list[Mapping[str, Any]]) -> None:
+        """Replace ``metrics.jsonl`` by ``rows`` (a resume drops the rows after its checkpoint), atomically: a
+        crash leaves the old log or the new one, never a partial one (and the TensorBoard mirror restarts)."""
+        text = "".join(json.dumps(dict(row), default=_plain) + "\n" for row in rows)
+        self._guard(atomic_write_text, self.run_dir / METRICS, text)
+        if self._tensorboard is not None:
+            for row in rows:
+                self._tensorboard.write(row)
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         """Write the end-of-run results as ``summary.json``."""
@@ -167,37 +179,62 @@ class Run:
     config: dict[str, Any]
     rows: list[dict[str, Any]]
     summary: dict[str, Any] | None
+    torn: bool = False
+    """The log's last line was cut short (the run stopped while writing it) and is left out of ``rows``."""
 
     @property
     def name(self) -> str:
         return self.path.name
 
 
+def read_rows(metrics: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of a ``metrics.jsonl`` and whether its last line was torn (cut short while it was written: no
+    newline at its end and not valid JSON; it is left out). Any other line that is not JSON is a one-line error."""
+    try:
+        text = metrics.read_text()
+    except UnicodeDecodeError:
+        raise FedtuneError(f"{metrics} is not text; it is not a metrics log written by fedtune") from None
+    lines = text.split("\n")
+    rows, torn = [], False
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "round" not in row:
+                raise ValueError("not a round's row")
+        except ValueError as e:
+            if i == len(lines):  # the last line, with no newline after it: the run stopped while writing it
+                torn = True
+                continue
+            raise FedtuneError(f"{metrics}:{i} is not a round's row ({getattr(e, 'msg', e)}); fix or delete that "
+                               "line") from None
+        rows.append(row)
+    return rows, torn
+
+
 def load_run(run_dir: str | Path) -> Run:
-    """Read a run directory written by :class:`RunLog`."""
+    """Read a run directory written by :class:`RunLog` (a torn last line of its log: :attr:`Run.torn`)."""
     path = Path(run_dir)
     metrics = path / METRICS
     if not metrics.is_file():
         what = "does not exist" if not path.exists() else f"is not a run directory (no {METRICS})"
         raise FedtuneError(f"{path} {what}; give a folder written by 'fedtune run', e.g. runs/<name>")
-    rows = []
-    for i, line in enumerate(metrics.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise FedtuneError(f"{metrics}:{i} is not valid JSON ({e.msg}); fix or delete that line") from None
+    rows, torn = read_rows(metrics)
     config = yaml.safe_load((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
-    summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).is_file() else None
-    return Run(path=path, config=config or {}, rows=rows, summary=summary)
+    try:
+        summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).is_file() else None
+    except ValueError:
+        raise FedtuneError(f"{path / SUMMARY} is not valid JSON; delete it and finish the run with --resume") from None
+    return Run(path=path, config=config or {}, rows=rows, summary=summary, torn=torn)
 
 
 def write_models(run_dir: str | Path, assignment: dict[int, str], names: list[str]) -> Path:
     """Write ``models.json`` for a run that ends with several models: their ``names`` and each client's model."""
     path = Path(run_dir) / MODELS
-    path.write_text(json.dumps({"models": sorted(names),
-                                "assignment": {str(c): n for c, n in sorted(assignment.items())}}, indent=2) + "\n")
+    atomic_write_text(path, json.dumps({"models": sorted(names),
+                                        "assignment": {str(c): n for c, n in sorted(assignment.items())}},
+                                       indent=2) + "\n")
     return path
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, LoraSetup, Payload, ServerState
+from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, Expected, LoraSetup, Payload, ServerState
 from fedtune.algorithms.clustered import Clustered
 from fedtune.algorithms.fedkd import FedKD
 from fedtune.algorithms.fedamole import FedAMoLE
@@ -34,5 +34,5 @@ def build_algorithm(name: str, options: dict[str, Any] | None = None, lora: Lora
 
 
 __all__ = [
-    "ALGORITHMS", "Algorithm", "ClientContext", "ClientUpdate", "LoraSetup", "Payload", "ServerState", "build_algorithm",
+    "ALGORITHMS", "Algorithm", "ClientContext", "ClientUpdate", "Expected", "LoraSetup", "Payload", "ServerState", "build_algorithm",
 ]

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from fedtune.aggregation import Tensors
 from fedtune.config import TrainConfig, explain
 from fedtune.errors import FedtuneError
-from fedtune.models.lora import fit_lora_rank, load_state, trainable_state
+from fedtune.models.lora import MERGED, fit_lora_rank, load_state, trainable_state
 from fedtune.server_context import ServerContext
 
 Scalar = int | float | str | bool
@@ -62,6 +62,25 @@ class ClientUpdate:
     tensors: Tensors
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What one tensor of a client's update must be (:meth:`Algorithm.expected_update`): the server rejects an
+    update with a missing or extra name, another shape, another kind of dtype, or a non-finite value."""
+
+    shape: tuple[int, ...]
+    start: torch.Tensor | None = None
+    """A model tensor: the value the client started its round from (its change is measured from it). None: a
+    side channel (a control variate, routing embeddings), which is checked but not part of the model."""
+    integer: bool = False
+    """An integer tensor (e.g. expert ids); otherwise a real floating-point one (complex is never accepted)."""
+    equals: torch.Tensor | None = None
+    """Its exact value, where the server knows it (e.g. the ids of the experts it sent)."""
+
+    @property
+    def is_model(self) -> bool:
+        return self.start is not None
 
 
 @dataclass
@@ -233,6 +252,18 @@ class Algorithm(ABC):
     @abstractmethod
     def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
         """The new server state from the round's usable updates."""
+
+    def expected_update(self, client_id: int, payload: Payload, state: ServerState) -> dict[str, Expected]:
+        """What client ``client_id``'s update must hold, having received ``payload`` in a round that started
+        from ``state``: name → :class:`Expected`. The server checks every update against it before aggregating.
+
+        Default (the update is the client's trainable tensors): the model the client belongs to (without
+        ``merged/`` base-weight updates) at the client's rank, each starting from what the payload sent under
+        that name, else from the model's own tensor (e.g. LoRA restarted from its initialisation).
+        """
+        model = self.at_client_rank(client_id, {k: v for k, v in state.model_of(client_id).items()
+                                                if not k.startswith(MERGED)})
+        return {n: Expected(tuple(t.shape), start=payload.tensors.get(n, t)) for n, t in model.items()}
 
     def configure_evaluate(self, client_ids: list[int], state: ServerState) -> dict[int, Tensors]:
         """The model each client is evaluated with on its own test shard; default: the model it belongs to

@@ -31,7 +31,7 @@ import torch
 from pydantic import Field, model_validator
 
 from fedtune.aggregation import Tensors
-from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, NoOptions, Payload, ServerState
+from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, Expected, NoOptions, Payload, ServerState
 from fedtune.errors import FedtuneError
 from fedtune.expert_assignment import assign_experts, check_assignment, preferences
 from fedtune.models.base import body_and_head
@@ -133,6 +133,18 @@ class FedAMoLE(Algorithm):
                         tensors[name] = state.global_tensors[name]
             payloads[cid] = Payload(tensors=tensors)
         return payloads
+
+    def expected_update(self, client_id: int, payload: Payload, state: ServerState) -> dict[str, Expected]:
+        """The tensors the client received (its experts, the shared expert, router and head), and per mixture
+        the routing embeddings: t̄ (r), ē of each held expert (n_held × r) and the held experts' ids."""
+        expected = {n: Expected(tuple(t.shape), start=t) for n, t in payload.tensors.items()}
+        held = held_experts(payload.tensors)
+        for m in self.modules:
+            ids = held.get(m, [])
+            expected[RSEA + "token/" + m] = Expected((self.r,))
+            expected[RSEA + "expert/" + m] = Expected((len(ids), self.r))
+            expected[RSEA + "ids/" + m] = Expected((len(ids),), integer=True, equals=torch.tensor(ids, dtype=torch.int64))
+        return expected
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
         new = dict(state.global_tensors)

@@ -8,7 +8,7 @@ shard.
 
 from __future__ import annotations
 
-from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, Payload, ServerState
+from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, Expected, Payload, ServerState
 from fedtune.models.lora import trainable_state
 
 
@@ -26,6 +26,9 @@ class LocalOnly(Algorithm):
     def update(self, ctx: ClientContext) -> ClientUpdate:
         ctx.state.update(self.at_client_rank(ctx.client_id, trainable_state(ctx.model)))
         return ClientUpdate(ctx.client_id, {}, ctx.num_examples)
+
+    def expected_update(self, client_id: int, payload: Payload, state: ServerState) -> dict[str, Expected]:
+        return {}  # nothing leaves a client
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
         return ServerState(round=rnd, global_tensors=state.global_tensors, extra=state.extra)

@@ -41,7 +41,16 @@ import torch
 from pydantic import Field
 
 from fedtune.aggregation import Tensors, weighted_mean
-from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, LoraSetup, NoOptions, Payload, ServerState
+from fedtune.algorithms.base import (
+    Algorithm,
+    ClientContext,
+    ClientUpdate,
+    Expected,
+    LoraSetup,
+    NoOptions,
+    Payload,
+    ServerState,
+)
 from fedtune.errors import FedtuneError
 from fedtune.models.lora import trainable_state
 
@@ -85,6 +94,11 @@ class Scaffold(Algorithm):
     def configure(self, rnd: int, client_ids: list[int], state: ServerState) -> dict[int, Payload]:
         down = {**state.global_tensors, **{k: v for k, v in state.extra.items() if k.startswith(C)}}
         return {cid: Payload(tensors=down) for cid in client_ids}
+
+    def expected_update(self, client_id: int, payload: Payload, state: ServerState) -> dict[str, Expected]:
+        """y (model tensors, from x) and Δc_i (a side channel) for every trainable tensor."""
+        model = super().expected_update(client_id, payload, state)
+        return {**model, **{DELTA_C + n: Expected(e.shape) for n, e in model.items()}}
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
         if self.num_clients is None:

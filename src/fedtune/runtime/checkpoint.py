@@ -2,16 +2,22 @@
 
 ``<run_dir>/checkpoint/`` holds::
 
-    state.safetensors   global/<name>, extra/<name>, model/<model>/<name> (several models), and, in-process,
-                        client/<id>/<name> (each client's persistent tensors);
-                        its metadata "fedtune" holds the JSON below, so the file alone is a checkpoint
-    checkpoint.json     the same JSON, for people: round, the round's metrics row, runtime, ...
+    state.safetensors      global/<name>, extra/<name>, model/<model>/<name> (several models), and, in-process,
+                           client/<id>/<name> (each client's persistent tensors); its metadata "fedtune" holds
+                           the JSON below and "sha256" the digest of its tensors, so the file alone is a
+                           checkpoint that can tell when it is corrupt
+    previous.safetensors   the same for the round before
+    checkpoint.json        the JSON of the latest, for people: round, the round's metrics row, runtime, ...
 
-Both files are written to a temporary name and renamed into place, so a run
-killed at any moment leaves the previous round's checkpoint intact. A round
-is re-run after a resume exactly as it would have run (client sampling, the
-learning rate and every client's seed depend only on (seed, round, client)),
-so a resumed run ends with the tensors of an uninterrupted one.
+A checkpoint is written to a temporary name, fsynced, and renamed into place
+after the latest has become ``previous``; a run killed at any moment leaves
+at least one intact checkpoint. :func:`load_checkpoint` verifies the digest:
+a latest checkpoint that is truncated or altered (a flipped bit) is refused
+with one line naming its round, and the run resumes from ``previous``. A
+round is re-run after a resume exactly as it would have run (client
+sampling, the learning rate and every client's seed depend only on (seed,
+round, client)), so a resumed run ends with the tensors of an uninterrupted
+one.
 
 Flower keeps each client's persistent tensors in its node, not on the server;
 a checkpoint from the Flower runtime records which clients held any
@@ -21,8 +27,10 @@ a new set of nodes would start without them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +41,11 @@ from safetensors.torch import load_file, safe_open, save_file
 from fedtune.aggregation import Tensors
 from fedtune.algorithms import ServerState
 from fedtune.errors import FedtuneError
+from fedtune.files import atomic_write, atomic_write_text, fsync_dir
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.safetensors"
+PREVIOUS_FILE = "previous.safetensors"
 META_FILE = "checkpoint.json"
 
 
@@ -54,14 +64,18 @@ class Checkpoint:
         return int(self.row["round"])
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def digest(tensors: Tensors) -> str:
+    """sha256 over the tensors in name order: each name, dtype, shape and raw bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
-    """Write ``ckpt`` into ``run_dir/checkpoint/``, replacing the previous one."""
+    """Write ``ckpt`` as ``run_dir/checkpoint/state.safetensors``; the one it replaces becomes ``previous``."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -88,34 +102,81 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
         "row": ckpt.row,
     }
     text = json.dumps(meta, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-    _atomic(folder / STATE_FILE, lambda p: save_file(tensors, str(p), metadata={"fedtune": text}))
-    _atomic(folder / META_FILE, lambda p: p.write_text(json.dumps(json.loads(text), indent=2) + "\n"))
+    latest, previous = folder / STATE_FILE, folder / PREVIOUS_FILE
+    write: Callable[[Path], object] = lambda p: save_file(tensors, str(p), metadata={"fedtune": text,
+                                                                                    "sha256": digest(tensors)})
+    if latest.exists():
+        staged = folder / f".{STATE_FILE}.new"
+        atomic_write(staged, write)
+        os.replace(latest, previous)
+        os.replace(staged, latest)
+        fsync_dir(folder)
+    else:
+        atomic_write(latest, write)
+    atomic_write_text(folder / META_FILE, json.dumps(json.loads(text), indent=2) + "\n")
 
 
 def has_checkpoint(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a checkpoint (a round completed)."""
-    return (Path(run_dir) / CHECKPOINT_DIR / STATE_FILE).is_file()
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    return (folder / STATE_FILE).is_file() or (folder / PREVIOUS_FILE).is_file()
 
 
-def load_checkpoint(run_dir: Path) -> Checkpoint:
-    """Read the checkpoint of ``run_dir`` (error naming what to do when there is none)."""
-    path = Path(run_dir) / CHECKPOINT_DIR / STATE_FILE
-    if not path.is_file():
-        raise FedtuneError(f"cannot resume: {path} does not exist (the run saved no checkpoint); "
-                           "start it afresh with --overwrite")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {})["fedtune"])
-    tensors = load_file(str(path))
+class CorruptCheckpoint(FedtuneError):
+    """A checkpoint file that is truncated, altered or unreadable."""
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """One checkpoint file, verified against its digest (:class:`CorruptCheckpoint` when it does not hold)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta_text = f.metadata() or {}
+        tensors = load_file(str(path))
+        meta = json.loads(meta_text["fedtune"])
+    except Exception as e:  # safetensors raises its own errors for truncated or mangled files
+        raise CorruptCheckpoint(f"cannot be read ({type(e).__name__})") from None
+    if "sha256" in meta_text and digest(tensors) != meta_text["sha256"]:
+        raise CorruptCheckpoint(f"of round {meta.get('round', '?')} does not match its digest (altered on disk)")
 
     def take(prefix: str) -> Tensors:
         p = prefix + "/"
         return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
 
-    client_states = None
-    if meta["has_client_states"]:
-        client_states = {int(cid): take(f"client/{cid}") for cid in meta["clients"]}
-    state = ServerState(round=int(meta["state_round"]), global_tensors=take("global"), extra=take("extra"),
-                        models={name: take(f"model/{name}") for name in meta.get("models", [])},
-                        assignment={int(cid): name for cid, name in meta.get("assignment", {}).items()})
-    return Checkpoint(state=state, row=meta["row"], runtime=meta["runtime"], client_states=client_states,
-                      clients_with_state_on_nodes=list(meta["clients_with_state_on_nodes"]))
+    try:
+        client_states = None
+        if meta["has_client_states"]:
+            client_states = {int(cid): take(f"client/{cid}") for cid in meta["clients"]}
+        state = ServerState(round=int(meta["state_round"]), global_tensors=take("global"), extra=take("extra"),
+                            models={name: take(f"model/{name}") for name in meta.get("models", [])},
+                            assignment={int(cid): name for cid, name in meta.get("assignment", {}).items()})
+        return Checkpoint(state=state, row=meta["row"], runtime=meta["runtime"], client_states=client_states,
+                          clients_with_state_on_nodes=list(meta["clients_with_state_on_nodes"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptCheckpoint(f"has malformed metadata ({type(e).__name__}: {e})") from None
+
+
+def load_checkpoint(run_dir: Path, note: Callable[[str], None] = lambda line: None) -> Checkpoint:
+    """The latest intact checkpoint of ``run_dir``: ``state.safetensors``, or, when that one is missing or
+    corrupt (``note`` receives one line saying so, naming its round), ``previous.safetensors``. A one-line
+    error when neither is intact."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    latest, previous = folder / STATE_FILE, folder / PREVIOUS_FILE
+    if not latest.is_file() and not previous.is_file():
+        raise FedtuneError(f"cannot resume: {latest} does not exist (the run saved no checkpoint); "
+                           "start it afresh with --overwrite")
+    problem = None
+    if latest.is_file():
+        try:
+            return read_checkpoint(latest)
+        except CorruptCheckpoint as e:
+            problem = f"the checkpoint {latest} {e}"
+    if not previous.is_file():
+        raise FedtuneError(f"cannot resume: {problem} and there is no previous checkpoint; start afresh with "
+                           "--overwrite")
+    try:
+        ckpt = read_checkpoint(previous)
+    except CorruptCheckpoint as e:
+        raise FedtuneError(f"cannot resume: {problem or f'{latest} is missing'}, and the previous checkpoint "
+                           f"{previous} {e}; start afresh with --overwrite") from None
+    note(f"{problem or f'{latest} is missing'}; resuming from the previous checkpoint, after round {ckpt.round}")
+    return ckpt

@@ -7,14 +7,14 @@ sampling, learning-rate schedule, byte accounting and run log rows.
 
 from __future__ import annotations
 
-import math
 import logging
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from fedtune.aggregation import Tensors, tensor_bytes
 from fedtune.algorithms import ClientUpdate, Payload, ServerState
@@ -23,6 +23,7 @@ from fedtune.evaluation import mean_metrics
 from fedtune.experiment import Experiment, clients_per_round, derive_seed, evaluated_round
 from fedtune.runtime.client import FT
 from fedtune.runlog import RunLog
+from fedtune.runtime.update_check import change_norm, check_update, oversized
 from fedtune.training import round_lr
 
 
@@ -109,9 +110,43 @@ def lost_clients(rnd: int, phase: str, pool: ClientPool, tolerate: bool) -> list
             for cid, reason in sorted(lost.items())]
 
 
-def finite(update: ClientUpdate) -> bool:
-    """Every floating-point tensor of the update is finite (no NaN or inf)."""
-    return all(bool(torch.isfinite(t).all()) for t in update.tensors.values() if t.is_floating_point())
+class ClientRejected(FedtuneError):
+    """A client's update failed the server's check, and the run does not tolerate client failures."""
+
+
+@dataclass
+class Screened:
+    """A round's updates after the server's check (:mod:`fedtune.runtime.update_check`)."""
+
+    accepted: list[ClientUpdate]
+    rejected: dict[int, str]
+    """Client → why its update was rejected."""
+    norms: dict[int, float]
+    """Client → ‖θ_i − θ_i⁰‖₂ of each accepted update (over its model tensors)."""
+
+
+def screen_updates(exp: Experiment, received: list[ClientUpdate], payloads: dict[int, Payload],
+                   state: ServerState, previous_norms: list[float]) -> Screened:
+    """Check each update against what the algorithm expects of its client, then the update guard
+    (``federation.max_update_ratio``, against this round's and ``previous_norms``' median change)."""
+    algo = exp.algorithm
+    valid: list[tuple[ClientUpdate, dict]] = []
+    rejected: dict[int, str] = {}
+    for u in received:
+        if u.client_id not in payloads:
+            rejected[u.client_id] = "it sent an update it was not asked for"
+            continue
+        expected = algo.expected_update(u.client_id, payloads[u.client_id], state)
+        why = check_update(u, expected, exp.client_sizes[u.client_id][0])
+        if why is None:
+            valid.append((u, expected))
+        else:
+            rejected[u.client_id] = why
+    norms = {u.client_id: change_norm(u, expected) for u, expected in valid}
+    rejected.update(oversized(norms, exp.cfg.federation.max_update_ratio, previous_norms))
+    accepted = [u for u, _ in valid if u.client_id not in rejected]
+    return Screened(accepted, dict(sorted(rejected.items())),
+                    {u.client_id: norms[u.client_id] for u in accepted})
 
 
 def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks | None = None,
@@ -122,15 +157,17 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
 
     ``start``: continue from the (state, row) of a completed round instead of
     initialising (resume). ``on_state(state, row)`` is called after each logged
-    round (checkpointing). A round aggregates the finite updates that arrived;
-    its row lists the sampled clients that sent none (``missing``), those
-    whose tensors were not finite (``rejected``), and every client lost in
-    training or evaluation with the reason (``client_problems``, see
-    :func:`lost_clients`). A client whose code raises stops the run unless
+    round (checkpointing). A round aggregates the updates that arrived and pass
+    the server's check (:func:`screen_updates`); its row lists the sampled
+    clients that sent none (``missing``), those whose update was rejected
+    (``rejected``), each accepted update's change norm (``update_norms``), and
+    every client lost in training or evaluation with the reason
+    (``client_problems``, see :func:`lost_clients`). A client whose code raises,
+    or whose update is rejected, stops the run with one line naming it unless
     ``federation.tolerate_client_failures``; with fewer than
-    ``federation.min_clients_per_round`` usable updates the run stops with an error.
-    The centralized reference (``pools_data``) logs zero bytes: nothing is communicated.
-    Returns the final server state and the last row.
+    ``federation.min_clients_per_round`` usable updates the run stops with an
+    error. The centralized reference (``pools_data``) logs zero bytes: nothing
+    is communicated. Returns the final server state and the last row.
     """
     cfg, algo = exp.cfg, exp.algorithm
     rounds = cfg.federation.rounds
@@ -182,14 +219,10 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
     else:
         state = algo.init(exp.initial)
         t0 = now()
-        row = {"round": 0, "lr": 0.0, "clients": [], "num_clients": 0, "train_loss": None, "train_examples": 0,
-               "bytes_up": 0, "bytes_down": 0, "cum_bytes_up": 0, "cum_bytes_down": 0,
-               "time_train_s": 0.0, "time_aggregate_s": 0.0}
         metrics, lost = evaluation(0, state)
-        row.update(metrics, client_problems=lost)
-        row["time_eval_s"] = row["time_round_s"] = now() - t0
+        t_end = now()
+        row = round_row(0, times=(0.0, 0.0, t_end - t0), metrics=metrics, problems=lost)
         record(state, row)
-    cum_up, cum_down = row["cum_bytes_up"], row["cum_bytes_down"]
 
     for rnd in range(row["round"] + 1, rounds + 1):
         t_start = now()
@@ -209,20 +242,25 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         if algo.pools_data:  # the centralized reference stands for pooled data: nothing is communicated
             bytes_up = bytes_down = 0
             wire = {}
-        updates = [u for u in received if finite(u)]
-        rejected = sorted(u.client_id for u in received if not finite(u))
+        screened = screen_updates(exp, received, payloads, state, list(row.get("update_norms", {}).values()))
+        for cid, why in screened.rejected.items():
+            logger.warning("round %d: rejected the update of client %d: %s", rnd, cid, why)
+            if not tolerate:
+                raise ClientRejected(f"round {rnd}: the update of client {cid} was rejected: {why} (set "
+                                     "federation.tolerate_client_failures: true to leave such clients out of their "
+                                     "round instead)")
+        lost += [{"round": rnd, "client": c, "phase": "train", "kind": "rejected", "reason": why}
+                 for c, why in screened.rejected.items()]
+        updates = screened.accepted
         missing = sorted(set(clients) - {u.client_id for u in received})
-        if rejected:
-            logger.warning("round %d: rejected non-finite updates of clients %s", rnd, rejected)
-            lost += [{"round": rnd, "client": c, "phase": "train", "kind": "rejected",
-                      "reason": "non-finite tensors in its update"} for c in rejected]
         if len(updates) < min_clients:
-            reasons = {**pool.dropped, **pool.failures}
-            why = "; ".join(f"client {c}: {reasons[c][-300:]}" for c in missing if c in reasons)
+            reasons = {**pool.dropped, **pool.failures, **screened.rejected}
+            why = "; ".join(f"client {c}: {reasons[c][-300:]}" for c in sorted({*missing, *screened.rejected})
+                            if c in reasons)
             raise FedtuneError(
                 f"round {rnd}: only {len(updates)} usable updates from {len(clients)} sampled clients "
-                f"(federation.min_clients_per_round={min_clients}); missing {missing}, rejected as non-finite "
-                f"{rejected}" + (f"; {why}" if why else "")
+                f"(federation.min_clients_per_round={min_clients}); missing {missing}, rejected "
+                f"{sorted(screened.rejected)}" + (f"; {why}" if why else "")
             )
         t_trained = now()
         state = algo.aggregate(rnd, updates, state)
@@ -232,18 +270,33 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         if any(trained.values()):
             metrics.update(_prefixed("client_ft", mean_metrics({c: m for c, m in trained.items() if m})))
         t_end = now()
-        cum_up += bytes_up
-        cum_down += bytes_down
         n_seen = sum(u.metrics.get("examples_seen", 0) for u in updates)
         loss = (sum(u.metrics["train_loss"] * u.metrics.get("examples_seen", 0) for u in updates) / n_seen
                 if n_seen else math.nan)
-        row = {"round": rnd, "lr": lr, "clients": [u.client_id for u in updates], "num_clients": len(updates),
-               "missing": missing, "rejected": rejected, "client_problems": lost + lost_eval,
-               "train_loss": loss, "train_examples": int(n_seen),
-               "bytes_up": bytes_up, "bytes_down": bytes_down, "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
-               **wire,
-               "time_train_s": t_trained - t_start, "time_aggregate_s": t_aggregated - t_trained,
-               "time_eval_s": t_end - t_aggregated, "time_round_s": t_end - t_start,
-               **{f"agg/{k}": v for k, v in state.metrics.items()}, **metrics}
+        row = round_row(rnd, lr=lr, clients=[u.client_id for u in updates], missing=missing,
+                        rejected=sorted(screened.rejected), norms=screened.norms, problems=lost + lost_eval,
+                        train_loss=loss, train_examples=int(n_seen), traffic=(bytes_up, bytes_down), previous=row,
+                        wire=wire, times=(t_trained - t_start, t_aggregated - t_trained, t_end - t_aggregated),
+                        metrics={**{f"agg/{k}": v for k, v in state.metrics.items()}, **metrics})
         record(state, row)
     return state, row
+
+
+def round_row(rnd: int, *, times: tuple[float, float, float], metrics: dict[str, Any], problems: list[dict],
+              lr: float = 0.0, clients: list[int] = (), missing: list[int] = (), rejected: list[int] = (),
+              norms: dict[int, float] | None = None, train_loss: float | None = None, train_examples: int = 0,
+              traffic: tuple[int, int] = (0, 0), previous: dict | None = None, wire: dict | None = None) -> dict:
+    """One row of ``metrics.jsonl``: the round's clients, loss, bytes (and running totals after ``previous``),
+    seconds training / aggregating / evaluating, and its metrics. Round 0 (the initial model) has no training."""
+    up, down = traffic
+    row = {"round": rnd, "lr": lr, "clients": list(clients), "num_clients": len(clients)}
+    if rnd:
+        row.update(missing=list(missing), rejected=list(rejected),
+                   update_norms={str(c): v for c, v in sorted((norms or {}).items())})
+    row.update(client_problems=problems, train_loss=train_loss, train_examples=train_examples,
+               bytes_up=up, bytes_down=down,
+               cum_bytes_up=(previous or {}).get("cum_bytes_up", 0) + up,
+               cum_bytes_down=(previous or {}).get("cum_bytes_down", 0) + down, **(wire or {}),
+               time_train_s=times[0], time_aggregate_s=times[1], time_eval_s=times[2], time_round_s=sum(times))
+    row.update(metrics)
+    return row
