@@ -361,7 +361,7 @@ def superlink(ctx: typer.Context) -> None:
     Takes flower-superlink's options (flower-superlink --help), e.g. --ssl-ca-certfile certs/ca.crt --ssl-certfile
     certs/server.pem --ssl-keyfile certs/server.key --host 0.0.0.0 --port 9093. See docs/flower.md.
     """
-    from fedtune.runtime.supernode import run_superlink
+    from fedtune.runtime.superlink import run_superlink
 
     raise typer.Exit(run_superlink(list(ctx.args)))
 
