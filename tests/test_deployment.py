@@ -136,6 +136,8 @@ class Deployment:
 
     def __init__(self, tmp_path: Path, config: dict):
         self.tmp = tmp_path
+        self.allowed = f"model-root={config['model']['name']} data-root={config['data']['name']}"
+        """Node config of the folders a node may read because the run names them: the tiny model and dataset."""
         self.certs, self.logs, home = tmp_path / "certs", tmp_path / "logs", tmp_path / "flwr_home"
         self.logs.mkdir()
         home.mkdir()
@@ -197,7 +199,7 @@ class Deployment:
         for i in range(n):
             folder = self.nodes_root / f"node_{i}"
             folder.mkdir(exist_ok=True)
-            config = node_config(i) if node_config else f"partition-id={i} num-partitions={n}"
+            config = node_config(i) if node_config else f"partition-id={i} num-partitions={n} {self.allowed}"
             command = [str(BIN / "flower-supernode")] if plain else [str(BIN / "fedtune"), "supernode"]
             p, log = self.start(f"supernode{i}", [
                 *command, "--superlink", f"127.0.0.1:{self.port}",
@@ -241,11 +243,11 @@ def test_tls_deployment_with_node_local_data_matches_inprocess(tmp_path, tiny_mo
                                            partition={"method": "files", "num_clients": 3}))
     files = client_files(dep.nodes_root, tiny_tsv_dataset)
     try:
-        dep.start_link_and_nodes(3, node_config=lambda i: f"client-id={i} data-path=train.tsv")
+        dep.start_link_and_nodes(3, node_config=lambda i: f"client-id={i} data-path=train.tsv {dep.allowed}")
         # the same client as node 0: if TLS let it in, FlowerPool would refuse two nodes claiming client 0
         insecure, insecure_log = dep.start("insecure", [
             str(BIN / "fedtune"), "supernode", "--insecure", "--superlink", f"127.0.0.1:{dep.port}",
-            "--port", str(_free_port()), "--node-config", "client-id=0 data-path=train.tsv",
+            "--port", str(_free_port()), "--node-config", f"client-id=0 data-path=train.tsv {dep.allowed}",
             "--max-retries", "3", "--max-wait-time", "20"], cwd=dep.nodes_root / "node_0")
         dep.wait_registered(3)
         run = dep.flwr_run()

@@ -1,18 +1,18 @@
-"""The fedtune ClientApp, light enough to start per message: it imports Flower, not torch.
+"""The fedtune ClientApp, light enough to run per message: it imports Flower, not torch.
 
-A deployed SuperNode starts a fresh ClientApp process for every message
-(flwr 1.4x: one task per ``flwr-clientapp`` process, in both isolation modes).
-Importing torch, transformers and the model for each would cost seconds to
-minutes per round, so this module only moves the message:
+A deployed SuperNode runs every message as a task in a process of its own
+(flwr 1.4x). Importing torch, transformers and the model for each would cost
+seconds to minutes per round, so this module only moves the message:
 
 - on a node started by ``fedtune supernode`` (node config ``fedtune-worker``:
-  the folder of its worker's socket and key), it forwards the message over
-  that local socket to the long-lived worker process, which keeps the model,
-  the tokenised data and the experiment across rounds and messages
+  the folder of its worker's socket and key), the task process is a fork of
+  the node's worker (:mod:`fedtune.runtime.node_tasks`), and this forwards the
+  message over that local socket to the worker, which keeps the model, the
+  tokenised data and the experiment across rounds and messages
   (:mod:`fedtune.runtime.supernode`);
-- otherwise (a plain ``flower-supernode``, or a Ray actor of the simulation
-  engine, which lives for the whole run) it answers in this process with
-  :func:`fedtune.runtime.flower.answer`, importing it on first use.
+- otherwise (a Ray actor of the simulation engine, which lives for the whole
+  run, or a plain ``flower-supernode``) it answers in this process with
+  :func:`fedtune.runtime.flower_node.answer`, importing it on first use.
 
 The client's persistent tensors stay in the node's ``Context.state`` either
 way, so the worker holds no state that a restarted worker would lose.

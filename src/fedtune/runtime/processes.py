@@ -94,14 +94,11 @@ def stop_group(child: subprocess.Popen) -> None:
             continue
 
 
-def supervise(command: list[str], on_exit, link: tuple[str, int, float] | None = None,
-               first_on_path: Path | None = None) -> int:
+def supervise(command: list[str], on_exit, link: tuple[str, int, float] | None = None) -> int:
     """Run ``command`` as a child in its own process group; SIGTERM/SIGINT are passed on to it; ``link``
     (host, port, seconds): stop it once its SuperLink has been unreachable that long. ``on_exit()`` once it
     has ended; the exit status is the child's (1 if stopped for its link)."""
     env = tools_env()
-    if first_on_path is not None:
-        env["PATH"] = f"{first_on_path}{os.pathsep}{env['PATH']}"
     child = subprocess.Popen(command, env=env, start_new_session=True)
     stopped = threading.Event()
     if link is not None:

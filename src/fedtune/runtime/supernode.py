@@ -1,28 +1,31 @@
-"""``fedtune supernode`` and ``fedtune superlink``: Flower's deployment commands, run from fedtune's environment.
+"""``fedtune supernode``: a data owner's Flower SuperNode, run from fedtune's environment, closed to others.
 
-Both take exactly the options of ``flower-supernode`` / ``flower-superlink``
-(flwr's own flags, passed through) and fix what the plain commands get wrong:
+It takes the options of ``flower-supernode`` (flwr's own flags, passed
+through) and adds what a data owner needs (threat model: ``docs/security.md``):
 
-- **no activated venv needed**: the SuperLink starts ``flower-superexec`` and the
-  SuperNode ``flwr-clientapp`` by name from ``PATH``; these commands put this
-  interpreter's ``bin/`` first on it, so ``.venv/bin/fedtune supernode ...``
-  works without ``source .venv/bin/activate`` (the plain ``.venv/bin/flower-superlink``
-  fails on its first run with ``FileNotFoundError: flower-superexec``);
-- **the model stays loaded** (``supernode``): this process is the node's worker.
-  It listens on a private local socket (a fresh 0700 folder with the socket and
-  a random key, passed to the ClientApp as node config ``fedtune-worker``) and
-  answers every message the node's short-lived ClientApp processes forward
-  (:mod:`fedtune.runtime.flower_client`) with the same
-  :func:`~fedtune.runtime.flower_node.answer` a simulation node runs, on an
-  experiment it builds once per run: the model, the tokenised data and the
-  training code stay in memory from round to round. Flower still starts one
-  ``flwr-clientapp`` task process per message (through ``PATH``): the one
-  found first is this worker's shim (:data:`SHIM`), and the task process is
-  forked from the worker, so no message pays for starting Python and
-  importing Flower;
-- **node-local data is checked before joining**: a ``data-path`` in
-  ``--node-config`` must exist; it is made absolute (relative to the directory
-  the command runs in) so every process of the node reads the same file;
+- **only fedtune's own code runs here** (:mod:`fedtune.runtime.node_tasks`): the
+  SuperNode runs with ``--isolation process``; this process acquires the node's
+  tasks with a secret only it holds and runs each in a fork of itself, refusing
+  a submitted app whose ClientApp is not fedtune's before any of it is read as
+  code, and running fedtune's installed ClientApp, never code from an app
+  bundle. Another local account cannot take the node's tasks (Flower's task API
+  requires the secret to acquire a task, and the task token travels in memory,
+  not on a command line). ``--isolation``, ``--superexec-auth-secret-file``,
+  ``--allow-runtime-dependency-installation``, ``--trusted-entities``, a
+  non-loopback ``--host`` and the task API's own ``--ssl-*`` flags are therefore
+  fedtune's to set, and refused;
+- **the model stays loaded**: this process is the node's worker. It listens on a
+  private local socket (a fresh 0700 folder with the socket and a random key,
+  passed to the ClientApp as node config ``fedtune-worker``) and answers every
+  message the task processes forward (:mod:`fedtune.runtime.flower_client`) with
+  :func:`~fedtune.runtime.flower_node.answer` on an experiment it builds once
+  per run: the model, the tokenised data and the training code stay in memory
+  from round to round;
+- **the node alone decides what it reads**: a ``data-path`` in ``--node-config``
+  is checked before the node joins (it is read and parsed as a table; with
+  ``config=<the run's config file>`` also against the run's columns and labels, as
+  a local run checks them) and made absolute; the node reads no path the
+  server names (:mod:`fedtune.runtime.flower_node`);
 - **a node whose SuperLink is gone exits**: unless ``--max-wait-time`` is given,
   the SuperNode stops retrying after :data:`LINK_WAIT_S` seconds without its
   SuperLink (flwr's default is to retry forever). flwr 1.42's SuperNode then
@@ -34,6 +37,7 @@ Both take exactly the options of ``flower-supernode`` / ``flower-superlink``
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -49,6 +53,7 @@ from pathlib import Path
 
 from fedtune.errors import FedtuneError
 from fedtune.runtime.flower_client import WORKER_KEY
+from fedtune.runtime.node_tasks import TaskLoop
 from fedtune.runtime.processes import flower_tool, option_at, supervise
 
 log = logging.getLogger("fedtune.supernode")
@@ -57,6 +62,15 @@ LINK_WAIT_S = 300
 """Seconds a ``fedtune supernode`` keeps trying to reach its SuperLink before it exits (``--max-wait-time``)."""
 EXIT_GRACE_S = 10
 """Seconds after ``--max-wait-time`` that the SuperNode gets to exit by itself before it is stopped."""
+TASK_API_PORT = 9094
+"""flwr's default port of a SuperNode's local task API (``--port``)."""
+FEDTUNES_FLAGS = ("--isolation", "--superexec-auth-secret-file", "--allow-runtime-dependency-installation",
+                  "--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile", "--trusted-entities")
+"""flower-supernode flags that ``fedtune supernode`` sets itself (or that would undo what it closes)."""
+RESIDUAL = ("the node's secrets (its task secret, its worker's key, the task tokens) are readable by root and by "
+            "this account; run the node on a host no one else logs into, or in its own container "
+            "(docs/security.md)")
+"""What ``fedtune supernode`` cannot close from outside Flower, said at start."""
 
 
 _PAIR = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")
@@ -107,94 +121,108 @@ def _quoted(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def prepare_node_args(args: list[str], worker_folder: str | None) -> list[str]:
-    """The ``flower-supernode`` arguments for ``args``: ``data-path`` checked and made absolute, the worker's
-    folder added, and ``--max-wait-time`` :data:`LINK_WAIT_S` unless given."""
+def prepare_node_args(args: list[str], worker_folder: str | None, secret_file: str | None = None) -> list[str]:
+    """The ``flower-supernode`` arguments for ``args``: flags fedtune sets refused, ``data-path`` checked
+    (:func:`check_node_data`) and made absolute, the worker's folder added, ``--isolation process`` with the
+    task secret, and ``--max-wait-time`` :data:`LINK_WAIT_S` unless given."""
+    for flag in FEDTUNES_FLAGS:
+        if option_at(args, flag)[0] is not None or flag in args:
+            raise FedtuneError(f"{flag} is set by fedtune supernode itself (it runs only fedtune's ClientApp and "
+                               "takes its own tasks with a private secret); remove it")
+    host = option_at(args, "--host")[1]
+    if host is not None and not _loopback(host):
+        raise FedtuneError(f"--host {host}: the node's task API must stay on this machine (127.0.0.1 or ::1); "
+                           "nothing outside the node has reason to reach it")
     _, value = option_at(args, "--node-config")
     config = parse_node_config(value or "")
     if WORKER_KEY in config:
         raise FedtuneError(f"--node-config key '{WORKER_KEY}' is set by fedtune supernode itself; remove it")
     extra: dict[str, str] = {}
+    for key in ("data-root", "model-root"):
+        if key in config:
+            folder = Path(str(config[key])).expanduser().resolve()
+            if not folder.is_dir():
+                raise FedtuneError(f"{key} '{config[key]}' is not a folder (resolved: {folder})")
+            extra[key] = str(folder)
+    if "config" in config and "data-path" not in config:
+        raise FedtuneError("node config 'config' checks this node's data-path against a run's config; give data-path")
     if "data-path" in config:
         path = Path(str(config["data-path"])).expanduser().resolve()
-        if not path.is_file() and not path.is_dir():
-            raise FedtuneError(f"data-path '{config['data-path']}' does not exist (resolved: {path}); give this "
-                               "node's own data file")
+        check_node_data(path, config.get("config"))
         extra["data-path"] = str(path)
     if worker_folder is not None:
         extra[WORKER_KEY] = worker_folder
     out = _with_node_config(args, extra) if value or extra else list(args)
     if option_at(out, "--max-wait-time")[1] is None:
         out += ["--max-wait-time", str(LINK_WAIT_S)]
+    if secret_file is not None:
+        out += ["--isolation", "process", "--superexec-auth-secret-file", secret_file]
     return out
 
 
-SHIM = """#!{python} -I
-# fedtune supernode's flwr-clientapp: the SuperExec starts one per task; this asks the node's worker to fork
-# one from its warm process (Flower and fedtune already imported) and exits with that child's status.
-import os, signal, sys
-from multiprocessing.connection import Client
+def check_node_data(path: Path, config: object = None) -> None:
+    """This node's data file, read and checked before the node joins: it must exist and parse as a table
+    (a CSV/TSV/JSON/JSONL file, or a folder of them); with ``config`` (the path of the run's config file, which
+    the node operator agreed to) it is loaded exactly as a run loads a client's file, so wrong columns, labels
+    outside ``data.labels`` or malformed rows are found now, in one line, not at the run's start."""
+    if not path.exists():
+        raise FedtuneError(f"data-path '{path}' does not exist; give this node's own data file")
+    if config is not None:
+        from fedtune.config import load_config
+        from fedtune.experiment import load_client_file
 
-folder = {folder!r}
-try:
-    conn = Client(os.path.join(folder, "worker.sock"), family="AF_UNIX",
-                  authkey=open(os.path.join(folder, "authkey"), "rb").read())
-except OSError as e:
-    print(f"fedtune supernode: worker unreachable ({{e}}); starting Flower's own flwr-clientapp", file=sys.stderr)
-    os.execv({real!r}, [{real!r}, *sys.argv[1:]])
-conn.send(("fork", sys.argv, dict(os.environ), os.getcwd()))
-_, pid = conn.recv()
+        load_client_file(load_config(str(config)), str(path))
+        return
+    from fedtune.data.readers import SUFFIXES, read_table
 
-def stop(signum, frame):
+    files = [path] if path.is_file() else [f for f in sorted(path.iterdir()) if f.suffix in SUFFIXES]
+    if not files:
+        raise FedtuneError(f"data-path '{path}' holds no data file ({', '.join(SUFFIXES)})")
+    for f in files:
+        if not len(read_table(f)):
+            raise FedtuneError(f"data-path file '{f}' holds no rows")
+
+
+def _loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
     try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-signal.signal(signal.SIGTERM, stop)
-signal.signal(signal.SIGINT, stop)
-_, code = conn.recv()
-sys.exit(code)
-"""
-"""The ``flwr-clientapp`` that ``fedtune supernode`` puts first on the SuperExec's ``PATH`` (a fork client)."""
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class NodeWorker:
-    """The node's long-lived worker, listening on a private socket for two requests:
+    """The node's long-lived worker: it takes the node's tasks (:class:`~fedtune.runtime.node_tasks.TaskLoop`,
+    each run in a fork of this warm process) and, on a private socket, answers the messages those task
+    processes forward (:mod:`fedtune.runtime.flower_client`) with :func:`fedtune.runtime.flower_node.answer`,
+    one at a time, on the experiment kept between messages."""
 
-    - ``("fork", argv, env, cwd)`` from the ``flwr-clientapp`` shim (:data:`SHIM`): fork a child of this warm
-      process that runs Flower's ClientApp main with that argv (a task process without the 2–8 s of starting
-      Python and importing Flower), reply its pid, then its exit status;
-    - a message forwarded by the ClientApp (:mod:`fedtune.runtime.flower_client`): answer it with
-      :func:`fedtune.runtime.flower_node.answer`, one at a time, on the experiment kept between messages.
-    """
-
-    def __init__(self) -> None:
+    def __init__(self, runtime_address: str = f"127.0.0.1:{TASK_API_PORT}") -> None:
         self.folder = tempfile.mkdtemp(prefix="fedtune-node-")  # 0700: only this user reaches the socket
         key = os.urandom(32)
         key_file = Path(self.folder) / "authkey"
         key_file.touch(mode=0o600)
         key_file.write_bytes(key)
         self.listener = Listener(str(Path(self.folder) / "worker.sock"), family="AF_UNIX", authkey=key)
-        self.bin = Path(self.folder) / "bin"
-        self.bin.mkdir()
-        shim = self.bin / "flwr-clientapp"
-        shim.write_text(SHIM.format(python=sys.executable, folder=self.folder,
-                                    real=str(Path(sys.executable).parent / "flwr-clientapp")))
-        shim.chmod(0o700)
+        self.tasks = TaskLoop(self.folder, runtime_address, in_child=self.listener.close)
         self.answering = threading.Lock()
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._serve, name="fedtune-node-worker", daemon=True)
 
-    def start(self) -> "NodeWorker":
+    def start(self, take_tasks: bool = True) -> "NodeWorker":
+        """Serve the socket; with ``take_tasks``, also take the node's tasks."""
         self.thread.start()
+        if take_tasks:
+            self.tasks.start()
         return self
 
     def _serve(self) -> None:
         import importlib
 
         # torch, transformers and Flower's ClientApp main: imported once, before the first message and fork
-        for module in ("fedtune.runtime.flower_node", "flwr.supernode.cli.flwr_clientapp"):
+        for module in ("fedtune.runtime.flower_node", "flwr.supernode.runtime.run_clientapp"):
             importlib.import_module(module)
 
         while not self.closed.is_set():
@@ -211,10 +239,9 @@ class NodeWorker:
         with conn:
             try:
                 request = conn.recv()
-            except (EOFError, OSError):
-                return
-            if request[0] == "fork":
-                self._fork(conn, *request[1:])
+                if not (isinstance(request, tuple) and len(request) == 4):
+                    raise ValueError("not a forwarded message")
+            except Exception:
                 return
             reply = self._answer(request)
             try:
@@ -244,64 +271,35 @@ class NodeWorker:
                 log.error("sent to the server: %s", reason)
                 return "error", reason
 
-    def _fork(self, conn, argv: list[str], env: dict[str, str], cwd: str) -> None:
-        pid = os.fork()
-        if pid == 0:  # the task process: Flower's ClientApp main, then exit without this process's cleanup
-            code = 1
-            try:
-                self.listener.close()
-                os.chdir(cwd)
-                os.environ.clear()
-                os.environ.update(env)
-                sys.argv = list(argv)
-                from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-
-                flwr_clientapp()
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        t0 = time.perf_counter()
-        try:
-            conn.send(("pid", pid))
-        except (OSError, EOFError):
-            pass
-        _, status = os.waitpid(pid, 0)
-        log.info("task process %d (forked) ended with status %d after %.2fs", pid, os.waitstatus_to_exitcode(status),
-                 time.perf_counter() - t0)
-        try:
-            conn.send(("exit", os.waitstatus_to_exitcode(status)))
-        except (OSError, EOFError):
-            pass
-
     def close(self) -> None:
         self.closed.set()
+        self.tasks.close()
         self.listener.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def run_supernode(args: list[str]) -> int:
     """Run ``flower-supernode`` with ``args`` (see the module docstring), serving as its worker; its exit status."""
-    worker = NodeWorker()
+    port = option_at(args, "--port")[1] or TASK_API_PORT
+    host = option_at(args, "--host")[1] or "127.0.0.1"
+    worker = NodeWorker(f"{host}:{port}")
     try:
-        command = [flower_tool("flower-supernode"), *prepare_node_args(args, worker.folder)]
+        command = [flower_tool("flower-supernode"),
+                   *prepare_node_args(args, worker.folder, str(worker.tasks.secret_file))]
     except BaseException:
         worker.close()
         raise
-    host, port = superlink_address(command)
+    link_host, link_port = superlink_address(command)
     wait_s = float(option_at(command, "--max-wait-time")[1])
     print(f"fedtune supernode: {shlex.join(command)}", flush=True)
+    print(f"fedtune supernode: only fedtune's own ClientApp runs here, and only this process takes the node's "
+          f"tasks; residual exposure: {RESIDUAL}", flush=True)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("fedtune supernode: %(message)s"))
     logging.getLogger("fedtune").addHandler(handler)
     logging.getLogger("fedtune").setLevel(logging.INFO)
     worker.start()
-    return supervise(command, on_exit=worker.close, link=(host, port, wait_s + EXIT_GRACE_S), first_on_path=worker.bin)
+    return supervise(command, on_exit=worker.close, link=(link_host, link_port, wait_s + EXIT_GRACE_S))
 
 
 def superlink_address(args: list[str]) -> tuple[str, int]:
