@@ -180,3 +180,104 @@ def test_per_client_state_of_an_inprocess_checkpoint_is_never_dropped_on_flower(
         execute(cut, runtime="flower", resume=True)
     execute(cut, resume=True)  # the checkpoint is intact
     assert [r["round"] for r in load_run(cut.run_dir).rows] == [0, 1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- nothing half-written
+
+KILLED_IN_LOG_REWRITE = textwrap.dedent("""
+    import os, signal, sys
+    import fedtune.files as files
+    from fedtune.config import RunConfig
+    from fedtune.run import execute
+
+    real = files.fsync_file
+
+    def die_before_the_new_log_replaces_the_old(path):
+        real(path)
+        if "metrics.jsonl" in path.name:
+            os.kill(os.getpid(), signal.SIGKILL)  # the new log is written, not yet in place
+
+    files.fsync_file = die_before_the_new_log_replaces_the_old
+    execute(RunConfig.model_validate_json(sys.argv[1]), resume=True)
+""")
+
+
+def test_a_resume_killed_while_it_rewrites_the_log_loses_no_history(tmp_path, tiny_model_dir, tiny_tsv_dataset,
+                                                                    monkeypatch):
+    full = _four_rounds(tmp_path, tiny_model_dir, tiny_tsv_dataset, "full")
+    cut = _four_rounds(tmp_path, tiny_model_dir, tiny_tsv_dataset, "cut")
+    execute(full)
+    execute_stopped_at(cut, 3, monkeypatch)
+    before = (cut.run_dir / "metrics.jsonl").read_text()
+    proc = subprocess.run([sys.executable, "-c", KILLED_IN_LOG_REWRITE, cut.model_dump_json()], capture_output=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.decode()[-2000:] + proc.stderr.decode()[-2000:]
+    assert (cut.run_dir / "metrics.jsonl").read_text() == before  # the old log, whole
+    execute(cut, resume=True)
+    assert [r["round"] for r in load_run(cut.run_dir).rows] == [0, 1, 2, 3, 4]
+    assert max_diff(adapter(full.run_dir), adapter(cut.run_dir)) <= 1e-6
+
+
+def _flip_a_bit(path):
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x10  # in the tensor data, past the header
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [_flip_a_bit, _truncate])
+def test_a_corrupt_checkpoint_is_refused_and_the_run_resumes_from_the_round_before(
+        damage, tmp_path, tiny_model_dir, tiny_tsv_dataset, monkeypatch):
+    from rich.console import Console
+
+    full = _four_rounds(tmp_path, tiny_model_dir, tiny_tsv_dataset, "full")
+    cut = _four_rounds(tmp_path, tiny_model_dir, tiny_tsv_dataset, "cut")
+    execute(full)
+    execute_stopped_at(cut, 4, monkeypatch)  # checkpoints of rounds 3 (latest) and 2 (previous)
+    damage(cut.run_dir / "checkpoint" / "state.safetensors")
+    console = Console(record=True, width=300)
+    execute(cut, resume=True, console=console)
+    said = [line for line in console.export_text().splitlines() if "state.safetensors" in line]
+    assert len(said) == 1 and "(round 3)" in said[0] and "resuming from the previous checkpoint, after round 2" \
+        in said[0], said
+    assert load_run(cut.run_dir).summary["resumed_after_round"] == 2
+    assert [r["round"] for r in load_run(cut.run_dir).rows] == [0, 1, 2, 3, 4]
+    assert max_diff(adapter(full.run_dir), adapter(cut.run_dir)) <= 1e-6
+
+
+def test_with_both_checkpoints_corrupt_a_resume_is_one_line(tmp_path, tiny_model_dir, tiny_tsv_dataset, monkeypatch):
+    cut = _four_rounds(tmp_path, tiny_model_dir, tiny_tsv_dataset, "cut")
+    execute_stopped_at(cut, 4, monkeypatch)
+    _flip_a_bit(cut.run_dir / "checkpoint" / "state.safetensors")
+    _truncate(cut.run_dir / "checkpoint" / "previous.safetensors")
+    with pytest.raises(FedtuneError) as err:
+        execute(cut, resume=True)
+    assert "\n" not in str(err.value) and "(round 3) does not match its digest" in str(err.value)
+    assert "previous.safetensors cannot be read" in str(err.value) and "--overwrite" in str(err.value)
+
+
+def test_a_failed_adapter_save_leaves_the_previous_folder_intact(tmp_path, tiny_model_dir, tiny_tsv_dataset,
+                                                                 monkeypatch):
+    import fedtune.run as run
+    from fedtune.experiment import build_experiment
+    from fedtune.runtime.checkpoint import load_checkpoint
+
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "saved")
+    execute(cfg)
+    before = _files(cfg.run_dir / "adapter")
+    real = run.save_model_folder
+
+    def half_then_fail(model, tokenizer, folder, *args):
+        real(model, tokenizer, folder, *args)
+        (folder / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(run, "save_model_folder", half_then_fail)
+    exp = build_experiment(cfg)
+    with pytest.raises(OSError, match="disk full"):
+        run.save_adapters(exp, load_checkpoint(cfg.run_dir).state, {}, cfg.run_dir)
+    assert _files(cfg.run_dir / "adapter") == before
+    assert sorted(p.name for p in cfg.run_dir.iterdir() if p.name.startswith(".")) == []  # nothing left beside it

@@ -14,8 +14,9 @@ Tensors = dict[str, torch.Tensor]
 
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    """Exact size on the wire of the tensor data: Σ numel · element size."""
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Exact size on the wire of the tensor data: Σ numel · element size (a value that is not a tensor, which
+    the server's check rejects, counts nothing)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
 
 
 def normalized_weights(weights: Sequence[float]) -> list[float]:

@@ -136,7 +136,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     except Exception as e:  # safetensors raises its own errors for truncated or mangled files
         raise CorruptCheckpoint(f"cannot be read ({type(e).__name__})") from None
     if "sha256" in meta_text and digest(tensors) != meta_text["sha256"]:
-        raise CorruptCheckpoint(f"of round {meta.get('round', '?')} does not match its digest (altered on disk)")
+        raise CorruptCheckpoint("does not match its digest (altered on disk)")
 
     def take(prefix: str) -> Tensors:
         p = prefix + "/"
@@ -155,6 +155,14 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise CorruptCheckpoint(f"has malformed metadata ({type(e).__name__}: {e})") from None
 
 
+def _of_round(folder: Path) -> str:
+    """' (round r)' as ``checkpoint.json`` (written after the latest checkpoint) names it; '' if it cannot."""
+    try:
+        return f" (round {int(json.loads((folder / META_FILE).read_text())['round'])})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def load_checkpoint(run_dir: Path, note: Callable[[str], None] = lambda line: None) -> Checkpoint:
     """The latest intact checkpoint of ``run_dir``: ``state.safetensors``, or, when that one is missing or
     corrupt (``note`` receives one line saying so, naming its round), ``previous.safetensors``. A one-line
@@ -169,7 +177,7 @@ def load_checkpoint(run_dir: Path, note: Callable[[str], None] = lambda line: No
         try:
             return read_checkpoint(latest)
         except CorruptCheckpoint as e:
-            problem = f"the checkpoint {latest} {e}"
+            problem = f"the checkpoint {latest}{_of_round(folder)} {e}"
     if not previous.is_file():
         raise FedtuneError(f"cannot resume: {problem} and there is no previous checkpoint; start afresh with "
                            "--overwrite")

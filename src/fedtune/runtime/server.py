@@ -101,10 +101,10 @@ def lost_clients(rnd: int, phase: str, pool: ClientPool, tolerate: bool) -> list
     """
     if pool.failures and not tolerate:
         cid, reason = min(pool.failures.items())
-        raise ClientFailed(
-            f"round {rnd}: client {cid} failed in {phase} (set federation.tolerate_client_failures: true to leave "
-            f"failing clients out of their round instead):\n{reason}"
-        )
+        advice = ("set federation.tolerate_client_failures: true to leave failing clients out of their round "
+                  "instead")
+        raise ClientFailed(f"round {rnd}: client {cid} failed in {phase}: {reason} ({advice})" if "\n" not in reason
+                           else f"round {rnd}: client {cid} failed in {phase} ({advice}):\n{reason}")
     return [{"round": rnd, "client": cid, "phase": phase, "kind": kind, "reason": reason[-500:]}
             for kind, lost in (("failed", pool.failures), ("dropped", pool.dropped))
             for cid, reason in sorted(lost.items())]
