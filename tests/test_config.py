@@ -156,6 +156,9 @@ def test_typo_suggests_the_close_key():
         ("partition.method=random", "'partition.method'"),  # not one of the choices
         ("partition.client_test_fraction=1.0", "'partition.client_test_fraction'"),
         ("federation.rounds=[1, 2]", "'federation.rounds'"),
+        ("name=../../etc", "'name'"),  # a run folder stays inside output_dir
+        ("name=a/b", "'name'"),
+        ("federation.max_update_ratio=-1", "'federation.max_update_ratio'"),
     ],
 )
 def test_wrong_type_or_range_names_the_key(override, where):

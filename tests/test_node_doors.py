@@ -142,3 +142,20 @@ def test_only_an_app_naming_fedtunes_clientapp_is_accepted():
                      (b"not a zip", "not a Flower app bundle")):
         with pytest.raises(ForeignApp, match=why):
             check_fab(fab)
+
+
+def test_the_worker_keeps_serving_after_a_bad_connection(tmp_path, tiny_model_dir, tiny_tsv_dataset, worker):
+    import socket
+    from multiprocessing.connection import Client
+
+    files = client_files(tmp_path / "nodes", tiny_tsv_dataset)
+    cfg = files_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "k")
+    node = {"client-id": 0, "data-path": str(files[0]), "model-root": str(tiny_model_dir)}
+    path = f"{worker.folder}/worker.sock"
+    with socket.socket(socket.AF_UNIX) as s:  # connects and hangs up mid-handshake
+        s.connect(path)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    with pytest.raises(Exception):
+        Client(path, family="AF_UNIX", authkey=b"wrong key")
+    report = dict(worker_call(worker.folder, ("query", _hello(cfg), node, None))[0]["metrics"])
+    assert report["client_id"] == 0
