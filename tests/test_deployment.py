@@ -61,6 +61,31 @@ in ``AUDIT_LOG/<pid>``, with the process's argv and working directory."""
 
 RUN_TIMEOUT_S = 300  # a bound on a hung run, generous for a loaded 2-core machine (not a speed target)
 
+FOREIGN_CLIENT = """\
+from pathlib import Path
+Path({marker!r}).write_text("the foreign ClientApp's code ran on a node")
+from flwr.clientapp import ClientApp
+app = ClientApp()
+"""
+FOREIGN_SERVER = """\
+import json
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import ServerApp
+
+app = ServerApp()
+
+@app.main()
+def main(grid, context):
+    nodes = list(grid.get_node_ids())
+    messages = [Message(RecordDict({{"q": ConfigRecord({{"give": "rows"}})}}), dst_node_id=n, message_type="query")
+                for n in nodes]
+    replies = grid.send_and_receive(messages, timeout=120)
+    answers = [r.error.reason if r.has_error() else "answered" for r in replies]
+    open({result!r}, "w").write(json.dumps(answers))
+"""
+"""An app that is not fedtune's: its ClientApp writes a marker file when imported; its ServerApp asks every node
+for a message and records what came back."""
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -167,6 +192,7 @@ class Deployment:
         self.procs: list[subprocess.Popen] = []
         self.node_logs: list[Path] = []
         self.nodes: list[subprocess.Popen] = []
+        self.node_ports: list[int] = []
         self.link_log = self.logs / "superlink.log"
         self.flwr_log = self.logs / "flwr_run.log"
 
@@ -201,9 +227,10 @@ class Deployment:
             folder.mkdir(exist_ok=True)
             config = node_config(i) if node_config else f"partition-id={i} num-partitions={n} {self.allowed}"
             command = [str(BIN / "flower-supernode")] if plain else [str(BIN / "fedtune"), "supernode"]
+            self.node_ports.append(_free_port())
             p, log = self.start(f"supernode{i}", [
                 *command, "--superlink", f"127.0.0.1:{self.port}",
-                "--root-certificates", str(c / "ca.crt"), "--port", str(_free_port()), "--node-config", config,
+                "--root-certificates", str(c / "ca.crt"), "--port", str(self.node_ports[-1]), "--node-config", config,
                 "--max-wait-time", "20"], cwd=folder,
                 env={**self.env, "PATH": f"{BIN}{os.pathsep}{self.env['PATH']}"} if plain else None)
             self.nodes.append(p)
@@ -250,8 +277,12 @@ def test_tls_deployment_with_node_local_data_matches_inprocess(tmp_path, tiny_mo
             "--port", str(_free_port()), "--node-config", f"client-id=0 data-path=train.tsv {dep.allowed}",
             "--max-retries", "3", "--max-wait-time", "20"], cwd=dep.nodes_root / "node_0")
         dep.wait_registered(3)
+        watch = CommandLines(dep.nodes).start()  # what another local account sees of the nodes' processes
         run = dep.flwr_run()
         rows = dep.wait_finished(run)
+        watch.stop()
+        assert watch.task_processes, "no task process of a node was seen during the run"
+        assert not watch.with_token, watch.with_token  # a task token never appears on a command line
         assert [r["round"] for r in rows] == [0, 1, 2]
         for r in rows[1:]:
             assert r["clients"] == [0, 1, 2], r
@@ -285,6 +316,12 @@ def test_tls_deployment_with_node_local_data_matches_inprocess(tmp_path, tiny_mo
             assert text.count("built the experiment") == 1, text[-3000:]
             assert text.count("(forked) ended with status 0") >= 3, text[-3000:]
 
+        # another local account: without the node's secret it cannot acquire a task; no task token on any command line
+        _check_no_one_else_takes_a_task(dep)
+
+        # an app that is not fedtune's is refused by every node, and none of its code runs there
+        _submit_foreign_app(dep, n_nodes=3)
+
         # The insecure SuperNode gave up (Flower exit code 305: no connection) and never registered.
         _wait_for("the --insecure SuperNode gave up", lambda: insecure.poll() is not None, 60, [], [insecure_log])
         assert insecure.returncode != 0
@@ -297,6 +334,86 @@ def test_tls_deployment_with_node_local_data_matches_inprocess(tmp_path, tiny_mo
                   lambda: all(p.poll() is not None for p in dep.nodes), 120, [], dep.node_logs)
     finally:
         dep.close()
+
+
+class CommandLines:
+    """Samples, every 50 ms, the command lines of every process of the given nodes (``ps`` shows them to any
+    local account): ``task_processes`` are the forks that ran tasks, ``with_token`` any command line holding a
+    task token (the link host's own ServerApp process has one: the link host is single-tenant, docs/security.md)."""
+
+    def __init__(self, nodes: list[subprocess.Popen]):
+        import threading
+
+        self.nodes, self.task_processes, self.with_token = nodes, set(), []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def start(self) -> "CommandLines":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.05):
+            for node in self.nodes:
+                try:
+                    root = psutil.Process(node.pid)
+                    for p in root.children(recursive=True):
+                        cmd = p.cmdline()
+                        if "--token" in cmd:
+                            self.with_token.append(cmd)
+                        if p.ppid() == node.pid and cmd == root.cmdline():
+                            self.task_processes.add(p.pid)  # a fork of the worker: a task
+                except psutil.Error:
+                    continue
+
+
+def _check_no_one_else_takes_a_task(dep: "Deployment") -> None:
+    """As another local account would: ask each node's task API for a task without the node's secret (refused,
+    401); the secret file is the worker's alone."""
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+
+    body = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]).SerializeToString()
+    for port in dep.node_ports:
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/runtime/acquire-task", content=body,
+                       headers={"content-type": "application/protobuf"}, timeout=10)
+        assert r.status_code == 401, (port, r.status_code, r.text[:300])
+    for log in dep.node_logs:
+        secret = [line for line in log.read_text(errors="replace").splitlines() if "superexec-auth-secret-file" in line]
+        path = Path(secret[0].split("--superexec-auth-secret-file", 1)[1].split()[0])
+        assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+
+
+def _submit_foreign_app(dep: "Deployment", n_nodes: int) -> None:
+    app = dep.tmp / "foreign_app"
+    app.mkdir()
+    marker, result = dep.tmp / "foreign_code_ran", dep.tmp / "foreign_replies.json"
+    (app / "evil_client.py").write_text(FOREIGN_CLIENT.format(marker=str(marker)))
+    (app / "evil_server.py").write_text(FOREIGN_SERVER.format(result=str(result)))
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "evil"\nversion = "1.0.0"\ndependencies = []\n\n'
+        '[tool.hatch.build.targets.wheel]\npackages = ["."]\n\n'
+        '[tool.flwr.app]\npublisher = "fedtune"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "evil_server:app"\nclientapp = "evil_client:app"\n')
+    log = dep.logs / "foreign_run.log"
+    with log.open("wb") as fh:
+        run = subprocess.Popen([str(BIN / "flwr"), "run", str(app), "--stream"], stdout=fh, stderr=subprocess.STDOUT,
+                               env=dep.env, cwd=app, start_new_session=True)
+    dep.procs.append(run)
+    _wait_for("the foreign app's ServerApp recorded the nodes' replies", result.is_file, RUN_TIMEOUT_S, [],
+              [log, dep.link_log, *dep.node_logs])
+    answers = json.loads(result.read_text())
+    assert len(answers) == n_nodes and all("not fedtune's" in a for a in answers), answers
+    assert not marker.exists(), "the foreign ClientApp's code ran on a node"
+    for node_log in dep.node_logs[:n_nodes]:
+        text = node_log.read_text(errors="replace")
+        assert text.count("refused a submitted app before running any of it") == 1, text[-2000:]
 
 
 def test_supernode_killed_during_round_2_is_left_out(tmp_path, tiny_model_dir, tiny_tsv_dataset):
