@@ -240,11 +240,12 @@ class Deployment:
         _wait_for(f"{n} SuperNodes registered", lambda: self.activated() >= n, 60, self.procs[:n + 1],
                   [self.link_log, *self.node_logs])
 
-    def flwr_run(self) -> subprocess.Popen:
-        with self.flwr_log.open("wb") as fh:
-            run = subprocess.Popen(
-                [str(BIN / "flwr"), "run", str(REPO), "--stream", "--run-config", f"config='{self.cfg_path}' overwrite=true"],
-                stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=REPO, start_new_session=True)
+    def flwr_run(self, log: Path | None = None) -> subprocess.Popen:
+        """``fedtune submit`` of the run (``flwr run``, ``flwr log --stream``, then the run's final status)."""
+        with (log or self.flwr_log).open("wb") as fh:
+            run = subprocess.Popen([str(BIN / "fedtune"), "submit", str(self.cfg_path), "--overwrite"],
+                                   stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp,
+                                   start_new_session=True)
         self.procs.append(run)
         return run
 
@@ -319,8 +320,21 @@ def test_tls_deployment_with_node_local_data_matches_inprocess(tmp_path, tiny_mo
         # another local account: without the node's secret it cannot acquire a task; no task token on any command line
         _check_no_one_else_takes_a_task(dep)
 
+        assert run.wait(timeout=120) == 0, _tails([dep.flwr_log])  # fedtune submit: the run completed
+
         # an app that is not fedtune's is refused by every node, and none of its code runs there
         _submit_foreign_app(dep, n_nodes=3)
+
+        # two owners' files stop passing the run's checks: the run fails with one line naming both, exit status 1
+        for f in files[1:]:
+            f.write_text(f.read_text().replace("\t1\n", "\tpositve\n", 1))
+        failed_log = dep.logs / "failed_run.log"
+        failed = dep.flwr_run(failed_log)
+        assert failed.wait(timeout=RUN_TIMEOUT_S) == 1, _tails([failed_log])
+        ended = [line for line in failed_log.read_text().splitlines() if line.startswith("fedtune submit: run")][-1]
+        assert "ended finished:failed" in ended and "2 nodes could not start their client" in ended, ended
+        assert "client 1 failed while starting its client: its data file does not pass the run's checks" in ended
+        assert "client 2 failed" in ended and "positve" not in ended, ended
 
         # The insecure SuperNode gave up (Flower exit code 305: no connection) and never registered.
         _wait_for("the --insecure SuperNode gave up", lambda: insecure.poll() is not None, 60, [], [insecure_log])

@@ -366,6 +366,31 @@ def superlink(ctx: typer.Context) -> None:
     raise typer.Exit(run_superlink(list(ctx.args)))
 
 
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Argument(show_default=False, help="The run's config file, as on this machine.")],
+    override: Annotated[
+        list[str] | None,
+        typer.Option("--override", "-o", metavar="KEY=VALUE", help=OVERRIDE_HELP),
+    ] = None,
+    connection: Annotated[
+        str | None, typer.Option(help="A connection of $FLWR_HOME/config.toml (default: its default).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run after its last checkpoint.")] = False,
+) -> None:
+    """Submit a run to a deployed SuperLink (flwr run), stream its log, and exit 0 only if it completed.
+
+    Run it on the link host: fedtune superlink serves Flower's Control API there only. A run that fails (e.g.
+    nodes whose data fail the run's checks) ends with one line naming why, and exit status 1. See docs/flower.md.
+    """
+    from fedtune.runtime.submit import submit as submit_run
+
+    if overwrite and resume:
+        raise FedtuneError("--resume continues a run and --overwrite deletes it; pass only one of them")
+    raise typer.Exit(submit_run(config, override or [], connection, overwrite, resume))
+
+
 def _fail(message: str, status: int = 2) -> None:
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(status)

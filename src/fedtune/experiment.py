@@ -468,8 +468,12 @@ def _node_local_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_pa
         if path is None:
             raise FedtuneError(f"client {cid} has no data file: list it in partition.files, or in a deployment start "
                                f"its SuperNode with --node-config 'client-id={cid} data-path=<its file>'")
-        t = load_client_file(cfg, path)
-        _check_task(cfg, t)
+        try:
+            t = load_client_file(cfg, path)
+            _check_task(cfg, t)
+        except FedtuneError as e:  # its text may quote rows: a deployed node sends the server only this kind
+            raise FedtuneError(str(e), public=e.public or "its data file does not pass the run's checks (its "
+                               "columns, labels or rows: see that node's own log)") from None
         tr, aux, te = _client_rows(np.arange(len(t.train)), cfg, cid)
         if not len(tr):
             raise FedtuneError(f"client {cid}'s file {path} leaves no training rows; add rows or lower "
