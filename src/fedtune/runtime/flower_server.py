@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -75,10 +76,15 @@ class UndecodableReply(FedtuneError):
     """A node's reply that is not what fedtune's ClientApp sends."""
 
 
+_WRAPPED = re.compile(r"^<class '[^']*'>:<'(.*)'>$", re.DOTALL)
+
+
 def reason_line(reason: str) -> str:
-    """The last line of an error reply's reason (Flower wraps a ClientApp's exception in its traceback), at
-    most 300 characters."""
-    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    """The last line of an error reply's reason, unwrapped from Flower's ``<class 'E'>:<'message'>`` (a
+    ClientApp's exception), at most 300 characters."""
+    reason = str(reason).strip()
+    wrapped = _WRAPPED.match(reason)
+    lines = [line.strip() for line in (wrapped[1] if wrapped else reason).splitlines() if line.strip()]
     return lines[-1][-300:] if lines else ""
 
 
