@@ -75,8 +75,8 @@ def test_a_node_error_reaching_the_server_holds_no_row_content(tmp_path, tiny_mo
         with pytest.raises(WorkerError) as err:
             worker_call(worker.folder, ("query", _hello(cfg), node, None))
     assert secret not in str(err.value) and "the results came back" not in str(err.value)
-    assert str(err.value) == ("client 0 failed while starting its client: a fedtune error; the details stay in "
-                              "that node's own log")
+    assert str(err.value) == ("client 0 failed while starting its client: its data file does not pass the run's "
+                              "checks (its columns, labels or rows: see that node's own log)")
     assert secret in caplog.text  # the node's own log has the whole story
 
 
