@@ -20,9 +20,10 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a client measures, not where a run log is read (fedtune show)
+    import torch
 
 TOKENS, SECONDS, PEAK = "tokens", "train_seconds", "peak_memory_bytes"
 """The metric names a client reports its usage under."""
@@ -60,6 +61,8 @@ class Usage:
         self.peak = 0
 
     def __enter__(self) -> "Usage":
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -68,6 +71,8 @@ class Usage:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = int(torch.cuda.max_memory_allocated(self.device))

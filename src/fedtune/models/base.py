@@ -149,6 +149,19 @@ def resolve_model_path(name: str) -> str:
     )
 
 
+def base_config(name: str):
+    """The transformers config of ``model.name``, read without loading its weights (a packaged GGUF model's
+    from the file's metadata until it has been converted)."""
+    pkg = PACKAGED.get(name)
+    if pkg is not None and pkg.gguf is not None:
+        converted = cache_dir() / "models" / name
+        if (converted / "config.json").is_file():
+            return AutoConfig.from_pretrained(converted)
+        with quiet_loading():
+            return AutoConfig.from_pretrained(pkg.folder(), gguf_file=pkg.gguf)
+    return AutoConfig.from_pretrained(resolve_model_path(name))
+
+
 def public_model_name(name: str) -> str:
     """``model.name`` as anyone passes it to ``from_pretrained``: a packaged model's Hub id, a local
     folder as an absolute path, a Hub id as given. Saved adapters name their base with it."""

@@ -22,7 +22,6 @@ base weights (re-quantising W + ΔW would round most of a small ΔW away).
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 
@@ -41,17 +40,12 @@ warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  
 
 
 def _bitsandbytes(quantization: str) -> None:
-    """Import bitsandbytes (its CPU backend's notice that an optional kernel package is missing silenced)."""
-    quiet = logging.getLogger("bitsandbytes")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    """Import bitsandbytes, or say how to install it (its wheels do not cover every platform)."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise FedtuneError(f"model.quantization={quantization} needs bitsandbytes: pip install bitsandbytes "
                            "(scripts/setup.sh installs the tested version)") from None
-    finally:
-        quiet.setLevel(level)
 
 
 def check_quantization(cfg: RunConfig, algorithm) -> None:
@@ -123,32 +117,32 @@ def is_quantized(model: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class WeightCount:
-    """A model's parameters, split into the linear weights bitsandbytes quantises and the rest."""
+    """A model's parameters: the linear weights bitsandbytes quantises, layer by layer, and the rest."""
 
-    quantised: int
-    """Weights of the linear layers that get quantised (every one but the output head)."""
-    rows: int
-    """Their output rows (int8 keeps a scale per row)."""
+    layers: tuple[tuple[int, int], ...]
+    """(weights, output rows) of each linear layer that gets quantised (every one but the output head)."""
     rest: int
     """Every other parameter: biases, norms, embeddings, the output head."""
 
     def bytes(self, precision: str, double_quantization: bool = True) -> int:
         """Bytes of the weights at ``precision``: ``fp32``, ``bf16``/``fp16``, ``int8``, ``nf4``/``fp4``.
 
-        fp32: 4·N; bf16: 2·N. Quantised, with the rest in fp32 (as prepared for training):
-        int8: w + 4·rows + 4·rest; 4 bits: w/2 + scales + 4·rest, the scales 4·w/64 bytes, or with double
-        quantisation w/64 (8-bit) + 4·w/(64·256) (their fp32 scales).
+        fp32: 4·N; bf16: 2·N. Quantised, the rest in fp32 (as prepared for training), per layer of w weights
+        and o rows: int8: w + 4·o (a scale per row); 4 bits: ⌈w/2⌉ + the scales of its b = ⌈w/64⌉ blocks,
+        4·b bytes, or with double quantisation b (8 bits) + 4·⌈b/256⌉ + 4 (their scales and offset).
         """
-        n = self.quantised + self.rest
+        n = sum(w for w, _ in self.layers) + self.rest
         if precision == "fp32":
             return 4 * n
         if precision in ("bf16", "fp16"):
             return 2 * n
         if precision == "int8":
-            return self.quantised + 4 * self.rows + 4 * self.rest
-        blocks = -(-self.quantised // BLOCK)
-        scales = blocks + 4 * -(-blocks // BLOCK2) if double_quantization else 4 * blocks
-        return -(-self.quantised // 2) + scales + 4 * self.rest
+            return sum(w + 4 * rows for w, rows in self.layers) + 4 * self.rest
+        total = 4 * self.rest
+        for w, _ in self.layers:
+            blocks = -(-w // BLOCK)
+            total += -(-w // 2) + (blocks + 4 * -(-blocks // BLOCK2) + 4 if double_quantization else 4 * blocks)
+        return total
 
 
 def count_weights(model: nn.Module) -> WeightCount:
@@ -156,10 +150,18 @@ def count_weights(model: nn.Module) -> WeightCount:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = {id(head)} if head is not None else set()
     skip |= {id(m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in HEAD_NAMES}
-    quantised = rows = 0
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and id(module) not in skip:
-            quantised += module.weight.numel()
-            rows += module.out_features
+    layers = tuple((m.weight.numel(), m.out_features) for m in model.modules()
+                   if isinstance(m, nn.Linear) and id(m) not in skip)
     total = sum(p.numel() for p in model.parameters())
-    return WeightCount(quantised, rows, total - quantised)
+    return WeightCount(layers, total - sum(w for w, _ in layers))
+
+
+def weight_count(config) -> WeightCount:
+    """:class:`WeightCount` of the model a transformers ``config`` describes, built on the meta device (nothing
+    is allocated): a causal LM as such, anything else with a classification head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    causal = any(a.endswith("ForCausalLM") for a in config.architectures or [])
+    with torch.device("meta"):
+        model = (AutoModelForCausalLM if causal else AutoModelForSequenceClassification).from_config(config)
+    return count_weights(model)
