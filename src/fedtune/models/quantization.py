@@ -94,9 +94,19 @@ def quantization_config(cfg: RunConfig, skip: list[str] | None = None):
 
 def prepare_quantized(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
     """peft's preparation of a quantised base for LoRA: every weight frozen, what is not quantised cast to fp32,
-    and (``train.gradient_checkpointing``) activations recomputed in the backward pass."""
+    and (``train.gradient_checkpointing``) activations recomputed in the backward pass.
+
+    What is not quantised is first copied out of the checkpoint file it was loaded from (a memory-mapped view
+    of it): otherwise the whole file, read to quantise it, stays mapped and resident beside the quantised model.
+    """
     from peft import prepare_model_for_kbit_training
 
+    from bitsandbytes.nn import Int8Params, Params4bit
+
+    with torch.no_grad():  # the checkpoint file stays mapped while a tensor is a view of it: copy what is not quantised
+        for p in model.parameters():
+            if not isinstance(p, (Params4bit, Int8Params)):
+                p.data = p.data.clone()
     for module in model.modules():
         # bitsandbytes repacks a 4-bit layer's codes in place on its first gradient-free forward pass in eval
         # mode on an AVX512-BF16 CPU, its scales rounded to bf16, into a layout that passes no gradient: the
