@@ -12,7 +12,8 @@ count in the next's):
 
 From the run log (:mod:`fedtune.usage`) of the rounds after the first (warm-up): tokens per second (real,
 unpadded tokens through forward and backward, over the clients' training time) and the peak memory of a
-round (CUDA: the most torch allocated; CPU: the client process's peak resident set). Model FLOPs
+round (CUDA: the most torch allocated; CPU: the client process's peak resident set, libraries, data and
+allocator caches included), beside what the base's weights take (``fedtune models``). Model FLOPs
 utilisation = model FLOP/s / the device's peak, with model FLOPs per token (PaLM's accounting, frozen base)::
 
     4 · N_body + 6 · N_lora + 12 · L · d · T̄
@@ -93,7 +94,8 @@ def run_variant(args, variant: str) -> dict:
     n_lora = sum(t.numel() for t in load_file(res.run_dir / "adapter" / "adapter_model.safetensors").values())
     mean_len = tokens / sum(r["train_examples"] for r in rows)
     per_token = 4 * n_body + 6 * n_lora + 12 * config.num_hidden_layers * config.hidden_size * mean_len
-    return {"variant": variant, "overrides": VARIANTS[variant], "tokens_per_s": tokens / seconds,
+    held = weight_count(config).bytes(cfg.model.quantization if cfg.model.quantization != "none" else "fp32")
+    return {"variant": variant, "overrides": VARIANTS[variant], "tokens_per_s": tokens / seconds, "weights_bytes": held,
             "model_tflops": per_token * tokens / seconds / 1e12, "flops_per_token": per_token,
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in load_run(res.run_dir).rows[1:]),
             "train_loss": [r["train_loss"] for r in load_run(res.run_dir).rows[1:]], "wall_s": wall,
@@ -186,11 +188,12 @@ def main() -> None:
 
     table = Table(title=f"SmolLM2-135M SFT + LoRA, FedIT {args.clients} clients × {args.steps} steps × batch "
                         f"{args.batch} (max {args.max_length} tokens) on {name}")
-    for col in ("variant", "tokens/s", "model TFLOP/s", "MFU", "peak memory", "train loss (last round)"):
+    for col in ("variant", "tokens/s", "model TFLOP/s", "MFU", "weights", "peak memory", "train loss (last round)"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for e in results:
         table.add_row(e["variant"], f"{e['tokens_per_s']:,.0f}", f"{e['model_tflops']:.3f}",
-                      "-" if e["mfu"] is None else f"{100 * e['mfu']:.1f}%", f"{e['peak_memory_bytes'] / 1e6:,.0f} MB",
+                      "-" if e["mfu"] is None else f"{100 * e['mfu']:.1f}%", f"{e['weights_bytes'] / 1e6:,.0f} MB",
+                      f"{e['peak_memory_bytes'] / 1e6:,.0f} MB",
                       f"{e['train_loss'][-1]:.4f}")
     console.print(table)
     if quick:
