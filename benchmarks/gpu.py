@@ -64,9 +64,9 @@ PEAK_TFLOPS = {"H200": (989.5, 66.9), "H100": (989.5, 66.9), "A100": (312.0, 19.
 
 
 def sft_overrides(args, variant: str) -> list[str]:
-    return [f"output_dir={args.runs}", f"name=gpu-{variant}", "seed=0", "data.name=alpaca_en",
+    return [f"output_dir={args.runs}", f"name=gpu-{variant}", "seed=0", f"data.name={args.data}",
             f"data.max_train_examples={args.clients * args.steps * args.batch * 2}", "data.eval_fraction=0",
-            "model.name=smollm2-135m", "model.task=sft", f"model.max_length={args.max_length}",
+            f"model.name={args.model}", "model.task=sft", f"model.max_length={args.max_length}",
             f"partition.num_clients={args.clients}", f"federation.rounds={args.rounds}",
             f"train.local_steps={args.steps}", f"train.batch_size={args.batch}", "train.lr=5e-4",
             f"train.device={args.device}", "eval.enabled=false", *VARIANTS[variant]]
@@ -89,7 +89,7 @@ def run_variant(args, variant: str) -> dict:
     rows = [r for r in load_run(res.run_dir).rows if r["round"] > 1] or load_run(res.run_dir).rows[1:]
     tokens = sum(r["train_tokens"] for r in rows)
     seconds = sum(r["train_tokens"] / r["tokens_per_s"] for r in rows)
-    config = base_config("smollm2-135m")
+    config = base_config(args.model)
     n_body = sum(w for w, _ in weight_count(config).layers)
     n_lora = sum(t.numel() for t in load_file(res.run_dir / "adapter" / "adapter_model.safetensors").values())
     mean_len = tokens / sum(r["train_examples"] for r in rows)
@@ -140,6 +140,8 @@ def quickstart(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", help="train.device (auto: the GPU when there is one)")
+    ap.add_argument("--model", default="smollm2-135m", help="model.name (a causal LM)")
+    ap.add_argument("--data", default="alpaca_en", help="data.name (instructions)")
     ap.add_argument("--variants", nargs="*", default=None, help=f"of {', '.join(VARIANTS)} (default: all but "
                     "nf4-fp32 on a GPU, all on the CPU)")
     ap.add_argument("--clients", type=int, default=2)
@@ -174,7 +176,8 @@ def main() -> None:
                       "of the process); run on a GPU for the GPU numbers", style="yellow")
     name, peaks, peak_source = device_peak(args, device)
     variants = args.variants or [v for v in VARIANTS if gpu is False or v != "nf4-fp32"]
-    child = [sys.executable, __file__, "--device", args.device, "--clients", str(args.clients), "--rounds",
+    child = [sys.executable, __file__, "--device", args.device, "--model", args.model, "--data", args.data,
+             "--clients", str(args.clients), "--rounds",
              str(args.rounds), "--steps", str(args.steps), "--batch", str(args.batch), "--max-length",
              str(args.max_length), "--runs", args.runs]
     results = []
@@ -186,7 +189,7 @@ def main() -> None:
         results.append(entry)
     quick = quickstart(args) if (args.quickstart if args.quickstart is not None else gpu) else None
 
-    table = Table(title=f"SmolLM2-135M SFT + LoRA, FedIT {args.clients} clients × {args.steps} steps × batch "
+    table = Table(title=f"{args.model} SFT + LoRA, FedIT {args.clients} clients × {args.steps} steps × batch "
                         f"{args.batch} (max {args.max_length} tokens) on {name}")
     for col in ("variant", "tokens/s", "model TFLOP/s", "MFU", "weights", "peak memory", "train loss (last round)"):
         table.add_column(col, justify="left" if col == "variant" else "right")
@@ -204,6 +207,7 @@ def main() -> None:
     out = Path(args.out) if args.out else RESULTS / ("gpu.json" if gpu else "gpu_cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
+        "model": args.model, "data": args.data,
         "device": name, "device_type": device.type, "peak_tflops": peaks, "peak_source": peak_source,
         "sizes": {"clients": args.clients, "rounds": args.rounds, "steps": args.steps, "batch": args.batch,
                   "max_length": args.max_length},

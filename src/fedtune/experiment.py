@@ -136,7 +136,8 @@ class Experiment:
         load_state(self.model, tensors, self.base)
 
     def evaluate(self, data: Encoded, indices: np.ndarray | None = None) -> dict[str, float]:
-        """Metrics of the model as it is now on ``data`` rows ``indices`` (all: None), for the run's task."""
+        """Metrics of the model as it is now on ``data`` rows ``indices`` (all: None), for the run's task, computed
+        under ``train.precision``'s autocast."""
         ev = self.cfg.eval
         with autocast(self.cfg.train.precision, self.device):
             if self.cfg.model.task == "sft":
