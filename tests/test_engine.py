@@ -8,6 +8,7 @@ import yaml
 
 from fedtune.config import load_config
 from fedtune.run import execute
+from fedtune.usage import MEASURED
 
 
 def _cfg(tmp_path, model_dir, data_dir, *overrides):
@@ -25,7 +26,7 @@ def _rows(run_dir):
 
 
 def _without_times(row):
-    return {k: v for k, v in row.items() if not k.startswith("time_")}
+    return {k: v for k, v in row.items() if not k.startswith("time_") and k not in MEASURED}
 
 
 def test_same_seed_gives_identical_metrics_and_adapters(tmp_path, tiny_model_dir, tiny_tsv_dataset):

@@ -276,19 +276,35 @@ def algorithms() -> None:
 
 
 @app.command()
-def models() -> None:
-    """List the packaged base models (usable offline as model.name)."""
+def models(
+    name: Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Also a local model folder or Hub id.")] = None,
+) -> None:
+    """List the packaged base models (usable offline as model.name) and the memory their weights take at each
+    precision: fp32, bf16 (model.dtype or train.precision), and quantised (model.quantization) int8 and nf4."""
     from importlib.util import find_spec
 
-    from fedtune.models.base import PACKAGED
+    from fedtune.models.base import PACKAGED, base_config
+    from fedtune.models.quantization import weight_count
 
+    precisions = ("fp32", "bf16", "int8", "nf4")
     table = Table(title="packaged models (any local folder or Hugging Face id works too)", title_justify="left")
-    for column in ("name", "kind", "parameters", "weights", "installed"):
+    for column in ("name", "kind", "parameters", "weights", "installed", "memory fp32 / bf16 / int8 / nf4"):
         table.add_column(column, overflow="fold")
-    for name, pkg in PACKAGED.items():
-        table.add_row(name, pkg.kind, f"{pkg.parameters / 1e6:.1f}M", pkg.weights,
-                      "yes" if find_spec(pkg.package) else f"no: {pkg.install}")
+    rows = [(n, pkg.kind, f"{pkg.parameters / 1e6:.1f}M", pkg.weights, find_spec(pkg.package) is not None,
+             pkg.install) for n, pkg in PACKAGED.items()]
+    if name is not None and name not in PACKAGED:
+        rows.append((name, "", "", "", True, ""))
+    for model, kind, parameters, weights, installed, install in rows:
+        memory = "-"
+        if installed:
+            count = weight_count(base_config(model))
+            memory = " / ".join(f"{count.bytes(p) / 1e6:,.0f}" for p in precisions) + " MB"
+            parameters = parameters or f"{(sum(w for w, _ in count.layers) + count.rest) / 1e6:.1f}M"
+        table.add_row(model, kind, parameters, weights, "yes" if installed else f"no: {install}", memory)
     Console().print(table)
+    Console().print("quantised: every linear layer but the output head in 8 or 4 bits (nf4 with double "
+                    "quantisation), the rest fp32; training adds the activations, LoRA and its optimiser state",
+                    markup=False, highlight=False, soft_wrap=True)
 
 
 @eval_app.command("mmlu")

@@ -9,6 +9,7 @@ into the run directory so every run can be repeated exactly.
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -17,6 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedtune.errors import FedtuneError
+
+
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
+"""What ``train.device`` may say."""
 
 
 class _Strict(BaseModel):
@@ -146,6 +151,26 @@ class ModelConfig(_Strict):
     head), ``full`` (every parameter of the model; the run saves a complete model folder) or ``mole`` (mixtures
     of LoRA experts, the ``mole`` section; for ``fedamole``). Heterogeneous ranks and the algorithms built on
     LoRA factors need ``lora``."""
+    quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
+    """Store the base model's linear weights in fewer bits (bitsandbytes) and train LoRA on top, as QLoRA does
+    (Dettmers et al., 2023): ``nf4`` / ``fp4`` (4 bits, per block of 64 weights a scale), ``int8`` (LLM.int8()).
+    The LoRA factors, the head, the norms and the embeddings stay in full precision, so what clients send is
+    unchanged. Needs ``model.finetune: lora`` and an algorithm that keeps the base frozen (not flora, florist,
+    flexlora, which add their updates to the base weights). ``fedtune models`` shows the memory it saves."""
+    double_quantization: bool | None = None
+    """4 bits: also quantise the blocks' scales (to 8 bits, in blocks of 256), QLoRA's double quantisation:
+    about 0.4 bits per weight less; default true."""
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """4 bits: the dtype a quantised layer dequantises its weights to and computes in; default: bfloat16 or
+    float16 under ``train.precision`` bf16 or fp16, else float32."""
+
+    @model_validator(mode="after")
+    def _quantization_options(self) -> "ModelConfig":
+        for key in ("double_quantization", "compute_dtype"):
+            if getattr(self, key) is not None and self.quantization not in ("nf4", "fp4"):
+                raise ValueError(f"model.{key} applies to 4-bit quantization (model.quantization: nf4 or fp4), not "
+                                 f"'{self.quantization}'; remove it")
+        return self
 
 
 class SftConfig(_Strict):
@@ -270,6 +295,27 @@ class TrainConfig(_Strict):
     """LoRA+ (Hayou et al., ICML 2024): LoRA's B factors train at ``lora_plus_ratio × lr``, A and the rest at
     ``lr`` (the paper suggests 16). In federated runs a slowly moving A also keeps FedAvg of A and B, taken
     separately, close to the average of the clients' products B A."""
+    device: str = "auto"
+    """Where the model and its batches live: ``auto`` (the first CUDA GPU when there is one, else the CPU),
+    ``cpu``, ``cuda`` or ``cuda:N``. Payloads, aggregation, checkpoints and the run log stay on the CPU whatever
+    it is. A deployed Flower node can name its own (``--node-config "device=cuda:1"``)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """``fp32``; ``bf16`` / ``fp16``: forward and backward passes (and evaluation) run under autocast in that
+    dtype while the trainable weights, the optimiser and everything sent stay fp32; fp16 with a gradient scaler
+    against underflow."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them: less memory for about a
+    third more compute (instruction tuning then runs every row's shared prompt prefix itself)."""
+    gpu_fraction: float | None = Field(default=None, gt=0, le=1)
+    """Flower simulation on a GPU: the share of one GPU each virtual client reserves (Ray's ``num_gpus``), so up
+    to 1 / gpu_fraction clients train at once per GPU, each holding its own copy of the model; default 1."""
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not DEVICE_NAME.fullmatch(value):
+            raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N (e.g. cuda:1), not '{value}'")
+        return value
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainConfig":
@@ -279,6 +325,9 @@ class TrainConfig(_Strict):
             self.__dict__["local_steps"] = 10
         if self.momentum and self.optimizer != "sgd":
             raise ValueError("train.momentum applies to train.optimizer: sgd (AdamW keeps its own moments)")
+        if self.gpu_fraction is not None and self.device == "cpu":
+            raise ValueError("train.gpu_fraction shares a GPU between Flower's virtual clients, but train.device is "
+                             "cpu; remove it or set train.device=cuda")
         return self
 
 

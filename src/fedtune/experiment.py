@@ -22,11 +22,13 @@ from fedtune.data import TaskData, load_task_data, partition_clients, partition_
 from fedtune.data.partition import counts_summary, server_split
 from fedtune.data.instructions import COLUMNS, load_instruction_data
 from fedtune.data.templates import Template
+from fedtune.device import autocast, resolve_device
 from fedtune.errors import FedtuneError
 from fedtune.evaluation import evaluate_classifier, evaluate_instructions
 from fedtune.models.base import load_causal_lm, load_classifier, quiet_loading
 from fedtune.models.adapters import adapter_for
-from fedtune.models.lora import adapted_base_weights, load_state, trainable_state
+from fedtune.models.lora import HEAD_NAMES, adapted_base_weights, load_state, trainable_state
+from fedtune.models.quantization import check_quantization, prepare_quantized, quantization_config
 from fedtune.seeds import derive_seed, seed_everything
 from fedtune.server_context import ServerContext
 from fedtune.training import (
@@ -81,6 +83,8 @@ class Experiment:
     process that did not load ``task`` or when the server holds none."""
     note: Callable[[str], None] = lambda line: None
     """Where lines for people go (the run's console)."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where ``model`` computes (``train.device`` resolved); every tensor outside the model is on the CPU."""
     _server: ServerContext | None = field(default=None, repr=False)
 
     def server_context(self, run_dir: Path | None = None) -> ServerContext:
@@ -132,12 +136,14 @@ class Experiment:
         load_state(self.model, tensors, self.base)
 
     def evaluate(self, data: Encoded, indices: np.ndarray | None = None) -> dict[str, float]:
-        """Metrics of the model as it is now on ``data`` rows ``indices`` (all: None), for the run's task."""
+        """Metrics of the model as it is now on ``data`` rows ``indices`` (all: None), for the run's task, computed
+        under ``train.precision``'s autocast."""
         ev = self.cfg.eval
-        if self.cfg.model.task == "sft":
-            return evaluate_instructions(self.model, self.tokenizer, data, indices, self.eval_metrics(data),
-                                         ev.batch_size, ev.max_new_tokens)
-        return evaluate_classifier(self.model, eval_batches(data, indices, ev.batch_size))
+        with autocast(self.cfg.train.precision, self.device):
+            if self.cfg.model.task == "sft":
+                return evaluate_instructions(self.model, self.tokenizer, data, indices, self.eval_metrics(data),
+                                             ev.batch_size, ev.max_new_tokens)
+            return evaluate_classifier(self.model, eval_batches(data, indices, ev.batch_size))
 
     @property
     def forward(self) -> Forward:
@@ -214,10 +220,16 @@ def clients_per_round(cfg: RunConfig, num_clients: int) -> int:
     return num_clients
 
 
+def _weights(p: torch.Tensor) -> int:
+    """The weights a parameter stands for (a 4-bit one packs two per byte: its quantisation state has the shape)."""
+    state = getattr(p, "quant_state", None)
+    return state.shape.numel() if state is not None else p.numel()
+
+
 def model_line(name: str, model: torch.nn.Module, how: str, num_labels: int | None) -> str:
     """What was loaded, in place of transformers' load report (which lists a new task head as MISSING)."""
-    total = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_weights(p) for p in model.parameters())
+    trained = sum(_weights(p) for p in model.parameters() if p.requires_grad)
     head = f", a new {num_labels}-label classification head" if num_labels is not None else ""
     return (f"model {name}: {total / 1e6:.1f}M parameters{head}; "
             f"training {trained:,} ({100 * trained / total:.2f}%) with {how}")
@@ -252,6 +264,7 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
     can take minutes) and one describing it once adapted.
     """
     note = note or (lambda line: None)
+    device = resolve_device(cfg.train.device)  # a GPU this machine lacks: one line before anything loads
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -280,6 +293,7 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
             f"algorithm '{algorithm.name}' measures routing on each client's auxiliary split: set "
             "partition.client_aux_fraction (e.g. 0.1)" if algorithm.uses_aux_split else
             f"partition.client_aux_fraction holds out rows that algorithm '{algorithm.name}' never reads; remove it")
+    check_quantization(cfg, algorithm)
     if cfg.eval.after_local_training and cfg.partition.client_test_fraction <= 0:
         raise FedtuneError("eval.after_local_training scores each client on its own test shard; set "
                            "partition.client_test_fraction (e.g. 0.2)")
@@ -298,25 +312,35 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
     label_names = _label_names(cfg, task)
 
     torch.manual_seed(cfg.seed)
-    note(f"loading model {cfg.model.name} …")
+    quantized = cfg.model.quantization != "none"
+    how = [str(device)] + ([cfg.model.quantization] if quantized else []) + (
+        [cfg.train.precision] if cfg.train.precision != "fp32" else [])
+    note(f"loading model {cfg.model.name} ({', '.join(how)}) …")
     if sft:
-        base, tokenizer = load_causal_lm(cfg.model)
+        base, tokenizer = load_causal_lm(cfg.model, quantization_config(cfg), device)
         template = Template(cfg.sft.template, tokenizer, cfg.sft.system_prompt)
 
         def encode(t: TaskData, ds) -> Encoded:
             rows = {c: ds[c][:] for c in COLUMNS}
             return encode_instructions(tokenizer, template, rows, cfg.model.max_length, cfg.sft.train_on_inputs)
     else:
-        base, tokenizer = load_classifier(cfg.model, len(label_names), label_names)
+        base, tokenizer = load_classifier(cfg.model, len(label_names), label_names,
+                                          quantization_config(cfg, skip=list(HEAD_NAMES)), device)
 
         def encode(t: TaskData, ds) -> Encoded:
             texts = [ds[c][:] for c in t.text_columns]
             return encode_classification(tokenizer, texts, ds[t.label_column][:], cfg.model.max_length)
 
+    if quantized:
+        base = prepare_quantized(base, cfg.train.gradient_checkpointing)
+    elif cfg.train.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(derive_seed(cfg.seed, 1))
     adapter = adapter_for(cfg)
     with quiet_loading():
         model = adapter.build(base, cfg.model.task, lora.max_rank)
+    if not quantized:  # built on the CPU (the same initial adapters on every device), then moved once
+        model.to(device)
     note(model_line(cfg.model.name, model, adapter.describe(ranks), None if sft else len(label_names)))
     encoded: dict[int, Encoded] = {}  # one encoding per loaded dataset: the clients of a split share it
     clients = {}
@@ -339,6 +363,7 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
         base=adapted_base_weights(model) if algorithm.uses_base_weights else {},
         server_rows=data.server_rows,
         note=note,
+        device=device,
     )
     if cfg.partition.method == "files" and holds == "all":
         exp.describe_clients({cid: exp.client_report(cid) for cid in clients})

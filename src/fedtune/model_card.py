@@ -122,7 +122,7 @@ def _training_rows(cfg: RunConfig, summary: dict, partition: dict, adapter: dict
          + (f", {p.client_test_fraction:g} of each held out" if p.client_test_fraction else "")),
         ("rounds", f"{summary.get('rounds', fed.rounds)}, {per_round} per round"),
         ("local training", f"{steps} of batch {train.batch_size}, {train.optimizer} lr {train.lr:g}"
-         + (f" ({train.lr_schedule})" if train.lr_schedule != "constant" else "")),
+         + (f" ({train.lr_schedule})" if train.lr_schedule != "constant" else "") + _precision(cfg)),
         ("fine-tuning", "every parameter (`model.finetune: full`)") if not adapter else
         ("mixtures", _mole_row(adapter["mole"])) if "mole" in adapter else
         ("LoRA", f"r = {adapter['r']}, α = {adapter['lora_alpha']:g} on {', '.join(sorted(adapter['target_modules']))}"
@@ -131,6 +131,15 @@ def _training_rows(cfg: RunConfig, summary: dict, partition: dict, adapter: dict
         ("communication", f"{human_bytes(summary['cum_bytes_up'])} up, {human_bytes(summary['cum_bytes_down'])} down"),
         ("time", f"{human_seconds(summary['seconds'])} ({summary.get('runtime', 'inprocess')} runtime)"),
     ]
+
+
+def _precision(cfg: RunConfig) -> str:
+    """How the base was held and computed with, when not plain fp32."""
+    parts = [f"{cfg.train.precision} autocast"] if cfg.train.precision != "fp32" else []
+    if cfg.model.quantization != "none":
+        parts.append(f"base quantised to {cfg.model.quantization} (QLoRA; the adapter loads on the unquantised base "
+                     "too)")
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def _task(cfg: RunConfig, partition: dict) -> str:

@@ -25,6 +25,7 @@ import torch
 from fedtune.aggregation import Tensors
 from fedtune.config import ModelConfig, RunConfig
 from fedtune.data import TaskData
+from fedtune.device import model_device
 from fedtune.evaluation import evaluate_classifier
 from fedtune.models.base import load_classifier, quiet_loading
 from fedtune.models.lora import load_trainable, trainable_state
@@ -67,6 +68,11 @@ class ServerContext:
         """The server's rows and the eval split tokenised with ``tokenizer`` (same rows, same order)."""
         encode = self.encode_rows(self.task, tokenizer, self.cfg.model.max_length)
         return encode(self.task.train.select(self.rows)), (encode(self.task.eval) if self.eval is not None else None)
+
+    @property
+    def device(self) -> torch.device:
+        """Where ``model`` computes: the server's other models and their batches go there too."""
+        return model_device(self.model)
 
     def load_classifier(self, name: str) -> tuple[torch.nn.Module, Any]:
         """Another classifier (packaged name, Hub id or folder) with the run's classes and a fresh head

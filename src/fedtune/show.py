@@ -11,6 +11,7 @@ from rich.table import Table
 
 from fedtune.runlog import METRIC_PREFIXES, Run
 from fedtune.units import human_bytes, human_seconds
+from fedtune.usage import PEAK
 
 
 def _number(value: Any) -> str:
@@ -34,7 +35,8 @@ def metrics_of(run: Run) -> list[str]:
 def round_table(run: Run, metrics: list[str] | None = None, totals: bool = True) -> Table:
     """Rows: the logged rounds (0: the initial model). Columns: round, clients aggregated, train loss, each of
     ``metrics`` (default: all, :func:`metrics_of`; '-' on rounds not evaluated) and, with ``totals``, the bytes
-    sent up and down so far and the round's wall time."""
+    sent up and down so far, the round's wall time, and its clients' training throughput (real tokens per second)
+    and peak memory (:mod:`fedtune.usage`)."""
     metrics = metrics_of(run) if metrics is None else metrics
     planned = run.config.get("federation", {}).get("rounds")
     done = max((row["round"] for row in run.rows), default=0)
@@ -48,6 +50,11 @@ def round_table(run: Run, metrics: list[str] | None = None, totals: bool = True)
         for c, row in zip(cells, run.rows):
             c += [human_bytes(row.get("cum_bytes_up", 0)), human_bytes(row.get("cum_bytes_down", 0)),
                   human_seconds(row.get("time_round_s", 0.0))]
+        if any(PEAK in row for row in run.rows):  # runs logged before fedtune measured usage have none
+            headers += ["tokens per s", "peak memory"]
+            for c, row in zip(cells, run.rows):
+                rate, peak = row.get("tokens_per_s"), row.get(PEAK)
+                c += ["-" if rate is None else f"{rate:,.0f}", "-" if peak is None else human_bytes(peak)]
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
                   collapse_padding=True)
     for i, header in enumerate(headers):

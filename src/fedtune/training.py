@@ -20,6 +20,7 @@ import torch
 
 from fedtune.config import TrainConfig
 from fedtune.data.templates import Template
+from fedtune.device import autocast, grad_scaler, model_device, to_device
 from fedtune.errors import FedtuneError
 from fedtune.models.base import body_and_head, continue_prefix, prefix_cache
 
@@ -214,7 +215,9 @@ def causal_lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     ids, mask = batch["input_ids"], batch["attention_mask"]
     targets = batch["labels"][:, 1:]
     scored = targets != IGNORE
-    p = _shared_prefix_length(ids, mask, scored)
+    # gradient checkpointing recomputes each layer without its cache: every row runs its prefix itself
+    checkpointing = body.training and any(getattr(m, "gradient_checkpointing", False) for m in body.modules())
+    p = 0 if checkpointing else _shared_prefix_length(ids, mask, scored)
     if p > 0 and len(ids) > 1:
         hidden = continue_prefix(body, prefix_cache(body, ids[:1, :p]), ids[:, p:], mask)
         scored_hidden = hidden[:, :-1][scored[:, p:]]
@@ -261,22 +264,34 @@ def train_local(
 
     A fresh optimiser per call: client optimiser state does not travel between rounds.
     With ``cfg.lora_plus_ratio`` λ the LoRA B factors train at λ · lr (LoRA+).
+    Batches move to the model's device; the forward pass and ``loss_fn`` run under ``cfg.precision``'s
+    autocast, and fp16 scales the loss (its steps with overflowing gradients are skipped; :mod:`fedtune.device`).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(model, cfg, lr)
+    device = model_device(model)
+    scaler = grad_scaler(cfg.precision, device)
     model.train()
     total, seen = 0.0, 0
     for _ in range(steps):
         for _ in range(cfg.grad_accum):
-            batch = next(batches)
-            loss = loss_fn(batch, forward(model, batch))
-            (loss / cfg.grad_accum).backward()
+            batch = to_device(next(batches), device)
+            with autocast(cfg.precision, device):
+                loss = loss_fn(batch, forward(model, batch))
+            scaled = loss / cfg.grad_accum
+            (scaled if scaler is None else scaler.scale(scaled)).backward()
             n = len(batch["input_ids"])
             total += loss.item() * n
             seen += n
+        if scaler is not None:
+            scaler.unscale_(opt)  # clip the true gradients
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
         opt.zero_grad(set_to_none=True)
         after_step()
         on_step()

@@ -31,6 +31,7 @@ model the state ends with.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fedtune.aggregation import Tensors
 from fedtune.config import TrainConfig, explain
+from fedtune.device import model_device
 from fedtune.errors import FedtuneError
 from fedtune.models.lora import MERGED, fit_lora_rank, load_state, trainable_state
 from fedtune.server_context import ServerContext
@@ -150,6 +152,21 @@ class ClientContext:
     """The client's tokenised examples (:class:`~fedtune.training.Encoded`; rows ``aux`` are its auxiliary split)."""
     aux: Any = None
     """The rows of ``examples`` in the client's auxiliary split (``uses_aux_split`` algorithms)."""
+    _on_device: dict[str, Tensors] = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes; every tensor of the context (payload, state, start, ...) is on the CPU."""
+        return model_device(self.model)
+
+    def on_device(self, key: str, tensors: Callable[[], Tensors]) -> Tensors:
+        """The tensors ``tensors()`` makes, on the model's device, for math on live parameters (e.g. a proximal
+        term each step): made and moved once per round under ``key``, then reused. They must not change while
+        the round trains; on the CPU they are the tensors themselves."""
+        if key not in self._on_device:
+            device = self.device
+            self._on_device[key] = {n: t.to(device) for n, t in tensors().items()}
+        return self._on_device[key]
 
 
 class NoOptions(BaseModel):

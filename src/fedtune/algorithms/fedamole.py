@@ -33,6 +33,7 @@ from pydantic import Field, model_validator
 from fedtune.aggregation import Tensors
 from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, Expected, NoOptions, Payload, ServerState
 from fedtune.errors import FedtuneError
+from fedtune.device import to_device
 from fedtune.expert_assignment import assign_experts, check_assignment, preferences
 from fedtune.models.base import body_and_head
 from fedtune.models.lora import load_trainable
@@ -219,14 +220,15 @@ class FedAMoLE(Algorithm):
         ctx.model.eval()
         try:
             for batch in eval_batches(ctx.examples, rows, 32):
+                batch = to_device(batch, ctx.device)
                 mask = batch["attention_mask"].bool()
                 body(**{k: v for k, v in batch.items() if k != "labels"})
                 for n, layer in layers.items():
                     x = inputs[n][mask]  # tokens × d_in
-                    token_sum[n] += layer.token_proj(x).sum(0).double()
+                    token_sum[n] += layer.token_proj(x).sum(0).double().cpu()
                     if layer.local:
                         a = torch.stack([layer.experts[e].A for e in layer.local])
-                        expert_sum[n] += torch.einsum("td,nrd->nr", x, a).double()
+                        expert_sum[n] += torch.einsum("td,nrd->nr", x, a).double().cpu()
                 count += int(mask.sum())
         finally:
             for h in hooks:

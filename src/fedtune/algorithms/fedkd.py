@@ -36,6 +36,7 @@ from fedtune.config import LoraConfig
 from fedtune.distillation import attention_mse, mutual_losses
 from fedtune.errors import FedtuneError
 from fedtune.models.adapters import Full, Lora
+from fedtune.device import to_device
 from fedtune.models.base import public_model_name, quiet_loading
 from fedtune.models.lora import load_trainable, trainable_state
 from fedtune.seeds import derive_seed
@@ -104,6 +105,7 @@ class FedKD(FedIT):
         self.server = server
         torch.manual_seed(derive_seed(server.cfg.seed, _SEED))  # the teacher's head and LoRA
         self.teacher, tokenizer, self.teacher_kind, self.teacher_base = self._load_teacher(server)
+        self.teacher.to(server.device)  # built on the CPU, as the student, then moved beside it
         self.teacher_data, self.teacher_eval = server.encode(tokenizer)
         self.teacher_tokenizer = tokenizer
         self.teacher_lr = o.teacher_lr or (5e-5 if self.teacher_kind == "full" else 5e-4)
@@ -245,7 +247,8 @@ class FedKD(FedIT):
                 perm = rng.permutation(rows)
                 order = iter(np.array_split(perm, math.ceil(len(perm) / train.batch_size)))
                 idx = next(order)
-            s_batch, t_batch = server.examples.collate(idx), self.teacher_data.collate(idx)
+            s_batch = to_device(server.examples.collate(idx), server.device)
+            t_batch = to_device(self.teacher_data.collate(idx), server.device)
             labels = s_batch.pop("labels")
             t_batch.pop("labels")
             s_out = student(**s_batch, output_attentions=attention)

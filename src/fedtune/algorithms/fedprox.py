@@ -36,5 +36,6 @@ class FedProx(FedIT):
     def loss(self, ctx: ClientContext, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
         if self.options.mu == 0:
             return outputs.loss
-        prox = sum(((p - ctx.start[n]) ** 2).sum() for n, p in ctx.model.named_parameters() if p.requires_grad)
+        start = ctx.on_device("start", lambda: ctx.start)
+        prox = sum(((p - start[n]) ** 2).sum() for n, p in ctx.model.named_parameters() if p.requires_grad)
         return outputs.loss + 0.5 * self.options.mu * prox

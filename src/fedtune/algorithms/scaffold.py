@@ -121,12 +121,13 @@ class Scaffold(Algorithm):
             ctx.state.update({k: torch.zeros_like(v) for k, v in _strip(C, payload.tensors).items()})
 
     def after_step(self, ctx: ClientContext) -> None:
-        """y ← y − η (c − c_i) on every trainable tensor."""
-        c = _strip(C, ctx.payload.tensors)
+        """y ← y − η (c − c_i) on every trainable tensor (c and c_i are fixed while the round trains)."""
+        correction = ctx.on_device("scaffold/correction", lambda: {
+            n: ctx.lr * (c - ctx.state[n]) for n, c in _strip(C, ctx.payload.tensors).items()})
         with torch.no_grad():
             for n, p in ctx.model.named_parameters():
                 if p.requires_grad:
-                    p.sub_(ctx.lr * (c[n] - ctx.state[n]))
+                    p.sub_(correction[n])
 
     def update(self, ctx: ClientContext) -> ClientUpdate:
         """c_i⁺ = c_i − c + (x − y)/(K η); sends y and Δc_i = c_i⁺ − c_i."""

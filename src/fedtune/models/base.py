@@ -149,6 +149,19 @@ def resolve_model_path(name: str) -> str:
     )
 
 
+def base_config(name: str):
+    """The transformers config of ``model.name``, read without loading its weights (a packaged GGUF model's
+    from the file's metadata until it has been converted)."""
+    pkg = PACKAGED.get(name)
+    if pkg is not None and pkg.gguf is not None:
+        converted = cache_dir() / "models" / name
+        if (converted / "config.json").is_file():
+            return AutoConfig.from_pretrained(converted)
+        with quiet_loading():
+            return AutoConfig.from_pretrained(pkg.folder(), gguf_file=pkg.gguf)
+    return AutoConfig.from_pretrained(resolve_model_path(name))
+
+
 def public_model_name(name: str) -> str:
     """``model.name`` as anyone passes it to ``from_pretrained``: a packaged model's Hub id, a local
     folder as an absolute path, a Hub id as given. Saved adapters name their base with it."""
@@ -170,13 +183,22 @@ def label_maps(label_names: Sequence[str]) -> dict[str, dict]:
     return {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
 
 
-def load_classifier(cfg: ModelConfig, num_labels: int,
-                    label_names: Sequence[str] | None = None) -> tuple[PreTrainedModel, object]:
+def _placement(quantization, device: torch.device | None) -> dict:
+    """``from_pretrained`` arguments of a quantised model: quantised as it loads, straight onto ``device``
+    (a model that is not quantised loads on the CPU and is moved once adapted)."""
+    if quantization is None:
+        return {}
+    return {"quantization_config": quantization, "device_map": {"": str(device or "cpu")}}
+
+
+def load_classifier(cfg: ModelConfig, num_labels: int, label_names: Sequence[str] | None = None,
+                    quantization=None, device: torch.device | None = None) -> tuple[PreTrainedModel, object]:
     """A sequence-classification model with a freshly initialised head of ``num_labels``.
 
     ``label_names`` (one per class) become the config's ``id2label``/``label2id``
     (default: ``LABEL_<i>``). The head is initialised from the current torch RNG
-    state: seed before calling.
+    state: seed before calling. ``quantization``: a ``BitsAndBytesConfig``
+    (:mod:`fedtune.models.quantization`), and the ``device`` the quantised model loads onto.
     """
     if label_names is not None and len(label_names) != num_labels:
         raise ValueError(f"{len(label_names)} label names for {num_labels} labels")
@@ -188,21 +210,24 @@ def load_classifier(cfg: ModelConfig, num_labels: int,
             config = AutoConfig.from_pretrained(path, num_labels=num_labels, **names)
             config.pad_token_id = tok.pad_token_id
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, dtype=getattr(torch, cfg.dtype)
+                path, config=config, dtype=getattr(torch, cfg.dtype), **_placement(quantization, device)
             )
     except (OSError, ValueError) as e:
         raise FedtuneError(f"cannot load model '{cfg.name}' from {path}: {' '.join(str(e).split())[:300]}") from None
     return model, tok
 
 
-def load_causal_lm(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
-    """A causal language model and its tokenizer (padding with EOS when it has no pad token)."""
+def load_causal_lm(cfg: ModelConfig, quantization=None,
+                   device: torch.device | None = None) -> tuple[PreTrainedModel, object]:
+    """A causal language model and its tokenizer (padding with EOS when it has no pad token); ``quantization``
+    and ``device`` as for :func:`load_classifier`."""
     path = resolve_model_path(cfg.name)
     try:
         with quiet_loading():
             tok = load_tokenizer(path)
             config = AutoConfig.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, cfg.dtype))
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, cfg.dtype),
+                                                         **_placement(quantization, device))
     except (OSError, ValueError) as e:
         raise FedtuneError(f"cannot load model '{cfg.name}' from {path} as a causal LM: "
                            f"{' '.join(str(e).split())[:300]}") from None

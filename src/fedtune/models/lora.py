@@ -81,12 +81,13 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig, task: str = "classificat
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Detached copies of every parameter that requires grad, by name."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Detached CPU copies of every parameter that requires grad, by name, whatever device the model is on."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy ``tensors`` into the model's trainable parameters of the same names (a subset is allowed)."""
+    """Copy ``tensors`` (on any device) into the model's trainable parameters of the same names (a subset is
+    allowed), onto the parameters' device and dtype."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, t in tensors.items():
@@ -158,9 +159,9 @@ def fit_lora_rank(tensors: Tensors, rank: int) -> Tensors:
 
 
 def adapted_base_weights(model: torch.nn.Module) -> Tensors:
-    """Copies of the frozen weights W of every LoRA-adapted module, by parameter name."""
+    """CPU copies of the frozen weights W of every LoRA-adapted module, by parameter name."""
     names = {base_weight_name(m) for m in lora_modules(dict(model.named_parameters()))}
-    return {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if n in names}
 
 
 def load_state(model: torch.nn.Module, tensors: Tensors, base: Tensors | None = None) -> None:

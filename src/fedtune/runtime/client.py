@@ -12,6 +12,7 @@ from fedtune.algorithms import ClientContext, ClientUpdate, Payload
 from fedtune.experiment import Experiment, derive_seed, evaluated_round
 from fedtune.models.lora import trainable_state
 from fedtune.training import batch_stream, local_steps, train_local
+from fedtune.usage import Usage
 
 
 FT = "ft/"
@@ -44,16 +45,17 @@ def client_round(
     seed = derive_seed(cfg.seed, rnd, client_id)
     torch.manual_seed(seed)
     batches = batch_stream(data.examples, shard, cfg.train.batch_size, np.random.default_rng(seed))
-    loss, seen = train_local(
-        exp.model, batches, steps, cfg.train, lr,
-        loss_fn=lambda batch, out: algo.loss(ctx, batch, out),
-        after_step=lambda: algo.after_step(ctx),
-        on_step=on_step,
-        forward=exp.forward,
-    )
+    with Usage(exp.device) as usage:
+        loss, seen = train_local(
+            exp.model, usage.count(batches), steps, cfg.train, lr,
+            loss_fn=lambda batch, out: algo.loss(ctx, batch, out),
+            after_step=lambda: algo.after_step(ctx),
+            on_step=on_step,
+            forward=exp.forward,
+        )
     ctx.train_loss = loss
     update = algo.update(ctx)
-    update.metrics.update(train_loss=loss, steps=steps, examples_seen=seen)
+    update.metrics.update(train_loss=loss, steps=steps, examples_seen=seen, **usage.metrics())
     if cfg.eval.after_local_training and evaluated_round(cfg, rnd) and len(data.test):
         update.metrics.update({FT + k: v for k, v in exp.evaluate(data.examples, data.test).items()})
     return update

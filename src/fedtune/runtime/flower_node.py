@@ -47,6 +47,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedtune.algorithms import Payload
 from fedtune.config import RunConfig
 from fedtune.data.registry import REGISTRY
+from fedtune.device import on_node
 from fedtune.errors import FedtuneError, public_error
 from fedtune.experiment import Experiment, build_experiment
 from fedtune.models.base import PACKAGED
@@ -173,7 +174,7 @@ def node_experiment(run_json: str, node_config: dict[str, Any], deployed: bool =
     and inode on each message; with ``fresh``, at a run's start, its content hash). A node keeps one
     experiment: a new run config, or a changed file, builds afresh."""
     global _BUILT
-    cfg = RunConfig.model_validate(json.loads(run_json))
+    cfg = on_node(RunConfig.model_validate(json.loads(run_json)), node_config)
     where = node_data(cfg, node_config, deployed)
     if deployed:
         check_model_name(cfg, node_config)

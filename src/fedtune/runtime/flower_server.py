@@ -56,6 +56,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.aggregation import Tensors
 from fedtune.algorithms import ClientUpdate, Payload
 from fedtune.config import RunConfig
+from fedtune.device import simulation_gpus
 from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment
 from fedtune.runtime.flower_client import clientapp
@@ -328,8 +329,9 @@ class FlowerPool:
 
 def simulation_backend_config(cfg: RunConfig) -> dict[str, Any]:
     """Ray settings: each virtual client's actor reserves ``cfg.threads`` CPUs (default 1), so
-    ``cores / threads`` clients train in parallel."""
-    return {"client_resources": {"num_cpus": cfg.threads or 1, "num_gpus": 0.0},
+    ``cores / threads`` clients train in parallel, and on a GPU ``train.gpu_fraction`` of one
+    (:func:`~fedtune.device.simulation_gpus`)."""
+    return {"client_resources": {"num_cpus": cfg.threads or 1, "num_gpus": simulation_gpus(cfg)},
             "init_args": {"logging_level": "ERROR", "log_to_driver": False}}
 
 

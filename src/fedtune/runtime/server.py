@@ -25,6 +25,7 @@ from fedtune.runtime.client import FT
 from fedtune.runlog import RunLog
 from fedtune.runtime.update_check import change_norm, check_update, oversized
 from fedtune.training import round_lr
+from fedtune.usage import round_usage
 
 
 logger = logging.getLogger("fedtune.server")
@@ -277,7 +278,8 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
                         rejected=sorted(screened.rejected), norms=screened.norms, problems=lost + lost_eval,
                         train_loss=loss, train_examples=int(n_seen), traffic=(bytes_up, bytes_down), previous=row,
                         wire=wire, times=(t_trained - t_start, t_aggregated - t_trained, t_end - t_aggregated),
-                        metrics={**{f"agg/{k}": v for k, v in state.metrics.items()}, **metrics})
+                        metrics={**{f"agg/{k}": v for k, v in state.metrics.items()},
+                                 **round_usage([u.metrics for u in updates]), **metrics})
         record(state, row)
     return state, row
 

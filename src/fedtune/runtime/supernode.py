@@ -138,6 +138,10 @@ def prepare_node_args(args: list[str], worker_folder: str | None, secret_file: s
     if WORKER_KEY in config:
         raise FedtuneError(f"--node-config key '{WORKER_KEY}' is set by fedtune supernode itself; remove it")
     extra: dict[str, str] = {}
+    if "device" in config:  # a GPU this machine lacks: one line before joining
+        from fedtune.device import resolve_device
+
+        resolve_device(str(config["device"]))
     for key in ("data-root", "model-root"):
         if key in config:
             folder = Path(str(config[key])).expanduser().resolve()
