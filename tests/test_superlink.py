@@ -28,6 +28,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import psutil
 import pytest
 
 from fedtune.errors import FedtuneError
@@ -169,7 +170,9 @@ class Link:
                                           + connection.format(self.port) + "\n[superlink.fleet]\n"
                                           + connection.format(self.fleet_port))
         self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
-                    "PATH": f"{BIN}{os.pathsep}/usr/local/bin:/usr/bin:/bin"}
+                    "PATH": f"{BIN}{os.pathsep}/usr/local/bin:/usr/bin:/bin",
+                    # flwr's switches for its legacy gRPC Control and Fleet servers: fedtune superlink drops them
+                    "FLWR_INTERNAL_GRPC_CONTROL_API": "1", "FLWR_INTERNAL_GRPC_FLEET_API": "1"}
         self.procs: list[subprocess.Popen] = []
         self.log = tmp / "superlink.log"
         self.db = tmp / "state.db"
@@ -225,6 +228,11 @@ CLOSED = ["/v1/control/start-run", "/v1/control/register-node", "/v1/control/unr
 
 @pytest.mark.deployment
 def test_fleet_address_serves_only_the_fleet_api(link):
+    tree = psutil.Process(link.link.pid)
+    listening = {c.laddr for q in (tree, *tree.children(recursive=True)) for c in q.net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN}
+    assert listening == {("127.0.0.1", link.port), ("127.0.0.1", link.fleet_port)}
+
     refused = (404, b"")  # the proxy's own answer; a route the SuperLink lacks says {"detail":"Not Found"}
     for path in CLOSED:
         assert link.post(link.port, path)[1] != b'{"detail":"Not Found"}', f"the SuperLink itself serves {path}"
