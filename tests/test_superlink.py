@@ -68,7 +68,7 @@ def test_link_defaults_close_the_doors(certs):
 
 def test_link_opt_outs_are_explicit(certs):
     exposed = plan_link(_tls(certs, "--host", "0.0.0.0", "--port", "9093"), "0.0.0.0:9092", expose_control_api=True)
-    assert exposed.upstream == "https://127.0.0.1:9093"
+    assert (exposed.link_address, exposed.upstream) == ("0.0.0.0:9093", "https://127.0.0.1:9093")
     open_fleet = plan_link(_tls(certs), allow_unregistered_nodes=True)
     assert "--enable-supernode-auth" not in open_fleet.args
     plain = plan_link(["--insecure"], allow_unregistered_nodes=True)

@@ -60,6 +60,8 @@ class LinkPlan:
     """What ``fedtune superlink`` starts: ``flower-superlink args`` and the Fleet proxy in front of it."""
 
     args: list[str]
+    link_address: str
+    """``--host:--port``, where ``flower-superlink`` listens (loopback unless ``--expose-control-api``)."""
     fleet_host: str
     fleet_port: int
     upstream: str
@@ -165,7 +167,8 @@ def plan_link(args: list[str], fleet_address: str = DEFAULT_FLEET_ADDRESS, expos
     if opts.database not in IN_MEMORY and "://" not in opts.database:
         database = Path(opts.database).expanduser()
     scheme = "http" if opts.insecure else "https"
-    return LinkPlan(out, fleet_host, fleet_port, f"{scheme}://{_url_host(opts.host)}:{opts.port}",
+    return LinkPlan(out, f"{opts.host}:{opts.port}", fleet_host, fleet_port,
+                    f"{scheme}://{_url_host(opts.host)}:{opts.port}",
                     *(None, None, None) if opts.insecure else (str(Path(p).expanduser()) for p in tls), database)
 
 
@@ -194,8 +197,8 @@ def run_superlink(args: list[str], fleet_address: str = DEFAULT_FLEET_ADDRESS, e
     print(f"fedtune superlink: SuperNodes connect to {proxy.address} ({scheme}; the Fleet API only); runs and "
           f"node keys go to {plan.upstream.split('://', 1)[1]} on this machine", flush=True)
     if expose_control_api:
-        print(f"fedtune superlink: --expose-control-api: anyone who reaches {plan.upstream.split('://', 1)[1]} "
-              "can submit runs (code that runs here) and register or remove node keys", flush=True)
+        print(f"fedtune superlink: --expose-control-api: anyone who reaches {plan.link_address} can submit runs "
+              "(code that runs here) and register or remove node keys", flush=True)
     if allow_unregistered_nodes:
         print("fedtune superlink: --allow-unregistered-nodes: any SuperNode that reaches the Fleet address can "
               "join and receive the run's tasks", flush=True)
