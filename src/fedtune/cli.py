@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedtune.errors import FedtuneError
+from fedtune.runtime.superlink import DEFAULT_FLEET_ADDRESS
 
 app = typer.Typer(
     help="Federated fine-tuning of language models.",
@@ -371,15 +372,30 @@ def supernode(ctx: typer.Context) -> None:
 
 
 @app.command(context_settings=_PASSTHROUGH)
-def superlink(ctx: typer.Context) -> None:
-    """Run a Flower SuperLink from this environment (no activated venv needed).
+def superlink(
+    ctx: typer.Context,
+    fleet_address: str = typer.Option(
+        DEFAULT_FLEET_ADDRESS, "--fleet-address", metavar="HOST:PORT",
+        help="Where SuperNodes connect: a TLS proxy that passes the Fleet API only (e.g. 0.0.0.0:9092)."),
+    expose_control_api: bool = typer.Option(
+        False, "--expose-control-api",
+        help="Allow a non-loopback --host: lets anyone who can reach that address submit runs (code that runs on "
+             "this machine) and register or remove node keys."),
+    allow_unregistered_nodes: bool = typer.Option(
+        False, "--allow-unregistered-nodes",
+        help="Turn SuperNode authentication off: any node that reaches the Fleet address can join."),
+) -> None:
+    """Run a Flower SuperLink that exposes only the Fleet API to the network (no activated venv needed).
 
-    Takes flower-superlink's options (flower-superlink --help), e.g. --ssl-ca-certfile certs/ca.crt --ssl-certfile
-    certs/server.pem --ssl-keyfile certs/server.key --host 0.0.0.0 --port 9093. See docs/flower.md.
+    The SuperLink itself (Control API: runs, node keys; ServerApp API) listens on --host/--port, loopback
+    only; SuperNodes connect to --fleet-address and must have a key registered with `flwr supernode register`
+    (from this machine). Takes flower-superlink's options (flower-superlink --help), e.g. --ssl-ca-certfile
+    certs/ca.crt --ssl-certfile certs/server.pem --ssl-keyfile certs/server.key --port 9093 --database state.db.
+    See docs/flower.md.
     """
     from fedtune.runtime.superlink import run_superlink
 
-    raise typer.Exit(run_superlink(list(ctx.args)))
+    raise typer.Exit(run_superlink(list(ctx.args), fleet_address, expose_control_api, allow_unregistered_nodes))
 
 
 @app.command()

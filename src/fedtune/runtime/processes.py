@@ -24,6 +24,8 @@ from fedtune.errors import FedtuneError
 
 LINK_POLL_S = 2.0
 """Seconds between two checks that a node's SuperLink is still reachable."""
+CHECK_POLL_S = 1.0
+"""Seconds between two calls of a supervised command's other reason to stop (``supervise(stop_if=...)``)."""
 
 
 def tools_env() -> dict[str, str]:
@@ -62,22 +64,36 @@ def link_reachable(host: str, port: int, timeout_s: float = 3.0) -> bool:
         return False
 
 
-def watch_link(child: subprocess.Popen, stopped: threading.Event, host: str, port: int, limit_s: float) -> None:
-    """Stop ``child``'s process group once (host, port) has been unreachable for ``limit_s`` in a row
-    (and it has been reachable once: before that, flwr's own first-connection timeout applies)."""
+def link_lost(host: str, port: int, limit_s: float):
+    """A reason for :func:`stop_when`: (host, port) has been unreachable for ``limit_s`` in a row (and it has
+    been reachable once: before that, flwr's own first-connection timeout applies); None while it is not."""
     seen, down_since = False, None
-    while child.poll() is None:
+
+    def reason() -> str | None:
+        nonlocal seen, down_since
         if link_reachable(host, port):
             seen, down_since = True, None
         elif seen:
             down_since = down_since or time.monotonic()
             if time.monotonic() - down_since > limit_s:
-                print(f"fedtune supernode: the SuperLink at {host}:{port} has been unreachable for {limit_s:.0f}s; "
-                      "stopping this node", flush=True)
-                stopped.set()
-                stop_group(child)
-                return
-        time.sleep(LINK_POLL_S)
+                return (f"fedtune supernode: the SuperLink at {host}:{port} has been unreachable for {limit_s:.0f}s; "
+                        "stopping this node")
+        return None
+
+    return reason
+
+
+def stop_when(child: subprocess.Popen, stopped: threading.Event, reason, poll_s: float) -> None:
+    """Stop ``child``'s process group (and set ``stopped``) as soon as ``reason()`` returns a line, which is
+    printed; checked every ``poll_s`` while the child runs."""
+    while child.poll() is None:
+        why = reason()
+        if why is not None:
+            print(why, flush=True)
+            stopped.set()
+            stop_group(child)
+            return
+        time.sleep(poll_s)
 
 
 def stop_group(child: subprocess.Popen) -> None:
@@ -94,16 +110,19 @@ def stop_group(child: subprocess.Popen) -> None:
             continue
 
 
-def supervise(command: list[str], on_exit, link: tuple[str, int, float] | None = None) -> int:
-    """Run ``command`` as a child in its own process group; SIGTERM/SIGINT are passed on to it; ``link``
-    (host, port, seconds): stop it once its SuperLink has been unreachable that long. ``on_exit()`` once it
-    has ended; the exit status is the child's (1 if stopped for its link)."""
-    env = tools_env()
-    child = subprocess.Popen(command, env=env, start_new_session=True)
+def supervise(command: list[str], on_exit, link: tuple[str, int, float] | None = None,
+              env: dict[str, str] | None = None, umask: int = -1, stop_if=None) -> int:
+    """Run ``command`` as a child in its own process group, with ``env`` (default :func:`tools_env`) and
+    ``umask`` (-1: this process's); SIGTERM/SIGINT are passed on to it. It is stopped once its SuperLink has
+    been unreachable for a while (``link``: host, port, seconds; :func:`link_lost`) or once ``stop_if()``
+    gives a reason (checked every :data:`CHECK_POLL_S`). ``on_exit()`` once it has ended; the exit status is
+    the child's (1 if stopped for a reason)."""
+    child = subprocess.Popen(command, env=tools_env() if env is None else env, start_new_session=True, umask=umask)
     stopped = threading.Event()
-    if link is not None:
-        threading.Thread(target=watch_link, args=(child, stopped, *link), name="fedtune-link-watch",
-                         daemon=True).start()
+    for reason, poll_s in ((link_lost(*link) if link else None, LINK_POLL_S), (stop_if, CHECK_POLL_S)):
+        if reason is not None:
+            threading.Thread(target=stop_when, args=(child, stopped, reason, poll_s), name="fedtune-stop-when",
+                             daemon=True).start()
 
     def forward(signum, frame):
         if child.poll() is None:
