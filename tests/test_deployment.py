@@ -170,7 +170,7 @@ class Deployment:
                        capture_output=True)
         for f in ("ca.crt", "server.pem", "server.key"):
             assert (self.certs / f).is_file()
-        self.port = _free_port()
+        self.port, self.fleet_port = _free_port(), _free_port()  # the SuperLink on loopback; the nodes' door
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "local-tls"\n\n[superlink.local-tls]\naddress = "127.0.0.1:{self.port}"\n'
             f'root-certificates = "{self.certs / "ca.crt"}"\n')
@@ -217,24 +217,37 @@ class Deployment:
         self.link = None
         link, _ = self.start("superlink", [
             str(BIN / "fedtune"), "superlink", "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"),
-            "--ssl-keyfile", str(c / "server.key"), "--host", "127.0.0.1", "--port", str(self.port),
-            "--database", str(self.tmp / "state.db"), "--disable-runtime-dependency-installation"])
+            "--ssl-keyfile", str(c / "server.key"), "--port", str(self.port),
+            "--fleet-address", f"127.0.0.1:{self.fleet_port}", "--database", str(self.tmp / "state.db")])
         _wait_for("SuperLink listening", lambda: "Uvicorn running" in self.link_log.read_text(errors="replace"),
                   45, [link], [self.link_log])
         self.link = link
         for i in range(n):
             folder = self.nodes_root / f"node_{i}"
             folder.mkdir(exist_ok=True)
+            key = self.node_key(i)
             config = node_config(i) if node_config else f"partition-id={i} num-partitions={n} {self.allowed}"
             command = [str(BIN / "flower-supernode")] if plain else [str(BIN / "fedtune"), "supernode"]
             self.node_ports.append(_free_port())
             p, log = self.start(f"supernode{i}", [
-                *command, "--superlink", f"127.0.0.1:{self.port}",
+                *command, "--superlink", f"127.0.0.1:{self.fleet_port}", "--auth-supernode-private-key", str(key),
                 "--root-certificates", str(c / "ca.crt"), "--port", str(self.node_ports[-1]), "--node-config", config,
                 "--max-wait-time", "20"], cwd=folder,
                 env={**self.env, "PATH": f"{BIN}{os.pathsep}{self.env['PATH']}"} if plain else None)
             self.nodes.append(p)
             self.node_logs.append(log)
+
+    def node_key(self, i: int) -> Path:
+        """Node i's key pair (``ssh-keygen``, as the recipe), its public half registered on the link's loopback
+        Control API with ``flwr supernode register``; the private key's path."""
+        key = self.tmp / "keys" / f"client_{i}"
+        key.parent.mkdir(exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(key)], check=True,
+                       timeout=30)
+        out = subprocess.run([str(BIN / "flwr"), "supernode", "register", f"{key}.pub"], capture_output=True,
+                             text=True, env=self.env, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return key
 
     def wait_registered(self, n: int = 3) -> None:
         _wait_for(f"{n} SuperNodes registered", lambda: self.activated() >= n, 60, self.procs[:n + 1],
@@ -274,7 +287,7 @@ def test_tls_deployment_with_node_local_data_matches_inprocess(tmp_path, tiny_mo
         dep.start_link_and_nodes(3, node_config=lambda i: f"client-id={i} data-path=train.tsv {dep.allowed}")
         # the same client as node 0: if TLS let it in, FlowerPool would refuse two nodes claiming client 0
         insecure, insecure_log = dep.start("insecure", [
-            str(BIN / "fedtune"), "supernode", "--insecure", "--superlink", f"127.0.0.1:{dep.port}",
+            str(BIN / "fedtune"), "supernode", "--insecure", "--superlink", f"127.0.0.1:{dep.fleet_port}",
             "--port", str(_free_port()), "--node-config", f"client-id=0 data-path=train.tsv {dep.allowed}",
             "--max-retries", "3", "--max-wait-time", "20"], cwd=dep.nodes_root / "node_0")
         dep.wait_registered(3)
