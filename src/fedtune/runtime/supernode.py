@@ -313,7 +313,7 @@ def superlink_address(args: list[str]) -> tuple[str, int]:
     address = option_at(args, "--superlink")[1] or SUPERLINK_DEFAULT_CLIENT_ADDRESS
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise FedtuneError(f"--superlink {address!r} is not HOST:PORT; give the SuperLink's address, e.g. link.example.org:9093")
+        raise FedtuneError(f"--superlink {address!r} is not HOST:PORT; give the SuperLink's address, e.g. link.example.org:9092")
     return host.strip("[]"), int(port)
 
 
