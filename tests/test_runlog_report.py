@@ -167,7 +167,7 @@ def test_report_compares_two_runs(tmp_path):
 
     report = build_report([a, b])
     assert report.metric == "eval/accuracy"
-    assert report.out_dir == tmp_path / "runs" / "report"
+    assert report.out_dir == tmp_path / "runs" / "report" / "fedit-a+local-b"
     ra, rb = report.rows
     assert (ra["name"], ra["algorithm"], ra["rounds"]) == ("fedit-a", "fedit", 4)
     assert (ra["final"], ra["best"], ra["best_round"]) == (0.8, 0.9, 3)
@@ -204,6 +204,16 @@ def test_report_missing_metric_lists_available(tmp_path):
     with pytest.raises(FedtuneError, match=expected) as e:
         build_report([a], metric="eval/rouge_l")
     assert "\n" not in str(e.value)
+
+
+def test_reports_of_different_runs_do_not_overwrite_each_others_plots(tmp_path):
+    runs = [write_run(tmp_path / "runs" / name, "fedit", [0.5, 0.6], 1000) for name in ("a", "b", "c")]
+    first, second = build_report(runs[:2]), build_report(runs[1:])
+    assert first.out_dir == tmp_path / "runs" / "report" / "a+b" and second.out_dir.name == "b+c"
+    assert all(p.is_file() for p in first.plots + second.plots) and not set(first.plots) & set(second.plots)
+    many = [write_run(tmp_path / "runs" / f"a-long-run-name-{i:02d}", "fedit", [0.5], 0) for i in range(6)]
+    folder = build_report(many).out_dir.name
+    assert folder.startswith("a-long-run-name-00+5-more-") and len(folder) < 80
 
 
 def test_report_without_eval_metrics_shows_train_loss_and_bytes(tmp_path):
