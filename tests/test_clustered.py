@@ -262,7 +262,8 @@ def test_a_grouped_clustered_run_prints_its_decision_and_show_report_and_cards_c
     text = shown.export_text()
     assert all(f" {h} " in text for h in ("clusters", "ARI", "NMI")) and "accuracy@" not in text
     by_round = {line.split()[0]: line.split() for line in text.splitlines() if line.split()[:1] in (["1"], ["2"])}
-    assert by_round["1"][-9:-6] ==  # before the bytes up, bytes down and time (two words each) ["2", f"{row['agg/ari']:.4f}", f"{row['agg/nmi']:.4f}"]
+    # the three columns before the bytes up, bytes down and time (two words each)
+    assert by_round["1"][-9:-6] == ["2", f"{row['agg/ari']:.4f}", f"{row['agg/nmi']:.4f}"]
     assert by_round["2"][-9:-6] == ["-", "-", "-"]
 
     report = build_report([cfg.run_dir])
