@@ -101,6 +101,8 @@ def test_natural_partition_names_each_clients_site(runs):
     assert report.exit_code == 0, report.output
     assert "eval/accuracy — 1 run" in report.output and "mine: clients by site" in report.output
     assert all(site in report.output for site in SITES)
+    final = read(cwd / "runs" / "mine" / "summary.json")["final"]  # the held-out rows keep their site
+    assert "mine: eval accuracy by site" in report.output and all(f"eval/accuracy@{s}" in final for s in SITES)
 
 
 def test_a_run_without_evaluation_says_so_and_is_reported_on_train_loss(runs):

@@ -88,7 +88,10 @@ def run(
         rounds = cfg.federation.rounds
         print(f"run {result.run_dir} is finished ({rounds} round{'s' * (rounds != 1)}); nothing to resume")
         return
-    metrics = [f"{k} {v:.4f}" for k, v in result.final.items() if not k.endswith("/n")]
+    from fedtune.runlog import GROUP_SEP
+
+    # per-group accuracies (eval/…@<group>) are left to fedtune report, as in the round lines
+    metrics = [f"{k} {v:.4f}" for k, v in result.final.items() if not k.endswith("/n") and GROUP_SEP not in k]
     line = " · ".join([f"run dir {result.run_dir}", *metrics, human_seconds(result.seconds)])
     Console().print(line, markup=False, highlight=False, soft_wrap=True)
 
