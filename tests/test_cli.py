@@ -206,6 +206,10 @@ def test_data_show_describes_a_users_file(tmp_path):
     assert "(classification)" in out and "train 3" in out
     assert "0 neg (1), 1 pos (2)" in out
     assert "good fun" in out
+    latin = tmp_path / "l.tsv"
+    latin.write_bytes('text\tlabel\n"un café\texquis"\tpos\nbad\tneg\n'.encode("latin-1"))
+    out = invoke("data", "show", str(latin), "--encoding", "latin-1")
+    assert "train 2" in out and "un café exquis" in " ".join(out.split())
 
 
 def test_algorithms_lists_requirements_and_options_with_meaning_and_allowed_values(monkeypatch):

@@ -263,12 +263,19 @@ def data_show(
     name: Annotated[str, typer.Argument(metavar="NAME_OR_PATH")],
     text_column: Annotated[str | None, typer.Option(help="Input text column of your own file.")] = None,
     label_column: Annotated[str | None, typer.Option(help="Label column of your own file.")] = None,
+    quoting: Annotated[str | None, typer.Option(help="standard or none, as data.quoting.")] = None,
+    encoding: Annotated[str, typer.Option(help="The files' text encoding, as data.encoding.")] = "utf-8",
 ) -> None:
     """Show a registered dataset or a CSV/TSV/JSON/JSONL file or folder: split sizes, columns, labels, a few rows."""
-    from fedtune.config import DataConfig
+    from fedtune.config import DataConfig, explain
     from fedtune.data import describe, describe_table
 
-    info = describe(DataConfig(name=name, text_column=text_column, label_column=label_column))
+    try:
+        cfg = DataConfig(name=name, text_column=text_column, label_column=label_column, quoting=quoting,
+                         encoding=encoding)
+    except ValidationError as e:
+        raise FedtuneError(explain(e, DataConfig, "data")) from None
+    info = describe(cfg)
     Console().print(describe_table(info))
 
 
