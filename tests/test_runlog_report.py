@@ -243,6 +243,14 @@ def test_report_lists_the_value_each_client_holds(tmp_path):
     rows = [line.split() for line in text.splitlines() if "site_" in line]
     assert rows == [["0", "site_a", "40"], ["1", "site_b", "38"]]
     assert build_report([write_run(tmp_path / "b", "fedit", [0.5], 0)]).clients == []
+    (a / "partition.json").write_text(json.dumps({**partition, "train_sizes": [32, 30], "test_sizes": [8, 8]}))
+    console = Console(record=True, width=120)
+    for table in build_report([a]).clients:
+        console.print(table)
+    text = console.export_text()
+    assert [line.split() for line in text.splitlines() if "site_" in line] == [["0", "site_a", "32", "8"],
+                                                                            ["1", "site_b", "30", "8"]]
+    assert "train   test" in text
 
 
 def test_report_gives_each_clients_model_and_final_metric_and_the_mean_per_group(tmp_path):

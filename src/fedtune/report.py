@@ -22,7 +22,8 @@ client scored with its model. Runs that share no eval metric (a run without
 evaluation) are compared on ``train_loss``, and the report says so. A clustered
 run's table row gives the clusters of its last clustering round with their ARI
 and NMI against the clients' groups; where the eval split has the group column,
-a table gives each model's accuracy per group on it (``eval/…/accuracy@<group>``). A run whose ``partition.json`` records
+a table gives each model's accuracy per group on it (``eval/…/accuracy@<group>``).
+A run whose ``partition.json`` records
 client groups (``partition.by`` other than the label) also gets a table of the
 value(s) of that column each client holds, the model it ended with (runs of
 several models) and its own final value of a ``client_eval/`` metric; and,
@@ -403,18 +404,22 @@ def _clients_table(run: Run, metric: str, per_group: dict[str, dict[str, float]]
         return []
     column = str(partition.get("group_column", "value"))
     sizes = partition.get("sizes") or [None] * len(groups)
+    tested = any(partition.get("test_sizes") or [])  # the shard less its test rows is what the client trains on
+    counts = ([partition["train_sizes"], partition["test_sizes"]] if tested else [sizes])
     model_of = model_assignment(run.path)
     finals = client_finals(run, metric)
     table = Table(box=box.SIMPLE_HEAD, show_edge=False)
     table.add_column("client", justify="right")
     table.add_column(column, overflow="fold")
-    table.add_column("examples", justify="right")
+    for name in (["train", "test"] if tested else ["examples"]):
+        table.add_column(name, justify="right")
     if model_of:
         table.add_column("model")
     if finals:
         table.add_column(metric, justify="right")
-    for cid, (held, size) in enumerate(zip(groups, sizes)):
-        cells = [str(cid), ", ".join(map(str, held)), "-" if size is None else f"{size:,}"]
+    for cid, held in enumerate(groups):
+        cells = [str(cid), ", ".join(map(str, held)),
+                 *("-" if cid >= len(n) or n[cid] is None else f"{n[cid]:,}" for n in counts)]
         cells += [model_of.get(cid, "-")] if model_of else []
         cells += [f"{finals[cid]:.4f}" if cid in finals else "-"] if finals else []
         table.add_row(*cells)
