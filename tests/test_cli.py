@@ -156,6 +156,11 @@ def test_config_init_runs_as_it_is(starters):
         assert out.startswith(f"run dir runs/my_{task}") and metric in out, out
         assert (cwd / "runs" / f"my_{task}" / "summary.json").is_file()
         assert inits[task][1].startswith("# A starting") and "# The run's folder name" in inits[task][1]
+    header = " ".join(line.lstrip("# ") for line in inits["classification"][1].split("\n\n")[0].splitlines())
+    assert ("Each round trains a sampled 50% of the clients (federation.fraction; remove it to train all). Accuracy "
+            "per client needs partition.client_test_fraction > 0 (each client's own test rows) and eval.per_client: "
+            "true.") in header
+    assert "Each round trains" not in inits["sft"][1] and "Accuracy per client needs" not in inits["sft"][1]
 
 
 def test_resuming_a_finished_run_says_so_and_changes_nothing(starters):
@@ -201,6 +206,10 @@ def test_data_show_describes_a_users_file(tmp_path):
     assert "(classification)" in out and "train 3" in out
     assert "0 neg (1), 1 pos (2)" in out
     assert "good fun" in out
+    latin = tmp_path / "l.tsv"
+    latin.write_bytes('text\tlabel\n"un café\texquis"\tpos\nbad\tneg\n'.encode("latin-1"))
+    out = invoke("data", "show", str(latin), "--encoding", "latin-1")
+    assert "train 2" in out and "un café exquis" in " ".join(out.split())
 
 
 def test_algorithms_lists_requirements_and_options_with_meaning_and_allowed_values(monkeypatch):
@@ -314,6 +323,16 @@ def test_main_reports_ctrl_c_as_interrupted_with_status_130(monkeypatch, capsys)
     monkeypatch.setattr("fedtune.data.list_datasets", interrupt)
     code, captured = run_main(monkeypatch, capsys, "data", "list")
     assert code == 130 and captured.err == "interrupted\n"
+
+
+def test_ctrl_c_during_a_run_says_how_to_resume_it(monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fedtune.config.load_config", interrupt)
+    code, captured = run_main(monkeypatch, capsys, "run", "my.yaml", "-o", "name=a b", "--overwrite")
+    assert code == 130 and captured.err == ("interrupted; continue the run after its last completed round with: "
+                                            "fedtune run my.yaml -o 'name=a b' --resume\n")
 
 
 def test_main_turns_a_pydantic_error_into_one_line(monkeypatch, capsys):

@@ -196,3 +196,91 @@ def test_each_cluster_takes_steps_of_its_own_server_optimiser():
     assert steps == {"clustered/server/cluster_0/server_opt/step": 1, "clustered/server/cluster_1/server_opt/step": 1}
     with pytest.raises(FedtuneError, match="algorithm.options.server_options"):
         build_algorithm("clustered", {"server": "fedadam", "server_options": {"server_lr": -1}})
+
+
+def test_a_clustering_round_says_what_it_decided():
+    x = _x()
+    algo = build_algorithm("clustered", {}, num_clients=6)
+    algo.client_groups = ["en", "en", "en", "pt", "pt", "pt"]
+    state = algo.aggregate(1, _updates(x, [0, 0, 0, 1, 1, 1]), algo.init(x))
+    best = max(state.metrics["silhouettes"].values())
+    assert algo.decisions(1, state.metrics) == [
+        f"round 1: clustered 6 clients into 2 clusters (auto: best silhouette {best:.3f} at k=2, ≥ min_silhouette "
+        "0.1): cluster_0 = clients 0, 1, 2 (en ×3); cluster_1 = clients 3, 4, 5 (pt ×3); ARI 1.00, NMI 1.00 against "
+        "their groups"]
+    g = torch.Generator().manual_seed(3)
+    noise = [ClientUpdate(c, {B: x[B] + torch.randn(x[B].shape, generator=g), A: x[A], B0: x[B0]}, 10)
+             for c in range(6)]
+    strict = build_algorithm("clustered", {"min_silhouette": 0.9}, num_clients=6)
+    one = strict.aggregate(1, noise, strict.init(x))
+    best = max(one.metrics["silhouettes"].values())
+    k = max(one.metrics["silhouettes"], key=one.metrics["silhouettes"].get)
+    assert strict.decisions(1, one.metrics) == [
+        f"round 1: clustered 6 clients into 1 cluster (auto: best silhouette {best:.3f} at k={k}, below "
+        "min_silhouette 0.9): cluster_0 = clients 0, 1, 2, 3, 4, 5"]
+    fixed = build_algorithm("clustered", {"n_clusters": 2}, num_clients=4)
+    late = fixed.aggregate(2, [_updates(x, [0, 0, 1, 1, 1])[4]], fixed.aggregate(1, _updates(x, [0, 0, 1, 1]),
+                                                                                fixed.init(x)))
+    assert fixed.decisions(2, late.metrics) == ["round 2: client 4 joined cluster_1 (the nearest centroid)"]
+    assert fixed.decisions(3, {}) == []
+
+
+def test_a_grouped_clustered_run_prints_its_decision_and_show_report_and_cards_carry_it(tmp_path, tiny_model_dir):
+    """Clients of two domains (a column of the files, in the dev split too): the console line of the clustering
+    round, clusters / ARI / NMI in ``fedtune show`` and ``fedtune report``, accuracy per domain on the eval split,
+    the domains on the heat map's axes, the report's default metric (the clients' own), and each card its model's."""
+    import random
+
+    from rich.console import Console
+
+    from fedtune.config import RunConfig
+    from fedtune.report import _client_label, build_report
+    from fedtune.show import round_table
+
+    rng = random.Random(0)
+    for split, n in (("train", 80), ("dev", 40)):
+        rows = [f"{rng.choice(['a', 'the'])} {['bad', 'good'][i % 2]} {['book', 'flight'][i // 2 % 2]}\t"
+                f"{['neg', 'pos'][i % 2]}\t{['books', 'air'][i // 2 % 2]}" for i in range(n)]
+        (tmp_path / f"{split}.tsv").write_text("text\tlabel\tdomain\n" + "\n".join(rows) + "\n")
+    cfg = RunConfig.model_validate(dict(
+        name="grouped", output_dir=str(tmp_path / "runs"), seed=1, threads=1, data=dict(name=str(tmp_path)),
+        partition=dict(method="group_clusters", by="domain", num_clients=4, client_test_fraction=0.25),
+        model=dict(name=str(tiny_model_dir), max_length=16), lora=dict(r=4, alpha=8),
+        train=dict(local_steps=2, batch_size=8, lr=2e-2), federation=dict(rounds=2),
+        algorithm=dict(name="clustered", options={"n_clusters": 2}), eval=dict(per_client=True)))
+    console = Console(record=True, width=300)
+    execute(cfg, console=console)
+    printed = console.export_text()
+    row = load_run(cfg.run_dir).rows[1]
+    line = next(line for line in printed.splitlines() if line.startswith("round 1: clustered 4 clients into 2"))
+    assert line.startswith("round 1: clustered 4 clients into 2 clusters (n_clusters=2): cluster_0 = clients")
+    assert line.endswith(f"ARI {row['agg/ari']:.2f}, NMI {row['agg/nmi']:.2f} against their groups")
+    assert {"eval/cluster_0/accuracy@air", "eval/cluster_0/accuracy@books"} <= set(row)
+
+    table = round_table(load_run(cfg.run_dir))
+    columns = {str(c.header): list(c.cells) for c in table.columns}
+    assert [columns[h] for h in ("clusters", "ARI", "NMI")] == [
+        ["-", "2", "-"], ["-", f"{row['agg/ari']:.4f}", "-"], ["-", f"{row['agg/nmi']:.4f}", "-"]]
+    assert not any("@" in h for h in columns)  # per-group accuracies are left to the report
+
+    report = build_report([cfg.run_dir])
+    assert report.metric == "client_eval/accuracy" and report.note is None  # eval/accuracy ends at round 0
+    assert report.rows[0]["clustering"] == {"round": 1, "clusters": 2, "ari": row["agg/ari"], "nmi": row["agg/nmi"]}
+    assert set(report.rows[0]["eval_groups"]) == {"cluster_0", "cluster_1"}
+    table = Console(record=True, width=200)
+    table.print(report.table)
+    for extra in report.clients:
+        table.print(extra)
+    text = table.export_text()
+    assert f"2 ({row['agg/ari']:.2f}, {row['agg/nmi']:.2f})" in text and "grouped: eval accuracy by domain" in text
+    stale = build_report([cfg.run_dir], metric="eval/accuracy")
+    assert "records eval/accuracy only up to round 0" in stale.note and stale.rows[0]["final_round"] == 0
+
+    groups = json.loads((cfg.run_dir / "partition.json").read_text())["client_groups"]
+    assert _client_label("2", groups, row["agg/cluster_of"]) == (
+        f"2 {groups[2][0]} ({row['agg/cluster_of']['2'].removeprefix('cluster_')})")
+    final = json.loads((cfg.run_dir / "summary.json").read_text())["final"]
+    for name in ("cluster_0", "cluster_1"):
+        card = (cfg.run_dir / "adapters" / name / "README.md").read_text()
+        assert f"| eval/accuracy | {final[f'eval/{name}/accuracy']:.4f} |" in card
+    assert "last evaluated in round 0 (the untrained model)" in (cfg.run_dir / "adapter" / "README.md").read_text()

@@ -285,6 +285,72 @@ def test_describe_user_file_without_columns(tmp_path):
     Console(file=io.StringIO()).print(describe_table(info))
 
 
+REVIEWS = [  # fields with everything a quoting parser must handle: quotes, doubled quotes, tabs, commas, newlines
+    ('The "best" flight, ever', "positive"),
+    ('Seat 3A:\t"cramped"\nbut the crew — "lovely" — helped', "positive"),
+    ("Lost my bag.\r\nTwice.", "negative"),
+    ('He said ""no"" then left', "negative"),
+    ("plain words", "positive"),
+]
+
+
+def test_a_quoted_multi_line_tsv_reads_as_the_same_rows_as_csv(tmp_path):
+    """A TSV written as Excel and pandas write it (fields in double quotes where they hold a quote, tab or line
+    break; quotes doubled) is read field by field, exactly as the same rows in a CSV."""
+    def quoted(field: str, sep: str) -> str:
+        return f'"{field.replace(chr(34), 2 * chr(34))}"' if any(c in field for c in f'"{sep}\r\n') else field
+
+    for suffix, sep in ((".tsv", "\t"), (".csv", ",")):
+        lines = [f"text{sep}label"] + [f"{quoted(t, sep)}{sep}{y}" for t, y in REVIEWS]
+        (tmp_path / f"d{suffix}").write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    tsv, csv_ = (load_task_data(DataConfig(name=str(tmp_path / f"d{s}"), eval_fraction=0), seed=0) for s in
+                 (".tsv", ".csv"))
+    assert tsv.train["text"][:] == csv_.train["text"][:] == [t for t, _ in REVIEWS]
+    assert tsv.train["label"][:] == csv_.train["label"][:] == [1, 1, 0, 0, 1]
+    assert tsv.label_names == ["negative", "positive"] and tsv.skipped_rows == 0
+
+
+def test_quoting_none_reads_quotes_as_text_and_a_stray_quote_is_an_error_naming_the_fix(tmp_path):
+    path = write(tmp_path / "glue.tsv", 'sentence\tlabel\n"a" film\t1\n"it" was "fine"\t0\nok\t1\n')
+    assert ("line 2: cannot be parsed as tab-separated values with data.quoting=standard ('\t' expected after '\"'); "
+            "fix the file or set data.quoting=none if its quote characters are plain text") in error_of(
+        DataConfig(name=str(path)))
+    task = load_task_data(DataConfig(name=str(path), quoting="none", eval_fraction=0), seed=0)
+    assert task.train["sentence"][:] == ['"a" film', '"it" was "fine"', "ok"]
+    unclosed = write(tmp_path / "open.csv", 'text,label\n"never closed,1\nmore,0\n')
+    assert f"{unclosed} line 2: cannot be parsed as comma-separated values" in error_of(DataConfig(name=str(unclosed)))
+    assert "dataset 'cola' reads its files with quoting 'none'; remove data.quoting" in error_of(
+        DataConfig(name="cola", quoting="standard"))
+
+
+def test_a_latin1_file_names_the_line_and_reads_with_data_encoding(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes("text,label\nnice,pos\nun café exquis,pos\nbad,neg\n".encode("latin-1"))
+    assert error_of(DataConfig(name=str(path))) == (
+        f"{path} line 3: byte 0xe9 is not utf-8 text; set data.encoding to the file's encoding (e.g. latin-1 or "
+        "cp1252), or re-save it as UTF-8")
+    task = load_task_data(DataConfig(name=str(path), encoding="latin-1", eval_fraction=0), seed=0)
+    assert task.train["text"][1] == "un café exquis"
+    bom = write(tmp_path / "bom.csv", "\ufefftext,label\na,x\nb,y\n")
+    assert load_task_data(DataConfig(name=str(bom), eval_fraction=0), seed=0).train["text"][:] == ["a", "b"]
+    with pytest.raises(ValueError, match="'klingon' is not a text encoding Python knows"):
+        DataConfig(encoding="klingon")
+
+
+def test_skip_says_how_many_rows_it_dropped_and_refuses_a_large_share(tmp_path):
+    good = "".join(f"row {i},{'ab'[i % 2]}\n" for i in range(100))
+    few = write(tmp_path / "few.csv", "text,label\n" + good + "x,a,extra\n" * 3)
+    task = load_task_data(DataConfig(name=str(few), on_malformed="skip", eval_fraction=0), seed=0)
+    assert task.skipped_rows == 3 and len(task.train) == 100
+    assert task.notes[-1:] == [f"data: skipped 3 malformed rows (3 of 103 in 'train'; data.on_malformed=skip), the first at "
+                          f"{few} line 102: expected 2 comma-separated fields, found 3"]
+    many = write(tmp_path / "many.csv", "text,label\n" + good + "x,a,extra\n" * 12)
+    assert error_of(DataConfig(name=str(many), on_malformed="skip")) == (
+        f"data.on_malformed=skip would drop 12 of the 112 rows of split 'train' of {many} (11%; more than 10% is "
+        f"refused), the first at {many} line 102: expected 2 comma-separated fields, found 3; the file is not read as "
+        "written: check its columns, data.quoting and data.encoding")
+
+
 # --------------------------------------------------------------------------- held-out eval split
 
 
@@ -421,6 +487,39 @@ def test_one_label_is_refused(tmp_path):
         "least two labels: set data.label_column to the column of labels, or add rows of the other labels")
     skipped = write(tmp_path / "e.csv", "text,label\ngood,pos\n,neg\n")  # the only 'neg' row is malformed
     assert "holds one value ('pos')" in error_of(DataConfig(name=str(skipped), on_malformed="skip"))
+
+
+def test_a_rare_label_close_to_another_is_refused_as_a_typo(tmp_path):
+    rows = [f"review {i},{('positive', 'negative')[i % 2]}\n" for i in range(60)]
+    path = write(tmp_path / "d.csv", "text,label\n" + "".join(rows[:20]) + "oops,positve\n" + "".join(rows[20:]))
+    assert error_of(DataConfig(name=str(path))) == (
+        f"label 'positve' (1 row, the first at {path} line 22) looks like a typo of 'positive' (30 rows); correct it "
+        "in the file, or set the classes with -o data.labels=[negative,positive] (a row with another label is then "
+        "malformed)")
+    given = DataConfig(name=str(path), labels=["negative", "positive"])
+    assert f"malformed row at {path} line 22: label 'positve' is not one of negative, positive" in error_of(given)
+    cased = write(tmp_path / "c.csv", "text,label\n" + "".join(rows) + "oops,Negative\n")
+    assert "label 'Negative' (1 row, the first at" in error_of(DataConfig(name=str(cased)))
+
+
+@pytest.mark.parametrize("rare", ["unacceptable", "7", "neutral"])
+def test_a_rare_label_of_its_own_is_a_class(tmp_path, rare):
+    """A prefix makes a class of its own, integers are never typos of each other, a distant word is a class."""
+    common = {"unacceptable": "acceptable", "7": "1", "neutral": "negative"}[rare]
+    rows = "".join(f"s{i},{common if i % 2 else 'other'}\n" for i in range(60))
+    task = load_task_data(DataConfig(name=str(write(tmp_path / "d.csv", "text,label\n" + rows + f"z,{rare}\n")),
+                                     eval_fraction=0), seed=0)
+    assert rare in task.label_names and len(task.label_names) == 3
+
+
+def test_a_label_column_of_text_is_refused(tmp_path):
+    rows = "".join(f"review {i},fragment number {i} of a sentence\n" for i in range(40))
+    path = write(tmp_path / "d.csv", "text,label\n" + rows + "another,fragment number 0 of a sentence\n")
+    assert error_of(DataConfig(name=str(path))) == (
+        f"label column 'label' of {path} holds 40 distinct values in 41 rows, 39 of them in one row only (e.g. "
+        "'fragment number 1 of a senten…', 'fragment number 2 of a senten…', 'fragment number 3 of a senten…'): that "
+        "is not a column of labels; set data.label_column to the column of labels, check data.quoting if fields hold "
+        "quoted text, or list the classes in data.labels")
 
 
 # --------------------------------------------------------------------------- finding data

@@ -173,6 +173,24 @@ def test_summary_is_json_and_renders(train):
     assert "5 more clients" in out.getvalue() and "mean label entropy" in out.getvalue()
 
 
+def test_clients_test_rows_are_not_counted_as_training_rows(train):
+    from fedtune.data.partition import add_client_splits
+
+    parts = partition_clients(train, config(method="iid", num_clients=3), seed=0)
+    summary = partition_summary(train, parts, "label", ["a", "b", "c", "d", "e"])
+    splits = [split_client_test(p, 0.2, seed=c) for c, p in enumerate(parts)]
+    add_client_splits(summary, [len(tr) for tr, _ in splits], [len(te) for _, te in splits])
+    out = io.StringIO()
+    Console(file=out, width=200).print(summary_table(summary))
+    text = out.getvalue()
+    header = next(line for line in text.splitlines() if "client" in line)
+    assert "train" in header and "test" in header and "examples" not in header
+    rows = [line.split("│")[1:4] for line in text.splitlines() if line.split("│")[1:2] == ["      0 "]]
+    assert [cell.strip() for cell in rows[0]] == ["0", str(len(splits[0][0])), str(len(splits[0][1]))]
+    trained = sum(len(tr) for tr, _ in splits)
+    assert f"{trained:,} to train on, {len(train) - trained:,} held out as test rows" in " ".join(text.split())
+
+
 @pytest.mark.parametrize("method", ["iid", "dirichlet", "pathological", "natural", "quantity"])
 def test_67k_rows_into_100_clients_cover_every_row_once(method):
     """SST-2's size (its time: ``benchmarks/load_speed.py``)."""

@@ -212,9 +212,25 @@ def test_a_clustered_run_predicts_with_the_model_of_the_clients_cluster(runs):
         assert load_run_model(runs.clustered, int(client)).folder == runs.clustered / "adapters" / name
         card = (runs.clustered / "adapters" / name / "README.md").read_text()
         assert f"model `{name}`, used by clients" in card and "classifier_config.json" in card
-    assert load_run_model(runs.clustered).folder == runs.clustered / "adapter"
+    assert load_run_model(runs.clustered, model_name="global").folder == runs.clustered / "adapter"
+    assert load_run_model(runs.clustered, model_name="cluster_1").folder == runs.clustered / "adapters" / "cluster_1"
     with pytest.raises(FedtuneError, match="has no client 3; its clients are 0..2"):
         load_run_model(runs.clustered, 3)
+
+
+def test_predict_on_a_run_of_several_models_without_client_refuses_naming_them(runs, monkeypatch, capsys):
+    code, err = _main(monkeypatch, capsys, str(runs.clustered), "-t", "good")
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: run {runs.clustered} ended with several models: cluster_0 (clients ")
+    assert ("cluster_1 (clients " in err and err.endswith(
+        "global (adapter/, used by no client); choose the one a client uses with --client N, or one by name with "
+        "--model NAME\n"))
+    code, err = _main(monkeypatch, capsys, str(runs.clustered), "--model", "cluster_9", "-t", "good")
+    assert err == f"error: run {runs.clustered} has no model 'cluster_9'; its models are global, cluster_0, cluster_1\n"
+    code, err = _main(monkeypatch, capsys, str(runs.clustered), "--model", "global", "--client", "0", "-t", "good")
+    assert "give --client (the model that client uses) or --model (a model by name), not both" in err
+    result = CliRunner().invoke(app, ["predict", str(runs.clustered), "--model", "cluster_0", "-t", "good", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["label"] in ("negative", "positive")
 
 
 def _main(monkeypatch, capsys, *args: str):

@@ -167,7 +167,7 @@ def test_report_compares_two_runs(tmp_path):
 
     report = build_report([a, b])
     assert report.metric == "eval/accuracy"
-    assert report.out_dir == tmp_path / "runs" / "report"
+    assert report.out_dir == tmp_path / "runs" / "report" / "fedit-a+local-b"
     ra, rb = report.rows
     assert (ra["name"], ra["algorithm"], ra["rounds"]) == ("fedit-a", "fedit", 4)
     assert (ra["final"], ra["best"], ra["best_round"]) == (0.8, 0.9, 3)
@@ -206,6 +206,16 @@ def test_report_missing_metric_lists_available(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_reports_of_different_runs_do_not_overwrite_each_others_plots(tmp_path):
+    runs = [write_run(tmp_path / "runs" / name, "fedit", [0.5, 0.6], 1000) for name in ("a", "b", "c")]
+    first, second = build_report(runs[:2]), build_report(runs[1:])
+    assert first.out_dir == tmp_path / "runs" / "report" / "a+b" and second.out_dir.name == "b+c"
+    assert all(p.is_file() for p in first.plots + second.plots) and not set(first.plots) & set(second.plots)
+    many = [write_run(tmp_path / "runs" / f"a-long-run-name-{i:02d}", "fedit", [0.5], 0) for i in range(6)]
+    folder = build_report(many).out_dir.name
+    assert folder.startswith("a-long-run-name-00+5-more-") and len(folder) < 80
+
+
 def test_report_without_eval_metrics_shows_train_loss_and_bytes(tmp_path):
     a = write_run(tmp_path / "a", "fedit", [None, None, None], 1000)
     report = build_report([a])
@@ -233,6 +243,14 @@ def test_report_lists_the_value_each_client_holds(tmp_path):
     rows = [line.split() for line in text.splitlines() if "site_" in line]
     assert rows == [["0", "site_a", "40"], ["1", "site_b", "38"]]
     assert build_report([write_run(tmp_path / "b", "fedit", [0.5], 0)]).clients == []
+    (a / "partition.json").write_text(json.dumps({**partition, "train_sizes": [32, 30], "test_sizes": [8, 8]}))
+    console = Console(record=True, width=120)
+    for table in build_report([a]).clients:
+        console.print(table)
+    text = console.export_text()
+    assert [line.split() for line in text.splitlines() if "site_" in line] == [["0", "site_a", "32", "8"],
+                                                                            ["1", "site_b", "30", "8"]]
+    assert "train   test" in text
 
 
 def test_report_gives_each_clients_model_and_final_metric_and_the_mean_per_group(tmp_path):

@@ -141,17 +141,19 @@ def test_round_line_formats_a_round():
 def test_run_progress_without_a_terminal_prints_plain_lines_and_the_time_left():
     out = io.StringIO()
     clock = iter([100.0, 130.0, 160.0])  # round 1 starts at 100 s; rounds 1 and 2 end at 130 s and 160 s
+    decided = SimpleNamespace(decisions=lambda rnd, metrics: [f"round {rnd}: {metrics}"] if metrics else [])
     exp = SimpleNamespace(cfg=SimpleNamespace(federation=SimpleNamespace(rounds=5), train=SimpleNamespace()),
-                          shards=[], steps_multiplier=1)
+                          shards=[], steps_multiplier=1, algorithm=decided)
     with RunProgress(Console(file=out, width=40), exp, steps=False, now=lambda: next(clock)) as progress:
         assert not progress.bars
         progress.on_round_start(1, [])
         progress.on_eval_start(1, "the eval split", 8)
-        progress.on_round_end({"round": 1, "train_loss": 0.5, "time_round_s": 30.0})
+        progress.on_round_end({"round": 1, "train_loss": 0.5, "time_round_s": 30.0, "agg/clusters": 2})
         progress.on_round_end({"round": 2, "train_loss": 0.4, "time_round_s": 30.0})
     assert out.getvalue().splitlines() == [
         "round 1/5  evaluating 8 examples of the eval split",
         "round 1/5  train_loss 0.5000  30.0 s  2m 00s left",  # 4 rounds to go at 30 s each; never wrapped
+        "round 1: {'clusters': 2}",  # the algorithm's own line on what it decided, from the row's agg/ keys
         "round 2/5  train_loss 0.4000  30.0 s  1m 30s left",
     ]
 

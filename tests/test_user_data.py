@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -100,6 +101,8 @@ def test_natural_partition_names_each_clients_site(runs):
     assert report.exit_code == 0, report.output
     assert "eval/accuracy — 1 run" in report.output and "mine: clients by site" in report.output
     assert all(site in report.output for site in SITES)
+    final = read(cwd / "runs" / "mine" / "summary.json")["final"]  # the held-out rows keep their site
+    assert "mine: eval accuracy by site" in report.output and all(f"eval/accuracy@{s}" in final for s in SITES)
 
 
 def test_a_run_without_evaluation_says_so_and_is_reported_on_train_loss(runs):
@@ -148,3 +151,53 @@ def test_heterogeneous_ranks_must_match_the_natural_client_count(tmp_path, tiny_
                                            r"value of 'site'\); give one rank per client"):
         _experiment(tmp_path, tiny_model_dir, rows, "lora.client_ranks=[4, 2]")
     assert _experiment(tmp_path, tiny_model_dir, rows, "lora.client_ranks=[4, 2, 2]").num_clients == 3
+
+
+def test_the_share_of_inputs_cut_by_max_length_is_said_before_training(tmp_path, tiny_model_dir):
+    """The note counts, per split, the inputs the tokenizer makes longer than model.max_length, and names the
+    length that keeps 95% of them whole; both checked against the tokenizer itself."""
+    from transformers import AutoTokenizer
+
+    from fedtune.config import load_config
+    from fedtune.experiment import build_experiment
+
+    words = "the film was long and the plot went on".split()
+    texts = [" ".join(words[: 1 + i % 9] * (1 + i % 4)) for i in range(60)]
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"{t},{'pn'[i % 2]}\n" for i, t in
+                                                                 enumerate(texts[:40])))
+    (tmp_path / "dev.csv").write_text("text,label\n" + "".join(f"{t},{'pn'[i % 2]}\n" for i, t in
+                                                               enumerate(texts[40:])))
+    lines = []
+    exp = build_experiment(load_config(None, [f"data.name={tmp_path}", f"model.name={tiny_model_dir}",
+                                              "model.max_length=12", "partition.num_clients=2"]), note=lines.append)
+    lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(tiny_model_dir)(texts).input_ids]
+    train, dev = np.array(lengths[:40]), np.array(lengths[40:])
+    keep = int(np.sort(lengths)[int(np.ceil(0.95 * len(lengths))) - 1])
+    assert (train > 12).any() and (dev > 12).any() and keep > 12
+    assert (f"inputs: model.max_length=12 tokens cuts {np.mean(train > 12):.1%} of the 40 training inputs and "
+            f"{np.mean(dev > 12):.1%} of the 20 eval inputs; model.max_length={keep} would keep 95% whole") in lines
+    assert max(exp.eval.lengths) == 12 and max(exp.client(0).examples.lengths) <= 12
+    lines.clear()
+    build_experiment(load_config(None, [f"data.name={tmp_path}", f"model.name={tiny_model_dir}",
+                                        "model.max_length=64", "partition.num_clients=2"]), note=lines.append)
+    assert (f"inputs: none of the 40 training and 20 eval inputs is longer than model.max_length=64 tokens; 95% fit "
+            f"in {keep}") in lines
+
+
+def test_encoding_long_inputs_truncates_as_the_tokenizer_does(tiny_model_dir):
+    """Inputs are tokenised whole (to count their length) and the long ones again with truncation: the features
+    are the tokenizer's own truncated ones, single texts and pairs alike."""
+    from transformers import AutoTokenizer
+
+    from fedtune.training import encode_classification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    firsts = ["short", "a much longer first text that goes on and on and on", "mid length text here"]
+    seconds = ["b", "second part that is long as well, very long indeed", "x"]
+    for texts in ([firsts], [firsts, seconds]):
+        enc = encode_classification(tokenizer, texts, [0, 1, 0], max_length=10)
+        want = tokenizer(*texts, truncation=True, max_length=10)
+        assert enc.features["input_ids"] == want["input_ids"]
+        assert enc.full_lengths.tolist() == [len(ids) for ids in tokenizer(*texts).input_ids]
+        if len(texts) == 2:
+            assert enc.features["token_type_ids"] == want["token_type_ids"]

@@ -88,7 +88,10 @@ def run(
         rounds = cfg.federation.rounds
         print(f"run {result.run_dir} is finished ({rounds} round{'s' * (rounds != 1)}); nothing to resume")
         return
-    metrics = [f"{k} {v:.4f}" for k, v in result.final.items() if not k.endswith("/n")]
+    from fedtune.runlog import GROUP_SEP
+
+    # per-group accuracies (eval/…@<group>) are left to fedtune report, as in the round lines
+    metrics = [f"{k} {v:.4f}" for k, v in result.final.items() if not k.endswith("/n") and GROUP_SEP not in k]
     line = " · ".join([f"run dir {result.run_dir}", *metrics, human_seconds(result.seconds)])
     Console().print(line, markup=False, highlight=False, soft_wrap=True)
 
@@ -100,18 +103,26 @@ def report(
         str | None, typer.Option(help="Metric to compare, e.g. eval/accuracy (default: accuracy, else loss).")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Folder for the plots (default: the run's folder; runs/report for several).")
+        Path | None, typer.Option(help="Folder for the plots (default: the run's folder; for several, runs/report/<a>+<b>).")
     ] = None,
 ) -> None:
     """Compare runs (folders written by 'fedtune run'): a table of final and best values, plots vs rounds and bytes,
     and every client left out of a round (failed, dropped or rejected)."""
-    from fedtune.report import build_report, left_out_lines
+    from fedtune.report import build_report, left_out_lines, run_lines
 
     result = build_report(run_dirs, metric, out)
     console = Console()
     if result.note:
         console.print(f"note: {result.note}", style="yellow", markup=False, highlight=False, soft_wrap=True)
-    console.print(result.table)
+    whole = console.measure(result.table, options=console.options.update_width(10_000)).maximum
+    if whole <= console.width:
+        console.print(result.table)
+    elif console.is_terminal:  # too narrow for the table: a line per run, which wraps between words
+        for line in run_lines(result):
+            console.print(line, markup=False, highlight=False)
+    else:  # a file or a pipe has no width to fit: the table whole
+        console.width = whole
+        console.print(result.table)
     for table in result.clients:
         console.print(table)
     for r in result.rows:
@@ -139,6 +150,10 @@ def predict(
     client: Annotated[
         int | None, typer.Option(help="Runs with a model per client or per cluster: the model this client uses.")
     ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Runs with several models: one by name (e.g. cluster_1, or global for "
+                                      "adapter/); without it or --client such a run names its models.")
+    ] = None,
     max_new_tokens: Annotated[
         int | None,
         typer.Option(min=1, help="sft runs: most tokens to generate (default: the run's eval.max_new_tokens)."),
@@ -158,7 +173,7 @@ def predict(
         inputs += [line for line in file.read_text().splitlines() if line.strip()]
     if not inputs:
         raise FedtuneError("no inputs; give them with --text \"...\" (repeatable) or --file FILE (one per line)")
-    rm = load_run_model(run_dir, client)
+    rm = load_run_model(run_dir, client, model)
     if rm.cfg.model.task == "sft":
         outputs = generate(rm, inputs, max_new_tokens or rm.cfg.eval.max_new_tokens, rm.cfg.eval.batch_size)
         rows = [{"text": t, "generation": g} for t, g in zip(inputs, outputs)]
@@ -168,14 +183,17 @@ def predict(
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
         return
-    table = Table(title=f"{run_dir}" + (f" · client {client}" if client is not None else ""), title_justify="left")
+    which = f" · client {client}" if client is not None else f" · model {model}" if model is not None else ""
+    table = Table()
     columns = ("input", "generation") if rm.cfg.model.task == "sft" else ("input", "label", "probability")
     for column in columns:
         table.add_column(column, overflow="fold", justify="right" if column == "probability" else "left")
     for row in rows:
         table.add_row(row["text"], *([row["generation"]] if "generation" in row else
                                      [row["label"], f"{row['probability']:.4f}"]))
-    Console().print(table)
+    console = Console()
+    console.print(f"{run_dir}{which}", markup=False, highlight=False)  # above the table: a path wraps at its width
+    console.print(table)
 
 
 @app.command()
@@ -245,12 +263,19 @@ def data_show(
     name: Annotated[str, typer.Argument(metavar="NAME_OR_PATH")],
     text_column: Annotated[str | None, typer.Option(help="Input text column of your own file.")] = None,
     label_column: Annotated[str | None, typer.Option(help="Label column of your own file.")] = None,
+    quoting: Annotated[str | None, typer.Option(help="standard or none, as data.quoting.")] = None,
+    encoding: Annotated[str, typer.Option(help="The files' text encoding, as data.encoding.")] = "utf-8",
 ) -> None:
     """Show a registered dataset or a CSV/TSV/JSON/JSONL file or folder: split sizes, columns, labels, a few rows."""
-    from fedtune.config import DataConfig
+    from fedtune.config import DataConfig, explain
     from fedtune.data import describe, describe_table
 
-    info = describe(DataConfig(name=name, text_column=text_column, label_column=label_column))
+    try:
+        cfg = DataConfig(name=name, text_column=text_column, label_column=label_column, quoting=quoting,
+                         encoding=encoding)
+    except ValidationError as e:
+        raise FedtuneError(explain(e, DataConfig, "data")) from None
+    info = describe(cfg)
     Console().print(describe_table(info))
 
 
@@ -443,8 +468,18 @@ def main() -> None:
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         _fail(e.format_message() + hint, e.exit_code)
     if status == 130:  # typer turns KeyboardInterrupt into exit status 130
-        print("interrupted", file=sys.stderr)
+        print(interrupted_line(sys.argv[1:]), file=sys.stderr)
     sys.exit(status)
+
+
+def interrupted_line(args: list[str]) -> str:
+    """What Ctrl-C prints: for ``fedtune run``, the command that continues the run after its last completed round."""
+    import shlex
+
+    if not args or args[0] != "run" or any(a in ("-h", "--help") for a in args):
+        return "interrupted"
+    again = ["fedtune", *(a for a in args if a != "--overwrite")] + ([] if "--resume" in args else ["--resume"])
+    return f"interrupted; continue the run after its last completed round with: {shlex.join(again)}"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ into the run directory so every run can be repeated exactly.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import re
 import tomllib
@@ -56,17 +57,45 @@ class DataConfig(_Strict):
     """``name: multitask`` only: the datasets to mix (e.g. ``[sst2, snli, alpaca_en]``), each turned into
     instructions; rows carry a ``task`` column (partition with ``by: task``). ``max_*_examples`` apply per task."""
     on_malformed: Literal["error", "skip"] = "error"
-    """``error``: a malformed row stops the run, naming file and line. ``skip``: it is dropped and counted in the run log."""
+    """``error``: a malformed row stops the run, naming file and line. ``skip``: it is dropped, and the run says how
+    many and where the first was; more than a tenth of a split's rows malformed (and over 10 rows) is still an
+    error, as a file read with the wrong columns or quoting would be."""
+    quoting: Literal["standard", "none"] | None = None
+    """CSV/TSV files. ``standard``: a field in double quotes is one field, which may hold the delimiter, line
+    breaks and doubled quotes ``""`` (RFC 4180; how Excel and pandas write CSV and TSV); ``none``: quote characters
+    are plain text and a field ends at the next delimiter or line break (GLUE's TSV files). Default: ``standard``
+    for your own files; registered datasets read theirs as they are written."""
+    encoding: str = "utf-8"
+    """Text encoding of the data files: a Python codec name, e.g. ``utf-8``, ``latin-1``, ``cp1252``
+    (a UTF-8 byte-order mark is dropped)."""
     languages: list[str] | None = None
     """Parallel multilingual datasets (``multilingual``, ``sst2_multilingual``): the languages to load, e.g.
     ``[en, es, tr, de]``; default all. Rows carry a ``language`` column (partition with ``by: language``)."""
     labels: list[str] | None = None
-    """Classification: the labels as written in the data, in class order (the head's outputs); default: the
-    sorted labels of the training split. Required with ``partition.method: files``, so that every client's file
-    is read against the same classes (a row with another label is malformed)."""
+    """Classification: the labels as written in the data, in class order (the head's outputs); a row with another
+    label is malformed. Default: the sorted labels of the training split, refused when one is a rare near-copy of
+    another (a typo such as ``positve``) or when most values occur once (not a label column). Required with
+    ``partition.method: files``, so that every client's file is read against the same classes."""
     parallel: Literal["aligned", "disjoint"] = "aligned"
     """Parallel datasets: ``aligned`` keeps every row in every language (row i of one language is the translation
     of row i of another); ``disjoint`` gives each row one language only (seeded), so no item appears twice."""
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value: Any) -> Any:
+        """Labels written as numbers (``[0, 1]`` in YAML) are the text of the file's label column."""
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
+        return value
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"'{value}' is not a text encoding Python knows; use e.g. utf-8, latin-1 or cp1252") from None
+        return value
 
 
 class PartitionConfig(_Strict):
@@ -525,7 +554,7 @@ def explain(err: ValidationError, root: type[BaseModel] | None = None, prefix: s
             hint = f"; did you mean '{close[0]}'?" if close else ""
             lines.append(f"unknown key '{where}'{hint} (valid keys here: {', '.join(valid) or 'none'})")
         else:
-            lines.append(f"'{where}': {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"'{where}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
     return "; ".join(lines)
 
 

@@ -28,14 +28,15 @@ STARTERS: dict[str, tuple[dict[str, Any], dict[str, list[str]]]] = {
          "federation": {"rounds": 12, "fraction": 0.5},
          "eval": {"every": 4, "batch_size": 128}},
         {"": ["name", "output_dir", "seed", "threads"],
-         "data": ["name", "text_column", "label_column", "eval_fraction", "max_train_examples", "max_eval_examples"],
+         "data": ["name", "text_column", "label_column", "labels", "eval_fraction", "max_train_examples",
+                  "max_eval_examples", "quoting", "encoding"],
          "partition": ["method", "num_clients", "by", "alpha", "client_test_fraction"],
          "model": ["name", "task", "max_length"],
          "lora": ["r", "alpha", "target_modules"],
          "train": ["local_steps", "batch_size", "lr", "optimizer", "lr_schedule"],
          "federation": ["rounds", "fraction"],
          "algorithm": ["name", "options"],
-         "eval": ["every", "batch_size"]},
+         "eval": ["every", "batch_size", "per_client"]},
     ),
     "sft": (
         {"name": "my_sft",
@@ -159,10 +160,26 @@ def commented_yaml(cfg: RunConfig, keys: dict[str, list[str]] | None = None, opt
     return "\n".join(lines) + "\n"
 
 
+def _sampling(cfg: RunConfig) -> str:
+    """What a starter's header says of whom it trains and scores: the clients sampled per round, and what
+    per-client accuracy needs when it is off."""
+    fed, parts = cfg.federation, []
+    if fed.fraction is not None:
+        parts.append(f"Each round trains a sampled {fed.fraction:.0%} of the clients (federation.fraction; "
+                     "remove it to train all).")
+    elif fed.clients_per_round is not None:
+        parts.append(f"Each round trains {fed.clients_per_round} sampled clients (federation.clients_per_round).")
+    if not (cfg.eval.per_client and cfg.partition.client_test_fraction > 0):
+        parts.append("Accuracy per client needs partition.client_test_fraction > 0 (each client's own test rows) "
+                     "and eval.per_client: true.")
+    return " ".join(parts)
+
+
 def starter(task: str) -> str:
     """The commented starting config of ``fedtune config init --task TASK``: it runs as it is."""
     settings, keys = STARTERS[task]
     cfg = RunConfig.model_validate(settings)
     header = (f"A starting {task} config: run it with `fedtune run FILE`, change any field, and see every field, "
-              "resolved, with `fedtune config show FILE`. Fields left out keep their defaults.")
+              "resolved, with `fedtune config show FILE`. Fields left out keep their defaults. "
+              + _sampling(cfg))
     return commented_yaml(cfg, keys, header=header)

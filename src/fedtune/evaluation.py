@@ -68,9 +68,22 @@ def classification_metrics(logits: ArrayLike, labels: ArrayLike) -> dict[str, fl
     }
 
 
-@torch.no_grad()
+def group_accuracy(logits: ArrayLike, labels: ArrayLike, groups: np.ndarray) -> dict[str, float]:
+    """``accuracy@<g>`` = (1/N_g) Σ_{i: gᵢ = g} [ŷᵢ = yᵢ] for each group g of ``groups`` (one per example)."""
+    correct = (_as_tensor(logits).argmax(dim=1) == _as_tensor(labels).long().reshape(-1)).numpy()
+    groups = np.asarray(groups)
+    return {f"accuracy@{g}": float(correct[groups == g].mean()) for g in sorted(set(groups.tolist()))}
+
+
 def evaluate_classifier(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
-    """Run a sequence-classification model over ``batches`` and score it with :func:`classification_metrics`.
+    """Run a sequence-classification model over ``batches`` and score it with :func:`classification_metrics`."""
+    return classification_metrics(*classifier_outputs(model, batches))
+
+
+@torch.no_grad()
+def classifier_outputs(model: torch.nn.Module,
+                       batches: Iterable[Mapping[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits N × C, labels N) of a sequence-classification model over ``batches``, in batch order.
 
     Each batch holds ``input_ids``, ``attention_mask``, optionally ``token_type_ids``,
     and ``labels``; tensors are moved to the model's device. The model runs in eval
@@ -89,7 +102,7 @@ def evaluate_classifier(model: torch.nn.Module, batches: Iterable[Mapping[str, t
         model.train(was_training)
     if not all_logits:
         raise FedtuneError(_EMPTY)
-    return classification_metrics(torch.cat(all_logits), torch.cat(all_labels))
+    return torch.cat(all_logits), torch.cat(all_labels)
 
 
 # --------------------------------------------------------------------------- decoder LMs

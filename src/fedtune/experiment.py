@@ -19,12 +19,14 @@ from fedtune.aggregation import Tensors
 from fedtune.algorithms import Algorithm, LoraSetup, build_algorithm
 from fedtune.config import DataConfig, RunConfig
 from fedtune.data import TaskData, load_task_data, partition_clients, partition_summary, split_client_test
-from fedtune.data.partition import counts_summary, server_split
+from fedtune.data.partition import add_client_splits, counts_summary, server_split
 from fedtune.data.instructions import COLUMNS, load_instruction_data
 from fedtune.data.templates import Template
 from fedtune.device import autocast, resolve_device
 from fedtune.errors import FedtuneError
-from fedtune.evaluation import evaluate_classifier, evaluate_instructions
+from fedtune.evaluation import (
+    classification_metrics, classifier_outputs, evaluate_classifier, evaluate_instructions, group_accuracy,
+)
 from fedtune.models.base import load_causal_lm, load_classifier, quiet_loading
 from fedtune.models.adapters import adapter_for
 from fedtune.models.lora import HEAD_NAMES, adapted_base_weights, load_state, trainable_state
@@ -38,7 +40,9 @@ from fedtune.training import (
     encode_classification,
     encode_instructions,
     eval_batches,
+    eval_order,
     model_forward,
+    truncation_note,
 )
 
 
@@ -143,7 +147,11 @@ class Experiment:
             if self.cfg.model.task == "sft":
                 return evaluate_instructions(self.model, self.tokenizer, data, indices, self.eval_metrics(data),
                                              ev.batch_size, ev.max_new_tokens)
-            return evaluate_classifier(self.model, eval_batches(data, indices, ev.batch_size))
+            if data.groups is None:
+                return evaluate_classifier(self.model, eval_batches(data, indices, ev.batch_size))
+            logits, labels = classifier_outputs(self.model, eval_batches(data, indices, ev.batch_size))
+        groups = data.groups[eval_order(data, indices)]
+        return {**classification_metrics(logits, labels), **group_accuracy(logits, labels, groups)}
 
     @property
     def forward(self) -> Forward:
@@ -198,6 +206,20 @@ def client_groups(column, shards: list[np.ndarray]) -> list[str]:
         names, counts = np.unique(values[shard], return_counts=True)
         groups.append(str(names[int(np.argmax(counts))]))
     return groups
+
+
+MAX_EVAL_GROUPS = 20
+"""Classification runs report accuracy per group on the eval split (``eval/…/accuracy@<group>``) for up to this
+many groups."""
+
+
+def eval_groups(split, column: str | None) -> np.ndarray | None:
+    """Each eval row's group, the value of the clients' group column (``partition.by``), where the split has that
+    column with 2 … :data:`MAX_EVAL_GROUPS` values; else None."""
+    if column is None or column not in split.column_names:
+        return None
+    groups = np.asarray([str(v) for v in split[column][:]])
+    return groups if 2 <= len(set(groups.tolist())) <= MAX_EVAL_GROUPS else None
 
 
 def evaluated_round(cfg: RunConfig, rnd: int) -> bool:
@@ -260,8 +282,9 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
     ``data-path`` node config), else ``partition.files[cid]``; a process holding no client (a ServerApp)
     opens no client file, and one holding a client does not load the server's data. Every other partition
     splits ``data.name``, which every process then reads. ``note(line)`` receives lines for people: what the
-    data loading chose (columns found by name, an eval split held out), a line before the model loads (which
-    can take minutes) and one describing it once adapted.
+    data loading chose (columns found by name, an eval split held out, malformed rows skipped), a line before
+    the model loads (which can take minutes), one describing it once adapted, and the share of the training
+    and eval inputs that ``model.max_length`` cuts.
     """
     note = note or (lambda line: None)
     device = resolve_device(cfg.train.device)  # a GPU this machine lacks: one line before anything loads
@@ -348,13 +371,23 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
         if id(t) not in encoded:
             encoded[id(t)] = encode(t, t.train)
         clients[cid] = ClientData(encoded[id(t)], train_rows, test_rows, aux_rows)
+    evaluation = encode(task, task.eval) if task is not None and task.eval is not None else None
+    if evaluation is not None and not sft:
+        evaluation.groups = eval_groups(task.eval, data.summary.get("group_column"))
+    lengths = {"training": np.concatenate([c.examples.full_lengths[c.train] for c in clients.values()]
+                                          or [np.zeros(0, dtype=np.int64)])}
+    if evaluation is not None:
+        lengths["eval"] = evaluation.full_lengths
+    line = truncation_note(cfg.model.max_length, lengths)
+    if line:
+        note(line)
     exp = Experiment(
         cfg=cfg,
         task=task,
         algorithm=algorithm,
         model=model,
         tokenizer=tokenizer,
-        eval=encode(task, task.eval) if task is not None and task.eval is not None else None,
+        eval=evaluation,
         clients=clients,
         num_clients=data.num_clients,
         client_sizes=data.sizes,
@@ -442,6 +475,7 @@ def _split_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_path: s
         shards.append(tr)
         auxes.append(aux)
         tests.append(te)
+    add_client_splits(summary, *([len(rows) for rows in split] for split in (shards, tests, auxes)))
     if cfg.partition.method in GROUP_PARTITIONS:
         algorithm.client_groups = client_groups(task.train[cfg.partition.by], shards)
     if any(len(s) == 0 for s in shards):
@@ -499,6 +533,8 @@ def _node_local_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_pa
         except FedtuneError as e:  # its text may quote rows: a deployed node sends the server only this kind
             raise FedtuneError(str(e), public=e.public or "its data file does not pass the run's checks (its "
                                "columns, labels or rows: see that node's own log)") from None
+        for line in t.notes:  # malformed rows skipped
+            note(f"client {cid}: {line}")
         tr, aux, te = _client_rows(np.arange(len(t.train)), cfg, cid)
         if not len(tr):
             raise FedtuneError(f"client {cid}'s file {path} leaves no training rows; add rows or lower "
@@ -521,5 +557,7 @@ def files_summary(sizes: list[tuple[int, int]], label_counts: list[list[int] | N
                   cfg: RunConfig) -> dict[str, Any]:
     """The partition summary of node-local data, from each client's (train, test) sizes and label counts."""
     counts = None if any(c is None for c in label_counts) else label_counts
-    return counts_summary([tr + te for tr, te in sizes], counts, cfg.data.label_column or "label", label_names,
-                          method="files")
+    summary = counts_summary([tr + te for tr, te in sizes], counts, cfg.data.label_column or "label", label_names,
+                             method="files")
+    add_client_splits(summary, [tr for tr, _ in sizes], [te for _, te in sizes])
+    return summary

@@ -1,10 +1,13 @@
 """The model card (``README.md``) of each adapter folder a run saves, written from the run directory.
 
 Everything in it comes from the run's ``config.yaml``, ``summary.json``,
-``partition.json`` and the folder's ``adapter_config.json``: how the adapter was
-trained (method, data, partition, clients, rounds, local training, LoRA), its
-final metrics and the bytes it cost, and the lines of plain transformers + peft
-that load it.
+``metrics.jsonl``, ``partition.json`` and the folder's ``adapter_config.json``: how
+the adapter was trained (method, data, partition, clients, rounds, local
+training, LoRA), the final metrics of the model in that folder and the bytes it
+cost, and the lines of plain transformers + peft that load it. In a run of
+several models each card gives its own model's metrics: a cluster's model its
+``eval/<name>/`` metrics and the mean over the clients that use it, a client's
+own model that client's, and the global ``adapter/`` its last evaluation.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from fedtune.files import atomic_write_text
 from fedtune.models.base import PACKAGED
 from fedtune.models.lora import MERGED_FILE
 from fedtune.report import human_bytes, human_seconds
-from fedtune.runlog import CONFIG, SUMMARY, model_assignment
+from fedtune.runlog import CONFIG, GROUP_SEP, SUMMARY, load_run, model_assignment
 from fedtune.models.adapters import CLASSIFIER_CONFIG, MOLE_CONFIG
 from fedtune.saved_model import ADAPTER_CONFIG, PARTITION, adapter_folders, is_full_model, personal_clients
 
@@ -34,6 +37,7 @@ def write_model_cards(run_dir: Path) -> list[Path]:
     partition = json.loads((run_dir / PARTITION).read_text()) if (run_dir / PARTITION).is_file() else {}
     folders = adapter_folders(run_dir)
     personal, assignment = personal_clients(folders), model_assignment(run_dir)
+    rows = load_run(run_dir).rows
     written = []
     for name, folder in folders.items():
         adapter = ({} if is_full_model(folder) else
@@ -41,21 +45,25 @@ def write_model_cards(run_dir: Path) -> list[Path]:
                    json.loads((folder / ADAPTER_CONFIG).read_text()))
         if personal:
             client = int(name[len("client_"):])
-            who, personalized = f"client {client}'s own model", True
+            who, personalized, users = f"client {client}'s own model", True, [client]
         else:
             users = sorted(c for c, m in assignment.items() if m == name)
             client, personalized = (users[0] if users and name else None), False
             who = f"model `{name}`, used by clients {users}" if name else ("the global model" if assignment else "")
-        atomic_write_text(folder / CARD, model_card(cfg, summary, partition, adapter, folder, who, client, personalized))
+        results = folder_results(rows, summary, name, users) if personal or assignment else None
+        atomic_write_text(folder / CARD, model_card(cfg, summary, partition, adapter, folder, who, client,
+                                                    personalized, results))
         written.append(folder / CARD)
     return written
 
 
 def model_card(cfg: RunConfig, summary: dict[str, Any], partition: dict[str, Any], adapter: dict[str, Any],
-               folder: Path, who: str = "", client: int | None = None, personalized: bool = False) -> str:
+               folder: Path, who: str = "", client: int | None = None, personalized: bool = False,
+               results: list[str] | None = None) -> str:
     """The card of the adapter in ``folder`` as Markdown (``adapter``: its ``adapter_config.json``; empty for a
-    complete model, ``model.finetune: full``; ``{"mole": <mole_config.json>}`` for mixtures of experts). ``who``: which of the run's models it is (e.g. client 3's own);
-    ``client``: a client that uses it (``fedtune predict --client``)."""
+    complete model, ``model.finetune: full``; ``{"mole": <mole_config.json>}`` for mixtures of experts). ``who``:
+    which of the run's models it is (e.g. client 3's own); ``client``: a client that uses it (``fedtune predict
+    --client``); ``results``: the lines of its results section (default: the run's final metrics)."""
     from fedtune.algorithms import ALGORITHMS
     from fedtune.models.base import public_model_name
 
@@ -78,7 +86,7 @@ def model_card(cfg: RunConfig, summary: dict[str, Any], partition: dict[str, Any
     lines += ["## Training", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in _training_rows(cfg, summary, partition, adapter, base)]
     lines += ["", "## Results after the last round", ""]
-    lines += _results(summary, personalized)
+    lines += results if results is not None else _results(summary, personalized)
     lines += ["", "## Using it", ""]
     lines += _mole_usage(folder, client) if mole else _usage(cfg, partition, folder, base, client, full)
     if (folder / MERGED_FILE).is_file():
@@ -109,7 +117,9 @@ def _training_rows(cfg: RunConfig, summary: dict, partition: dict, adapter: dict
     steps = f"{train.local_steps} steps" if train.local_steps else f"{train.local_epochs:g} epochs"
     data = f"`{cfg.data.name}`"
     if partition.get("num_examples"):
-        data += f", {partition['num_examples']:,} training examples"
+        trained, tested = sum(partition.get("train_sizes") or [0]), sum(partition.get("test_sizes") or [0])
+        data += (f", {trained:,} training examples and {tested:,} client test rows" if tested else
+                 f", {partition['num_examples']:,} training examples")
         if partition.get("server_examples"):
             data += f" (and {partition['server_examples']:,} held by the server only)"
     return [
@@ -164,6 +174,46 @@ def _results(summary: dict, personalized: bool) -> list[str]:
         notes.append("`client_eval/` the example-weighted mean over the clients' own test shards"
                      + (", each client scored with its own model" if personalized else ""))
     return out + ["", "; ".join(notes) + "."]
+
+
+def folder_results(rows: list[dict[str, Any]], summary: dict, name: str, users: list[int]) -> list[str]:
+    """The results section of one of several models: ``name``'s own ``eval/<name>/`` metrics (the global model,
+    ``""``: its ``eval/`` metrics of the last round that scored it) and the example-weighted mean of the own
+    test-shard metrics of the clients in ``users``, who are scored with it."""
+    final = summary.get("final") or {}
+    if name:
+        own = {f"eval/{k[len(f'eval/{name}/'):]}": v for k, v in final.items() if k.startswith(f"eval/{name}/")}
+        when = ""
+    else:
+        row = next((r for r in reversed(rows) if any(_global_eval(k) for k in r)), {})
+        own = {k: v for k, v in row.items() if _global_eval(k)}
+        last = rows[-1]["round"] if rows else 0
+        when = (f"The run's clients use its other models (`adapters/`); this global model was last evaluated in "
+                f"round {row['round']}" + (" (the untrained model)" if row.get("round") == 0 else "") + "."
+                if own and row.get("round") != last else "")
+    clients = next((r["client_metrics"] for r in reversed(rows) if r.get("client_metrics")), {})
+    mine = {c: clients[str(c)] for c in users if str(c) in clients and clients[str(c)].get("n")}
+    if mine:
+        n = sum(m["n"] for m in mine.values())
+        keys = [k for k in next(iter(mine.values())) if k != "n" and all(k in m for m in mine.values())]
+        own.update({f"client_eval/{k}": sum(m[k] * m["n"] for m in mine.values()) / n for k in keys})
+    if not own:
+        return ["This model has no metrics of its own: the run evaluated it on no held-out split "
+                "(data.eval_fraction, data.eval_split) and none of its clients on a test shard of its own "
+                "(eval.per_client, partition.client_test_fraction)."]
+    out = ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in own.items()]
+    notes = []
+    if any(k.startswith("eval/") for k in own):
+        notes.append("`eval/` is this model on the held-out split")
+    if mine:
+        notes.append(f"`client_eval/` the example-weighted mean over the test shards of the clients that use it "
+                     f"({', '.join(map(str, sorted(mine)))})")
+    return out + ["", "; ".join(notes) + "." + (f" {when}" if when else "")]
+
+
+def _global_eval(key: str) -> bool:
+    """``eval/<metric>``: the global model's, not one of several models' (``eval/<model>/<metric>``)."""
+    return key.startswith("eval/") and key.count("/") == 1 and GROUP_SEP not in key
 
 
 def _mole_row(mole: dict) -> str:

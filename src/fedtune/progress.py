@@ -6,7 +6,9 @@ examples". The run's time left is (rounds to go) × (wall time per round so far
 in this process): rich's own estimate forgets progress older than 30 s, so it
 would have none for rounds that take longer. Where the console is not a
 terminal (a file, CI logs, a dumb terminal) the bars are off, and each evaluation and each round
-print one plain line (:func:`round_line`). A quiet console prints nothing.
+print one plain line (:func:`round_line`). After a round, the algorithm's own lines on what it
+decided (:meth:`~fedtune.algorithms.Algorithm.decisions`, e.g. clustered FL's clusters) follow. A quiet
+console prints nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from rich.progress import (
 from rich.text import Text
 
 from fedtune.experiment import Experiment
+from fedtune.runlog import AGG, GROUP_SEP
 from fedtune.runlog import METRIC_PREFIXES as _SHOWN
 from fedtune.training import local_steps
 from fedtune.units import human_seconds
@@ -36,7 +39,7 @@ from fedtune.units import human_seconds
 
 
 def round_line(row: dict[str, Any], rounds: int, left_s: float | None = None) -> str:
-    """One round in plain text: round k/N, train loss, the eval metrics (spreads ``*_std`` aside),
+    """One round in plain text: round k/N, train loss, the eval metrics (spreads ``*_std`` and per-group ones aside),
     clients that sent nothing usable, the round's seconds, and the run's time left when known, e.g.
     ``round 2/10  train_loss 0.6925  eval/accuracy 0.8125  14.2 s  1m 54s left``."""
     parts = [f"round {row['round']}/{rounds}"]
@@ -44,7 +47,7 @@ def round_line(row: dict[str, Any], rounds: int, left_s: float | None = None) ->
     if loss is not None:
         parts.append(f"train_loss {loss:.4f}")
     parts += [f"{k} {v:.4f}" for k, v in row.items()
-              if k.startswith(_SHOWN) and not k.endswith("_std") and isinstance(v, (int, float))]
+              if k.startswith(_SHOWN) and not k.endswith("_std") and GROUP_SEP not in k and isinstance(v, (int, float))]
     for key in ("missing", "rejected"):
         if row.get(key):
             parts.append(f"{key} clients {row[key]}")
@@ -134,3 +137,5 @@ class RunProgress:
             self.progress.update(self.rounds, advance=1, finish_at=None if left is None else time.monotonic() + left)
         if rnd or any(k.startswith(_SHOWN) for k in row):
             self._print(round_line(row, self.rounds_total, left))
+        for line in self.exp.algorithm.decisions(rnd, {k[len(AGG):]: v for k, v in row.items() if k.startswith(AGG)}):
+            self._print(line)

@@ -11,10 +11,19 @@ writes, into ``out_dir``:
 
 where ``<metric>`` is the metric name with ``/`` replaced by ``_``, e.g.
 ``eval_accuracy_vs_round.png``. ``out_dir`` defaults to the run's own directory
-for one run, and to ``report/`` beside the first run (``runs/report/``) for several.
+for one run, and for several to a folder named after them in ``report/`` beside
+the first run (``runs/report/a+b/``; see :func:`default_out_dir`), so reports of
+different runs do not overwrite each other's plots.
 "Best" is the minimum for losses, perplexities and spreads (``*_std``), the maximum otherwise.
-Runs that share no eval metric (a run without evaluation) are compared on
-``train_loss``, and the report says so. A run whose ``partition.json`` records
+The default metric is one every run records in its last evaluated round: a run
+of several models (clustered FL) no longer scores ``eval/accuracy`` after it
+splits, so it is compared on its clients' own ``client_eval/`` metric, each
+client scored with its model. Runs that share no eval metric (a run without
+evaluation) are compared on ``train_loss``, and the report says so. A clustered
+run's table row gives the clusters of its last clustering round with their ARI
+and NMI against the clients' groups; where the eval split has the group column,
+a table gives each model's accuracy per group on it (``eval/…/accuracy@<group>``).
+A run whose ``partition.json`` records
 client groups (``partition.by`` other than the label) also gets a table of the
 value(s) of that column each client holds, the model it ended with (runs of
 several models) and its own final value of a ``client_eval/`` metric; and,
@@ -24,6 +33,7 @@ per group, the mean of that value over the group's clients (``per_group`` in
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +43,13 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from rich import box
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from fedtune.errors import FedtuneError
 from fedtune.runlog import METRIC_PREFIXES as _METRIC_PREFIXES
-from fedtune.runlog import Run, load_models, load_run, model_assignment
+from fedtune.runlog import AGG, GROUP_SEP, Run, load_models, load_run, model_assignment
 from fedtune.units import human_bytes, human_seconds
 
 _PREFERRED = ("eval/accuracy", "eval/loss", "client_eval/accuracy", "client_eval/loss")
@@ -56,8 +68,9 @@ class Report:
     out_dir: Path
     note: str | None = None
     """Why the metric is not the one asked for by default (no shared eval metric)."""
-    clients: list[Table] = field(default_factory=list)
-    """Per run whose partition records client groups: the value(s) of ``partition.by`` each client holds."""
+    clients: list[Group] = field(default_factory=list)
+    """Per run whose partition records client groups: the value(s) of ``partition.by`` each client holds, and
+    where the eval split has that column each model's accuracy per group on it (each a titled table)."""
 
 
 def available_metrics(run: Run) -> list[str]:
@@ -66,16 +79,32 @@ def available_metrics(run: Run) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
+def _last_evaluated(run: Run) -> dict[str, Any]:
+    """The run's last row with eval metrics ({} when none has any)."""
+    return next((row for row in reversed(run.rows) if any(k.startswith(_METRIC_PREFIXES) for k in row)), {})
+
+
+def final_metrics(run: Run) -> list[str]:
+    """The metrics of the run's last evaluated round, the ones it ends with (per-group ones aside)."""
+    return [k for k in _last_evaluated(run) if k.startswith(_METRIC_PREFIXES) and not k.endswith("/n")
+            and GROUP_SEP not in k]
+
+
 def _default_metric(runs: list[Run]) -> tuple[str, str | None]:
     """The first of ``eval/accuracy``, ``eval/loss``, ``client_eval/accuracy``, ``client_eval/loss`` that every
-    run has (a run of several models, e.g. clustered, has ``eval/<model>/…`` instead, and its clients' means), else
-    the first metric all runs share, else ``train_loss`` (with a note naming the runs without eval metrics)."""
-    shared = [m for m in available_metrics(runs[0]) if all(m in available_metrics(r) for r in runs[1:])]
+    run ends with (a run of several models, e.g. clustered, ends with ``eval/<model>/…`` and its clients' means,
+    so its clients' own metric), else the first final metric all runs share (with a note for a run of several
+    models), else ``train_loss`` (with a note naming the runs without eval metrics)."""
+    shared = [m for m in final_metrics(runs[0]) if all(m in final_metrics(r) for r in runs[1:])]
     for m in _PREFERRED:
         if m in shared:
             return m, None
     if shared:
-        return shared[0], None
+        several = [r.name for r in runs if load_models(r.path)]
+        note = (f"run {', '.join(several)} ends with several models and no per-client evaluation: showing "
+                f"{shared[0]}; set eval.per_client and partition.client_test_fraction to compare the clients' own "
+                "metric, or name one with --metric") if several else None
+        return shared[0], note
     if all(_evaluated(r, _TRAIN_LOSS) for r in runs):
         bare = [r.name for r in runs if not available_metrics(r)]
         which = f"no eval metrics in run {', '.join(bare)}" if bare else "no eval metric shared by these runs"
@@ -100,6 +129,7 @@ def _summarise(run: Run, metric: str) -> dict[str, Any]:
     pick = min if metric.endswith(_LOWER_IS_BETTER) else max
     best_round, best = pick(points, key=lambda p: p[1])
     last = run.rows[-1]
+    evaluated = _last_evaluated(run).get("round", points[-1][0])
     return {
         "name": run.name,
         "path": str(run.path),
@@ -114,7 +144,34 @@ def _summarise(run: Run, metric: str) -> dict[str, Any]:
         "clients_left_out": left_out(run),
         "models": load_models(run.path),
         "per_group": group_metrics(run, metric),
+        "final_round": points[-1][0],
+        "last_evaluated_round": evaluated,
+        "clustering": clustering_result(run),
+        "eval_groups": eval_group_accuracy(run),
     }
+
+
+def clustering_result(run: Run) -> dict[str, Any] | None:
+    """The last clustering round's decision: ``round``, ``clusters`` and, where the clients' groups are known,
+    ``ari`` and ``nmi``; None for a run that never clustered."""
+    row = next((row for row in reversed(run.rows) if f"{AGG}clusters" in row), None)
+    if row is None:
+        return None
+    return {"round": row["round"], "clusters": row[f"{AGG}clusters"],
+            **{k: row[f"{AGG}{k}"] for k in ("ari", "nmi") if f"{AGG}{k}" in row}}
+
+
+def eval_group_accuracy(run: Run) -> dict[str, dict[str, float]]:
+    """Per model (``""``: the global one) the accuracy on the eval split's rows of each group, in the last round
+    that recorded it (``eval/[<model>/]accuracy@<group>``); {} when none did."""
+    row = next((row for row in reversed(run.rows) if any(GROUP_SEP in k for k in row)), {})
+    out: dict[str, dict[str, float]] = {}
+    for key, value in row.items():
+        if key.startswith("eval/") and GROUP_SEP in key:
+            path, group = key[len("eval/"):].rsplit(GROUP_SEP, 1)
+            model = path.rpartition("/")[0]
+            out.setdefault(model, {})[group] = value
+    return out
 
 
 def _partition(run: Run) -> dict[str, Any]:
@@ -161,20 +218,32 @@ def left_out_lines(rows: list[dict[str, Any]]) -> list[str]:
             for r in rows for p in r["clients_left_out"]]
 
 
+def _clusters_cell(result: dict[str, Any] | None) -> str:
+    if result is None:
+        return "-"
+    agreement = f" ({result['ari']:.2f}, {result['nmi']:.2f})" if "ari" in result else ""
+    return f"{result['clusters']}{agreement}"
+
+
 def _table(rows: list[dict[str, Any]], metric: str) -> Table:
     title = f"{metric} — {len(rows)} run{'s' * (len(rows) != 1)}"
     table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
     table.add_column("run", style="bold", overflow="fold")
     table.add_column("algorithm", no_wrap=True)
-    for col in ("rounds", "final", "best\n(round)", "bytes\nup", "bytes\ndown", "wall\ntime", "clients\nleft out"):
+    clustered = any(r["clustering"] for r in rows)
+    columns = ["rounds", "final", "best\n(round)", *(["clusters\n(ARI, NMI)"] if clustered else []), "bytes\nup",
+               "bytes\ndown", "wall\ntime", "clients\nleft out"]
+    for col in columns:
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
+        final = f"{r['final']:.4f}" + (f" (r{r['final_round']})" if r["final_round"] != r["last_evaluated_round"] else "")
         table.add_row(
             r["name"],
             r["algorithm"],
             str(r["rounds"]),
-            f"{r['final']:.4f}",
+            final,
             f"{r['best']:.4f} ({r['best_round']})",
+            *([_clusters_cell(r["clustering"])] if clustered else []),
             human_bytes(r["bytes_up"]),
             human_bytes(r["bytes_down"]),
             human_seconds(r["wall_time_s"]),
@@ -229,25 +298,30 @@ def _plot_vs_bytes(runs: list[Run], metric: str, path: Path) -> Path:
 
 def clustering_plots(run: Run, out_dir: Path, prefix: str = "") -> list[Path]:
     """For each round that clustered the clients (rows with ``agg/similarity``): the cosine-similarity heat map
-    and the Ward dendrogram (:mod:`fedtune.clustering`), as ``<prefix>clustering_round<r>_{similarity,dendrogram}.png``."""
+    and the Ward dendrogram (:mod:`fedtune.clustering`), as ``<prefix>clustering_round<r>_{similarity,dendrogram}.png``;
+    each client is labelled with its group (``partition.json``'s ``client_groups``) and the cluster it joined."""
     from scipy.cluster.hierarchy import dendrogram
 
     from fedtune.clustering import ward_linkage
 
     paths = []
+    partition = _partition(run)
+    groups = partition.get("client_groups")
+    column = partition.get("group_column") if isinstance(groups, list) else None
+    axis = f"client {column} (cluster)" if column else "client (cluster)"
     for row in run.rows:
         if "agg/similarity" not in row:
             continue
         sim = np.asarray(row["agg/similarity"], dtype=float)
         clients = [str(c) for c in row.get("agg/similarity_clients", range(len(sim)))]
         cluster_of = row.get("agg/cluster_of", {})
-        labels = [f"{c} ({cluster_of[c].removeprefix('cluster_')})" if c in cluster_of else c for c in clients]
+        labels = [_client_label(c, groups if column else None, cluster_of) for c in clients]
         rnd = row["round"]
         fig = Figure(figsize=(5.6, 4.8), layout="constrained")
         ax = fig.add_subplot()
         im = ax.imshow(sim, vmin=-1, vmax=1, cmap="RdBu_r")
-        ax.set(title=f"{run.name}: cosine similarity of updates, round {rnd}", xlabel="client (cluster)",
-               ylabel="client (cluster)", xticks=range(len(sim)), yticks=range(len(sim)))
+        ax.set(title=f"{run.name}\ncosine similarity of updates, round {rnd}", xlabel=axis,
+               ylabel=axis, xticks=range(len(sim)), yticks=range(len(sim)))
         ax.set_xticklabels(labels, rotation=90, fontsize="small")
         ax.set_yticklabels(labels, fontsize="small")
         fig.colorbar(im, ax=ax)
@@ -256,11 +330,31 @@ def clustering_plots(run: Run, out_dir: Path, prefix: str = "") -> list[Path]:
         fig = Figure(figsize=(6.4, 4.2), layout="constrained")
         ax = fig.add_subplot()
         if len(sim) >= 2:
-            dendrogram(ward_linkage(sim), labels=labels, ax=ax, leaf_rotation=90)
-        ax.set(title=f"{run.name}: Ward dendrogram, round {rnd}", ylabel="Ward distance on √(2 − 2 cos)")
+            dendrogram(ward_linkage(sim), labels=labels, ax=ax, leaf_rotation=90, leaf_font_size=8)
+        ax.set(title=f"{run.name}\nWard dendrogram, round {rnd}", ylabel="Ward distance on √(2 − 2 cos)")
         paths.append(out_dir / f"{prefix}clustering_round{rnd}_dendrogram.png")
-        fig.savefig(paths[-1], dpi=120)
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")  # scipy sets the leaf labels after the layout
     return paths
+
+
+def default_out_dir(runs: list[Run]) -> Path:
+    """One run's own folder; for several, ``report/<a>+<b>+…`` beside the first (past 80 characters:
+    ``report/<a>+<n>-more-<hash of every name>``)."""
+    if len(runs) == 1:
+        return runs[0].path
+    names = [r.name for r in runs]
+    folder = "+".join(names)
+    if len(folder) > 80:
+        digest = hashlib.sha1("\0".join(str(r.path) for r in runs).encode()).hexdigest()[:8]
+        folder = f"{names[0][:40]}+{len(names) - 1}-more-{digest}"
+    return runs[0].path.parent / "report" / folder
+
+
+def _client_label(client: str, groups: list | None, cluster_of: dict[str, str]) -> str:
+    """``3 en (1)``: client 3, holding group ``en``, in cluster 1 (the group where the partition records one)."""
+    held = f" {'+'.join(map(str, groups[int(client)]))}" if groups and int(client) < len(groups) else ""
+    cluster = f" ({cluster_of[client].removeprefix('cluster_')})" if client in cluster_of else ""
+    return f"{client}{held}{cluster}"
 
 
 def build_report(run_dirs: list[Path], metric: str | None = None, out_dir: Path | None = None) -> Report:
@@ -272,8 +366,15 @@ def build_report(run_dirs: list[Path], metric: str | None = None, out_dir: Path 
     if metric is None:
         metric, note = _default_metric(runs)
     rows = [_summarise(run, metric) for run in runs]
+    stale = [r for r in rows if r["final_round"] != r["last_evaluated_round"]]
+    if stale:
+        notes = [note] if note else []
+        notes += [f"run {r['name']} records {metric} only up to round {r['final_round']} (it is evaluated up to round "
+                  f"{r['last_evaluated_round']} on other metrics): its final value is round {r['final_round']}'s"
+                  for r in stale]
+        note = "; ".join(notes)
     if out_dir is None:
-        out_dir = runs[0].path if len(runs) == 1 else runs[0].path.parent / "report"
+        out_dir = default_out_dir(runs)
     out_dir = Path(out_dir)
     stem = metric.replace("/", "_")
     try:
@@ -289,11 +390,12 @@ def build_report(run_dirs: list[Path], metric: str | None = None, out_dir: Path 
         reason = e.strerror or str(e)
         raise FedtuneError(f"cannot write report to {out_dir}: {reason}; choose another folder with --out") from None
     clients = [t for run, row in zip(runs, rows) for t in _clients_table(run, metric, row["per_group"])]
+    clients += [t for run, row in zip(runs, rows) if row["eval_groups"] for t in [_eval_groups_table(run, row)]]
     return Report(metric=metric, table=_table(rows, metric), rows=rows, plots=plots, out_dir=out_dir,
                   note=note, clients=clients)
 
 
-def _clients_table(run: Run, metric: str, per_group: dict[str, dict[str, float]]) -> list[Table]:
+def _clients_table(run: Run, metric: str, per_group: dict[str, dict[str, float]]) -> list[Group]:
     """The value(s) of the partition column each client of ``run`` holds (``partition.json``), if recorded, with
     its model and final ``metric``; then ``per_group`` (:func:`group_metrics`)."""
     partition = _partition(run)
@@ -302,28 +404,67 @@ def _clients_table(run: Run, metric: str, per_group: dict[str, dict[str, float]]
         return []
     column = str(partition.get("group_column", "value"))
     sizes = partition.get("sizes") or [None] * len(groups)
+    tested = any(partition.get("test_sizes") or [])  # the shard less its test rows is what the client trains on
+    counts = ([partition["train_sizes"], partition["test_sizes"]] if tested else [sizes])
     model_of = model_assignment(run.path)
     finals = client_finals(run, metric)
-    table = Table(title=f"{run.name}: clients by {column}", box=box.SIMPLE_HEAD, show_edge=False,
-                  title_justify="left")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
     table.add_column("client", justify="right")
     table.add_column(column, overflow="fold")
-    table.add_column("examples", justify="right")
+    for name in (["train", "test"] if tested else ["examples"]):
+        table.add_column(name, justify="right")
     if model_of:
         table.add_column("model")
     if finals:
         table.add_column(metric, justify="right")
-    for cid, (held, size) in enumerate(zip(groups, sizes)):
-        cells = [str(cid), ", ".join(map(str, held)), "-" if size is None else f"{size:,}"]
+    for cid, held in enumerate(groups):
+        cells = [str(cid), ", ".join(map(str, held)),
+                 *("-" if cid >= len(n) or n[cid] is None else f"{n[cid]:,}" for n in counts)]
         cells += [model_of.get(cid, "-")] if model_of else []
         cells += [f"{finals[cid]:.4f}" if cid in finals else "-"] if finals else []
         table.add_row(*cells)
     if not per_group:
-        return [table]
-    by_group = Table(title=f"{run.name}: {metric} by {column} (mean over its clients)", box=box.SIMPLE_HEAD,
-                     show_edge=False, title_justify="left")
+        return [titled(f"{run.name}: clients by {column}", table)]
+    by_group = Table(box=box.SIMPLE_HEAD, show_edge=False)
     for col, justify in ((column, "left"), ("clients", "right"), (metric, "right")):
         by_group.add_column(col, justify=justify)
     for g, v in per_group.items():
         by_group.add_row(g, str(v["clients"]), f"{v['mean']:.4f}")
-    return [table, by_group]
+    return [titled(f"{run.name}: clients by {column}", table),
+            titled(f"{run.name}: {metric} by {column} (mean over its clients)", by_group)]
+
+
+def _eval_groups_table(run: Run, row: dict[str, Any]) -> Group:
+    """Each model's accuracy on the eval split's rows of each group (:func:`eval_group_accuracy`)."""
+    by_model = row["eval_groups"]
+    column = str(_partition(run).get("group_column", "group"))
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    table.add_column(column)
+    for model in by_model:
+        table.add_column(model or "model", justify="right")
+    for group in sorted({g for groups in by_model.values() for g in groups}):
+        table.add_row(group, *(f"{groups[group]:.4f}" if group in groups else "-" for groups in by_model.values()))
+    return titled(f"{run.name}: eval accuracy by {column}", table)
+
+
+def titled(title: str, table: Table) -> Group:
+    """``table`` under its title as a line of its own, which wraps between words at the console's width (a
+    table's own title is as narrow as the table and would break a long run name anywhere)."""
+    return Group(Text(title, style="italic"), table)
+
+
+def run_lines(report: Report) -> list[str]:
+    """The report's table as one line per run, for a console too narrow for the table."""
+    lines = [f"{report.metric} — {len(report.rows)} run{'s' * (len(report.rows) != 1)}"]
+    for r in report.rows:
+        parts = [f"{r['algorithm']}", f"{r['rounds']} rounds", f"final {r['final']:.4f}" +
+                 (f" (round {r['final_round']})" if r["final_round"] != r["last_evaluated_round"] else ""),
+                 f"best {r['best']:.4f} (round {r['best_round']})"]
+        found = r["clustering"]
+        if found:
+            parts.append(f"{found['clusters']} clusters" + (f", ARI {found['ari']:.2f}, NMI {found['nmi']:.2f}"
+                                                            if "ari" in found else ""))
+        parts += [f"{human_bytes(r['bytes_up'])} up, {human_bytes(r['bytes_down'])} down",
+                  human_seconds(r["wall_time_s"]), f"{len(r['clients_left_out'])} clients left out"]
+        lines.append(f"{r['name']}: " + " · ".join(parts))
+    return lines

@@ -196,8 +196,6 @@ def _describe_data(exp: Experiment, log: RunLog, console: Console) -> None:
     gap = exp.evaluation_gap()
     if gap:
         console.print(f"note: {gap}", style="yellow", markup=False, highlight=False, soft_wrap=True)
-    if task and task.skipped_rows:
-        console.print(f"[yellow]skipped {task.skipped_rows} malformed rows (data.on_malformed=skip)")
     for line in exp.algorithm.advice(exp.cfg.train):
         console.print(f"[yellow]note: {line}")
 

@@ -13,7 +13,9 @@ A metrics row is flat: ``round``, ``lr``, ``clients``, ``num_clients``,
 totals ``cum_bytes_up``/``cum_bytes_down``, ``time_{train,aggregate,eval,round}_s``,
 and, on evaluated rounds, ``eval/<metric>`` and ``client_eval/<metric>`` keys (the clients' example-weighted
 mean, and ``_std`` their spread) with each client's own metrics under ``client_metrics: {"<id>": {...}}``,
-and ``client_ft/<metric>`` with ``eval.after_local_training`` (the round's clients scored right after training).
+and ``client_ft/<metric>`` with ``eval.after_local_training`` (the round's clients scored right after training);
+``eval/…/accuracy@<group>`` where the eval split has the column of the clients' groups; and ``agg/…``, what the
+algorithm's aggregation recorded (clustered FL: ``agg/clusters``, ``agg/cluster_of``, ``agg/ari``, ``agg/nmi``).
 :class:`RunLog` writes a directory, :func:`load_run` reads one back.
 """
 
@@ -36,6 +38,13 @@ with the model it is evaluated with (``client_eval/``), or right after its local
 
 from fedtune.errors import FedtuneError
 from fedtune.files import atomic_write_text
+
+AGG = "agg/"
+"""Prefix of what an algorithm's aggregation recorded in a round's row (its ``ServerState.metrics``), e.g.
+clustered FL's ``agg/clusters``, ``agg/ari``, ``agg/nmi``."""
+
+GROUP_SEP = "@"
+"""``eval/<metric>@<group>``: a metric on the eval split's rows of one group (a value of ``partition.by``)."""
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"

@@ -39,7 +39,7 @@ from fedtune.config import RunConfig, load_config
 from fedtune.data.templates import Template
 from fedtune.errors import FedtuneError
 from fedtune.models.adapters import MOLE_CONFIG, kind_of
-from fedtune.runlog import CONFIG, load_run, model_assignment
+from fedtune.runlog import CONFIG, load_models, load_run, model_assignment
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
@@ -76,12 +76,25 @@ def personal_clients(folders: dict[str, Path]) -> list[int]:
     return sorted(int(n[len("client_"):]) for n in folders if n.startswith("client_") and n[len("client_"):].isdigit())
 
 
-def adapter_folder(run_dir: Path, client: int | None) -> Path:
-    """The folder of the model ``client`` uses (None: the global model), or a one-line error naming the choices."""
+GLOBAL_MODEL = "global"
+"""``fedtune predict --model global``: the run's ``adapter/``."""
+
+
+def adapter_folder(run_dir: Path, client: int | None, model: str | None = None) -> Path:
+    """The folder of the model ``client`` uses, or of the model named ``model`` (``global``: ``adapter/``), or
+    of the only model; a one-line error naming the choices where that is not one folder (a run of several
+    models, e.g. one per cluster, asked for neither)."""
     folders = adapter_folders(run_dir)
     if not folders:
         raise FedtuneError(f"run {run_dir} has no saved adapter (adapter/ or adapters/<name>/); "
                            "a run saves it after its last round: finish it with 'fedtune run ... --resume'")
+    if model is not None:
+        if client is not None:
+            raise FedtuneError("give --client (the model that client uses) or --model (a model by name), not both")
+        names = {(n or GLOBAL_MODEL): folder for n, folder in folders.items()}
+        if model not in names:
+            raise FedtuneError(f"run {run_dir} has no model '{model}'; its models are {', '.join(names)}")
+        return names[model]
     personal = personal_clients(folders)
     if personal:
         if client is None:
@@ -90,9 +103,12 @@ def adapter_folder(run_dir: Path, client: int | None) -> Path:
         if client not in personal:
             raise FedtuneError(f"run {run_dir} has no adapter for client {client}; its clients are {_span(personal)}")
         return folders[f"client_{client}"]
-    if client is None:
-        return folders[""]
     assignment = model_assignment(run_dir)
+    if client is None:
+        if assignment:
+            raise FedtuneError(f"run {run_dir} ended with several models: {_models_text(run_dir, folders)}; choose "
+                               "the one a client uses with --client N, or one by name with --model NAME")
+        return folders[""]
     if not assignment:
         raise FedtuneError(f"run {run_dir} saved one model for all clients; leave out --client")
     partition = json.loads((run_dir / PARTITION).read_text()) if (run_dir / PARTITION).is_file() else {}
@@ -102,7 +118,20 @@ def adapter_folder(run_dir: Path, client: int | None) -> Path:
     return folders[assignment.get(client, "")]
 
 
+def _models_text(run_dir: Path, folders: dict[str, Path]) -> str:
+    """``cluster_0 (clients 0..3), cluster_1 (clients 4..7), global (adapter/, used by no client)``."""
+    used = load_models(run_dir)
+    parts = [f"{name} (clients {_span(clients)})" for name, clients in used.items()]
+    if "" in folders:
+        partition = json.loads((run_dir / PARTITION).read_text()) if (run_dir / PARTITION).is_file() else {}
+        rest = sorted(set(range(partition.get("num_clients", 0))) - {c for cs in used.values() for c in cs})
+        parts.append(f"{GLOBAL_MODEL} (adapter/, used by " + (f"clients {_span(rest)})" if rest else "no client)"))
+    return ", ".join(parts)
+
+
 def _span(clients: list[int]) -> str:
+    if len(clients) == 1:
+        return str(clients[0])
     return f"{clients[0]}..{clients[-1]}" if clients == list(range(clients[0], clients[-1] + 1)) else str(clients)
 
 
@@ -122,14 +151,15 @@ class RunModel:
         return [config.id2label[i] for i in range(config.num_labels)]
 
 
-def load_run_model(run_dir: Path, client: int | None = None) -> RunModel:
-    """The model a run saved (the one client ``client`` uses, if given), on its base model resolved offline."""
+def load_run_model(run_dir: Path, client: int | None = None, model_name: str | None = None) -> RunModel:
+    """The model a run saved (the one client ``client`` uses, or the one named ``model_name``; see
+    :func:`adapter_folder`), on its base model resolved offline."""
     from fedtune.models.base import PACKAGED, load_causal_lm, load_classifier
     from fedtune.models.lora import load_adapter
 
     run_dir = Path(run_dir)
     load_run(run_dir)  # one line when it is not a run directory
-    folder = adapter_folder(run_dir, client)
+    folder = adapter_folder(run_dir, client, model_name)
     cfg = load_config(run_dir / CONFIG)
     partition = json.loads((run_dir / PARTITION).read_text()) if (run_dir / PARTITION).is_file() else {}
     full, mole = is_full_model(folder), (folder / MOLE_CONFIG).is_file()

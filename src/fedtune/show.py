@@ -1,4 +1,9 @@
-"""One run, round by round: the table ``fedtune show RUN_DIR`` prints, drawn from its ``metrics.jsonl``."""
+"""One run, round by round: the table ``fedtune show RUN_DIR`` prints, drawn from its ``metrics.jsonl``.
+
+Columns: the train loss, every ``eval/`` and ``client_eval/`` metric but the per-group ones of the eval split
+(``…@<group>``, which ``fedtune report`` tabulates), and for clustered runs the clusters found with their ARI
+and NMI against the clients' groups on the rounds that clustered.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from fedtune.runlog import METRIC_PREFIXES, Run
+from fedtune.runlog import AGG, GROUP_SEP, METRIC_PREFIXES, Run
+
+CLUSTERING = {f"{AGG}clusters": "clusters", f"{AGG}ari": "ARI", f"{AGG}nmi": "NMI"}
+"""What a clustering round recorded, by column header."""
 from fedtune.units import human_bytes, human_seconds
 from fedtune.usage import PEAK
 
@@ -17,19 +25,25 @@ from fedtune.usage import PEAK
 def _number(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, int):
+        return str(value)
     return "nan" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
 
 
 def _header(metric: str) -> str:
     """``client_eval/macro_f1`` → 'clients macro f1': words, so that a narrow terminal wraps headers."""
+    if metric in CLUSTERING:
+        return CLUSTERING[metric]
     prefix, _, name = metric.partition("/")
     words = {"client_eval": "clients", "client_ft": "clients trained"}.get(prefix, prefix)
     return f"{words} {name.replace('_', ' ')}"
 
 
 def metrics_of(run: Run) -> list[str]:
-    """The run's ``eval/`` and ``client_eval/`` keys, first seen first."""
-    return list(dict.fromkeys(k for row in run.rows for k in row if k.startswith(METRIC_PREFIXES)))
+    """The run's ``eval/`` and ``client_eval/`` keys, first seen first (per-group ones aside), then the
+    clustering columns it has."""
+    keys = dict.fromkeys(k for row in run.rows for k in row if k.startswith(METRIC_PREFIXES) and GROUP_SEP not in k)
+    return [*keys, *(k for k in CLUSTERING if any(k in row for row in run.rows))]
 
 
 def round_table(run: Run, metrics: list[str] | None = None, totals: bool = True) -> Table:
@@ -71,7 +85,8 @@ def fitted_tables(run: Run, console: Console) -> list[Table]:
     ``eval/`` metrics (with the totals) and one of the clients' (``client_eval/``, ``client_ft/``)."""
     table = round_table(run)
     metrics = metrics_of(run)
-    groups = [[m for m in metrics if m.startswith("eval/")], [m for m in metrics if not m.startswith("eval/")]]
+    first = ("eval/", AGG)
+    groups = [[m for m in metrics if m.startswith(first)], [m for m in metrics if not m.startswith(first)]]
     wide = console.measure(table, options=console.options.update_width(10_000)).maximum > console.width
     if not wide or not all(groups):
         return [table]

@@ -22,7 +22,7 @@ from fedtune.config import TrainConfig
 from fedtune.data.templates import Template
 from fedtune.device import autocast, grad_scaler, model_device, to_device
 from fedtune.errors import FedtuneError
-from fedtune.models.base import body_and_head, continue_prefix, prefix_cache
+from fedtune.models.base import body_and_head, continue_prefix, prefix_cache, quiet_loading
 
 GROUP = 50
 """Batches per length-sorting group."""
@@ -44,6 +44,10 @@ class Encoded:
     features: dict[str, list[list[int]]]  # input_ids, and token_type_ids for pair inputs
     labels: np.ndarray | list[list[int]]
     pad_id: int
+    full_lengths: np.ndarray | None = None
+    """Token count of every example before truncation to ``model.max_length`` (None: not recorded)."""
+    groups: np.ndarray | None = None
+    """Each example's group (a value of ``partition.by``), where metrics are also reported per group."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -93,10 +97,37 @@ class EncodedInstructions(Encoded):
 
 
 def encode_classification(tokenizer, texts: Sequence[Sequence[str]], labels: Sequence[int], max_length: int) -> Encoded:
-    """Tokenise one or two text columns (``texts`` holds one sequence per column), truncated to ``max_length``."""
-    enc = tokenizer(*texts, truncation=True, max_length=max_length, padding=False)
+    """Tokenise one or two text columns (``texts`` holds one sequence per column), truncated to ``max_length``
+    (the tokenizer's ``longest_first``), recording every input's length before truncation."""
+    with quiet_loading():  # transformers warns of inputs longer than the model takes: they are truncated below
+        enc = tokenizer(*texts, truncation=False, padding=False)
     keep = ["input_ids"] + (["token_type_ids"] if len(texts) > 1 and "token_type_ids" in enc else [])
-    return Encoded({k: enc[k] for k in keep}, np.asarray(labels, dtype=np.int64), tokenizer.pad_token_id)
+    features = {k: list(enc[k]) for k in keep}
+    full = np.fromiter((len(x) for x in features["input_ids"]), dtype=np.int64, count=len(features["input_ids"]))
+    long = np.flatnonzero(full > max_length)
+    if len(long):
+        cut = tokenizer(*[[column[i] for i in long] for column in texts], truncation=True, max_length=max_length,
+                        padding=False)
+        for k in keep:
+            for j, i in enumerate(long):
+                features[k][i] = cut[k][j]
+    return Encoded(features, np.asarray(labels, dtype=np.int64), tokenizer.pad_token_id, full)
+
+
+def truncation_note(max_length: int, lengths: dict[str, np.ndarray]) -> str:
+    """The line saying which share of each split's inputs (``lengths``: tokens before truncation, by split name)
+    ``max_length`` cuts, and the smallest length that keeps 95% of them all whole."""
+    every = np.concatenate([v for v in lengths.values()]) if lengths else np.zeros(0, dtype=np.int64)
+    if not len(every):
+        return ""
+    keep95 = int(np.quantile(every, 0.95, method="inverted_cdf"))
+    splits = {name: v for name, v in lengths.items() if len(v)}
+    if not (every > max_length).any():
+        counts = " and ".join(f"{len(v):,} {name}" for name, v in splits.items())
+        return (f"inputs: none of the {counts} inputs is longer than model.max_length={max_length} tokens; "
+                f"95% fit in {keep95}")
+    shares = " and ".join(f"{np.mean(v > max_length):.1%} of the {len(v):,} {name} inputs" for name, v in splits.items())
+    return f"inputs: model.max_length={max_length} tokens cuts {shares}; model.max_length={keep95} would keep 95% whole"
 
 
 def encode_instructions(tokenizer, template: Template, rows: dict[str, list], max_length: int,
@@ -124,6 +155,7 @@ def encode_instructions(tokenizer, template: Template, rows: dict[str, list], ma
 
     choices = [[candidate(c) for c in cs] for cs in rows["choices"]]
     ids, targets, kept_prompts, starts = [], [], [], []
+    full = np.asarray([len(p) + len(r) for p, r in zip(prompts, responses)], dtype=np.int64)
     for p, r, cs in zip(prompts, responses, choices):
         r = r[: max(max_length - len(p), max_length // 2)]
         p = p[max(0, len(p) - (max_length - len(r))):]
@@ -133,7 +165,7 @@ def encode_instructions(tokenizer, template: Template, rows: dict[str, list], ma
         longest = max((len(c) for c in cs), default=0)
         kept_prompts.append(p[max(0, len(p) - (max_length - longest)):])
     return EncodedInstructions(
-        features={"input_ids": ids}, labels=targets, pad_id=tokenizer.pad_token_id,
+        features={"input_ids": ids}, labels=targets, pad_id=tokenizer.pad_token_id, full_lengths=full,
         prompts=kept_prompts, choices=choices, answers=np.asarray(rows["answer"], dtype=np.int64),
         references=list(rows["output"]), tasks=list(rows["task"]), starts=starts,
     )
@@ -161,10 +193,15 @@ def batch_stream(data: Encoded, indices: np.ndarray, batch_size: int, rng: np.ra
             yield data.collate(b)
 
 
+def eval_order(data: Encoded, indices: np.ndarray | None) -> np.ndarray:
+    """The examples ``indices`` (all: None) in the order :func:`eval_batches` yields them: by length, stable."""
+    idx = np.arange(len(data)) if indices is None else np.asarray(indices)
+    return idx[np.argsort(data.lengths[idx], kind="stable")]
+
+
 def eval_batches(data: Encoded, indices: np.ndarray | None, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Batches sorted by length (deterministic; the order does not change any metric)."""
-    idx = np.arange(len(data)) if indices is None else np.asarray(indices)
-    idx = idx[np.argsort(data.lengths[idx], kind="stable")]
+    idx = eval_order(data, indices)
     for i in range(0, len(idx), batch_size):
         yield data.collate(idx[i : i + batch_size])
 

@@ -258,6 +258,11 @@ class Algorithm(ABC):
     def init(self, initial: Tensors) -> ServerState:
         return ServerState(round=0, global_tensors={k: v.clone() for k, v in initial.items()})
 
+    def decisions(self, rnd: int, metrics: dict[str, Any]) -> list[str]:
+        """Lines for the run's console on what round ``rnd``'s aggregation decided (e.g. the clusters it formed),
+        from the ``metrics`` of the state it returned; default: none."""
+        return []
+
     def participants(self, rnd: int, sampled: list[int]) -> list[int]:
         """The clients that train in round ``rnd``; default: the ones the run sampled."""
         return sampled

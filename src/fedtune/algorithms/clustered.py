@@ -34,6 +34,7 @@ FedIT.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Literal
 
 import numpy as np
@@ -190,6 +191,43 @@ class Clustered(FedIT):
         global_tensors = weighted_mean([u.tensors for u in updates], [u.num_examples for u in updates])
         return ServerState(round=rnd, global_tensors=global_tensors, extra=extra, models=models,
                            assignment={**state.assignment, **assignment}, metrics=metrics)
+
+    def decisions(self, rnd: int, metrics: dict[str, Any]) -> list[str]:
+        """A clustering round: how many clusters and why (the best silhouette against ``min_silhouette`` under
+        ``auto``), each cluster's clients with their groups, and the ARI / NMI against the groups when known.
+        A later round: the clients that joined a cluster."""
+        if "cluster_of" not in metrics:
+            joined = metrics.get("joined") or {}
+            return [f"round {rnd}: " + "; ".join(f"client {c} joined {name} (the nearest centroid)"
+                                                 for c, name in joined.items())] if joined else []
+        o, cluster_of = self.options, metrics["cluster_of"]
+        k = len(set(cluster_of.values()))
+        scores = {int(n): float(v) for n, v in (metrics.get("silhouettes") or {}).items()}
+        if o.assign != "similarity":
+            why = {"oracle": "assign=oracle: the clients' true groups",
+                   "random": "assign=random: the found cluster sizes, clients shuffled"}[o.assign]
+        elif o.n_clusters != "auto":
+            why = f"n_clusters={o.n_clusters}"
+        elif not scores:
+            why = "auto: fewer than 3 clients to compare"
+        else:
+            best = max(scores, key=lambda n: (scores[n], -n))
+            verdict = "below" if scores[best] < o.min_silhouette else "≥"
+            why = f"auto: best silhouette {scores[best]:.3f} at k={best}, {verdict} min_silhouette {o.min_silhouette:g}"
+        members: dict[str, list[int]] = {}
+        for c, name in cluster_of.items():
+            members.setdefault(name, []).append(int(c))
+        parts = []
+        for name in sorted(members):
+            clients = sorted(members[name])
+            groups = Counter(self.client_groups[c] for c in clients) if self.client_groups else {}
+            held = f" ({', '.join(f'{g} ×{n}' for g, n in sorted(groups.items()))})" if groups else ""
+            parts.append(f"{name} = client{'s' * (len(clients) != 1)} {', '.join(map(str, clients))}{held}")
+        line = (f"round {rnd}: clustered {len(cluster_of)} clients into {k} cluster{'s' * (k != 1)} ({why}): "
+                + "; ".join(parts))
+        if "ari" in metrics:
+            line += f"; ARI {metrics['ari']:.2f}, NMI {metrics['nmi']:.2f} against their groups"
+        return [line]
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
         if self.clusters_in(rnd):

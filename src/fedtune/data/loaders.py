@@ -8,10 +8,14 @@ and ``max_eval_examples``. A user's columns named ``text``/``sentence``/``label`
 (and the like, :mod:`fedtune.data.columns`) need not be named in the config. A
 dataset without an eval split gets one held out of its training rows
 (``eval_fraction``, :mod:`fedtune.data.holdout`). A classification label column
-needs two values or more. A malformed row stops the load, naming file and
-line, or with ``on_malformed="skip"`` is dropped and counted in
-``TaskData.skipped_rows``. :func:`describe` returns plain data about a dataset
-for ``fedtune data show``; :func:`describe_table` renders it.
+needs two values or more; classes read from the data (no ``data.labels``) are
+checked for typos and for a column that holds no labels
+(:mod:`fedtune.data.labels`). A malformed row stops the load, naming file and
+line, or with ``on_malformed="skip"`` is dropped, counted in
+``TaskData.skipped_rows`` and said in a note; a split that would lose more
+than :data:`MAX_SKIPPED_SHARE` of its rows is refused. :func:`describe` returns
+plain data about a dataset for ``fedtune data show``; :func:`describe_table`
+renders it.
 
 A parallel dataset (``registry.PARALLEL``: ``multilingual``,
 ``sst2_multilingual``) loads each selected language's registered dataset
@@ -47,7 +51,8 @@ from rich.table import Table
 from fedtune.config import DataConfig
 from fedtune.data.columns import detect_instruction, detect_label, detect_text
 from fedtune.data.holdout import held_out
-from fedtune.data.readers import Problem, RawTable
+from fedtune.data.labels import check_labels
+from fedtune.data.readers import Problem, RawTable, TextFormat
 from fedtune.data.registry import PARALLEL, Kind, ParallelSpec
 from fedtune.data.sources import Location, locate
 from fedtune.errors import FedtuneError
@@ -119,7 +124,8 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
             f"not '{cfg.name}'; remove them"
         )
     loc = locate(cfg.name)
-    train_tables = loc.read(cfg.train_split)
+    fmt = _text_format(cfg, loc)
+    train_tables = loc.read(cfg.train_split, fmt)
     schema = _schema(loc, cfg, train_tables[0])
     if schema is None:
         raise FedtuneError(
@@ -128,23 +134,24 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
             "(columns named text or sentence, and label, are found without them)"
         )
     given = tuple(cfg.labels) if cfg.labels and schema.label_column else None
+    if schema.kind == "classification" and given is None and not schema.label_values:  # classes read from the data
+        check_labels(_label_cells(train_tables, schema.label_column), schema.label_column)
     values = given or schema.label_values or _label_order(train_tables, schema.label_column)
     train, problems = _rows(train_tables, schema, values)
+    splits = {cfg.train_split: (_length(train), problems)}
     eval_split = cfg.eval_split or _default_eval(loc, cfg.train_split)
     evaluation = None
     if eval_split is not None:
-        evaluation, eval_problems = _rows(loc.read(eval_split), schema, values)
-        problems += eval_problems
-    if problems and cfg.on_malformed == "error":
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise FedtuneError(
-            f"malformed row at {problems[0]}{more}; fix the data or set data.on_malformed=skip to drop such rows"
-        )
+        evaluation, eval_problems = _rows(loc.read(eval_split, fmt), schema, values)
+        splits[eval_split] = (_length(evaluation), eval_problems)
+        problems = problems + eval_problems
+    notes = [_columns_note(schema, loc.source)] if schema.detected else []
+    if problems:
+        notes.append(_malformed_note(cfg, loc.source, splits))
     if not _length(train):
         raise FedtuneError(f"split '{cfg.train_split}' of {loc.source} has no usable rows; check the file")
     if schema.kind == "classification" and given is None:  # given labels fix the classes, whatever a file holds
         _check_two_labels(train, schema.label_column, values, loc.source)
-    notes = [_columns_note(schema, loc.source)] if schema.detected else []
     origin: list[dict[str, Any]] = []
     if evaluation is not None:
         evaluation = _subset(evaluation, cfg.max_eval_examples, seed)
@@ -189,6 +196,49 @@ def _hold_out(train: dict[str, list], label_column: str | None, cfg: DataConfig,
     return _take(train, keep), _take(train, held), origin
 
 
+MAX_SKIPPED_SHARE = 0.1
+"""``on_malformed: skip`` refuses a split with more than this share of its rows malformed (and over
+``MAX_SKIPPED_ROWS`` rows): the file is then not read as it was written (columns, quoting, encoding)."""
+MAX_SKIPPED_ROWS = 10
+
+
+def _malformed_note(cfg: DataConfig, source: str, splits: dict[str, tuple[int, list[Problem]]]) -> str:
+    """The line saying how many malformed rows ``on_malformed: skip`` dropped, per split; an error under
+    ``error``, or when a split loses too many (:data:`MAX_SKIPPED_SHARE`)."""
+    problems = [p for _, found in splits.values() for p in found]
+    if cfg.on_malformed == "error":
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise FedtuneError(
+            f"malformed row at {problems[0]}{more}; fix the data or set data.on_malformed=skip to drop such rows"
+        )
+    for split, (kept, found) in splits.items():
+        total = kept + len(found)
+        if len(found) > MAX_SKIPPED_ROWS and len(found) > MAX_SKIPPED_SHARE * total:
+            raise FedtuneError(
+                f"data.on_malformed=skip would drop {len(found):,} of the {total:,} rows of split '{split}' of "
+                f"{source} ({len(found) / total:.0%}; more than {MAX_SKIPPED_SHARE:.0%} is refused), the first at "
+                f"{found[0]}; the file is not read as written: check its columns, data.quoting and data.encoding"
+            )
+    counts = ", ".join(f"{len(found):,} of {kept + len(found):,} in '{split}'" for split, (kept, found) in
+                       splits.items() if found)
+    return f"data: skipped {len(problems):,} malformed rows ({counts}; data.on_malformed=skip), the first at {problems[0]}"
+
+
+def _text_format(cfg: DataConfig, loc: Location) -> TextFormat:
+    """How ``loc``'s files are read: ``data.encoding``, and ``data.quoting`` (default ``standard``), which a
+    registered dataset sets itself."""
+    if cfg.quoting is not None and loc.spec is not None and cfg.quoting != loc.spec.quoting:
+        raise FedtuneError(f"dataset '{loc.spec.name}' reads its files with quoting '{loc.spec.quoting}'; remove "
+                           "data.quoting, or load the files by path to choose it")
+    return TextFormat(cfg.encoding, cfg.quoting or "standard")
+
+
+def _label_cells(tables: Sequence[RawTable], column: str) -> list[tuple[str, str, int]]:
+    """(label as text, file, line) of every row with a label."""
+    return [(raw, t.origin, line) for t in tables for v, line in zip(t.columns.get(column, ()), t.lines)
+            if (raw := _raw_label(v)) is not None]
+
+
 def _check_two_labels(train: dict[str, list], column: str, values: tuple[str, ...], source: str) -> None:
     present = sorted(set(train[column]))
     if len(present) < 2:
@@ -231,7 +281,8 @@ def describe(data: str | DataConfig) -> dict[str, Any]:
         return _describe_parallel(PARALLEL[cfg.name], cfg)
     loc = locate(cfg.name)
     train_split = cfg.train_split if cfg.train_split in loc.splits else loc.splits[0]
-    tables = {split: loc.read(split) for split in loc.splits}
+    fmt = _text_format(cfg, loc)
+    tables = {split: loc.read(split, fmt) for split in loc.splits}
     schema = _schema(loc, cfg, tables[train_split][0])
     values: tuple[str, ...] = ()
     if schema is not None:

@@ -170,19 +170,35 @@ def _group_summary(values: np.ndarray, parts: Sequence[np.ndarray], by: str) -> 
     }
 
 
+def add_client_splits(summary: dict[str, Any], train: Sequence[int], test: Sequence[int],
+                      aux: Sequence[int] | None = None) -> None:
+    """Record how each client's shard (``sizes``) divides: rows it trains on (``train_sizes``), its own test
+    rows (``test_sizes``, ``partition.client_test_fraction``) and auxiliary rows (``aux_sizes``, where known)."""
+    summary.update(train_sizes=[int(n) for n in train], test_sizes=[int(n) for n in test])
+    if aux is not None:
+        summary["aux_sizes"] = [int(n) for n in aux]
+
+
 def summary_table(summary: dict[str, Any], max_rows: int = 20, max_labels: int = 10) -> Table:
-    """A rich table of :func:`partition_summary`: one row per client (the first ``max_rows``)."""
+    """A rich table of :func:`partition_summary`: one row per client (the first ``max_rows``); where clients
+    hold rows out of training (:func:`add_client_splits`), their training and test rows in separate columns."""
     caption = (
         f"{summary['num_clients']} clients · {summary['assigned']:,} of {summary['num_examples']:,} examples · "
         f"size min {summary['size_min']:,} / mean {summary['size_mean']:,.1f} / max {summary['size_max']:,}"
     )
+    kept = {name: summary.get(f"{name}_sizes") or [] for name in ("test", "aux")}
+    kept = {name: sizes for name, sizes in kept.items() if any(sizes)}  # rows the clients hold out of training
+    if kept:
+        caption += (f" · {sum(summary['train_sizes']):,} to train on, "
+                    + ", ".join(f"{sum(sizes):,} held out as {name} rows" for name, sizes in kept.items()))
     if "mean_label_entropy" in summary:
         caption += f" · mean label entropy {summary['mean_label_entropy']:.3f} bits"
     if summary.get("server_examples"):
         caption += f" · the server holds {summary['server_examples']:,} more (partition.server_fraction)"
     table = Table(caption=caption)
     table.add_column("client", justify="right")
-    table.add_column("examples", justify="right")
+    for column in (["train", *kept] if kept else ["examples"]):
+        table.add_column(column, justify="right")
     names = summary.get("label_names", [])
     per_label = 0 < len(names) <= max_labels
     if per_label:
@@ -194,7 +210,8 @@ def summary_table(summary: dict[str, Any], max_rows: int = 20, max_labels: int =
     if groups is not None:
         table.add_column(summary["group_column"])
     for cid, size in enumerate(summary["sizes"][:max_rows]):
-        cells = [str(cid), f"{size:,}"]
+        cells = [str(cid), *(f"{summary[f'{c}_sizes'][cid]:,}" for c in ["train", *kept])] if kept else [
+            str(cid), f"{size:,}"]
         if per_label:
             cells += [f"{c:,}" for c in summary["label_counts"][cid]]
         elif names:

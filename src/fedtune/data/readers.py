@@ -3,14 +3,24 @@
 Reading is structural only: a row with the wrong number of fields, a line that
 is not JSON, or a record that is not an object becomes a :class:`Problem`
 (file and line) instead of a row. What a row must hold (non-empty text, a
-known label) is checked by the loader. TSV is read with ``QUOTE_NONE``, since
-SST-2 and CoLA sentences contain bare quote characters; CSV follows the usual
-quoting rules (MMLU fields hold commas and line breaks).
+known label) is checked by the loader.
+
+CSV and TSV are parsed by Python's :mod:`csv` module, with the quoting of
+:class:`TextFormat`: ``standard`` (RFC 4180, as Excel and pandas write both
+formats) reads a field enclosed in double quotes as one field, which may hold
+the delimiter, line breaks and doubled quotes ``""``; it is strict, so a quote
+that closes a field must be followed by the delimiter or the end of the line
+(``"a"b`` is an error, not ``ab``). ``none`` reads quote characters as plain
+text: a field ends at the next delimiter or line break (GLUE's TSV files, whose
+sentences begin with bare quotes). Files are decoded with ``TextFormat.encoding``
+(a UTF-8 byte-order mark is dropped).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -21,6 +31,9 @@ from typing import Any, TextIO
 from fedtune.errors import FedtuneError
 
 SUFFIXES = (".csv", ".tsv", ".json", ".jsonl")
+
+QUOTING = {"standard": csv.QUOTE_MINIMAL, "none": csv.QUOTE_NONE}
+"""``data.quoting``: how quote characters in CSV/TSV fields are read (see the module doc)."""
 
 _WS = re.compile(r"\s*")
 
@@ -50,39 +63,58 @@ class RawTable:
         return len(self.lines)
 
 
-def read_table(path: Path, fieldnames: Sequence[str] | None = None) -> RawTable:
+@dataclass(frozen=True)
+class TextFormat:
+    """How a file's text is read: its encoding (a Python codec name) and, for CSV/TSV, its ``quoting``."""
+
+    encoding: str = "utf-8"
+    quoting: str = "standard"
+
+
+def read_table(path: Path, fieldnames: Sequence[str] | None = None, fmt: TextFormat = TextFormat()) -> RawTable:
     """Read one data file; ``fieldnames`` names the columns of a headerless CSV/TSV file."""
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise FedtuneError(f"cannot read {path}: the file must end in {', '.join(SUFFIXES)}")
     origin = str(path)
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            if suffix in (".csv", ".tsv"):
-                return _read_delimited(origin, f, suffix == ".tsv", fieldnames)
-            text = f.read()
-    except UnicodeDecodeError:
-        raise FedtuneError(f"{path} is not UTF-8 text; re-save it with UTF-8 encoding") from None
-    except OSError as e:
-        raise FedtuneError(f"cannot read {path}: {e.strerror}") from None
+    text = _decode(path, fmt.encoding)
+    if suffix in (".csv", ".tsv"):
+        return _read_delimited(origin, io.StringIO(text, newline=""), suffix == ".tsv", fieldnames, fmt.quoting)
     records = _jsonl_records(origin, text) if suffix == ".jsonl" else _json_list_records(origin, text)
     return _from_records(origin, records)
 
 
-def _read_delimited(origin: str, f: TextIO, tsv: bool, fieldnames: Sequence[str] | None) -> RawTable:
-    dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
-    reader = csv.reader(f, **dialect)
+def _decode(path: Path, encoding: str) -> str:
+    """The file's text in ``encoding`` (UTF-8 without its byte-order mark); one line naming the first bad byte."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise FedtuneError(f"cannot read {path}: {e.strerror}") from None
+    utf8 = codecs.lookup(encoding).name == "utf-8"
+    try:
+        return raw.decode("utf-8-sig" if utf8 else encoding)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        fix = ("set data.encoding to the file's encoding (e.g. latin-1 or cp1252), or re-save it as UTF-8" if utf8
+               else "set data.encoding to the file's encoding")
+        raise FedtuneError(f"{path} line {line}: byte 0x{raw[e.start]:02x} is not {encoding} text; {fix}") from None
+
+
+def _read_delimited(origin: str, f: TextIO, tsv: bool, fieldnames: Sequence[str] | None, quoting: str) -> RawTable:
+    reader = csv.reader(f, delimiter="\t" if tsv else ",", quoting=QUOTING[quoting], strict=True)
     kind = "tab-separated" if tsv else "comma-separated"
-    names = list(fieldnames) if fieldnames else next(reader, None)
-    if not names:
-        raise FedtuneError(f"{origin} is empty; it needs a header line naming the columns")
-    if len(set(names)) != len(names):
-        raise FedtuneError(f"{origin}: the header names a column twice ({', '.join(names)}); make the names unique")
     rows: list[list[str]] = []
     lines: list[int] = []
     problems: list[Problem] = []
-    start = reader.line_num + 1
+    start = 1
     try:
+        names = list(fieldnames) if fieldnames else next(reader, None)
+        if not names:
+            raise FedtuneError(f"{origin} is empty; it needs a header line naming the columns")
+        if len(set(names)) != len(names):
+            raise FedtuneError(f"{origin}: the header names a column twice ({', '.join(names)}); make the names "
+                               "unique")
+        start = reader.line_num + 1
         for row in reader:
             line, start = start, reader.line_num + 1
             if not row:
@@ -93,7 +125,9 @@ def _read_delimited(origin: str, f: TextIO, tsv: bool, fieldnames: Sequence[str]
             rows.append(row)
             lines.append(line)
     except csv.Error as e:
-        raise FedtuneError(f"{origin} line {start}: cannot be parsed as {kind} values ({e}); fix the file") from None
+        hint = (" or set data.quoting=none if its quote characters are plain text" if quoting == "standard" else "")
+        raise FedtuneError(f"{origin} line {start}: cannot be parsed as {kind} values with data.quoting={quoting} "
+                           f"({e}); fix the file{hint}") from None
     columns = {name: list(values) for name, values in zip(names, zip(*rows))} if rows else {n: [] for n in names}
     return RawTable(origin, columns, lines, problems)
 

@@ -50,6 +50,9 @@ class DatasetSpec:
     """Verbaliser: the response for each class, in class-index order."""
     fieldnames: tuple[str, ...] | None = None
     """Column names of headerless files; None: the first line is the header."""
+    quoting: str = "standard"
+    """How quote characters in its CSV/TSV files are read (:data:`~fedtune.data.readers.QUOTING`): GLUE's TSV
+    files hold sentences that begin with bare quotes, read as text (``none``)."""
     file_column: str | None = None
     """For a glob split: a column holding each row's file stem without its ``_<split>`` suffix."""
     hub_id: str | None = None
@@ -87,6 +90,7 @@ XQUAD_LANGUAGES = {
 _SST2 = dict(
     kind="classification",
     files={"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"},
+    quoting="none",
     text_columns=("sentence",),
     label_column="label",
     label_values=("0", "1"),
@@ -124,6 +128,7 @@ REGISTRY: dict[str, DatasetSpec] = {
             folder="cola",
             files={"train": "train.tsv", "dev": "dev.tsv"},
             fieldnames=("source", "label", "mark", "sentence"),
+            quoting="none",
             text_columns=("sentence",),
             label_column="label",
             label_values=("0", "1"),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import datasets
 
-from fedtune.data.readers import SUFFIXES, RawTable, read_table
+from fedtune.data.readers import SUFFIXES, RawTable, TextFormat, read_table
 from fedtune.data.registry import PARALLEL, REGISTRY, DatasetSpec
 from fedtune.errors import FedtuneError
 from fedtune.hub import hub_unavailable
@@ -47,8 +47,9 @@ class Location:
             return list(self.hub)
         return [split for split, hub_split in self.spec.hub_splits.items() if hub_split in self.hub]
 
-    def read(self, split: str) -> list[RawTable]:
-        """The raw tables of one split (several for a split stored as one file per subject)."""
+    def read(self, split: str, fmt: TextFormat = TextFormat()) -> list[RawTable]:
+        """The raw tables of one split (several for a split stored as one file per subject), files read with
+        ``fmt`` (a registered dataset's files with its own quoting)."""
         if split not in self.splits:
             raise FedtuneError(
                 f"dataset '{self.name}' has no split '{split}' (splits: {', '.join(self.splits)}); "
@@ -60,7 +61,7 @@ class Location:
         if not paths:
             pattern = self.spec.files[split] if self.spec else split
             raise FedtuneError(f"no file {pattern} for split '{split}' in {self.source}; restore the file")
-        return [self._file_table(path, split) for path in paths]
+        return [self._file_table(path, split, fmt) for path in paths]
 
     def class_names(self, column: str) -> tuple[str, ...] | None:
         """Names of a Hub ``ClassLabel`` column, in class-index order; None otherwise."""
@@ -69,9 +70,11 @@ class Location:
         feature = next(iter(self.hub.values())).features.get(column)
         return tuple(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
-    def _file_table(self, path: Path, split: str) -> RawTable:
+    def _file_table(self, path: Path, split: str, fmt: TextFormat) -> RawTable:
         spec = self.spec
-        table = read_table(path, spec.fieldnames if spec else None)
+        if spec is not None:
+            fmt = TextFormat(fmt.encoding, spec.quoting)
+        table = read_table(path, spec.fieldnames if spec else None, fmt)
         if spec and spec.file_column:
             table.columns[spec.file_column] = [path.stem.removesuffix(f"_{split}")] * len(table)
         return table
