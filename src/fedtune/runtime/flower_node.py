@@ -189,7 +189,8 @@ def node_experiment(run_json: str, node_config: dict[str, Any], deployed: bool =
             _BUILT = None  # a failed build must not leave the previous run's experiment in place
             t0 = time.perf_counter()
             content, stat = file_fingerprint(where.path), _stat(where.path)
-            exp = build_experiment(cfg, holds=where.client_id, data_path=where.path)
+            exp = build_experiment(cfg, holds=where.client_id, data_path=where.path,
+                                   note=lambda line: log.info("client %d: %s", where.client_id, line))
             _BUILT = built = _Built(exp, run_hash, where.client_id, where.path, stat, content)
             log.info("client %d: built the experiment of run %s in %.1fs (%d training rows%s); kept for its messages",
                      where.client_id, cfg.name, time.perf_counter() - t0, len(exp.client(where.client_id).train),
