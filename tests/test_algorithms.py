@@ -185,11 +185,13 @@ def test_adaptive_server_optimisers_advise_against_a_client_lr_schedule():
 
 
 def _configured(name: str, rounds: int = 2, **options):
+    from fedtune.algorithms import RunFacts
     from fedtune.config import load_config
     from fedtune.experiment import algorithm_for
 
-    return algorithm_for(load_config(None, [f"algorithm.name={name}", f"federation.rounds={rounds}",
-                                            *(f"algorithm.options.{k}={v}" for k, v in options.items())]))
+    cfg = load_config(None, [f"algorithm.name={name}", f"federation.rounds={rounds}",
+                             *(f"algorithm.options.{k}={v}" for k, v in options.items())])
+    return algorithm_for(cfg).bind(RunFacts(rounds=cfg.federation.rounds))
 
 
 def _two_steps(algo, d1: float = 1.0, d2: float = 3.0) -> tuple[float, float]:

@@ -228,6 +228,9 @@ def test_algorithms_lists_requirements_and_options_with_meaning_and_allowed_valu
         requires = "train.optimizer: sgd"
         personalized = True
 
+        def aggregate(self, rnd, updates, state):
+            return state
+
     monkeypatch.setitem(ALGORITHMS, "proxy", Prox)
     out = invoke("algorithms")
     assert all(f"\n{name}: {cls.summary}\n" in out for name, cls in ALGORITHMS.items())

@@ -133,10 +133,9 @@ def test_singletons_one_cluster_random_and_oracle_variants():
     rand = build_algorithm("clustered", {"n_clusters": 2, "assign": "random"}, num_clients=4)
     sizes = sorted(list(rand.aggregate(1, ups, lone).assignment.values()).count(n) for n in ("cluster_0", "cluster_1"))
     assert sizes == [1, 3]  # the same sizes as the similarity clustering
-    oracle = build_algorithm("clustered", {"assign": "oracle"}, num_clients=4)
     with pytest.raises(FedtuneError, match="oracle needs the clients' true groups"):
-        oracle.aggregate(1, ups, lone)
-    oracle.client_groups = ["en", "pt", "en", "pt"]
+        build_algorithm("clustered", {"assign": "oracle"}, num_clients=4).aggregate(1, ups, lone)
+    oracle = build_algorithm("clustered", {"assign": "oracle"}, num_clients=4, client_groups=["en", "pt", "en", "pt"])
     state = oracle.aggregate(1, ups, lone)
     assert state.assignment == {0: "cluster_0", 1: "cluster_1", 2: "cluster_0", 3: "cluster_1"}
     assert state.metrics["ari"] == 1.0
@@ -200,8 +199,7 @@ def test_each_cluster_takes_steps_of_its_own_server_optimiser():
 
 def test_a_clustering_round_says_what_it_decided():
     x = _x()
-    algo = build_algorithm("clustered", {}, num_clients=6)
-    algo.client_groups = ["en", "en", "en", "pt", "pt", "pt"]
+    algo = build_algorithm("clustered", {}, num_clients=6, client_groups=["en", "en", "en", "pt", "pt", "pt"])
     state = algo.aggregate(1, _updates(x, [0, 0, 0, 1, 1, 1]), algo.init(x))
     best = max(state.metrics["silhouettes"].values())
     assert algo.decisions(1, state.metrics) == [

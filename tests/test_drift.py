@@ -100,8 +100,11 @@ def test_scaffold_two_rounds_and_control_variates_by_hand():
 def test_scaffold_refuses_heterogeneous_ranks_and_a_run_without_client_count():
     from fedtune.algorithms import LoraSetup
 
+    from fedtune.config import load_config
+
+    ranks = load_config(None, ["algorithm.name=scaffold", "partition.num_clients=2", "lora.client_ranks=[8, 4]"])
     with pytest.raises(FedtuneError, match="scaffold.*one LoRA rank"):
-        build_algorithm("scaffold", lora=LoraSetup(2.0, (8, 4)))
+        build_algorithm("scaffold", lora=LoraSetup(2.0, (8, 4))).check(ranks)
     algo = build_algorithm("scaffold")
     state = algo.init({"w": torch.zeros(2)})
     _, updates = toy_round(build_algorithm("scaffold", num_clients=2), Toy(), 1, state, {0: {}, 1: {}})

@@ -290,7 +290,8 @@ def algorithms() -> None:
 
     lines = ["algorithms (set algorithm.name; options go under algorithm.options, e.g. -o algorithm.options.tau=0.8)"]
     for name, cls in ALGORITHMS.items():
-        lines += ["", f"{name}: {cls.summary}", f"  requires: {cls.requirements() or 'nothing beyond the defaults'}"]
+        requires = cls.create().requirements()
+        lines += ["", f"{name}: {cls.summary}", f"  requires: {requires or 'nothing beyond the defaults'}"]
         fields = cls.Options.model_fields
         lines.append("  options:" if fields else "  options: none")
         for key, field in fields.items():

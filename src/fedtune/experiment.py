@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedtune.aggregation import Tensors
-from fedtune.algorithms import Algorithm, LoraSetup, build_algorithm
+from fedtune.algorithms import Algorithm, LoraSetup, RunFacts, build_algorithm
 from fedtune.config import DataConfig, RunConfig
 from fedtune.data import TaskData, load_task_data, partition_clients, partition_summary, split_client_test
 from fedtune.data.partition import add_client_splits, counts_summary, server_split
@@ -258,14 +258,11 @@ def model_line(name: str, model: torch.nn.Module, how: str, num_labels: int | No
 
 
 def algorithm_for(cfg: RunConfig) -> Algorithm:
-    """The run's algorithm: ``cfg.algorithm`` with its options, the LoRA scale alpha / r, the clients' ranks,
-    ``federation.rounds`` and ``partition.num_clients`` (None for a natural partition until it is drawn)."""
+    """The run's algorithm: ``cfg.algorithm`` with its options, the LoRA scale alpha / r and the clients' ranks
+    (the run's facts are bound once the partition is drawn: :meth:`Algorithm.bind`)."""
     ranks = cfg.lora.ranks(cfg.partition.num_clients)
     lora = LoraSetup(scale=cfg.lora.alpha / cfg.lora.r, client_ranks=tuple(ranks) if ranks else None)
-    algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora, cfg.federation.rounds,
-                                cfg.partition.num_clients)
-    algorithm.seed = cfg.seed
-    return algorithm
+    return build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora)
 
 
 Holds = Literal["all", "none"] | int
@@ -294,39 +291,23 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
     ranks = cfg.lora.ranks(cfg.partition.num_clients)  # None clients (natural: one per value): counted below
     algorithm = algorithm_for(cfg)
     lora = algorithm.lora
-    if ranks and algorithm.pools_data:
-        raise FedtuneError(f"algorithm '{algorithm.name}' trains one pooled model; remove lora.client_ranks / rank_tiers")
+    algorithm.check(cfg)  # what the algorithm needs of the rest of the config, as fedtune algorithms lists it
     sft = cfg.model.task == "sft"
     if cfg.data.tasks is not None and not sft:
         raise FedtuneError("data.tasks (a multitask mixture) is for model.task=sft")
     finetune = cfg.model.finetune
-    if finetune not in algorithm.adapters:
-        kinds = " or ".join(algorithm.adapters)
-        raise FedtuneError(f"algorithm '{algorithm.name}' federates model.finetune={kinds}, not {finetune}; set "
-                           f"model.finetune={algorithm.adapters[0]}, or choose an algorithm for {finetune} "
-                           f"(fedtune algorithms lists what each requires)")
     if ranks and finetune != "lora":
         raise FedtuneError(f"lora.client_ranks / rank_tiers give clients LoRA ranks, but model.finetune={finetune} "
                            "trains every parameter; remove them or use model.finetune=lora")
-    if algorithm.trains_on_server and cfg.partition.server_fraction <= 0:
-        raise FedtuneError(f"algorithm '{algorithm.name}' trains on the server's own data; set "
-                           "partition.server_fraction (e.g. 0.2) to give the server a slice no client holds")
-    if (cfg.partition.client_aux_fraction > 0) != algorithm.uses_aux_split:
-        raise FedtuneError(
-            f"algorithm '{algorithm.name}' measures routing on each client's auxiliary split: set "
-            "partition.client_aux_fraction (e.g. 0.1)" if algorithm.uses_aux_split else
-            f"partition.client_aux_fraction holds out rows that algorithm '{algorithm.name}' never reads; remove it")
     check_quantization(cfg, algorithm)
     if cfg.eval.after_local_training and cfg.partition.client_test_fraction <= 0:
         raise FedtuneError("eval.after_local_training scores each client on its own test shard; set "
                            "partition.client_test_fraction (e.g. 0.2)")
-    if algorithm.personalized and cfg.partition.client_test_fraction <= 0:
-        raise FedtuneError(
-            f"algorithm '{algorithm.name}' is evaluated on each client's own test shard; "
-            "set partition.client_test_fraction (e.g. 0.2)"
-        )
     load = _node_local_data if cfg.partition.method == "files" else _split_data
     data = load(cfg, algorithm, holds, data_path, note)
+    algorithm.bind(RunFacts(seed=cfg.seed, rounds=cfg.federation.rounds, num_clients=data.num_clients,
+                            clients_per_round=1 if algorithm.pools_data else clients_per_round(cfg, data.num_clients),
+                            client_groups=data.client_groups))
     if ranks and len(ranks) != data.num_clients:
         raise FedtuneError(f"lora.client_ranks / rank_tiers give {len(ranks)} ranks but partition.method="
                            f"{cfg.partition.method} gives {data.num_clients} clients (one per value of "
@@ -415,6 +396,8 @@ class _Loaded:
     summary: dict[str, Any]
     num_clients: int
     server_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    client_groups: tuple[str, ...] | None = None
+    """Each client's group, for a partition over a column (:func:`~fedtune.data.partition.client_groups`)."""
 
 
 def _label_names(cfg: RunConfig, task: TaskData | None) -> list[str]:
@@ -468,7 +451,6 @@ def _split_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_path: s
     if len(server_rows):
         summary["server_examples"] = len(server_rows)
         parts = [client_rows[p] for p in parts]
-    algorithm.num_clients = len(parts)  # natural without partition.num_clients: known only now
     shards, auxes, tests = [], [], []
     for cid, part in enumerate(parts):
         tr, aux, te = _client_rows(part, cfg, cid)
@@ -476,8 +458,8 @@ def _split_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_path: s
         auxes.append(aux)
         tests.append(te)
     add_client_splits(summary, *([len(rows) for rows in split] for split in (shards, tests, auxes)))
-    if cfg.partition.method in GROUP_PARTITIONS:
-        algorithm.client_groups = client_groups(task.train[cfg.partition.by], shards)
+    groups = (tuple(client_groups(task.train[cfg.partition.by], shards))
+              if cfg.partition.method in GROUP_PARTITIONS else None)
     if any(len(s) == 0 for s in shards):
         empty = [i for i, s in enumerate(shards) if len(s) == 0]
         raise FedtuneError(
@@ -487,7 +469,7 @@ def _split_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_path: s
         shards, auxes, tests = ([np.sort(np.concatenate(rows))] for rows in (shards, auxes, tests))
     held = {cid: (task, shards[cid], auxes[cid], tests[cid]) for cid in _held(holds, len(shards))}
     return _Loaded(task, held, [(len(a), len(b)) for a, b in zip(shards, tests)], summary, len(shards),
-                   server_rows if holds in ("all", "none") else server_rows[:0])
+                   server_rows if holds in ("all", "none") else server_rows[:0], groups)
 
 
 def _client_rows(rows: np.ndarray, cfg: RunConfig, cid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -511,7 +493,6 @@ def _node_local_data(cfg: RunConfig, algorithm: Algorithm, holds: Holds, data_pa
         raise FedtuneError(f"algorithm '{algorithm.name}' pools every client's data in one place, which node-local "
                            "data (partition.method=files) rules out; split one dataset instead (e.g. partition.method=iid)")
     n = int(cfg.partition.num_clients)
-    algorithm.num_clients = n
     task = None
     server_rows = np.zeros(0, dtype=np.int64)
     if holds in ("all", "none") and ((cfg.eval.enabled and not algorithm.personalized)

@@ -5,7 +5,17 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, Expected, LoraSetup, Payload, ServerState
+from fedtune.algorithms.base import (
+    Algorithm,
+    ClientContext,
+    ClientUpdate,
+    Expected,
+    LoraSetup,
+    Payload,
+    Rule,
+    RunFacts,
+    ServerState,
+)
 from fedtune.algorithms.clustered import Clustered
 from fedtune.algorithms.fedkd import FedKD
 from fedtune.algorithms.fedamole import FedAMoLE
@@ -25,14 +35,21 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
 
 
 def build_algorithm(name: str, options: dict[str, Any] | None = None, lora: LoraSetup | None = None,
-                    rounds: int | None = None, num_clients: int | None = None) -> Algorithm:
+                    **facts: Any) -> Algorithm:
+    """Algorithm ``name`` with ``options``; ``facts`` (fields of :class:`RunFacts`, e.g. ``num_clients=4``) are
+    bound at once, as a run binds them once its partition is drawn."""
     if name not in ALGORITHMS:
         close = difflib.get_close_matches(name, ALGORITHMS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise FedtuneError(f"unknown algorithm '{name}'{hint} (choose one of: {', '.join(ALGORITHMS)})")
-    return ALGORITHMS[name].create(options, lora, rounds, num_clients)
+    algorithm = ALGORITHMS[name].create(options, lora)
+    if facts:
+        if "client_groups" in facts and facts["client_groups"] is not None:
+            facts["client_groups"] = tuple(facts["client_groups"])
+        algorithm.bind(RunFacts(**facts))
+    return algorithm
 
 
 __all__ = [
-    "ALGORITHMS", "Algorithm", "ClientContext", "ClientUpdate", "Expected", "LoraSetup", "Payload", "ServerState", "build_algorithm",
+    "ALGORITHMS", "Algorithm", "ClientContext", "ClientUpdate", "Expected", "LoraSetup", "Rule", "RunFacts", "Payload", "ServerState", "build_algorithm",
 ]

@@ -175,15 +175,47 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run tells its algorithm, once, before the first round (:meth:`Algorithm.bind`); wrappers pass
+    the same facts on to what they wrap."""
+
+    seed: int = 0
+    """The run's seed, for the server's own random choices."""
+    rounds: int | None = None
+    """``federation.rounds``, for server-side schedules."""
+    num_clients: int | None = None
+    """How many clients the federation has."""
+    clients_per_round: int | None = None
+    """How many clients each round samples."""
+    client_groups: tuple[str, ...] | None = None
+    """Each client's group (the most frequent value of ``partition.by`` in its shard) when the partition is over
+    a column; reference variants (e.g. oracle clusters) and agreement scores use it."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One thing an algorithm needs of the rest of the config: the text ``fedtune algorithms`` shows
+    (``requires``; None: not shown) and the check a run makes (``broken``: the one-line error, or None)."""
+
+    requires: str | None
+    broken: Callable[[Any], str | None] = lambda cfg: None
+
+
 class Algorithm(ABC):
-    """Base class: FedAvg-style defaults that subclasses override hook by hook; ``aggregate`` is theirs to define."""
+    """Base class: FedAvg-style defaults that subclasses override hook by hook; ``aggregate`` is theirs to define.
+
+    Capabilities (``personalized``, ``pools_data``, ``uses_base_weights``, ``adapters``, ``uses_aux_split``,
+    ``trains_on_server``) are declared on the class and read from the instance, so a wrapper
+    (:class:`~fedtune.algorithms.wrapper.Wrapper`) answers for the algorithm it wraps.
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
     requires: ClassVar[str] = ""
-    """What the algorithm needs or is meant for in the rest of the config, beyond what its flags below imply
-    (shown by ``fedtune algorithms``; see :meth:`requirements`)."""
+    """What the algorithm is meant for, beyond what its flags and :meth:`extra_rules` imply (shown by
+    ``fedtune algorithms``; advice, not checked)."""
     personalized: ClassVar[bool] = False
     """Each client ends with its own model: evaluate per client, on its own test shard."""
     pools_data: ClassVar[bool] = False
@@ -198,18 +230,10 @@ class Algorithm(ABC):
     """The algorithm trains on the server's own data (``partition.server_fraction``): the round loop hands it
     the run's :class:`~fedtune.server_context.ServerContext` once, before the first round (:meth:`setup_server`)."""
 
-    def __init__(self, options: dict[str, Any] | None = None, lora: LoraSetup | None = None,
-                 rounds: int | None = None, num_clients: int | None = None):
+    def __init__(self, options: dict[str, Any] | None = None, lora: LoraSetup | None = None):
         self.lora = lora or LoraSetup()
-        self.rounds = rounds
-        """The run's ``federation.rounds``, for server-side schedules (None outside a run)."""
-        self.num_clients = num_clients
-        """How many clients the federation has (None outside a run)."""
-        self.seed = 0
-        """The run's seed (``seed``), for the server's own random choices; set by the run."""
-        self.client_groups: list[str] | None = None
-        """Each client's group (the most frequent value of ``partition.by`` in its shard), set by the run when
-        the partition is over a column; reference variants (e.g. oracle clusters) and agreement scores use it."""
+        self.facts = RunFacts()
+        """The run's facts (:meth:`bind`); defaults outside a run."""
         try:
             self.options = self.Options.model_validate(options or {})
         except ValidationError as e:
@@ -218,28 +242,84 @@ class Algorithm(ABC):
             ) from None
 
     @classmethod
-    def requirements(cls) -> str:
-        """What the rest of the config must hold for this algorithm: implied by its flags, then ``requires``."""
-        parts = []
-        if cls.personalized:
-            parts.append("partition.client_test_fraction > 0 (each client is evaluated on its own test shard)")
-        if cls.pools_data:
-            parts.append("one rank for all (no lora.client_ranks / rank_tiers)")
-        if cls.adapters != Algorithm.adapters:
-            parts.append(f"model.finetune: {' or '.join(cls.adapters)}")
-        if cls.trains_on_server:
-            parts.append("partition.server_fraction > 0 (the server's own data)")
-        if cls.uses_aux_split:
-            parts.append("partition.client_aux_fraction > 0 (each client's auxiliary split)")
-        if cls.requires:
-            parts.append(cls.requires)
-        return "; ".join(parts)
-
-    @classmethod
-    def create(cls, options: dict[str, Any] | None = None, lora: LoraSetup | None = None,
-               rounds: int | None = None, num_clients: int | None = None) -> Algorithm:
+    def create(cls, options: dict[str, Any] | None = None, lora: LoraSetup | None = None) -> Algorithm:
         """The algorithm for ``options``: this class, or the variant of it that an option selects."""
-        return cls(options, lora, rounds, num_clients)
+        return cls(options, lora)
+
+    def bind(self, facts: RunFacts) -> Algorithm:
+        """Take the run's facts, once, when they are known (the partition drawn); returns the algorithm."""
+        self.facts = facts
+        return self
+
+    @property
+    def seed(self) -> int:
+        return self.facts.seed
+
+    @property
+    def rounds(self) -> int | None:
+        return self.facts.rounds
+
+    @property
+    def num_clients(self) -> int | None:
+        return self.facts.num_clients
+
+    @property
+    def client_groups(self) -> tuple[str, ...] | None:
+        return self.facts.client_groups
+
+    # ------------------------------------------------------------------ what the algorithm needs of a run
+    def rules(self) -> list[Rule]:
+        """Everything this algorithm needs of the rest of the config: implied by its capabilities, then
+        :meth:`extra_rules`. ``fedtune algorithms`` prints their text; a run checks each (:meth:`check`)."""
+        name = self.name
+        kinds = " or ".join(self.adapters)
+        rules = [Rule(None if self.adapters == Algorithm.adapters else f"model.finetune: {kinds}",
+                      lambda cfg: None if cfg.model.finetune in self.adapters else (
+                          f"algorithm '{name}' federates model.finetune={kinds}, not {cfg.model.finetune}; set "
+                          f"model.finetune={self.adapters[0]}, or choose an algorithm for {cfg.model.finetune} "
+                          "(fedtune algorithms lists what each requires)"))]
+        if self.personalized:
+            rules.append(Rule("partition.client_test_fraction > 0 (each client is evaluated on its own test shard)",
+                              lambda cfg: None if cfg.partition.client_test_fraction > 0 else (
+                                  f"algorithm '{name}' is evaluated on each client's own test shard; set "
+                                  "partition.client_test_fraction (e.g. 0.2)")))
+        if self.pools_data:
+            rules.append(Rule("one rank for all (no lora.client_ranks / rank_tiers)",
+                              lambda cfg: None if not cfg.lora.ranks(cfg.partition.num_clients) else (
+                                  f"algorithm '{name}' trains one pooled model; remove lora.client_ranks / "
+                                  "rank_tiers")))
+        if self.trains_on_server:
+            rules.append(Rule("partition.server_fraction > 0 (the server's own data)",
+                              lambda cfg: None if cfg.partition.server_fraction > 0 else (
+                                  f"algorithm '{name}' trains on the server's own data; set partition.server_fraction "
+                                  "(e.g. 0.2) to give the server a slice no client holds")))
+        aux = self.uses_aux_split
+        rules.append(Rule("partition.client_aux_fraction > 0 (each client's auxiliary split)" if aux else None,
+                          lambda cfg: None if (cfg.partition.client_aux_fraction > 0) == aux else (
+                              f"algorithm '{name}' measures routing on each client's auxiliary split: set "
+                              "partition.client_aux_fraction (e.g. 0.1)" if aux else
+                              "partition.client_aux_fraction holds out rows that algorithm "
+                              f"'{name}' never reads; remove it")))
+        rules += self.extra_rules()
+        if self.requires:
+            rules.append(Rule(self.requires))
+        return rules
+
+    def extra_rules(self) -> list[Rule]:
+        """Rules of this algorithm beyond its capabilities (e.g. one LoRA rank for every client)."""
+        return []
+
+    def requirements(self) -> str:
+        """What the rest of the config must hold for this algorithm, as ``fedtune algorithms`` shows it."""
+        return "; ".join(r.requires for r in self.rules() if r.requires)
+
+    def check(self, cfg: Any) -> None:
+        """Raise the first of :meth:`rules` that ``cfg`` (a :class:`~fedtune.config.RunConfig`) breaks, as its
+        one-line error."""
+        for rule in self.rules():
+            why = rule.broken(cfg)
+            if why:
+                raise FedtuneError(why)
 
     def advice(self, train: TrainConfig) -> list[str]:
         """Lines to show before a run: valid combinations with the clients' ``train`` config that are rarely meant."""

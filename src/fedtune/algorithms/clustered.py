@@ -106,8 +106,8 @@ class Clustered(FedIT):
     requires = ("one LoRA rank for every client; assign=oracle needs a partition by a group column "
                 "(natural or group_clusters); per-client evaluation (eval.per_client) scores each client's cluster")
 
-    def __init__(self, options=None, lora: LoraSetup | None = None, rounds=None, num_clients=None):
-        super().__init__(options, lora, rounds, num_clients)
+    def __init__(self, options=None, lora: LoraSetup | None = None):
+        super().__init__(options, lora)
         if self.lora.client_ranks is not None:
             raise FedtuneError("algorithm 'clustered' needs every client at one LoRA rank; remove lora.client_ranks "
                                "/ rank_tiers")
@@ -115,9 +115,13 @@ class Clustered(FedIT):
         if isinstance(o.n_clusters, int) and o.n_clusters < 1:
             raise FedtuneError("algorithm.options.n_clusters must be a positive integer or 'auto'")
         try:
-            self.server = SERVERS[o.server].create(o.server_options, self.lora, rounds, num_clients)
+            self.server = SERVERS[o.server].create(o.server_options, self.lora)
         except FedtuneError as e:
             raise FedtuneError(str(e).replace("algorithm.options", "algorithm.options.server_options")) from None
+
+    def bind(self, facts):
+        self.server.bind(facts)
+        return super().bind(facts)
 
     def clusters_in(self, rnd: int) -> bool:
         """Whether round ``rnd`` clusters the clients."""

@@ -181,9 +181,9 @@ class FLoRIST(_FloristFactors, _MergeEachRound):
     Options = FLoRISTOptions
 
     @classmethod
-    def create(cls, options=None, lora=None, rounds=None, num_clients=None) -> Algorithm:
-        algo = cls(options, lora, rounds, num_clients)
-        return FLoRISTTruncate(options, lora, rounds, num_clients) if algo.options.mode == "truncate" else algo
+    def create(cls, options=None, lora=None) -> Algorithm:
+        algo = cls(options, lora)
+        return FLoRISTTruncate(options, lora) if algo.options.mode == "truncate" else algo
 
 
 class _ContinueFromGlobal(_FactorAggregation):

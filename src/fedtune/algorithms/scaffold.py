@@ -46,9 +46,9 @@ from fedtune.algorithms.base import (
     ClientContext,
     ClientUpdate,
     Expected,
-    LoraSetup,
     NoOptions,
     Payload,
+    Rule,
     ServerState,
 )
 from fedtune.errors import FedtuneError
@@ -79,11 +79,10 @@ class Scaffold(Algorithm):
     Options = ScaffoldOptions
     requires = "one LoRA rank for every client (no lora.client_ranks / rank_tiers)"
 
-    def __init__(self, options=None, lora: LoraSetup | None = None, rounds=None, num_clients=None):
-        super().__init__(options, lora, rounds, num_clients)
-        if self.lora.client_ranks is not None:
-            raise FedtuneError("algorithm 'scaffold' needs every client at one LoRA rank; remove lora.client_ranks / "
-                               "rank_tiers (or use fedit, flora, florist, flexlora)")
+    def extra_rules(self) -> list[Rule]:
+        return [Rule(None, lambda cfg: None if not cfg.lora.ranks(cfg.partition.num_clients) else (
+            "algorithm 'scaffold' needs every client at one LoRA rank; remove lora.client_ranks / rank_tiers (or "
+            "use fedit, flora, florist, flexlora)"))]
 
     # ------------------------------------------------------------------ server
     def init(self, initial: Tensors) -> ServerState:
