@@ -394,6 +394,25 @@ class FederationConfig(_Strict):
         return self
 
 
+class WrapperConfig(_Strict):
+    """One wrapper around the algorithm (``fedtune algorithms`` lists them, and what each can wrap)."""
+
+    name: str
+    """A wrapper's name, e.g. ``clip``."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """The wrapper's own options, validated by it."""
+
+
+class ReducerConfig(_Strict):
+    """How the algorithm takes the mean of its clients' tensors (``fedtune algorithms`` lists the reducers)."""
+
+    name: str = "mean"
+    """``mean`` (the weighted mean, folded as updates arrive), or a robust rule: ``median``, ``trimmed_mean``,
+    ``krum``."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """The reducer's own options (e.g. ``beta`` of ``trimmed_mean``, ``f`` and ``m`` of ``krum``)."""
+
+
 class AlgorithmConfig(_Strict):
     """Which federated algorithm runs, and its own options."""
 
@@ -401,6 +420,10 @@ class AlgorithmConfig(_Strict):
     """A name from ``fedtune algorithms``: ``fedit``, ``fedadam``, ``local``, ``flora``, ..."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Algorithm-specific options, validated by the algorithm itself (``fedtune algorithms`` lists them)."""
+    wrappers: list[WrapperConfig] = Field(default_factory=list)
+    """Wrappers around the algorithm, innermost first (e.g. ``[{name: clip, options: {bound: median}}]``)."""
+    reducer: ReducerConfig = Field(default_factory=ReducerConfig)
+    """Where the algorithm takes a mean of its clients' tensors, the rule it uses."""
 
 
 class EvalConfig(_Strict):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedtune.aggregation import Tensors
-from fedtune.algorithms import Algorithm, LoraSetup, RunFacts, build_algorithm
+from fedtune.algorithms import Algorithm, LoraSetup, RunFacts, build_algorithm, wrap
 from fedtune.config import DataConfig, RunConfig
 from fedtune.data import TaskData, load_task_data, partition_clients, partition_summary, split_client_test
 from fedtune.data.partition import add_client_splits, counts_summary, server_split
@@ -262,7 +262,7 @@ def algorithm_for(cfg: RunConfig) -> Algorithm:
     (the run's facts are bound once the partition is drawn: :meth:`Algorithm.bind`)."""
     ranks = cfg.lora.ranks(cfg.partition.num_clients)
     lora = LoraSetup(scale=cfg.lora.alpha / cfg.lora.r, client_ranks=tuple(ranks) if ranks else None)
-    return build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora)
+    return wrap(build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora), cfg.algorithm.wrappers)
 
 
 Holds = Literal["all", "none"] | int

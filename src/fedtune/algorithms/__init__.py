@@ -25,6 +25,7 @@ from fedtune.algorithms.hetero_lora import FLoRA, FLoRIST, FlexLoRA
 from fedtune.algorithms.local import LocalOnly
 from fedtune.algorithms.scaffold import Scaffold
 from fedtune.algorithms.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from fedtune.algorithms.wrapper import Wrapper
 from fedtune.errors import FedtuneError
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
@@ -32,6 +33,10 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     for cls in (FedIT, FedProx, Scaffold, FedAvgM, FedAdam, FedYogi, FedAdagrad, Clustered, LocalOnly, Centralized,
                 FLoRA, FLoRIST, FlexLoRA, FedKD, FedAMoLE)
 }
+
+
+WRAPPERS: dict[str, type[Wrapper]] = {}
+"""The wrappers ``algorithm.wrappers`` can name (each module registers its own below)."""
 
 
 def build_algorithm(name: str, options: dict[str, Any] | None = None, lora: LoraSetup | None = None,
@@ -50,6 +55,19 @@ def build_algorithm(name: str, options: dict[str, Any] | None = None, lora: Lora
     return algorithm
 
 
+def wrap(algorithm: Algorithm, wrappers: list[Any]) -> Algorithm:
+    """``algorithm`` inside each of ``wrappers`` (``algorithm.wrappers`` entries, innermost first)."""
+    for w in wrappers:
+        if w.name not in WRAPPERS:
+            close = difflib.get_close_matches(w.name, WRAPPERS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise FedtuneError(f"unknown wrapper '{w.name}' in algorithm.wrappers{hint} (choose from: "
+                               f"{', '.join(WRAPPERS) or 'none registered'})")
+        algorithm = WRAPPERS[w.name](algorithm, w.options)
+    return algorithm
+
+
 __all__ = [
-    "ALGORITHMS", "Algorithm", "ClientContext", "ClientUpdate", "Expected", "LoraSetup", "Rule", "RunFacts", "Payload", "ServerState", "build_algorithm",
+    "ALGORITHMS", "WRAPPERS", "Algorithm", "ClientContext", "ClientUpdate", "Expected", "LoraSetup", "Payload", "Rule",
+    "RunFacts", "ServerState", "Wrapper", "build_algorithm", "wrap",
 ]

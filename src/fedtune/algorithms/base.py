@@ -252,6 +252,11 @@ class Algorithm(ABC):
         return self
 
     @property
+    def label(self) -> str:
+        """What the run calls this algorithm: its name, and with wrappers, theirs (``fedadam+clip``)."""
+        return self.name
+
+    @property
     def seed(self) -> int:
         return self.facts.seed
 

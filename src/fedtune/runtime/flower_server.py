@@ -213,8 +213,8 @@ class FlowerPool:
             else:
                 node_of[cid], reports[cid] = node, report
         if failed:
-            raise FedtuneError(f"{len(failed)} node{'s' * (len(failed) != 1)} could not start {'their' if len(failed) != 1 else 'its'} "
-                               f"client: " + "; ".join(sorted(failed)))
+            nodes = f"{len(failed)} nodes could not start their" if len(failed) > 1 else "1 node could not start its"
+            raise FedtuneError(f"{nodes} client: " + "; ".join(sorted(failed)))
         missing = sorted(set(range(need)) - set(node_of))
         if missing:
             how = ("--node-config 'client-id=<i> data-path=<file>'" if self.exp.cfg.partition.method == "files"
