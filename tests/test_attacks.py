@@ -59,7 +59,12 @@ def test_a_change_attack_sends_its_factor_times_the_honest_change(honest, tmp_pa
     if factor is None:  # every client trains every round: γ = Σ n_j / n_a, the inverse of its weight share
         factor = sum(sizes) / sizes[ATTACKER]
         assert boost_factor(ATTACKER, sizes, 3) == pytest.approx(factor)
-        assert boost_factor(0, [10, 30, 20, 20], 2) == pytest.approx((10 + 1 * 70 / 3) / 10)  # sampled: expected
+        # sampled (K = 2 of 4): its expected share 10 / (10 + 1 · 70/3)
+        assert boost_factor(0, [10, 30, 20, 20], 2) == pytest.approx((10 + 70 / 3) / 10)
+        # two attackers, everyone in every round: γ divided between them, Σ_a p_a γ_a Δ_a = the mean of their Δ_a
+        assert boost_factor(0, [10, 30, 20, 20], 4, attackers=2) == pytest.approx(80 / 10 / 2)
+        # two of 4 attackers, K = 3: 1 + 1 · 2/3 of them expected in a round
+        assert boost_factor(1, [10, 30, 20, 20], 3, attackers=2) == pytest.approx((30 + 2 * 50 / 3) / 30 / (5 / 3))
     for cid in (0, 2):  # honest clients are untouched
         assert all(torch.equal(updates[cid].tensors[n], t) for n, t in honest_updates[cid].tensors.items())
     start = payloads[ATTACKER].tensors  # FedIT: the client starts from the global model it received

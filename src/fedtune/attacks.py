@@ -30,14 +30,18 @@ label_flip  its honest update, trained on labels C − 1 − y (C classes) of it
 2020, §3.2, model replacement). The paper's server takes
 G⁺ = G + (η/n) Σ_{i=1..m} (L_i − G) over the m clients of a round, and the
 attacker sends L̃ = γ(X − G) + G with γ = n/η, so that its model X replaces G
-when the honest changes cancel; for FedAvg (η = n/m) that is γ = m. fedtune's
-FedAvg weights client i by its training rows, p_i = n_i / Σ_{j ∈ round} n_j,
-so the same replacement needs γ = 1/p_a. The attacker knows every client's
-size but not who else is sampled in a round of K, so it takes
-γ = (n_a + (K − 1)·n̄) / n_a, n̄ the mean training rows of the other clients:
-exactly 1/p_a when every client trains every round, and the paper's γ = m
-for equal shards. ``scale`` gives γ instead (e.g. under a server optimiser,
-whose own step the paper's γ divides by).
+when the honest changes cancel; for FedAvg (η/n = 1/m) that is γ = m. The
+reference code (``training.py``, lines 266–273 of ebagdasa/
+backdoor_federated_learning) divides γ among the round's a attackers:
+L̃ = G + (γ/a)(X − G). fedtune's FedAvg weights client i by its training
+rows, p_i = n_i / Σ_{j ∈ round} n_j, so the same replacement needs
+γ = 1/(p_att · a). An attacker knows every client's size but not who else is
+sampled in a round of K of the N clients, so it takes the expected values:
+p̂ = n_att / (n_att + (K − 1)·n̄), n̄ the mean training rows of the other
+clients, and â = 1 + (A − 1)(K − 1)/(N − 1) of the A attackers. This is
+exact when every client trains every round, and the paper's γ = m for one
+attacker and equal shards. ``scale`` gives γ instead (e.g. under a server
+optimiser, whose own step the paper's γ divides by).
 """
 
 from __future__ import annotations
@@ -117,12 +121,15 @@ class Attack:
         return out
 
 
-def boost_factor(client_id: int, sizes: Sequence[int], per_round: int) -> float:
-    """γ = (n_a + (K − 1)·n̄) / n_a: 1 / client ``client_id``'s weight share in a round of K = ``per_round``
-    clients of mean size n̄ = the mean of the other clients' ``sizes`` (training rows)."""
-    n_a = sizes[client_id]
-    others = (sum(sizes) - n_a) / (len(sizes) - 1) if len(sizes) > 1 else 0.0
-    return (n_a + (per_round - 1) * others) / n_a
+def boost_factor(client_id: int, sizes: Sequence[int], per_round: int, attackers: int = 1) -> float:
+    """γ = 1 / (p̂ · â) for client ``client_id`` (module docstring): p̂ = n_att / (n_att + (K − 1)·n̄) its expected
+    weight share in a round of K = ``per_round`` clients, n̄ the mean of the other clients' ``sizes`` (training
+    rows), and â = 1 + (A − 1)(K − 1)/(N − 1) the expected number of the A = ``attackers`` in its round."""
+    n_att, n = sizes[client_id], len(sizes)
+    others = (sum(sizes) - n_att) / (n - 1) if n > 1 else 0.0
+    share = n_att / (n_att + (per_round - 1) * others)
+    in_round = 1 + (attackers - 1) * (per_round - 1) / (n - 1) if n > 1 else 1.0
+    return 1 / (share * in_round)
 
 
 def check_attack(cfg: RunConfig, algorithm: Algorithm, num_clients: int | None) -> None:
@@ -156,7 +163,7 @@ def attack_for(cfg: RunConfig, algorithm: Algorithm, num_clients: int, sizes: Se
     kind = attack.kind
     factors: dict[int, float] = {}
     if kind == "boost" and attack.scale is None:
-        factors = {c: boost_factor(c, sizes, per_round) for c in attack.clients}
+        factors = {c: boost_factor(c, sizes, per_round, len(attack.clients)) for c in attack.clients}
     elif kind in ("sign_flip", "scale", "boost"):
         factors = {c: -attack.scale if kind == "sign_flip" else attack.scale for c in attack.clients}
     return Attack(attack, cfg.seed, algorithm.name, factors)

@@ -374,8 +374,8 @@ class AttackConfig(_Strict):
     """With Δ = θ − θ⁰ the attacker's honest change over its model tensors: ``sign_flip`` sends θ⁰ − scale·Δ;
     ``scale`` θ⁰ + scale·Δ; ``noise`` θ + N(0, std²) per coordinate, seeded by (run seed, round, client);
     ``label_flip`` trains on the labels C − 1 − y (classification, C classes); ``boost`` is model replacement
-    (Bagdasaryan et al., AISTATS 2020): θ⁰ + γ·Δ, γ = 1 / the attacker's expected weight share in a round
-    (``scale`` sets γ instead). ``none``: no attack."""
+    (Bagdasaryan et al., AISTATS 2020): θ⁰ + γ·Δ, γ = 1 / (the attacker's expected weight share in a round × the
+    expected number of attackers in it) (``scale`` sets γ instead). ``none``: no attack."""
     clients: list[int] = Field(default_factory=list)
     """The ids of the attacking clients (0 .. number of clients − 1)."""
     scale: float | None = Field(default=None, gt=0)
