@@ -367,8 +367,8 @@ ATTACK_OPTIONS = {"sign_flip": ("scale",), "scale": ("scale",), "noise": ("std",
 
 class AttackConfig(_Strict):
     """A simulated attack, to measure defences against: the clients listed change what they send, or what they
-    train on (:mod:`fedtune.attacks`). It runs in the client half, so every runtime runs it, and is recorded in
-    ``partition.json``, ``summary.json`` and the model card."""
+    train on. It runs in the client half, so every runtime runs it, and is recorded in ``partition.json``,
+    ``summary.json`` and the model card."""
 
     kind: Literal["none", "sign_flip", "scale", "noise", "label_flip", "boost"] = "none"
     """With Δ = θ − θ⁰ the attacker's honest change over its model tensors: ``sign_flip`` sends θ⁰ − scale·Δ;
