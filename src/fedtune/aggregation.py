@@ -1,4 +1,4 @@
-"""Pure tensor math shared by algorithms: weighted means and exact byte counts.
+"""Pure tensor math shared by algorithms: weighted means, robust aggregates and exact byte counts.
 
 ``Tensors`` is a flat mapping from parameter name to tensor, the unit every
 payload and update is made of.
@@ -6,6 +6,7 @@ payload and update is made of.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -46,6 +47,170 @@ def weighted_mean(tensor_sets: Sequence[Mapping[str, torch.Tensor]], weights: Se
             acc.add_(ts[name].to(torch.float64), alpha=pi)
         out[name] = acc.to(tensor_sets[0][name].dtype)
     return out
+
+
+class StreamingMean:
+    """The weighted mean Σ_i n_i·θ_i / Σ_i n_i, folded one update at a time in constant memory.
+
+    Per tensor it keeps S = Σ_i n_i·θ_i as a double-double (hi + lo, two float64 tensors): a term x is added
+    as (s, e) = TwoSum(hi, x), (hi, lo) = TwoSum(s, e + lo), Knuth's TwoSum giving the rounding error of a
+    float64 sum exactly (:func:`_two_sum`). For a float32 θ_i and an integer weight n_i < 2²⁹ the term n_i·θ_i
+    is exact in float64, so S is known to about 2⁻¹⁰⁰ of Σ|n_i·θ_i| whatever the order: the float32 result of
+    the same updates in any order is bit-identical (unless S lies within that distance of a rounding
+    boundary). :meth:`result` is (hi + lo) / Σ n_i, cast back.
+    """
+
+    def __init__(self) -> None:
+        self._hi: Tensors = {}
+        self._lo: Tensors = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self.total_weight = 0.0
+        """Σ n_i of the updates folded so far."""
+        self.count = 0
+        """How many updates were folded."""
+
+    def add(self, tensors: Mapping[str, torch.Tensor], weight: float) -> None:
+        """Fold one update θ_i with weight n_i > 0; every update must hold the first one's names and shapes."""
+        if not weight > 0:
+            raise ValueError(f"streaming mean: weights must be positive, got {weight}")
+        if not self._hi:
+            if not tensors:
+                raise ValueError("streaming mean: an update holds no tensors")
+            self._dtypes = {n: t.dtype for n, t in tensors.items()}
+            self._hi = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in tensors.items()}
+            self._lo = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in tensors.items()}
+        elif tensors.keys() != self._hi.keys():
+            raise ValueError("streaming mean: the update holds other tensor names than the first one")
+        for name, t in tensors.items():  # all checked before any is folded
+            if t.shape != self._hi[name].shape:
+                raise ValueError(f"streaming mean: tensor {name!r} has shape {tuple(t.shape)}, the first update's "
+                                 f"{tuple(self._hi[name].shape)}")
+        for name, t in tensors.items():
+            hi, lo = self._hi[name], self._lo[name]
+            s, e = _two_sum(hi, t.to(torch.float64) * float(weight))
+            s, e = _two_sum(s, e + lo)
+            hi.copy_(s)
+            lo.copy_(e)
+        self.total_weight += float(weight)
+        self.count += 1
+
+    def result(self) -> Tensors:
+        """(hi + lo) / Σ n_i per name, in the dtype of the first update's tensor."""
+        if not self.count:
+            raise ValueError("streaming mean: no update was added")
+        return {n: ((hi + self._lo[n]) / self.total_weight).to(self._dtypes[n]) for n, hi in self._hi.items()}
+
+
+def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Knuth's TwoSum: s = fl(a + b) and e with s + e = a + b exactly (float64, any magnitudes):
+    b' = s − a, e = (a − (s − b')) + (b − b')."""
+    s = a + b
+    bv = s - a
+    return s, (a - (s - bv)) + (b - bv)
+
+
+# ---- robust aggregation
+#
+# Each rule sees the clients' tensor sets (all with the same names and shapes) and is
+# computed in float64, returned in the first set's dtypes. They are unweighted, as in
+# their papers: a client's sample count is its own word, and a weight is what an
+# attacker would inflate.
+
+
+def _stacked(sets: Sequence[Mapping[str, torch.Tensor]], what: str) -> dict[str, torch.Tensor]:
+    """Per name, the sets' tensors stacked along a new first axis in float64 (n × shape)."""
+    if not sets:
+        raise ValueError(f"{what}: cannot aggregate an empty list of updates")
+    names = sets[0].keys()
+    for ts in sets[1:]:
+        if ts.keys() != names:
+            raise ValueError(f"{what}: updates hold different tensor names")
+    out = {}
+    for name in names:
+        shapes = {tuple(ts[name].shape) for ts in sets}
+        if len(shapes) > 1:
+            raise ValueError(f"{what}: tensor {name!r} has different shapes across updates: {sorted(shapes)}")
+        out[name] = torch.stack([ts[name].to(torch.float64) for ts in sets])
+    return out
+
+
+def coordinate_median(sets: Sequence[Mapping[str, torch.Tensor]]) -> Tensors:
+    """Coordinate-wise median (Yin et al., "Byzantine-robust distributed learning: towards optimal statistical
+    rates", ICML 2018): θ[k] = med_i θ_i[k] for every coordinate k, unweighted.
+
+    For an even count the median is the mean of the two middle values, as numpy's ``median`` and Flower's
+    FedMedian take it (``torch.median`` would take the lower one).
+    """
+    out: Tensors = {}
+    for name, stack in _stacked(sets, "coordinate median").items():
+        ordered = stack.sort(dim=0).values
+        n = ordered.shape[0]
+        mid = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+        out[name] = mid.to(sets[0][name].dtype)
+    return out
+
+
+def trimmed_mean(sets: Sequence[Mapping[str, torch.Tensor]], beta: float) -> Tensors:
+    """Coordinate-wise trimmed mean (Yin et al., ICML 2018): per coordinate, drop the k = ⌊β·n⌋ largest and the
+    k smallest of the n values and average the n − 2k left, unweighted (Flower's FedTrimmedAvg, scipy's
+    ``trim_mean``). β ∈ [0, ½): β ≥ ½ could leave nothing.
+    """
+    if not 0 <= beta < 0.5:
+        raise ValueError(f"trimmed mean: β must be in [0, 0.5) so that trimming ⌊β·n⌋ values from each end leaves "
+                         f"some, got {beta}")
+    out: Tensors = {}
+    for name, stack in _stacked(sets, "trimmed mean").items():
+        n = stack.shape[0]
+        k = int(beta * n)
+        out[name] = stack.sort(dim=0).values[k:n - k].mean(dim=0).to(sets[0][name].dtype)
+    return out
+
+
+def krum_scores(sets: Sequence[Mapping[str, torch.Tensor]], f: int) -> list[float]:
+    """Krum's scores (Blanchard et al., "Machine learning with adversaries: Byzantine tolerant gradient
+    descent", NeurIPS 2017): with x_i the concatenation of client i's flattened tensors,
+    score_i = Σ_{j ∈ N_i} ‖x_i − x_j‖², N_i the n − f − 2 clients nearest to i (i itself excluded).
+
+    Distances are taken in float64 as ‖x_i − x_j‖² directly (Flower's ‖x_i‖² + ‖x_j‖² − 2 x_i·x_j cancels
+    for close updates). The paper's guarantee needs n > 2f + 2; n − f − 2 < 1 leaves no neighbour to score.
+    """
+    n = len(sets)
+    if f < 0:
+        raise ValueError(f"Krum: the number of Byzantine clients f must be ≥ 0, got {f}")
+    neighbours = n - f - 2
+    if neighbours < 1:
+        raise ValueError(f"Krum scores each update by its n − f − 2 nearest others, which needs n ≥ f + 3: "
+                         f"got n = {n}, f = {f}")
+    stacks = _stacked(sets, "Krum")
+    x = torch.cat([s.reshape(n, -1) for s in stacks.values()], dim=1)
+    scores = []
+    for i in range(n):
+        d = (x - x[i]).pow(2).sum(dim=1)
+        others = torch.cat([d[:i], d[i + 1:]])
+        scores.append(float(others.sort().values[:neighbours].sum()))
+    return scores
+
+
+def krum_select(sets: Sequence[Mapping[str, torch.Tensor]], f: int, m: int = 1) -> list[int]:
+    """The indices of the m updates with the lowest :func:`krum_scores`, lowest first, ties by index: Krum for
+    m = 1, multi-Krum (Blanchard et al. 2017, whose aggregate is the mean of these m) for m ≥ 1."""
+    if not 1 <= m <= len(sets):
+        raise ValueError(f"multi-Krum selects m of the n = {len(sets)} updates: m must be in 1..{len(sets)}, got {m}")
+    scores = krum_scores(sets, f)
+    return sorted(range(len(sets)), key=lambda i: (scores[i], i))[:m]
+
+
+def clip_change(delta: Mapping[str, torch.Tensor], bound: float) -> tuple[Tensors, float]:
+    """Norm bounding (Sun et al., "Can you really backdoor federated learning?", 2019): Δ ← Δ · min(1, C / ‖Δ‖₂),
+    ‖Δ‖₂ over all of Δ's tensors together, in float64. Returns the scaled change and the factor; a change
+    within the bound comes back as is, with factor 1."""
+    if not bound > 0:
+        raise ValueError(f"norm bound must be positive, got {bound}")
+    norm = math.sqrt(sum(float(t.to(torch.float64).pow(2).sum()) for t in delta.values()))
+    if norm <= bound:
+        return dict(delta), 1.0
+    factor = bound / norm
+    return {n: (t.to(torch.float64) * factor).to(t.dtype) for n, t in delta.items()}, factor
 
 
 # ---- heterogeneous-rank LoRA factors

@@ -360,6 +360,55 @@ class TrainConfig(_Strict):
         return self
 
 
+ATTACK_OPTIONS = {"sign_flip": ("scale",), "scale": ("scale",), "noise": ("std",), "label_flip": (),
+                  "boost": ("scale",)}
+"""The options each kind of ``federation.attack`` takes."""
+
+
+class AttackConfig(_Strict):
+    """A simulated attack, to measure defences against: the clients listed change what they send, or what they
+    train on. It runs in the client half, so every runtime runs it, and is recorded in ``partition.json``,
+    ``summary.json`` and the model card."""
+
+    kind: Literal["none", "sign_flip", "scale", "noise", "label_flip", "boost"] = "none"
+    """With Δ = θ − θ⁰ the attacker's honest change over its model tensors: ``sign_flip`` sends θ⁰ − scale·Δ;
+    ``scale`` θ⁰ + scale·Δ; ``noise`` θ + N(0, std²) per coordinate, seeded by (run seed, round, client);
+    ``label_flip`` trains on the labels C − 1 − y (classification, C classes); ``boost`` is model replacement
+    (Bagdasaryan et al., AISTATS 2020): θ⁰ + γ·Δ, γ = 1 / (the attacker's expected weight share in a round × the
+    expected number of attackers in it) (``scale`` sets γ instead). ``none``: no attack."""
+    clients: list[int] = Field(default_factory=list)
+    """The ids of the attacking clients (0 .. number of clients − 1)."""
+    scale: float | None = Field(default=None, gt=0)
+    """``sign_flip``: s in −s·Δ (default 1); ``scale``: s in s·Δ (required); ``boost``: γ, instead of the factor
+    computed from the clients' sizes."""
+    std: float | None = Field(default=None, gt=0)
+    """``noise``: the standard deviation of the Gaussian noise added to every model tensor sent (required)."""
+
+    @model_validator(mode="after")
+    def _options_of_the_kind(self) -> "AttackConfig":
+        given = [key for key in ("clients", "scale", "std") if getattr(self, key)]
+        if self.kind == "none":
+            if given:
+                raise ValueError(f"federation.attack.{given[0]} describes an attack, but federation.attack.kind is "
+                                 "none; set a kind (sign_flip, scale, noise, label_flip, boost) or remove it")
+            return self
+        for key in ("scale", "std"):
+            if getattr(self, key) is not None and key not in ATTACK_OPTIONS[self.kind]:
+                raise ValueError(f"federation.attack.{key} does not apply to kind={self.kind}; remove it")
+        if not self.clients:
+            raise ValueError(f"federation.attack.kind={self.kind} needs federation.attack.clients, the ids of the "
+                             "attacking clients (e.g. [0])")
+        if min(self.clients) < 0 or len(set(self.clients)) < len(self.clients):
+            raise ValueError(f"federation.attack.clients must be distinct client ids ≥ 0, got {self.clients}")
+        if self.kind == "scale" and self.scale is None:
+            raise ValueError("federation.attack.kind=scale needs federation.attack.scale, the factor s of s·Δ")
+        if self.kind == "noise" and self.std is None:
+            raise ValueError("federation.attack.kind=noise needs federation.attack.std, the noise's standard deviation")
+        if self.kind == "sign_flip" and self.scale is None:
+            self.__dict__["scale"] = 1.0
+        return self
+
+
 class FederationConfig(_Strict):
     """Rounds and client sampling."""
 
@@ -386,6 +435,7 @@ class FederationConfig(_Strict):
     round_timeout_s: float | None = Field(default=3600.0, gt=0)
     """Flower runtime: seconds the server waits for a round's replies (training, and evaluation); late clients
     count as missing. null: wait for every reply, however long (a node that hangs then stops the run)."""
+    attack: AttackConfig = Field(default_factory=AttackConfig)
 
     @model_validator(mode="after")
     def _count_or_fraction(self) -> "FederationConfig":

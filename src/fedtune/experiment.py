@@ -17,6 +17,7 @@ import torch
 
 from fedtune.aggregation import Tensors
 from fedtune.algorithms import Algorithm, LoraSetup, RunFacts, build_algorithm, wrap
+from fedtune.attacks import Attack, attack_for, check_attack
 from fedtune.config import DataConfig, RunConfig
 from fedtune.data import TaskData, load_task_data, partition_clients, partition_summary, split_client_test
 from fedtune.data.partition import add_client_splits, counts_summary, server_split
@@ -89,6 +90,8 @@ class Experiment:
     """Where lines for people go (the run's console)."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     """Where ``model`` computes (``train.device`` resolved); every tensor outside the model is on the CPU."""
+    attack: Attack | None = None
+    """The run's simulated attack (``federation.attack``), which its clients apply; None: no attack."""
     _server: ServerContext | None = field(default=None, repr=False)
 
     def server_context(self, run_dir: Path | None = None) -> ServerContext:
@@ -303,11 +306,14 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
     if cfg.eval.after_local_training and cfg.partition.client_test_fraction <= 0:
         raise FedtuneError("eval.after_local_training scores each client on its own test shard; set "
                            "partition.client_test_fraction (e.g. 0.2)")
+    check_attack(cfg, algorithm, cfg.partition.num_clients)
     load = _node_local_data if cfg.partition.method == "files" else _split_data
     data = load(cfg, algorithm, holds, data_path, note)
     algorithm.bind(RunFacts(seed=cfg.seed, rounds=cfg.federation.rounds, num_clients=data.num_clients,
                             clients_per_round=1 if algorithm.pools_data else clients_per_round(cfg, data.num_clients),
                             client_groups=data.client_groups))
+    attack = (attack_for(cfg, algorithm, data.num_clients, [tr for tr, _ in data.sizes],
+                         clients_per_round(cfg, data.num_clients)) if cfg.federation.attack.kind != "none" else None)
     if ranks and len(ranks) != data.num_clients:
         raise FedtuneError(f"lora.client_ranks / rank_tiers give {len(ranks)} ranks but partition.method="
                            f"{cfg.partition.method} gives {data.num_clients} clients (one per value of "
@@ -351,7 +357,10 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
     for cid, (t, train_rows, aux_rows, test_rows) in data.clients.items():
         if id(t) not in encoded:
             encoded[id(t)] = encode(t, t.train)
-        clients[cid] = ClientData(encoded[id(t)], train_rows, test_rows, aux_rows)
+        examples = encoded[id(t)]
+        if attack is not None:  # a label flipper trains on its own relabelled copy
+            examples = attack.training_examples(cid, examples, train_rows, len(label_names))
+        clients[cid] = ClientData(examples, train_rows, test_rows, aux_rows)
     evaluation = encode(task, task.eval) if task is not None and task.eval is not None else None
     if evaluation is not None and not sft:
         evaluation.groups = eval_groups(task.eval, data.summary.get("group_column"))
@@ -378,6 +387,7 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
         server_rows=data.server_rows,
         note=note,
         device=device,
+        attack=attack,
     )
     if cfg.partition.method == "files" and holds == "all":
         exp.describe_clients({cid: exp.client_report(cid) for cid in clients})

@@ -83,6 +83,9 @@ def model_card(cfg: RunConfig, summary: dict[str, Any], partition: dict[str, Any
             f"a LoRA adapter for {base}")
     lines = [f"# {cfg.name}: {what}" + (f" ({who})" if who else ""), "",
              f"Trained by fedtune with `{cfg.algorithm.name}`" + (f": {algo.summary}." if algo else "."), ""]
+    if summary.get("attack"):
+        lines += [f"**This run was attacked**, on purpose, to measure a defence: {_attack(summary['attack'])} "
+                  "(`federation.attack`).", ""]
     lines += ["## Training", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in _training_rows(cfg, summary, partition, adapter, base)]
     lines += ["", "## Results after the last round", ""]
@@ -141,6 +144,18 @@ def _training_rows(cfg: RunConfig, summary: dict, partition: dict, adapter: dict
         ("communication", f"{human_bytes(summary['cum_bytes_up'])} up, {human_bytes(summary['cum_bytes_down'])} down"),
         ("time", f"{human_seconds(summary['seconds'])} ({summary.get('runtime', 'inprocess')} runtime)"),
     ]
+
+
+def _attack(attack: dict) -> str:
+    """What the attackers of a run did, from ``summary.json``'s ``attack``."""
+    who = f"client{'s' * (len(attack['clients']) > 1)} {', '.join(map(str, attack['clients']))}"
+    kind = attack["kind"]
+    if kind == "noise":
+        return f"{who} added Gaussian noise (σ = {attack['std']:g}) to the tensors they sent"
+    if kind == "label_flip":
+        return f"{who} trained on flipped labels (C − 1 − y)"
+    factors = ", ".join(f"{k:.4g}" for k in dict.fromkeys(attack["factors"].values()))
+    return f"{who} sent θ⁰ + k·Δ, their change Δ multiplied by k = {factors} (`{kind}`)"
 
 
 def _precision(cfg: RunConfig) -> str:

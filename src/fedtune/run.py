@@ -175,7 +175,7 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
     log.write_summary({"final": final, "rounds": cfg.federation.rounds, "seconds": seconds, "runtime": runtime,
                        "resumed_after_round": ckpt.round if ckpt else None,
                        "cum_bytes_up": last["cum_bytes_up"], "cum_bytes_down": last["cum_bytes_down"],
-                       "client_problems": problems})
+                       "client_problems": problems, "attack": exp.attack.record() if exp.attack else None})
     write_model_cards(cfg.run_dir)
     if problems:
         clients = sorted({p["client"] for p in problems})
@@ -191,7 +191,8 @@ def _describe_data(exp: Experiment, log: RunLog, console: Console) -> None:
     log.write_json("partition.json", {**exp.partition, "skipped_rows": task.skipped_rows if task else 0,
                                       "source": task.source if task else None,
                                       "text_columns": list(task.text_columns) if task else [],
-                                      "eval": task.eval_origin if task else []})
+                                      "eval": task.eval_origin if task else [],
+                                      "attack": exp.attack.record() if exp.attack else None})
     console.print(summary_table(exp.partition))
     gap = exp.evaluation_gap()
     if gap:

@@ -55,6 +55,8 @@ def client_round(
         )
     ctx.train_loss = loss
     update = algo.update(ctx)
+    if exp.attack is not None:  # a simulated attacker changes what it sends (federation.attack)
+        update = exp.attack.apply(update, algo.at_client_rank(client_id, ctx.start), rnd)
     update.metrics.update(train_loss=loss, steps=steps, examples_seen=seen, **usage.metrics())
     if cfg.eval.after_local_training and evaluated_round(cfg, rnd) and len(data.test):
         update.metrics.update({FT + k: v for k, v in exp.evaluate(data.examples, data.test).items()})
