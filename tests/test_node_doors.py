@@ -159,3 +159,12 @@ def test_the_worker_keeps_serving_after_a_bad_connection(tmp_path, tiny_model_di
         Client(path, family="AF_UNIX", authkey=b"wrong key")
     report = dict(worker_call(worker.folder, ("query", _hello(cfg), node, None))[0]["metrics"])
     assert report["client_id"] == 0
+
+
+def test_a_deployed_node_refuses_to_attack_on_the_servers_say(tmp_path, tiny_model_dir, tiny_tsv_dataset, worker):
+    files = client_files(tmp_path / "nodes", tiny_tsv_dataset)
+    cfg = files_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "a",
+                    federation={"rounds": 1, "attack": {"kind": "sign_flip", "clients": [0]}})
+    node = {"client-id": 0, "data-path": str(files[0]), "model-root": str(tiny_model_dir)}
+    with pytest.raises(WorkerError, match="a deployed node never misbehaves on the server's say"):
+        worker_call(worker.folder, ("query", _hello(cfg), node, None))

@@ -178,6 +178,9 @@ def node_experiment(run_json: str, node_config: dict[str, Any], deployed: bool =
     where = node_data(cfg, node_config, deployed)
     if deployed:
         check_model_name(cfg, node_config)
+        if cfg.federation.attack.kind != "none":
+            raise public_error(f"the run asks nodes to attack (federation.attack: {cfg.federation.attack.kind}); a "
+                               "deployed node never misbehaves on the server's say: attacks are for simulations")
     run_hash = hashlib.sha256(run_json.encode()).hexdigest()
     with _LOCK:
         built = _BUILT
