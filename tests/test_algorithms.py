@@ -264,9 +264,11 @@ def test_after_local_training_scores_each_trained_client_on_its_own_test_shard(t
 
     class Keeping(InProcessPool):
         def train(self, rnd, payloads, lr):
-            out = super().train(rnd, payloads, lr)
-            updates.append(out)
-            return out
+            kept = []
+            updates.append(kept)
+            for u in super().train(rnd, payloads, lr):
+                kept.append(u)
+                yield u
 
     run_rounds(exp, Keeping(exp), RunLog(cfg.run_dir))
     rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]

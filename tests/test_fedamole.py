@@ -68,9 +68,11 @@ def test_a_client_receives_and_sends_exactly_its_experts_shared_router_and_head(
 
     class Watching(InProcessPool):
         def train(self, rnd, payloads, lr):
-            out = super().train(rnd, payloads, lr)
+            out = []
             seen.append((rnd, payloads, out))
-            return out
+            for u in super().train(rnd, payloads, lr):
+                out.append(u)
+                yield u
 
     cfg = _cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset)
     exp, _, state = _run(cfg, Watching)

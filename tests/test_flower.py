@@ -73,42 +73,53 @@ class LocalGrid:
         }
         self.fail = fail or {}
         self.sent: list[Message] = []
+        self.replies: dict[str, Message] = {}
 
     def get_node_ids(self):
         return list(self.contexts)
 
     def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+        ids = self.push_messages(messages)
+        return self.pull_messages(ids)
+
+    def push_messages(self, messages):
+        """Answer each message at once (as its node would), keeping the replies until they are pulled."""
+        ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            ids.append(msg.metadata.message_id)
             self.sent.append(msg)
-            ctx = self.contexts[msg.metadata.dst_node_id]
-            key = None
-            if msg.metadata.message_type in ("train", "evaluate"):
-                meta = msg.content["fedtune"]
-                key = self.fail.get((int(meta.get("round", 0)), int(meta["client_id"])))
-            if key == "drop":
-                continue
-            if key == "error":
-                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="injected failure"),
-                                       reply_to=msg))
-                continue
-            if key == "gone":
-                replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node went away"), reply_to=msg))
-                continue
-            try:
-                reply = clientapp(msg, ctx)
-            except Exception as e:  # as a SuperNode does: the exception becomes an error reply
-                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                             reason=f"{type(e).__name__}: {e}"), reply_to=msg))
-                continue
-            if key == "nan":
-                tensors = record_to_tensors(reply.content["update"])
-                reply.content["update"] = tensors_to_record({k: torch.full_like(v, math.nan) for k, v in tensors.items()})
-            elif callable(key):
-                reply = Message(key(reply.content), reply_to=msg)
-            replies.append(reply)
-        return replies
+            reply = self._answer(msg)
+            if reply is not None:
+                self.replies[msg.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(mid) for mid in list(message_ids) if mid in self.replies]
+
+    def _answer(self, msg):
+        ctx = self.contexts[msg.metadata.dst_node_id]
+        key = None
+        if msg.metadata.message_type in ("train", "evaluate"):
+            meta = msg.content["fedtune"]
+            key = self.fail.get((int(meta.get("round", 0)), int(meta["client_id"])))
+        if key == "drop":
+            return None
+        if key == "error":
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="injected failure"), reply_to=msg)
+        if key == "gone":
+            return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node went away"), reply_to=msg)
+        try:
+            reply = clientapp(msg, ctx)
+        except Exception as e:  # as a SuperNode does: the exception becomes an error reply
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(e).__name__}: {e}"),
+                           reply_to=msg)
+        if key == "nan":
+            tensors = record_to_tensors(reply.content["update"])
+            reply.content["update"] = tensors_to_record({k: torch.full_like(v, math.nan) for k, v in tensors.items()})
+        elif callable(key):
+            reply = Message(key(reply.content), reply_to=msg)
+        return reply
 
 
 def local_grid_driver(grid):
@@ -188,7 +199,7 @@ def test_flower_pool_matches_inprocess_for_flora_with_mixed_ranks_and_partial_pa
 
 def test_failed_and_late_clients_are_missing_and_nan_updates_rejected(tmp_path, tiny_model_dir, tiny_tsv_dataset, caplog):
     cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "faults", federation={
-        "rounds": 3, "tolerate_client_failures": True})
+        "rounds": 3, "tolerate_client_failures": True, "round_timeout_s": 2})  # LocalGrid answers at once
     grid = LocalGrid(3, fail={(1, 1): "error", (2, 0): "drop", (2, 2): "nan"})
     execute_with(cfg, local_grid_driver(grid), "flower")
     rows = load_run(cfg.run_dir).rows

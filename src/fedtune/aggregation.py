@@ -96,9 +96,13 @@ class StreamingMean:
 
     def result(self) -> Tensors:
         """(hi + lo) / Σ n_i per name, in the dtype of the first update's tensor."""
+        return {n: t.to(self._dtypes[n]) for n, t in self.result_float64().items()}
+
+    def result_float64(self) -> Tensors:
+        """(hi + lo) / Σ n_i per name, in float64 (for further float64 arithmetic before the cast)."""
         if not self.count:
             raise ValueError("streaming mean: no update was added")
-        return {n: ((hi + self._lo[n]) / self.total_weight).to(self._dtypes[n]) for n, hi in self._hi.items()}
+        return {n: (hi + self._lo[n]) / self.total_weight for n, hi in self._hi.items()}
 
 
 def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

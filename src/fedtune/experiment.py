@@ -25,6 +25,7 @@ from fedtune.data.instructions import COLUMNS, load_instruction_data
 from fedtune.data.templates import Template
 from fedtune.device import autocast, resolve_device
 from fedtune.errors import FedtuneError
+from fedtune.reducers import build_reducer
 from fedtune.evaluation import (
     classification_metrics, classifier_outputs, evaluate_classifier, evaluate_instructions, group_accuracy,
 )
@@ -265,7 +266,9 @@ def algorithm_for(cfg: RunConfig) -> Algorithm:
     (the run's facts are bound once the partition is drawn: :meth:`Algorithm.bind`)."""
     ranks = cfg.lora.ranks(cfg.partition.num_clients)
     lora = LoraSetup(scale=cfg.lora.alpha / cfg.lora.r, client_ranks=tuple(ranks) if ranks else None)
-    return wrap(build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora), cfg.algorithm.wrappers)
+    algorithm = wrap(build_algorithm(cfg.algorithm.name, cfg.algorithm.options, lora), cfg.algorithm.wrappers)
+    algorithm.reducer = build_reducer(cfg.algorithm.reducer.name, cfg.algorithm.reducer.options)
+    return algorithm
 
 
 Holds = Literal["all", "none"] | int

@@ -31,7 +31,7 @@ model the state ends with.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -43,6 +43,7 @@ from fedtune.config import TrainConfig, explain
 from fedtune.device import model_device
 from fedtune.errors import FedtuneError
 from fedtune.models.lora import MERGED, fit_lora_rank, load_state, trainable_state
+from fedtune.reducers import Mean, Reducer
 from fedtune.server_context import ServerContext
 
 Scalar = int | float | str | bool
@@ -229,9 +230,14 @@ class Algorithm(ABC):
     trains_on_server: ClassVar[bool] = False
     """The algorithm trains on the server's own data (``partition.server_fraction``): the round loop hands it
     the run's :class:`~fedtune.server_context.ServerContext` once, before the first round (:meth:`setup_server`)."""
+    combines_factors: ClassVar[bool] = False
+    """Its aggregate combines LoRA factors by stacking or SVD (not a mean of each tensor): a robust
+    ``algorithm.reducer`` has no meaning there."""
 
     def __init__(self, options: dict[str, Any] | None = None, lora: LoraSetup | None = None):
         self.lora = lora or LoraSetup()
+        self.reducer: Reducer = Mean()
+        """The rule :meth:`reduce` applies (``algorithm.reducer``)."""
         self.facts = RunFacts()
         """The run's facts (:meth:`bind`); defaults outside a run."""
         try:
@@ -305,6 +311,11 @@ class Algorithm(ABC):
                               "partition.client_aux_fraction (e.g. 0.1)" if aux else
                               "partition.client_aux_fraction holds out rows that algorithm "
                               f"'{name}' never reads; remove it")))
+        if self.combines_factors:
+            rules.append(Rule(None, lambda cfg: None if cfg.algorithm.reducer.name == "mean" else (
+                f"algorithm.reducer={cfg.algorithm.reducer.name}: '{name}' combines the clients' LoRA factors by "
+                "stacking or SVD, where a coordinate-wise rule has no meaning; keep the mean, or use fedit (zero "
+                "padding) or ffa for a robust rule over mixed ranks")))
         rules += self.extra_rules()
         if self.requires:
             rules.append(Rule(self.requires))
@@ -331,6 +342,11 @@ class Algorithm(ABC):
         return []
 
     # ------------------------------------------------------------------ server side
+    def reduce(self, items) -> Tensors:
+        """Where the algorithm takes a mean: ``items`` are ``(client, tensors, weight)``, taken in one pass, and
+        the run's reducer (:mod:`fedtune.reducers`: the folded weighted mean, or a robust rule) reduces them."""
+        return self.reducer.reduce(items)
+
     def setup_server(self, server: ServerContext) -> None:
         """``trains_on_server`` algorithms: receive the run's server context, once, before :meth:`init` (or before
         the first round of a resumed run)."""
@@ -357,8 +373,11 @@ class Algorithm(ABC):
         return {cid: Payload(tensors=self.at_client_rank(cid, state.global_tensors)) for cid in client_ids}
 
     @abstractmethod
-    def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
-        """The new server state from the round's usable updates."""
+    def aggregate(self, rnd: int, updates: Iterable[ClientUpdate], state: ServerState) -> ServerState:
+        """The new server state from the round's usable updates: an iterable taken in one pass, each update
+        arriving as its client's reply does (on the in-process engine, as the client finishes training), so an
+        aggregate that folds them (:meth:`reduce` with the mean) holds a constant number of updates whatever
+        the number of clients; one that needs them all makes a list."""
 
     def expected_update(self, client_id: int, payload: Payload, state: ServerState) -> dict[str, Expected]:
         """What client ``client_id``'s update must hold, having received ``payload`` in a round that started

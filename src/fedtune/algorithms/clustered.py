@@ -233,7 +233,8 @@ class Clustered(FedIT):
             line += f"; ARI {metrics['ari']:.2f}, NMI {metrics['nmi']:.2f} against their groups"
         return [line]
 
-    def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
+    def aggregate(self, rnd: int, updates, state: ServerState) -> ServerState:
+        updates = sorted(updates, key=lambda u: u.client_id)  # clustering compares them all, in client order
         if self.clusters_in(rnd):
             return self._cluster(rnd, updates, state)
         extra = dict(state.extra)

@@ -147,7 +147,9 @@ class FedAMoLE(Algorithm):
             expected[RSEA + "ids/" + m] = Expected((len(ids),), integer=True, equals=torch.tensor(ids, dtype=torch.int64))
         return expected
 
-    def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
+    def aggregate(self, rnd: int, updates, state: ServerState) -> ServerState:
+        # each expert is averaged over its holders, and RSEA needs every embedding: all held, in client order
+        updates = sorted(updates, key=lambda u: u.client_id)
         new = dict(state.global_tensors)
         extra = dict(state.extra)
         models = [{n: t for n, t in u.tensors.items() if not n.startswith(RSEA)} for u in updates]

@@ -9,7 +9,10 @@ n_i examples and returns its trainable tensors θ_i (LoRA A and B, and the task
 head when it is trained; every parameter with ``model.finetune: full``, which
 makes this full-parameter FedAvg). The server averages each tensor separately::
 
-    θ ← Σ_i p_i θ_i,    p_i = n_i / Σ_j n_j   over the round's clients.
+    θ ← Σ_i p_i θ_i,    p_i = n_i / Σ_j n_j   over the round's clients
+
+(the run's ``algorithm.reducer``: this mean by default, folded as updates
+arrive; a robust rule such as the coordinate-wise median instead).
 
 With heterogeneous ranks (``lora.client_ranks``) this is FedIT with zero
 padding: A_i gets zero rows and B_i zero columns up to r_max before the
@@ -18,7 +21,8 @@ average, and client i receives the global factors cut to its rank r_i.
 
 from __future__ import annotations
 
-from fedtune.aggregation import weighted_mean
+from collections.abc import Iterable
+
 from fedtune.algorithms.base import Algorithm, ClientUpdate, ServerState
 from fedtune.models.lora import fit_lora_rank
 
@@ -27,11 +31,10 @@ class FedIT(Algorithm):
     name = "fedit"
     summary = "FedAvg of the trained tensors (LoRA A, B and head, or every parameter), weighted by client data size"
 
-    def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
-        sets = [u.tensors for u in updates]
-        if self.lora.max_rank is not None:
-            sets = [fit_lora_rank(t, self.lora.max_rank) for t in sets]
-        tensors = weighted_mean(sets, [u.num_examples for u in updates])
+    def aggregate(self, rnd: int, updates: Iterable[ClientUpdate], state: ServerState) -> ServerState:
+        r = self.lora.max_rank
+        tensors = self.reduce((u.client_id, u.tensors if r is None else fit_lora_rank(u.tensors, r), u.num_examples)
+                              for u in updates)
         return ServerState(round=rnd, global_tensors=tensors, extra=state.extra)
 
 

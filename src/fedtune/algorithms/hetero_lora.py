@@ -29,6 +29,7 @@ The task head, when trained, is averaged as in FedIT.
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -39,7 +40,6 @@ from fedtune.aggregation import (
     dense_svd_factors,
     florist,
     stack_factors,
-    weighted_mean,
     weighted_product_sum,
 )
 from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, Payload, ServerState
@@ -58,17 +58,21 @@ class _FactorAggregation(Algorithm):
 
     adapters = ("lora",)
     uses_base_weights = True
+    combines_factors = True
     requires = "meant for heterogeneous ranks: lora.client_ranks or lora.rank_tiers (runs with one rank too)"
 
-    def _split(self, updates: list[ClientUpdate]) -> tuple[dict[str, tuple[list, list]], list[float], Tensors]:
-        """Per module (As, Bs) over the updates, their weights n_i, and the weighted mean of the other tensors."""
+    def _split(self, updates: Iterable[ClientUpdate]) -> tuple[dict[str, tuple[list, list]], list[float], Tensors]:
+        """Per module (As, Bs) over the updates (all held: stacking and SVD need them), their weights n_i, and
+        the reduction (:meth:`reduce`) of the other tensors (the head)."""
+        updates = sorted(updates, key=lambda u: u.client_id)  # in client order, whatever the arrival order
         weights = [float(u.num_examples) for u in updates]
         modules = lora_modules(updates[0].tensors)
         factors = {m: ([u.tensors[a] for u in updates], [u.tensors[b] for u in updates])
                    for m, (a, b) in modules.items()}
         lora_names = {n for pair in modules.values() for n in pair}
         rest = [{k: v for k, v in u.tensors.items() if k not in lora_names} for u in updates]
-        return factors, weights, weighted_mean(rest, weights) if rest[0] else {}
+        head = self.reduce((u.client_id, r, w) for u, r, w in zip(updates, rest, weights)) if rest[0] else {}
+        return factors, weights, head
 
     @abstractmethod
     def module_factors(self, As: list[torch.Tensor], Bs: list[torch.Tensor],

@@ -37,10 +37,12 @@ a multiple of η; the correction uses η for every tensor.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from pydantic import Field
 
-from fedtune.aggregation import Tensors, weighted_mean
+from fedtune.aggregation import StreamingMean, Tensors
 from fedtune.algorithms.base import (
     Algorithm,
     ClientContext,
@@ -99,18 +101,24 @@ class Scaffold(Algorithm):
         model = super().expected_update(client_id, payload, state)
         return {**model, **{DELTA_C + n: Expected(e.shape) for n, e in model.items()}}
 
-    def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
+    def aggregate(self, rnd: int, updates: Iterable[ClientUpdate], state: ServerState) -> ServerState:
+        """x ← x + η_g (reduce(y_i) − x) and c ← c + Σ Δc_i / N, in one pass over the updates."""
         if self.num_clients is None:
             raise FedtuneError("algorithm 'scaffold' needs the number of clients (N in c ← c + Σ Δc_i / N)")
         x = state.global_tensors
-        mean_y = weighted_mean([{k: v for k, v in u.tensors.items() if k in x} for u in updates],
-                               [u.num_examples for u in updates])
+        deltas = StreamingMean()  # Σ Δc_i = k · (their mean): folded, never held
+
+        def models():
+            for u in updates:
+                deltas.add(_strip(DELTA_C, u.tensors), 1.0)
+                yield u.client_id, {k: v for k, v in u.tensors.items() if k in x}, u.num_examples
+
+        mean_y = self.reduce(models())
         eta_g = self.options.server_lr
         new_x = {k: (x[k].double() + eta_g * (mean_y[k].double() - x[k].double())).to(x[k].dtype) for k in x}
         c = _strip(C, state.extra)
-        deltas = [_strip(DELTA_C, u.tensors) for u in updates]
-        new_c = {k: (c[k].double() + sum(d[k].double() for d in deltas) / self.num_clients).to(c[k].dtype)
-                 for k in c}
+        mean_delta, k = deltas.result_float64(), deltas.count
+        new_c = {n: (c[n].double() + mean_delta[n] * k / self.num_clients).to(c[n].dtype) for n in c}
         return ServerState(round=rnd, global_tensors=new_x, extra={**state.extra, **_with_prefix(C, new_c)})
 
     # ------------------------------------------------------------------ client

@@ -49,7 +49,9 @@ class Wrapper(Algorithm):
 
     def __init__(self, inner: Algorithm, options: dict[str, Any] | None = None):
         self.inner = inner
+        reducer = inner.reducer
         super().__init__(options, inner.lora)
+        self.reducer = reducer  # the base's default must not replace what the inner algorithm reduces with
         why = self.refuses(inner)
         if why:
             raise FedtuneError(f"algorithm.wrappers: '{self.name}' cannot wrap '{inner.label}': {why}")
@@ -71,12 +73,24 @@ class Wrapper(Algorithm):
     def lora(self, value: LoraSetup) -> None:
         pass  # always inner's
 
+    @property
+    def reducer(self):
+        return self.inner.reducer
+
+    @reducer.setter
+    def reducer(self, value) -> None:
+        self.inner.reducer = value
+
+    def reduce(self, items) -> Tensors:
+        return self.inner.reduce(items)
+
     personalized = property(lambda self: self.inner.personalized)
     pools_data = property(lambda self: self.inner.pools_data)
     uses_base_weights = property(lambda self: self.inner.uses_base_weights)
     adapters = property(lambda self: self.inner.adapters)
     uses_aux_split = property(lambda self: self.inner.uses_aux_split)
     trains_on_server = property(lambda self: self.inner.trains_on_server)
+    combines_factors = property(lambda self: self.inner.combines_factors)
 
     def bind(self, facts: RunFacts) -> Algorithm:
         self.inner.bind(facts)

@@ -46,7 +46,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -69,6 +69,8 @@ T = TypeVar("T")
 RAISED = frozenset({ErrorCode.UNKNOWN, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.CLIENT_APP_RAISED_EXCEPTION})
 """Error codes of a reply whose ClientApp raised: the client's own code failed (the others: it could not answer)."""
 
+PULL_S = 0.1
+"""Seconds between two pulls of a round's replies while none arrived (Flower's own send_and_receive waits 3 s)."""
 CONNECT_TIMEOUT_S = 300.0
 """Seconds a run waits for its nodes to connect and say who they are before it stops with an error."""
 
@@ -226,7 +228,10 @@ class FlowerPool:
         return node_of
 
     # ------------------------------------------------------------ ClientPool
-    def train(self, rnd: int, payloads: dict[int, Payload], lr: float) -> list[ClientUpdate]:
+    def train(self, rnd: int, payloads: dict[int, Payload], lr: float) -> Iterator[ClientUpdate]:
+        """Push every client's message, then yield each update as its reply is pulled (polled every
+        :data:`PULL_S` s until all replied or ``round_timeout_s``): one reply is decoded at a time, so the
+        server holds the replies of one pull, not the round's."""
         messages, down, wire_down = [], 0, 0
         cids = sorted(payloads)
         for cid in cids:
@@ -237,9 +242,11 @@ class FlowerPool:
             content = RecordDict({"payload": record, "config": ConfigRecord(p.config),
                                   "fedtune": self._meta(round=rnd, lr=float(lr), client_id=cid)})
             messages.append(Message(content, dst_node_id=self.node_of[cid], message_type="train", group_id=str(rnd)))
-        updates, up, wire_up = [], 0, 0
+        up, wire_up, answered = 0, 0, set()
         self.failures, self.dropped = {}, {}
-        for cid, reply in self._exchange_with(messages, cids, timeout=self.timeout_s):
+        self.round_bytes = (0, down, 0, wire_down)
+        for cid, reply in self._replies(messages, cids, self.timeout_s):
+            answered.add(cid)
             if reply.has_error():
                 self._lost(cid, reply, f"round {rnd}")
                 continue
@@ -250,12 +257,35 @@ class FlowerPool:
                 continue
             up += record_tensor_bytes(record)
             wire_up += record.count_bytes()
+            self.round_bytes = (up, down, wire_up, wire_down)
             if holds_state:
                 self.stateful_clients.add(cid)
-            updates.append(update)
-        self._late(set(payloads) - {u.client_id for u in updates}, f"round {rnd}")
-        self.round_bytes = (up, down, wire_up, wire_down)
-        return sorted(updates, key=lambda u: u.client_id)
+            del reply, record
+            yield update
+        self._late(set(payloads) - answered, f"round {rnd}")
+
+    def _replies(self, messages: list[Message], cids: list[int],
+                 timeout: float | None) -> Iterator[tuple[int, Message]]:
+        """Push ``messages`` (``messages[k]`` for client ``cids[k]``); yield each reply, with the client it answers
+        for, as it is pulled."""
+        ids = list(self.grid.push_messages(messages))
+        client_of_message = dict(zip(ids, cids))
+        outstanding = set(ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while outstanding:
+            replies = list(self.grid.pull_messages(outstanding))
+            for reply in replies:
+                mid = reply.metadata.reply_to_message_id
+                if mid not in outstanding:
+                    log.warning("dropping a reply from node %s that answers none of this round's messages",
+                                reply.metadata.src_node_id)
+                    continue
+                outstanding.discard(mid)
+                yield client_of_message[mid], reply
+            if not replies:
+                if deadline is not None and time.monotonic() > deadline:
+                    return
+                time.sleep(PULL_S)
 
     def _lost(self, cid: int, reply: Message, what: str) -> None:
         """File an error reply: the client's code raised (``failures``), or it could not answer (``dropped``)."""

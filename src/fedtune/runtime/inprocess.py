@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from fedtune.aggregation import Tensors
@@ -40,29 +40,31 @@ class InProcessPool:
         self.dropped: dict[int, str] = {}
         self.round_bytes = None  # nothing crosses a wire
 
-    def _guarded(self, cids: list[int], work: Callable[[int], T], what: str) -> dict[int, T]:
-        """``work(cid)`` for each client; a raising client goes to ``failures`` (and stops the rest unless tolerated)."""
-        out: dict[int, T] = {}
+    def _guarded(self, cids: list[int], work: Callable[[int], T], what: str) -> Iterator[tuple[int, T]]:
+        """``(cid, work(cid))`` for each client, as each finishes; a raising client goes to ``failures`` (and
+        stops the rest unless tolerated)."""
         self.failures = {}
         for cid in cids:
             try:
-                out[cid] = work(cid)
+                result = work(cid)
             except Exception as e:
                 self.failures[cid] = (f"{type(e).__name__}: {e}" if isinstance(e, FedtuneError)
                                       else "".join(traceback.format_exception(e)).rstrip())
                 log.warning("%s: client %d failed: %s: %s", what, cid, type(e).__name__, e)
                 if not self.tolerate:
-                    break
-        return out
+                    return
+                continue
+            yield cid, result
 
-    def train(self, rnd: int, payloads: dict[int, Payload], lr: float) -> list[ClientUpdate]:
-        done = self._guarded(sorted(payloads), lambda cid: client_round(
-            self.exp, cid, rnd, payloads[cid], self.client_states[cid], lr, self.on_step), f"round {rnd}")
-        return list(done.values())
+    def train(self, rnd: int, payloads: dict[int, Payload], lr: float) -> Iterator[ClientUpdate]:
+        """Each client trains as the aggregate asks for its update: one update is alive at a time."""
+        for _, update in self._guarded(sorted(payloads), lambda cid: client_round(
+                self.exp, cid, rnd, payloads[cid], self.client_states[cid], lr, self.on_step), f"round {rnd}"):
+            yield update
 
     def evaluate(self, models: dict[int, Tensors]) -> dict[int, dict[str, float]]:
-        return self._guarded(sorted(models), lambda cid: client_evaluate(
-            self.exp, cid, models[cid], self.client_states[cid]), "evaluation")
+        return dict(self._guarded(sorted(models), lambda cid: client_evaluate(
+            self.exp, cid, models[cid], self.client_states[cid]), "evaluation"))
 
     def held_client_states(self) -> dict[int, Tensors]:
         return self.client_states

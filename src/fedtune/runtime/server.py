@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,7 +22,7 @@ from fedtune.evaluation import mean_metrics
 from fedtune.experiment import Experiment, clients_per_round, derive_seed, evaluated_round
 from fedtune.runtime.client import FT
 from fedtune.runlog import RunLog
-from fedtune.runtime.update_check import change_norm, check_update, oversized
+from fedtune.runtime.update_check import change_norm, check_update, over_reference, oversized, reference_change
 from fedtune.training import round_lr
 from fedtune.usage import round_usage
 
@@ -45,8 +44,9 @@ class ClientPool(Protocol):
     """(bytes_up, bytes_down, wire_bytes_up, wire_bytes_down) measured on the wire by the last :meth:`train`;
     None where nothing crossed a wire (the loop counts the tensors' bytes)."""
 
-    def train(self, rnd: int, payloads: dict[int, Payload], lr: float) -> list[ClientUpdate]:
-        """Deliver each payload, train, and return the updates that arrived."""
+    def train(self, rnd: int, payloads: dict[int, Payload], lr: float) -> Iterator[ClientUpdate]:
+        """Deliver each payload and yield each update as it arrives (a client's training finished, its reply
+        received); ``failures``, ``dropped`` and ``round_bytes`` hold once the iterator is exhausted."""
 
     def evaluate(self, models: dict[int, Tensors]) -> dict[int, dict[str, float]]:
         """Each listed client's metrics on its own test shard, with the model ``models[client]`` (or its personal
@@ -115,39 +115,112 @@ class ClientRejected(FedtuneError):
     """A client's update failed the server's check, and the run does not tolerate client failures."""
 
 
-@dataclass
-class Screened:
-    """A round's updates after the server's check (:mod:`fedtune.runtime.update_check`)."""
+class RoundIntake:
+    """A round's updates as they arrive: each checked (:mod:`fedtune.runtime.update_check`), the accepted ones
+    passed on, one at a time, to the algorithm's aggregate (:meth:`accepted`), and what the round's row needs
+    kept as scalars, so that a round holds a constant number of updates whatever the number of clients.
 
-    accepted: list[ClientUpdate]
-    rejected: dict[int, str]
-    """Client → why its update was rejected."""
-    norms: dict[int, float]
-    """Client → ‖θ_i − θ_i⁰‖₂ of each accepted update (over its model tensors)."""
+    The update guard judges an update as it arrives against the previous round's accepted changes; with fewer
+    than three of those (the first round) the round's valid updates are held and judged together.
+    """
 
+    def __init__(self, exp: Experiment, rnd: int, payloads: dict[int, Payload], state: ServerState,
+                 previous_norms: list[float], tolerate: bool, now: Callable[[], float]):
+        self.exp, self.rnd, self.payloads, self.state = exp, rnd, payloads, state
+        self.previous, self.tolerate, self.now = previous_norms, tolerate, now
+        self.reference = reference_change(previous_norms)
+        self.ratio = exp.cfg.federation.max_update_ratio
+        self.received: list[int] = []
+        self.accepted_ids: list[int] = []
+        self.rejected: dict[int, str] = {}
+        self.norms: dict[int, float] = {}
+        self.bytes_up = 0
+        self.client_metrics: dict[int, dict[str, float]] = {}
+        self.wait_s = 0.0
+        """Seconds spent waiting for updates (the clients training, or their replies travelling)."""
+        self._source = None
 
-def screen_updates(exp: Experiment, received: list[ClientUpdate], payloads: dict[int, Payload],
-                   state: ServerState, previous_norms: list[float]) -> Screened:
-    """Check each update against what the algorithm expects of its client, then the update guard
-    (``federation.max_update_ratio``, against this round's and ``previous_norms``' median change)."""
-    algo = exp.algorithm
-    valid: list[tuple[ClientUpdate, dict]] = []
-    rejected: dict[int, str] = {}
-    for u in received:
-        if u.client_id not in payloads:
-            rejected[u.client_id] = "it sent an update it was not asked for"
-            continue
-        expected = algo.expected_update(u.client_id, payloads[u.client_id], state)
-        why = check_update(u, expected, exp.client_sizes[u.client_id][0])
-        if why is None:
-            valid.append((u, expected))
-        else:
-            rejected[u.client_id] = why
-    norms = {u.client_id: change_norm(u, expected) for u, expected in valid}
-    rejected.update(oversized(norms, exp.cfg.federation.max_update_ratio, previous_norms))
-    accepted = [u for u, _ in valid if u.client_id not in rejected]
-    return Screened(accepted, dict(sorted(rejected.items())),
-                    {u.client_id: norms[u.client_id] for u in accepted})
+    def accepted(self, received) -> Iterator[ClientUpdate]:
+        """The accepted updates of ``received`` (an iterator, taken in one pass), in arrival order."""
+        self._source = iter(received)
+        return self._accepted()
+
+    def _accepted(self) -> Iterator[ClientUpdate]:
+        held: list[tuple[ClientUpdate, float]] = []
+        for u in self._arrivals():
+            norm = self._valid_norm(u)
+            if norm is None:
+                continue
+            if self.reference is None:  # nothing to judge against yet: judged with the round's others below
+                held.append((u, norm))
+                continue
+            why = over_reference(norm, self.reference, self.ratio)
+            if why:
+                self._reject(u.client_id, why)
+                continue
+            yield self._accept(u, norm)
+        if held:
+            verdicts = oversized({u.client_id: n for u, n in held}, self.ratio, self.previous)
+            for u, norm in held:
+                if u.client_id in verdicts:
+                    self._reject(u.client_id, verdicts[u.client_id])
+                else:
+                    yield self._accept(u, norm)
+
+    def drain(self) -> None:
+        """Take every update the aggregate did not (an algorithm that ignores them), checking each."""
+        for _ in self._accepted():
+            pass
+
+    def _arrivals(self) -> Iterator[ClientUpdate]:
+        while True:
+            t0 = self.now()
+            try:
+                u = next(self._source)
+            except StopIteration:
+                self.wait_s += self.now() - t0
+                return
+            self.wait_s += self.now() - t0
+            self.received.append(u.client_id)
+            self.bytes_up += tensor_bytes(u.tensors)
+            yield u
+
+    def _valid_norm(self, u: ClientUpdate) -> float | None:
+        if u.client_id not in self.payloads:
+            self._reject(u.client_id, "it sent an update it was not asked for")
+            return None
+        expected = self.exp.algorithm.expected_update(u.client_id, self.payloads[u.client_id], self.state)
+        why = check_update(u, expected, self.exp.client_sizes[u.client_id][0])
+        if why:
+            self._reject(u.client_id, why)
+            return None
+        return change_norm(u, expected)
+
+    def _reject(self, cid: int, why: str) -> None:
+        logger.warning("round %d: rejected the update of client %d: %s", self.rnd, cid, why)
+        if not self.tolerate:
+            raise ClientRejected(f"round {self.rnd}: the update of client {cid} was rejected: {why} (set "
+                                 "federation.tolerate_client_failures: true to leave such clients out of their round "
+                                 "instead)")
+        self.rejected[cid] = why
+
+    def _accept(self, u: ClientUpdate, norm: float) -> ClientUpdate:
+        self.accepted_ids.append(u.client_id)
+        self.norms[u.client_id] = norm
+        self.client_metrics[u.client_id] = dict(u.metrics)
+        return u
+
+    # ------------------------------------------------------------ the row, from scalars kept in client order
+    def train_loss(self) -> tuple[float, int]:
+        """The round's training loss (weighted by the examples each client saw) and those examples."""
+        ms = [self.client_metrics[c] for c in sorted(self.client_metrics)]
+        seen = sum(m.get("examples_seen", 0) for m in ms)
+        loss = sum(m["train_loss"] * m.get("examples_seen", 0) for m in ms) / seen if seen else math.nan
+        return loss, int(seen)
+
+    def trained_metrics(self) -> dict[int, dict[str, float]]:
+        """Each accepted client's metrics measured right after its training (``eval.after_local_training``)."""
+        return {c: {k[len(FT):]: v for k, v in m.items() if k.startswith(FT)} for c, m in self.client_metrics.items()}
 
 
 def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks | None = None,
@@ -158,8 +231,8 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
 
     ``start``: continue from the (state, row) of a completed round instead of
     initialising (resume). ``on_state(state, row)`` is called after each logged
-    round (checkpointing). A round aggregates the updates that arrived and pass
-    the server's check (:func:`screen_updates`); its row lists the sampled
+    round (checkpointing). A round aggregates the updates that arrive and pass
+    the server's check, as they arrive (:class:`RoundIntake`); its row lists the sampled
     clients that sent none (``missing``), those whose update was rejected
     (``rejected``), each accepted update's change norm (``update_norms``), and
     every client lost in training or evaluation with the reason
@@ -233,55 +306,61 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         lr = round_lr(cfg.train, rnd, rounds)
         payloads = algo.configure(rnd, clients, state)
         bytes_down = sum(tensor_bytes(p.tensors) for p in payloads.values())
-        received = pool.train(rnd, payloads, lr)
+        algo.reducer.begin_round()
+        intake = RoundIntake(exp, rnd, payloads, state, list(row.get("update_norms", {}).values()), tolerate, now)
+        t_trained = now()
+        try:
+            new_state = algo.aggregate(rnd, intake.accepted(pool.train(rnd, payloads, lr)), state)
+            intake.drain()
+        except ClientRejected:
+            raise
+        except Exception:
+            lost_clients(rnd, "train", pool, tolerate)  # a client that failed first is the one to name
+            if len(intake.accepted_ids) < min_clients:
+                raise _too_few(rnd, clients, intake, pool, min_clients) from None
+            raise
         lost = lost_clients(rnd, "train", pool, tolerate)
-        bytes_up = sum(tensor_bytes(u.tensors) for u in received)
-        wire = {}
+        if len(intake.accepted_ids) < min_clients:
+            raise _too_few(rnd, clients, intake, pool, min_clients)
+        state = new_state
+        bytes_up, wire = intake.bytes_up, {}
         if pool.round_bytes is not None:  # measured on the wire by the runtime
             bytes_up, bytes_down, wire_up, wire_down = pool.round_bytes
             wire = {"wire_bytes_up": wire_up, "wire_bytes_down": wire_down}
         if algo.pools_data:  # the centralized reference stands for pooled data: nothing is communicated
             bytes_up = bytes_down = 0
             wire = {}
-        screened = screen_updates(exp, received, payloads, state, list(row.get("update_norms", {}).values()))
-        for cid, why in screened.rejected.items():
-            logger.warning("round %d: rejected the update of client %d: %s", rnd, cid, why)
-            if not tolerate:
-                raise ClientRejected(f"round {rnd}: the update of client {cid} was rejected: {why} (set "
-                                     "federation.tolerate_client_failures: true to leave such clients out of their "
-                                     "round instead)")
         lost += [{"round": rnd, "client": c, "phase": "train", "kind": "rejected", "reason": why}
-                 for c, why in screened.rejected.items()]
-        updates = screened.accepted
-        missing = sorted(set(clients) - {u.client_id for u in received})
-        if len(updates) < min_clients:
-            reasons = {**pool.dropped, **pool.failures, **screened.rejected}
-            why = "; ".join(f"client {c}: {reasons[c][-300:]}" for c in sorted({*missing, *screened.rejected})
-                            if c in reasons)
-            raise FedtuneError(
-                f"round {rnd}: only {len(updates)} usable updates from {len(clients)} sampled clients "
-                f"(federation.min_clients_per_round={min_clients}); missing {missing}, rejected "
-                f"{sorted(screened.rejected)}" + (f"; {why}" if why else "")
-            )
-        t_trained = now()
-        state = algo.aggregate(rnd, updates, state)
+                 for c, why in sorted(intake.rejected.items())]
         t_aggregated = now()
         metrics, lost_eval = evaluation(rnd, state)
-        trained = {u.client_id: {k[len(FT):]: v for k, v in u.metrics.items() if k.startswith(FT)} for u in updates}
+        trained = intake.trained_metrics()
         if any(trained.values()):
             metrics.update(_prefixed("client_ft", mean_metrics({c: m for c, m in trained.items() if m})))
         t_end = now()
-        n_seen = sum(u.metrics.get("examples_seen", 0) for u in updates)
-        loss = (sum(u.metrics["train_loss"] * u.metrics.get("examples_seen", 0) for u in updates) / n_seen
-                if n_seen else math.nan)
-        row = round_row(rnd, lr=lr, clients=[u.client_id for u in updates], missing=missing,
-                        rejected=sorted(screened.rejected), norms=screened.norms, problems=lost + lost_eval,
-                        train_loss=loss, train_examples=int(n_seen), traffic=(bytes_up, bytes_down), previous=row,
-                        wire=wire, times=(t_trained - t_start, t_aggregated - t_trained, t_end - t_aggregated),
+        loss, n_seen = intake.train_loss()
+        reduced = algo.reducer.round_report()
+        row = round_row(rnd, lr=lr, clients=sorted(intake.accepted_ids), missing=sorted(set(clients) - set(intake.received)),
+                        rejected=sorted(intake.rejected), norms=intake.norms, problems=lost + lost_eval,
+                        train_loss=loss, train_examples=n_seen, traffic=(bytes_up, bytes_down), previous=row,
+                        wire=wire, times=((t_trained - t_start) + intake.wait_s,
+                                          (t_aggregated - t_trained) - intake.wait_s, t_end - t_aggregated),
                         metrics={**{f"agg/{k}": v for k, v in state.metrics.items()},
-                                 **round_usage([u.metrics for u in updates]), **metrics})
+                                 **({"reducer": reduced} if reduced else {}),
+                                 **round_usage([intake.client_metrics[c] for c in sorted(intake.client_metrics)]),
+                                 **metrics})
         record(state, row)
     return state, row
+
+
+def _too_few(rnd: int, clients: list[int], intake: RoundIntake, pool: ClientPool, min_clients: int) -> FedtuneError:
+    """The one-line error of a round with fewer usable updates than ``federation.min_clients_per_round``."""
+    missing = sorted(set(clients) - set(intake.received))
+    reasons = {**pool.dropped, **pool.failures, **intake.rejected}
+    why = "; ".join(f"client {c}: {reasons[c][-300:]}" for c in sorted({*missing, *intake.rejected}) if c in reasons)
+    return FedtuneError(f"round {rnd}: only {len(intake.accepted_ids)} usable updates from {len(clients)} sampled "
+                        f"clients (federation.min_clients_per_round={min_clients}); missing {missing}, rejected "
+                        f"{sorted(intake.rejected)}" + (f"; {why}" if why else ""))
 
 
 def round_row(rnd: int, *, times: tuple[float, float, float], metrics: dict[str, Any], problems: list[dict],

@@ -11,17 +11,18 @@ against what the algorithm expects of that client
   as the server knows it (in a deployment: the node's own report at the run's
   start).
 
-Then the **update guard** (:func:`oversized`): a valid update whose change
-from what the client started with, ‖θ_i − θ_i⁰‖₂ over its model tensors
-(float64), exceeds ``ratio`` × a reference change is rejected too
-(``federation.max_update_ratio``; 0 turns it off). The reference is the
-median of the round's valid changes together with the changes accepted in the
-previous round (logged in its row as ``update_norms``, so a resumed run
-decides as an uninterrupted one), taking the lower middle value of an even
-count, so that a lone outlier never sets it; with fewer than
-:data:`GUARD_MIN_NORMS` changes to compare, the guard waits. A boosted or
-1e30-scaled update is finite and well-formed, and would otherwise carry the
-average wherever it points.
+Then the **update guard**: a valid update whose change from what the client
+started with, ‖θ_i − θ_i⁰‖₂ over its model tensors (float64), exceeds
+``ratio`` × a reference change is rejected too (``federation.max_update_ratio``;
+0 turns it off). The reference is the lower median (a lone outlier never sets
+it) of the changes accepted in the previous round (logged in its row as
+``update_norms``, so a resumed run decides as an uninterrupted one), so each
+update is judged as it arrives, in any order (:func:`over_reference`); when
+the previous round accepted fewer than :data:`GUARD_MIN_NORMS` changes (the
+first round), the round's valid updates are held and judged together against
+the median of theirs and the previous round's (:func:`oversized`). A boosted
+or 1e30-scaled update is finite and well-formed, and would otherwise carry
+the average wherever it points.
 
 A rejected update is named with its reason; the round aggregates the others.
 """
@@ -78,19 +79,28 @@ def change_norm(update: ClientUpdate, expected: dict[str, Expected]) -> float:
     return math.sqrt(total)
 
 
+def reference_change(norms: list[float]) -> float | None:
+    """The lower median of ``norms`` (a lone outlier never sets it); None with fewer than :data:`GUARD_MIN_NORMS`."""
+    if len(norms) < GUARD_MIN_NORMS:
+        return None
+    return float(torch.tensor(norms, dtype=torch.float64).median())  # torch: the lower middle of an even count
+
+
+def over_reference(norm: float, reference: float | None, ratio: float) -> str | None:
+    """Why a change of ``norm`` is rejected against ``reference`` (None: it passes, or the guard is off)."""
+    if ratio <= 0 or reference is None or not reference > 0 or norm <= ratio * reference:
+        return None
+    return (f"its change ‖Δ‖ = {norm:.3g} exceeds federation.max_update_ratio = {ratio:g} × the reference change "
+            f"{reference:.3g}")
+
+
 def oversized(norms: dict[int, float], ratio: float, previous: list[float] = ()) -> dict[int, str]:
     """The clients whose change norm exceeds ``ratio`` × the reference (client → reason): the lower median of
     ``norms`` and the ``previous`` round's accepted norms. None when ``ratio`` is 0, with fewer than
     :data:`GUARD_MIN_NORMS` norms in all, or a reference of 0."""
-    pool = [*norms.values(), *previous]
-    if ratio <= 0 or len(pool) < GUARD_MIN_NORMS:
-        return {}
-    median = float(torch.tensor(pool, dtype=torch.float64).median())  # torch: the lower middle of an even count
-    if not median > 0:
-        return {}
-    return {cid: (f"its change ‖Δ‖ = {norm:.3g} exceeds federation.max_update_ratio = {ratio:g} × the reference "
-                  f"change {median:.3g}")
-            for cid, norm in sorted(norms.items()) if norm > ratio * median}
+    reference = reference_change([*norms.values(), *previous])
+    out = {cid: over_reference(norm, reference, ratio) for cid, norm in sorted(norms.items())}
+    return {cid: why for cid, why in out.items() if why}
 
 
 def _few(names: set[str]) -> str:
