@@ -281,25 +281,41 @@ def data_show(
 
 @app.command()
 def algorithms() -> None:
-    """List the federated algorithms: what each requires, and its options (set under algorithm.options)."""
-    import textwrap
-
+    """List the federated algorithms (what each requires, and its options), the wrappers and the reducers."""
     from fedtune.algorithms import ALGORITHMS
-    from fedtune.config import yaml_flow
-    from fedtune.config_doc import allowed, meaning
 
     lines = ["algorithms (set algorithm.name; options go under algorithm.options, e.g. -o algorithm.options.tau=0.8)"]
     for name, cls in ALGORITHMS.items():
         requires = cls.create().requirements()
         lines += ["", f"{name}: {cls.summary}", f"  requires: {requires or 'nothing beyond the defaults'}"]
-        fields = cls.Options.model_fields
-        lines.append("  options:" if fields else "  options: none")
-        for key, field in fields.items():
-            kind, text = allowed(field), meaning(field)
-            line = f"{key}={yaml_flow(field.get_default(call_default_factory=True))}" + (f" [{kind}]" if kind else "")
-            line += f": {text}" if text else ""
-            lines += textwrap.wrap(line, 100, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False)
+        lines += _options_lines(cls.Options)
+    from fedtune.algorithms import WRAPPERS
+    from fedtune.reducers import REDUCERS
+
+    lines += ["", "wrappers (algorithm.wrappers, innermost first, e.g. -o 'algorithm.wrappers=[{name: clip}]')"]
+    for name, cls in WRAPPERS.items():
+        lines += ["", f"{name}: {cls.summary}", f"  wraps: {cls.wraps}"] + _options_lines(cls.Options)
+    lines += ["", "reducers (algorithm.reducer: where an algorithm takes a mean of its clients' tensors, the rule; "
+              "e.g. -o algorithm.reducer.name=median)"]
+    for name, cls in REDUCERS.items():
+        lines += ["", f"{name}: {cls.summary}"] + _options_lines(cls.Options)
     print("\n".join(lines))
+
+
+def _options_lines(options) -> list[str]:
+    import textwrap
+
+    from fedtune.config import yaml_flow
+    from fedtune.config_doc import allowed, meaning
+
+    fields = options.model_fields
+    lines = ["  options:" if fields else "  options: none"]
+    for key, field in fields.items():
+        kind, text = allowed(field), meaning(field)
+        line = f"{key}={yaml_flow(field.get_default(call_default_factory=True))}" + (f" [{kind}]" if kind else "")
+        line += f": {text}" if text else ""
+        lines += textwrap.wrap(line, 100, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False)
+    return lines
 
 
 @app.command()

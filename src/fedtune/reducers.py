@@ -104,8 +104,12 @@ class _Held(Accumulator):
         self.clients.append(client)
 
     def result(self) -> Tensors:
+        """The rule over the held updates in client order, so the result does not depend on arrival order."""
         if not self.sets:
             raise ValueError(f"{self.reducer.name}: no update to reduce")
+        order = sorted(range(len(self.sets)), key=lambda i: (self.clients[i] is None, self.clients[i] or 0, i))
+        self.sets = [self.sets[i] for i in order]
+        self.clients = [self.clients[i] for i in order]
         return self.rule(self)
 
 

@@ -296,6 +296,42 @@ def _plot_vs_bytes(runs: list[Run], metric: str, path: Path) -> Path:
     return _save(fig, ax, path)
 
 
+def update_plots(run: Run, out_dir: Path, prefix: str = "") -> list[Path]:
+    """Each client's change norm and its cosine to the round's aggregate change, round by round (``update_norms``,
+    ``update_cosines``); a client whose update was rejected, or a robust rule left out, is marked with an x at
+    the round. Nothing for a run without these diagnostics."""
+    rows = [r for r in run.rows if r.get("update_norms")]
+    if not rows:
+        return []
+    fig = Figure(figsize=(7.2, 6.4), layout="constrained")
+    norm_ax, cos_ax = fig.subplots(2, 1, sharex=True)
+    clients = sorted({int(c) for r in rows for c in r["update_norms"]})
+    for i, c in enumerate(clients):
+        mine = [r for r in rows if str(c) in r["update_norms"]]
+        colour = f"C{i % 10}"
+        norm_ax.plot([r["round"] for r in mine], [r["update_norms"][str(c)] for r in mine], color=colour,
+                     marker="o", markersize=3, label=f"client {c}")
+        cos = [r for r in mine if str(c) in r.get("update_cosines", {})]
+        cos_ax.plot([r["round"] for r in cos], [r["update_cosines"][str(c)] for r in cos], color=colour,
+                    marker="o", markersize=3)
+        out = [r["round"] for r in run.rows if c in r.get("rejected", []) or c in r.get("reducer", {}).get("left_out", [])]
+        for ax in (norm_ax, cos_ax):
+            for rnd in out:
+                ax.axvline(rnd, color=colour, alpha=0.25, linestyle=":")
+    norm_ax.set(title=f"{run.name}: each client's change (dotted: rejected or left out that round)",
+                ylabel="‖θ_i − θ_i⁰‖")
+    norm_ax.set_yscale("log")
+    cos_ax.set(ylabel="cosine to the round's aggregate", xlabel="round", ylim=(-1.05, 1.05))
+    cos_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (norm_ax, cos_ax):
+        ax.grid(True, alpha=0.3)
+    if len(clients) <= 12:
+        norm_ax.legend(fontsize="x-small", ncol=2)
+    path = out_dir / f"{prefix}updates_vs_round.png"
+    fig.savefig(path, dpi=120)
+    return [path]
+
+
 def clustering_plots(run: Run, out_dir: Path, prefix: str = "") -> list[Path]:
     """For each round that clustered the clients (rows with ``agg/similarity``): the cosine-similarity heat map
     and the Ward dendrogram (:mod:`fedtune.clustering`), as ``<prefix>clustering_round<r>_{similarity,dendrogram}.png``;
@@ -384,7 +420,8 @@ def build_report(run_dirs: list[Path], metric: str | None = None, out_dir: Path 
             _plot_vs_bytes(runs, metric, out_dir / f"{stem}_vs_bytes.png"),
         ]
         for run in runs:
-            plots += clustering_plots(run, out_dir, prefix="" if len(runs) == 1 else f"{run.name}_")
+            prefix = "" if len(runs) == 1 else f"{run.name}_"
+            plots += clustering_plots(run, out_dir, prefix=prefix) + update_plots(run, out_dir, prefix=prefix)
         (out_dir / "report.json").write_text(json.dumps({"metric": metric, "runs": rows}, indent=2) + "\n")
     except OSError as e:
         reason = e.strerror or str(e)

@@ -16,6 +16,7 @@ from fedtune.algorithms.base import (
     RunFacts,
     ServerState,
 )
+from fedtune.algorithms.clip import Clip
 from fedtune.algorithms.clustered import Clustered
 from fedtune.algorithms.fedkd import FedKD
 from fedtune.algorithms.fedamole import FedAMoLE
@@ -35,8 +36,8 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
 }
 
 
-WRAPPERS: dict[str, type[Wrapper]] = {}
-"""The wrappers ``algorithm.wrappers`` can name (each module registers its own below)."""
+WRAPPERS: dict[str, type[Wrapper]] = {cls.name: cls for cls in (Clip,)}
+"""The wrappers ``algorithm.wrappers`` can name."""
 
 
 def build_algorithm(name: str, options: dict[str, Any] | None = None, lora: LoraSetup | None = None,

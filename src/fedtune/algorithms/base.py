@@ -214,6 +214,8 @@ class Algorithm(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
+    options_key: ClassVar[str] = "algorithm.options"
+    """Where the config holds this algorithm's options (for its errors)."""
     requires: ClassVar[str] = ""
     """What the algorithm is meant for, beyond what its flags and :meth:`extra_rules` imply (shown by
     ``fedtune algorithms``; advice, not checked)."""
@@ -230,6 +232,8 @@ class Algorithm(ABC):
     trains_on_server: ClassVar[bool] = False
     """The algorithm trains on the server's own data (``partition.server_fraction``): the round loop hands it
     the run's :class:`~fedtune.server_context.ServerContext` once, before the first round (:meth:`setup_server`)."""
+    sends_model: ClassVar[bool] = True
+    """Its clients send model tensors (LocalOnly's send nothing)."""
     combines_factors: ClassVar[bool] = False
     """Its aggregate combines LoRA factors by stacking or SVD (not a mean of each tensor): a robust
     ``algorithm.reducer`` has no meaning there."""
@@ -244,7 +248,7 @@ class Algorithm(ABC):
             self.options = self.Options.model_validate(options or {})
         except ValidationError as e:
             raise FedtuneError(
-                f"invalid algorithm.options for '{self.name}': {explain(e, self.Options, 'algorithm.options')}"
+                f"invalid {self.options_key} for '{self.name}': {explain(e, self.Options, self.options_key)}"
             ) from None
 
     @classmethod

@@ -16,6 +16,7 @@ class LocalOnly(Algorithm):
     name = "local"
     summary = "each client trains alone (no communication; per-client evaluation)"
     personalized = True
+    sends_model = False
 
     def configure(self, rnd: int, client_ids: list[int], state: ServerState) -> dict[int, Payload]:
         return {cid: Payload() for cid in client_ids}

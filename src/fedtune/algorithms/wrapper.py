@@ -44,6 +44,7 @@ from fedtune.server_context import ServerContext
 class Wrapper(Algorithm):
     """An algorithm that wraps another (``inner``): every hook and capability is ``inner``'s unless overridden."""
 
+    options_key = "algorithm.wrappers options"
     wraps: ClassVar[str] = "any algorithm"
     """What it can wrap, as ``fedtune algorithms`` says it (:meth:`refuses` is the check)."""
 
@@ -91,6 +92,7 @@ class Wrapper(Algorithm):
     uses_aux_split = property(lambda self: self.inner.uses_aux_split)
     trains_on_server = property(lambda self: self.inner.trains_on_server)
     combines_factors = property(lambda self: self.inner.combines_factors)
+    sends_model = property(lambda self: self.inner.sends_model)
 
     def bind(self, facts: RunFacts) -> Algorithm:
         self.inner.bind(facts)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from fedtune.aggregation import Tensors, tensor_bytes
 from fedtune.algorithms import ClientUpdate, Payload, ServerState
@@ -22,7 +23,8 @@ from fedtune.evaluation import mean_metrics
 from fedtune.experiment import Experiment, clients_per_round, derive_seed, evaluated_round
 from fedtune.runtime.client import FT
 from fedtune.runlog import RunLog
-from fedtune.runtime.update_check import change_norm, check_update, over_reference, oversized, reference_change
+from fedtune.runtime.diagnostics import cosines, sketch
+from fedtune.runtime.update_check import change, check_update, over_reference, oversized, reference_change
 from fedtune.training import round_lr
 from fedtune.usage import round_usage
 
@@ -134,6 +136,9 @@ class RoundIntake:
         self.accepted_ids: list[int] = []
         self.rejected: dict[int, str] = {}
         self.norms: dict[int, float] = {}
+        self.sketches: dict[int, torch.Tensor] = {}
+        """Client → the count sketch of its accepted change (:mod:`fedtune.runtime.diagnostics`)."""
+        self.weights: dict[int, float] = {}
         self.bytes_up = 0
         self.client_metrics: dict[int, dict[str, float]] = {}
         self.wait_s = 0.0
@@ -146,26 +151,27 @@ class RoundIntake:
         return self._accepted()
 
     def _accepted(self) -> Iterator[ClientUpdate]:
-        held: list[tuple[ClientUpdate, float]] = []
+        held: list[tuple[ClientUpdate, float, torch.Tensor]] = []
         for u in self._arrivals():
-            norm = self._valid_norm(u)
-            if norm is None:
+            measured = self._measure(u)
+            if measured is None:
                 continue
+            norm, sketched = measured
             if self.reference is None:  # nothing to judge against yet: judged with the round's others below
-                held.append((u, norm))
+                held.append((u, norm, sketched))
                 continue
             why = over_reference(norm, self.reference, self.ratio)
             if why:
                 self._reject(u.client_id, why)
                 continue
-            yield self._accept(u, norm)
+            yield self._accept(u, norm, sketched)
         if held:
-            verdicts = oversized({u.client_id: n for u, n in held}, self.ratio, self.previous)
-            for u, norm in held:
+            verdicts = oversized({u.client_id: n for u, n, _ in held}, self.ratio, self.previous)
+            for u, norm, sketched in held:
                 if u.client_id in verdicts:
                     self._reject(u.client_id, verdicts[u.client_id])
                 else:
-                    yield self._accept(u, norm)
+                    yield self._accept(u, norm, sketched)
 
     def drain(self) -> None:
         """Take every update the aggregate did not (an algorithm that ignores them), checking each."""
@@ -185,7 +191,8 @@ class RoundIntake:
             self.bytes_up += tensor_bytes(u.tensors)
             yield u
 
-    def _valid_norm(self, u: ClientUpdate) -> float | None:
+    def _measure(self, u: ClientUpdate) -> tuple[float, torch.Tensor] | None:
+        """A valid update's change norm and sketch; None (and the update rejected) for an invalid one."""
         if u.client_id not in self.payloads:
             self._reject(u.client_id, "it sent an update it was not asked for")
             return None
@@ -194,7 +201,8 @@ class RoundIntake:
         if why:
             self._reject(u.client_id, why)
             return None
-        return change_norm(u, expected)
+        delta = change(u, expected)
+        return math.sqrt(sum(float(d.pow(2).sum()) for d in delta.values())), sketch(delta)
 
     def _reject(self, cid: int, why: str) -> None:
         logger.warning("round %d: rejected the update of client %d: %s", self.rnd, cid, why)
@@ -204,9 +212,11 @@ class RoundIntake:
                                  "instead)")
         self.rejected[cid] = why
 
-    def _accept(self, u: ClientUpdate, norm: float) -> ClientUpdate:
+    def _accept(self, u: ClientUpdate, norm: float, sketched: torch.Tensor) -> ClientUpdate:
         self.accepted_ids.append(u.client_id)
         self.norms[u.client_id] = norm
+        self.sketches[u.client_id] = sketched
+        self.weights[u.client_id] = float(u.num_examples)
         self.client_metrics[u.client_id] = dict(u.metrics)
         return u
 
@@ -341,7 +351,8 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         loss, n_seen = intake.train_loss()
         reduced = algo.reducer.round_report()
         row = round_row(rnd, lr=lr, clients=sorted(intake.accepted_ids), missing=sorted(set(clients) - set(intake.received)),
-                        rejected=sorted(intake.rejected), norms=intake.norms, problems=lost + lost_eval,
+                        rejected=sorted(intake.rejected), norms=intake.norms,
+                        cosines=cosines(intake.sketches, intake.weights), problems=lost + lost_eval,
                         train_loss=loss, train_examples=n_seen, traffic=(bytes_up, bytes_down), previous=row,
                         wire=wire, times=((t_trained - t_start) + intake.wait_s,
                                           (t_aggregated - t_trained) - intake.wait_s, t_end - t_aggregated),
@@ -365,7 +376,7 @@ def _too_few(rnd: int, clients: list[int], intake: RoundIntake, pool: ClientPool
 
 def round_row(rnd: int, *, times: tuple[float, float, float], metrics: dict[str, Any], problems: list[dict],
               lr: float = 0.0, clients: list[int] = (), missing: list[int] = (), rejected: list[int] = (),
-              norms: dict[int, float] | None = None, train_loss: float | None = None, train_examples: int = 0,
+              norms: dict[int, float] | None = None, cosines: dict[int, float] | None = None, train_loss: float | None = None, train_examples: int = 0,
               traffic: tuple[int, int] = (0, 0), previous: dict | None = None, wire: dict | None = None) -> dict:
     """One row of ``metrics.jsonl``: the round's clients, loss, bytes (and running totals after ``previous``),
     seconds training / aggregating / evaluating, and its metrics. Round 0 (the initial model) has no training."""
@@ -373,7 +384,8 @@ def round_row(rnd: int, *, times: tuple[float, float, float], metrics: dict[str,
     row = {"round": rnd, "lr": lr, "clients": list(clients), "num_clients": len(clients)}
     if rnd:
         row.update(missing=list(missing), rejected=list(rejected),
-                   update_norms={str(c): v for c, v in sorted((norms or {}).items())})
+                   update_norms={str(c): v for c, v in sorted((norms or {}).items())},
+                   update_cosines={str(c): v for c, v in sorted((cosines or {}).items())})
     row.update(client_problems=problems, train_loss=train_loss, train_examples=train_examples,
                bytes_up=up, bytes_down=down,
                cum_bytes_up=(previous or {}).get("cum_bytes_up", 0) + up,

@@ -70,13 +70,14 @@ def check_update(update: ClientUpdate, expected: dict[str, Expected], max_exampl
     return None
 
 
+def change(update: ClientUpdate, expected: dict[str, Expected]) -> dict[str, torch.Tensor]:
+    """θ − θ⁰ per model tensor of a valid update, in float64 (side channels left out)."""
+    return {name: update.tensors[name].double() - e.start.double() for name, e in expected.items() if e.is_model}
+
+
 def change_norm(update: ClientUpdate, expected: dict[str, Expected]) -> float:
     """‖θ − θ⁰‖₂ over the update's model tensors, in float64 (a valid update: every name is there)."""
-    total = 0.0
-    for name, e in expected.items():
-        if e.is_model:
-            total += float((update.tensors[name].double() - e.start.double()).pow(2).sum())
-    return math.sqrt(total)
+    return math.sqrt(sum(float(d.pow(2).sum()) for d in change(update, expected).values()))
 
 
 def reference_change(norms: list[float]) -> float | None:
