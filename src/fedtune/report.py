@@ -58,6 +58,7 @@ from fedtune.units import human_bytes, human_seconds
 
 _PREFERRED = ("eval/accuracy", "eval/loss", "client_eval/accuracy", "client_eval/loss")
 _TRAIN_LOSS = "train_loss"
+WARD_AXIS = {"similarity_rows": "the rows of cos", "unit_updates": "√(2 − 2 cos)"}
 
 
 @dataclass
@@ -377,6 +378,7 @@ def clustering_plots(run: Run, out_dir: Path, prefix: str = "") -> list[Path]:
         cluster_of = row.get("agg/cluster_of", {})
         labels = [_client_label(c, groups if column else None, cluster_of) for c in clients]
         rnd = row["round"]
+        on = row.get("agg/ward_on", "unit_updates")  # runs before the option clustered unit updates
         fig = Figure(figsize=(5.6, 4.8), layout="constrained")
         ax = fig.add_subplot()
         im = ax.imshow(sim, vmin=-1, vmax=1, cmap="RdBu_r")
@@ -390,8 +392,8 @@ def clustering_plots(run: Run, out_dir: Path, prefix: str = "") -> list[Path]:
         fig = Figure(figsize=(6.4, 4.2), layout="constrained")
         ax = fig.add_subplot()
         if len(sim) >= 2:
-            dendrogram(ward_linkage(sim), labels=labels, ax=ax, leaf_rotation=90, leaf_font_size=8)
-        ax.set(title=f"{run.name}\nWard dendrogram, round {rnd}", ylabel="Ward distance on √(2 − 2 cos)")
+            dendrogram(ward_linkage(sim, on), labels=labels, ax=ax, leaf_rotation=90, leaf_font_size=8)
+        ax.set(title=f"{run.name}\nWard dendrogram, round {rnd}", ylabel=f"Ward distance on {WARD_AXIS[on]}")
         paths.append(out_dir / f"{prefix}clustering_round{rnd}_dendrogram.png")
         fig.savefig(paths[-1], dpi=120, bbox_inches="tight")  # scipy sets the leaf labels after the layout
     return paths
