@@ -102,9 +102,11 @@ METHODS = {
 def run_scenario(name: str, args) -> dict:
     overrides, metric = scenario(name, args)
     clients = [] if name == "c" else ["partition.num_clients=10"]  # c: one client per task file
+    schedule = (["train.lr_schedule=exponential", "train.lr_decay=0.99"] if args.schedule == "exponential" else
+                ["train.lr_schedule=cosine"])
     base = [f"output_dir={args.runs}", *clients, "partition.client_test_fraction=0.2",
             f"federation.rounds={args.rounds}", f"train.local_steps={args.steps}", f"train.batch_size={args.batch}",
-            "train.lr_schedule=cosine", "lora.r=8", "lora.alpha=16", "eval.every=0", "threads=1", "seed=0",
+            *schedule, "lora.r=8", "lora.alpha=16", f"eval.every={args.eval_every}", "threads=1", "seed=0",
             "data.max_eval_examples=200",  # FedIT's global model is also scored on the dev split: kept small
             *overrides]
     probe = matmul_gflops()
@@ -119,12 +121,12 @@ def run_scenario(name: str, args) -> dict:
         metrics = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
         entry = {"metric": metric, "mb_up": summary["cum_bytes_up"] / 1e6, "mb_down": summary["cum_bytes_down"] / 1e6,
                  "wall_s": wall}
-        final = res.final
+        final, best = res.final, summary["best"]
         if method == "fedit":
-            rows["fedit"] = {**entry, "value": final[f"client_eval/{metric}"]}
-            rows["fedit-ft"] = {**entry, "value": final[f"client_ft/{metric}"]}
+            rows["fedit"] = {**entry, **figures("client_eval", metric, final, best)}
+            rows["fedit-ft"] = {**entry, **figures("client_ft", metric, final, best)}
             continue
-        entry["value"] = final[f"client_eval/{metric}"]
+        entry.update(figures("client_eval", metric, final, best))
         experts = [r["agg/mean_experts_per_client"] for r in metrics if "agg/mean_experts_per_client" in r]
         if experts:
             entry["mean_experts_per_client"] = sum(experts) / len(experts)
@@ -132,18 +134,35 @@ def run_scenario(name: str, args) -> dict:
         print(json.dumps({"scenario": name, "method": method, "value": entry["value"], "wall_s": wall}), flush=True)
     return {"methods": rows, "matmul_gflops": {"before": probe, "after": matmul_gflops()},
             "sizes": {"rows": args.rows, "rounds": args.rounds, "steps": args.steps, "batch": args.batch,
-                      "new_tokens": args.new_tokens,
+                      "new_tokens": args.new_tokens, "eval_every": args.eval_every, "lr_schedule": args.schedule,
                       "clients": 10, "test_fraction": 0.2, "aux_fraction": 0.1}}
 
 
+def figures(prefix: str, metric: str, final: dict, best: dict) -> dict:
+    """A method's per-client figures: ``value``, the last round's mean over the clients' pooled test rows;
+    ``last_unweighted``, the last round's plain mean over clients; ``bmta`` (and its round), the reference code's
+    headline, the best round's plain mean over clients; ``best_pooled`` (and its round)."""
+    plain = f"{prefix}_unweighted/{metric}"
+    return {"value": final[f"{prefix}/{metric}"], "last_unweighted": final.get(plain),
+            "bmta": best.get(plain, {}).get("value"), "bmta_round": best.get(plain, {}).get("round"),
+            "best_pooled": best[f"{prefix}/{metric}"]["value"], "best_pooled_round": best[f"{prefix}/{metric}"]["round"]}
+
+
 def table(results: dict) -> Table:
-    t = Table(title="FedAMoLE benchmark (mean per-client test metric after the last round)")
+    t = Table(title="FedAMoLE benchmark: per-client test metric, bmta (best round's unweighted client mean, round) "
+                    "/ last round unweighted / last round over pooled rows")
     for col in ("scenario", "metric", "fedamole", "fedit", "fedit-ft", "local", "experts / client",
                 "MB up (amole / fedit)", "wall s (amole)"):
         t.add_column(col)
+
+    def cell(r: dict) -> str:
+        if r.get("bmta") is None:  # recorded before per-round, unweighted figures
+            return f"- / - / {r['value']:.4f}"
+        return f"{r['bmta']:.4f} ({r['bmta_round']}) / {r['last_unweighted']:.4f} / {r['value']:.4f}"
+
     for name, res in results.items():
         m = res["methods"]
-        t.add_row(name, m["fedamole"]["metric"], *(f"{m[k]['value']:.4f}" for k in ("fedamole", "fedit", "fedit-ft", "local")),
+        t.add_row(name, m["fedamole"]["metric"], *(cell(m[k]) for k in ("fedamole", "fedit", "fedit-ft", "local")),
                   f"{m['fedamole'].get('mean_experts_per_client', 0):.2f}",
                   f"{m['fedamole']['mb_up']:.1f} / {m['fedit']['mb_up']:.1f}", f"{m['fedamole']['wall_s']:.0f}")
     return t
@@ -157,6 +176,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--eval-every", type=int, default=1, help="rounds between per-client evaluations (0: last)")
+    parser.add_argument("--schedule", choices=["exponential", "cosine"], default="exponential",
+                        help="the clients' lr across rounds: the reference code's lr · 0.99^(r−1), or cosine")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--runs", default="runs/bench_fedamole")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -166,7 +188,8 @@ def main() -> None:
         print("RESULT " + json.dumps({args.one: run_scenario(args.one, args)}), flush=True)
         return
     flags = ["--rows", str(args.rows), "--rounds", str(args.rounds), "--steps", str(args.steps), "--batch",
-             str(args.batch), "--new-tokens", str(args.new_tokens), "--runs", args.runs]
+             str(args.batch), "--new-tokens", str(args.new_tokens), "--eval-every", str(args.eval_every),
+             "--schedule", args.schedule, "--runs", args.runs]
     out = Path(args.output)
     results = json.loads(out.read_text()) if out.is_file() else {}
     pending, running, failed = list(args.scenarios), [], []
