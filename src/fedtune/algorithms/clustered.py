@@ -160,6 +160,12 @@ class Clustered(FedIT):
         o = self.options
         if isinstance(o.n_clusters, int) and o.n_clusters < 1:
             raise FedtuneError("algorithm.options.n_clusters must be a positive integer or 'auto'")
+        last = None if rounds is None else rounds - (o.cluster_models_from == "next_round")
+        if last is not None and o.cluster_round > last:
+            made = "decided in" if o.cluster_models_from == "next_round" else "made in"
+            raise FedtuneError(f"the clusters are {made} round cluster_round={o.cluster_round}, but the run's last "
+                               f"round to make them is {last} (federation.rounds={rounds}); lower cluster_round or "
+                               "raise federation.rounds")
         try:
             self.server = SERVERS[o.server].create(o.server_options, self.lora)
         except FedtuneError as e:
