@@ -24,6 +24,8 @@ holds one group), its name, its mean per true group, ARI and NMI of the clusters
 (clustered methods), MB up / down, wall seconds, and a matmul probe before and after.
 
     python benchmarks/clustered.py [--scenarios a c] [--methods ...] [--rounds N] [--steps S]
+    python benchmarks/clustered.py --scenarios a b --methods seed -o threads=1    # the seed rows, as recorded
+    python benchmarks/clustered.py --scenarios c --methods seed --rounds 3 --steps 4 -o threads=1
     python benchmarks/clustered.py --summarise    # rebuild the JSON's rows from the recorded run directories
 
 Writes ``benchmarks/results/clustered.json`` (scenarios not run keep their previous entry).

@@ -1,6 +1,6 @@
-"""FedAMoLE against FedIT, FedIT-FT and local-only: the mean per-client test metric, 10 clients.
+"""FedAMoLE against FedIT, FedIT-FT and local-only: the per-client test metric, 10 clients.
 
-Scenarios (the seed's, scaled to a 2-core CPU machine):
+Scenarios (the reference code's, scaled to a 2-core CPU machine):
 
 - ``a-0.1``, ``a-1``, ``a-100``: MiniLM-L6 on SNLI as 3-way classification, Dirichlet(α) over the labels
   (accuracy);
@@ -12,22 +12,31 @@ Scenarios (the seed's, scaled to a 2-core CPU machine):
 Dirichlet(0.1) over SNLI's 3 labels leaves some of the 10 clients a handful of rows (5 at the default 2,000
 rows, seed 0), so every Dirichlet scenario accepts clients of 5 rows or more. Every client's shard: 20% test,
 10% auxiliary (FedAMoLE's routing embeddings; the other methods train on it too, so each trains on what it can
-use), the rest training. Methods: FedAMoLE (``model.finetune: mole``,
-the seed's defaults: 30 experts r = 8 per module, top-2, expert_choices 2, 2 to 8 experts per client);
-FedIT with the global model scored on each client's test shard; FedIT-FT, the same run scored right after
-each client's local training (``eval.after_local_training``); local-only. Against the seed's 200 local steps
-of batch 1 per round, each round here trains ``--steps`` steps of batch ``--batch`` (default 20 × 8).
+use), the rest training. Methods: FedAMoLE (``model.finetune: mole``, the reference code's defaults: 30
+experts r = 8 per module, top-2, expert_choices 2, 2 to 8 experts per client); FedIT with the global model
+scored on each client's test shard; FedIT-FT, the same run scored right after each client's local training
+(``eval.after_local_training``); local-only. Against the reference code's 200 local steps of batch 1 per
+round, each round here trains ``--steps`` steps of batch ``--batch`` (default 20 × 8), at the reference
+code's learning-rate decay lr · 0.99^(r − 1) (``--schedule exponential``; ``cosine`` for the earlier rows).
 
-The recorded results (README, "Personalised mixtures of LoRA experts") come from three invocations side by
-side, one worker each::
+Each method's figures: ``bmta``, the reference code's headline, the clients' unweighted mean at the best
+evaluated round (round 0, the initial model, included, as its scripts' ``test_init`` has it) and that round;
+``last_unweighted``, the last round's unweighted mean; ``value``, the last round's mean over the clients'
+pooled test rows; ``best_pooled``. Every round is evaluated (``--eval-every 1``).
 
-    python benchmarks/fedamole.py --scenarios a-0.1 a-1 a-100 --rounds 8 --steps 12 --batch 8 --workers 1
+The recorded results (README, "Personalised mixtures of LoRA experts"): scenarios a-0.1, a-1 and a-100 from
+
+    python benchmarks/fedamole.py --scenarios a-0.1 a-1 a-100 --rounds 6 --steps 8 --batch 8 --workers 1
+
+(exponential schedule, every round evaluated); b and c were recorded earlier, before the reference code's
+balance loss and schedule, with the last round evaluated only (no bmta), from two invocations side by side::
+
     python benchmarks/fedamole.py --scenarios b --rounds 4 --steps 5 --batch 4 --workers 1
     python benchmarks/fedamole.py --scenarios c --rows 500 --rounds 2 --steps 3 --batch 4 --new-tokens 64 --workers 1
 
-Writes ``benchmarks/results/fedamole.json``: per scenario and method the mean per-client test metric and
-its name, MB up/down, wall seconds and the mean experts per client (FedAMoLE), with the sizes used and a
-matmul probe per worker; scenarios not run keep their earlier entries.
+Writes ``benchmarks/results/fedamole.json``: per scenario and method the figures above and the metric's
+name, MB up/down, wall seconds and the mean experts per client (FedAMoLE), with the sizes used and a matmul
+probe per worker; scenarios not run keep their earlier entries.
 """
 
 from __future__ import annotations

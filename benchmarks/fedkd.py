@@ -22,7 +22,8 @@ parallel processes of one thread each.
 
     python benchmarks/fedkd.py                       # both datasets, writes benchmarks/results/fedkd.json
     python benchmarks/fedkd.py --datasets cola --train 400 --rounds 2   # a quick look
-    python benchmarks/fedkd.py --datasets sst2 --methods "fedlora r=16 α=16" "fedkdlora r=16 α=16"
+    python benchmarks/fedkd.py --datasets sst2 --methods "fedlora r=32" "fedkdlora r=32" "fedlora r=16 α=16" \
+        "fedlora r=32 α=16" "fedkdlora r=16 α=16" "fedkdlora r=32 α=16"    # the rerun and α = 16 rows recorded
 
 Writes, per dataset and method: accuracy, MCC, MB up/down, wall seconds; the teacher's accuracy and MCC
 after pre-training and at the end; the sizes used; a matmul probe before and after each dataset's runs.
