@@ -298,8 +298,8 @@ def test_summary_best_and_report_unweighted_client_mean(tmp_path):
     report = build_report([tmp_path / "a"], metric="client_eval/accuracy")
     r = report.rows[0]
     assert (r["final"], r["best"], r["best_round"]) == (0.65, 0.7, 1)
-    assert r["unweighted"] == {"metric": "client_eval_unweighted/accuracy", "final": 0.75, "best": 0.75,
-                               "best_round": 2}
+    assert r["unweighted"] == {"metric": "client_eval_unweighted/accuracy", "final": 0.75, "final_round": 2,
+                               "best": 0.75, "best_round": 2}
     console = Console(record=True, width=200)
     console.print(report.table)
     text = console.export_text()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fedtune.aggregation import Tensors, weighted_mean
-from fedtune.algorithms.base import ClientContext, ClientUpdate, Payload, ServerState
+from fedtune.algorithms.base import ClientContext, ClientUpdate, Expected, Payload, ServerState
 from fedtune.algorithms.fedit import FedIT
 from fedtune.models.lora import trainable_state
 
@@ -49,6 +49,10 @@ class FFALoRA(FedIT):
         """B (cut to each client's rank) and the head; A₀ stays where it is, on every client."""
         sent = {k: v for k, v in state.global_tensors.items() if not _frozen(k)}
         return {cid: Payload(tensors=fit_b(sent, self.lora.rank(cid))) for cid in client_ids}
+
+    def expected_update(self, client_id: int, payload: Payload, state: ServerState) -> dict[str, Expected]:
+        """What trained: B at the client's rank and the head (A₀ is never sent back)."""
+        return {n: e for n, e in super().expected_update(client_id, payload, state).items() if not _frozen(n)}
 
     def prepare(self, ctx: ClientContext, payload: Payload) -> None:
         """Load A₀ at the client's rank and the received B and head; A stops requiring gradients."""
