@@ -413,10 +413,21 @@ def test_the_last_module_is_the_models_last_as_the_reference_code_takes_it():
     ({"n_clusters": 2, "min_silhouette": 0.3}, "min_silhouette applies to n_clusters: auto"),
     ({"assign": "oracle", "n_clusters": 3}, "assign: oracle takes the clusters from the true groups; remove n_clusters"),
     ({"recluster_every": 2}, "set cluster_models_from: cluster_round"),
+])
+def test_an_option_that_would_be_ignored_is_an_error(options, message):
+    with pytest.raises(FedtuneError, match=message):
+        build_algorithm("clustered", options, num_clients=4)
+
+
+@pytest.mark.parametrize("options, message", [
     ({"cluster_round": 3}, r"clusters are decided in round cluster_round=3, but the run's last round to make them "
                            r"is 2 \(federation.rounds=3\)"),
     ({"cluster_round": 4, **FEDTUNE_TIMING}, "made in round cluster_round=4, but the run's last round"),
 ])
-def test_an_option_that_would_be_ignored_is_an_error(options, message):
+def test_clusters_the_run_has_no_round_left_to_make_are_an_error(options, message):
+    from fedtune.config import load_config
+
+    cfg = load_config(None, ["federation.rounds=3", "algorithm.name=clustered"])
+    build_algorithm("clustered", {"cluster_round": 2}).check(cfg)
     with pytest.raises(FedtuneError, match=message):
-        build_algorithm("clustered", options, rounds=3, num_clients=4)
+        build_algorithm("clustered", options).check(cfg)

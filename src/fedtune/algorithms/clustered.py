@@ -56,7 +56,7 @@ import torch
 from pydantic import Field, model_validator
 
 from fedtune.aggregation import Tensors, weighted_mean
-from fedtune.algorithms.base import ClientUpdate, LoraSetup, NoOptions, Payload, ServerState
+from fedtune.algorithms.base import ClientUpdate, LoraSetup, NoOptions, Payload, Rule, ServerState
 from fedtune.algorithms.fedit import FedIT
 from fedtune.algorithms.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from fedtune.clustering import (
@@ -160,12 +160,6 @@ class Clustered(FedIT):
         o = self.options
         if isinstance(o.n_clusters, int) and o.n_clusters < 1:
             raise FedtuneError("algorithm.options.n_clusters must be a positive integer or 'auto'")
-        last = None if rounds is None else rounds - (o.cluster_models_from == "next_round")
-        if last is not None and o.cluster_round > last:
-            made = "decided in" if o.cluster_models_from == "next_round" else "made in"
-            raise FedtuneError(f"the clusters are {made} round cluster_round={o.cluster_round}, but the run's last "
-                               f"round to make them is {last} (federation.rounds={rounds}); lower cluster_round or "
-                               "raise federation.rounds")
         try:
             self.server = SERVERS[o.server].create(o.server_options, self.lora)
         except FedtuneError as e:
@@ -174,6 +168,22 @@ class Clustered(FedIT):
     def bind(self, facts):
         self.server.bind(facts)
         return super().bind(facts)
+
+    def extra_rules(self) -> list[Rule]:
+        """The clusters must be made within the run: in round ``cluster_round`` (``cluster_models_from:
+        cluster_round``) or the one after (``next_round``), at most ``federation.rounds``."""
+        o = self.options
+        later = o.cluster_models_from == "next_round"
+
+        def past_the_end(cfg) -> str | None:
+            last = cfg.federation.rounds - later
+            if o.cluster_round <= last:
+                return None
+            return (f"the clusters are {'decided in' if later else 'made in'} round cluster_round={o.cluster_round}, "
+                    f"but the run's last round to make them is {last} (federation.rounds={cfg.federation.rounds}); "
+                    "lower cluster_round or raise federation.rounds")
+
+        return [Rule(None, past_the_end)]
 
     def clusters_in(self, rnd: int) -> bool:
         """Whether round ``rnd`` clusters the clients."""
