@@ -254,9 +254,9 @@ def test_static_arch_computes_and_uploads_no_embeddings(tmp_path, tiny_model_dir
 
     class Watching(InProcessPool):
         def train(self, rnd, payloads, lr):
-            out = super().train(rnd, payloads, lr)
-            sent.extend(out)
-            return out
+            for update in super().train(rnd, payloads, lr):  # updates arrive one at a time
+                sent.append(update)
+                yield update
 
     _run(_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "algorithm.options.static_arch=true"), Watching)
     assert sent and not any(n.startswith("rsea/") for u in sent for n in u.tensors)

@@ -4,7 +4,7 @@ Sun, Qin, Li and Wang, "Improving LoRA in Privacy-Preserving Federated Learning"
 client starts from the same A₀ (the run's seeded initialisation, random) and B = 0; A₀ never trains and
 never travels. Client i trains B_i (and the head, when it is trained); the server averages::
 
-    B ← Σ_i p_i B_i,    p_i = n_i / Σ_j n_j   over the round's clients,
+    B ← Σ_i p_i B_i,    p_i = n_i / Σ_j n_j   over the round's clients (the run's ``algorithm.reducer``),
 
 which is exact for the product: with A shared, Σ_i p_i B_i A₀ = (Σ_i p_i B_i) A₀, the average of the
 clients' updates, where FedIT's separate averages of A and B are not. With heterogeneous ranks
@@ -14,9 +14,11 @@ A₀, so the average stays exact, and client i receives B's first r_i columns.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
-from fedtune.aggregation import Tensors, weighted_mean
+from fedtune.aggregation import Tensors
 from fedtune.algorithms.base import ClientContext, ClientUpdate, Expected, Payload, ServerState
 from fedtune.algorithms.fedit import FedIT
 from fedtune.models.lora import trainable_state
@@ -67,7 +69,7 @@ class FFALoRA(FedIT):
         return ClientUpdate(ctx.client_id, fit_b(trainable_state(ctx.model), self.lora.rank(ctx.client_id)),
                             ctx.num_examples)
 
-    def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
-        sets = [fit_b(u.tensors, self.lora.max_rank) for u in updates]
-        mean = weighted_mean(sets, [u.num_examples for u in updates])
+    def aggregate(self, rnd: int, updates: Iterable[ClientUpdate], state: ServerState) -> ServerState:
+        """B (zero-padded to r_max) and the head reduced as they arrive (the run's reducer: the mean above)."""
+        mean = self.reduce((u.client_id, fit_b(u.tensors, self.lora.max_rank), u.num_examples) for u in updates)
         return ServerState(round=rnd, global_tensors={**state.global_tensors, **mean}, extra=state.extra)

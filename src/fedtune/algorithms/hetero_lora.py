@@ -259,7 +259,8 @@ class FlexLoRA(_ContinueFromGlobal):
         rank = self.lora.rank(client_id)
         return rank if rank is not None else next(v.shape[0] for k, v in state.extra.items() if k.startswith("global/"))
 
-    def aggregate(self, rnd: int, updates: list[ClientUpdate], state: ServerState) -> ServerState:
+    def aggregate(self, rnd: int, updates: Iterable[ClientUpdate], state: ServerState) -> ServerState:
+        updates = sorted(updates, key=lambda u: u.client_id)  # read twice: the SVD, and each rank's data weight
         new = super().aggregate(rnd, updates, state)
         for u in updates:
             key = f"{_EVAL_WEIGHT}{self._rank(u.client_id, new)}"
