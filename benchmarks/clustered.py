@@ -8,18 +8,24 @@ client holds out 20% of its shard as its own test set):
 - ``c``: SmolLM2-135M on XQuAD instructions in 4 languages × 2 clients (``multilingual``), perplexity of each
   client's held-out responses, and ROUGE-L of greedy generations.
 
-Methods: ``clustered`` with ``n_clusters: auto`` (clustered in round 2 on every client's LoRA-B update of the
-last module, after one FedIT round: round 1's updates, from B = 0, carry no group signal on MiniLM),
-``clustered-centred`` (the same, comparing the update directions less their mean: ``center: true``),
-``fedit``, ``local`` (each client alone) and ``oracle`` (clusters = the true groups, from round 2); on request
-(``--methods``), ``clustered-centred-all`` (centred, on both factors of every module: the choice that
-``benchmarks/clustering_signal.py`` finds best in scenario c). Reported
-per scenario and method: the mean per-client metric (``client_eval/<metric>`` after the last round), its name,
-its mean per true group,
-ARI and NMI of the clusters against the true groups (clustered methods), MB up / down, wall seconds, and a
-matmul probe before and after.
+Methods, all clustering in round 2 on every client's LoRA-B update of the last module, after one FedIT round
+(round 1's updates, from B = 0, carry no group signal on MiniLM): ``seed``, the reference code's procedure at
+the scenario's true k (the clustered options' defaults: Ward on the rows of the cosine-similarity matrix, k by
+the threshold sweep, unweighted cluster means, the clusters' first models from round 3's updates);
+``clustered``, fedtune's variants (``n_clusters: auto``, Ward on the unit updates, data-weighted means, the
+clusters' models from round 2's updates); ``clustered-centred`` (the same, comparing the update directions
+less their mean: ``center: true``); ``fedit``, ``local`` (each client alone) and ``oracle`` (clusters = the
+true groups, from round 2); on request (``--methods``), ``clustered-centred-all`` (centred, on both factors
+of every module: the choice that ``benchmarks/clustering_signal.py`` finds best in scenario c). Reported per
+scenario and method: the mean per-client metric after the last round, weighted by the clients' test rows
+(``client_eval/<metric>``) and unweighted (``client_eval_unweighted/<metric>``; for rows recorded before it
+was logged, the mean of the per-group means weighted by their clients, which is the same number: each client
+holds one group), its name, its mean per true group, ARI and NMI of the clusters against the true groups
+(clustered methods), MB up / down, wall seconds, and a matmul probe before and after.
 
     python benchmarks/clustered.py [--scenarios a c] [--methods ...] [--rounds N] [--steps S]
+    python benchmarks/clustered.py --scenarios a b --methods seed -o threads=1    # the seed rows, as recorded
+    python benchmarks/clustered.py --scenarios c --methods seed --rounds 3 --steps 4 -o threads=1
     python benchmarks/clustered.py --summarise    # rebuild the JSON's rows from the recorded run directories
 
 Writes ``benchmarks/results/clustered.json`` (scenarios not run keep their previous entry).
@@ -43,15 +49,15 @@ from fedtune.runlog import load_run
 from mmlu_speed import matmul_gflops
 
 SCENARIOS: dict[str, dict] = {
-    "a": {"what": "MiniLM, SST-2: 4 clients English, 4 Portuguese", "metric": "client_eval/accuracy",
+    "a": {"what": "MiniLM, SST-2: 4 clients English, 4 Portuguese", "k": 2, "metric": "client_eval/accuracy",
           "config": "configs/quickstart.yaml", "by": "language",
           "overrides": ["data.name=sst2_multilingual", "data.parallel=disjoint", "data.max_train_examples=1200",
                         "train.lr=2e-3", "train.lr_schedule=constant"]},
-    "b": {"what": "MiniLM, 4 clients SST-2, 4 clients CoLA, one binary head", "metric": "client_eval/accuracy",
+    "b": {"what": "MiniLM, 4 clients SST-2, 4 clients CoLA, one binary head", "k": 2, "metric": "client_eval/accuracy",
           "config": "configs/quickstart.yaml", "by": "task",
           "overrides": ["data.name=sst2_cola", "data.max_train_examples=1200", "train.lr=2e-3",
                         "train.lr_schedule=constant"]},
-    "c": {"what": "SmolLM2-135M, XQuAD instructions: en, es, de, zh × 2 clients", "metric": "client_eval/perplexity",
+    "c": {"what": "SmolLM2-135M, XQuAD instructions: en, es, de, zh × 2 clients", "k": 4, "metric": "client_eval/perplexity",
           "config": "configs/snli_instruct_fedit.yaml", "by": "language",
           "overrides": ["data.name=multilingual", "data.languages=[en,es,de,zh]", "data.parallel=disjoint",
                         "data.max_train_examples=60", "data.max_eval_examples=null", "model.max_length=256",
@@ -60,16 +66,21 @@ SCENARIOS: dict[str, dict] = {
 }
 
 CLUSTERED = ["algorithm.name=clustered", "algorithm.options.cluster_round=2"]
+FEDTUNE = ["algorithm.options.ward_on=unit_updates", "algorithm.options.cluster_means=weighted",
+           "algorithm.options.cluster_models_from=cluster_round"]
+"""fedtune's variants, as the rows recorded before the reference code's procedure became the default."""
 METHODS: dict[str, list[str]] = {
-    "clustered": [*CLUSTERED, "algorithm.options.n_clusters=auto"],
-    "clustered-centred": [*CLUSTERED, "algorithm.options.n_clusters=auto", "algorithm.options.center=true"],
+    "seed": [*CLUSTERED],  # the reference code's procedure; n_clusters is the scenario's true k (run_scenario)
+    "clustered": [*CLUSTERED, *FEDTUNE, "algorithm.options.n_clusters=auto"],
+    "clustered-centred": [*CLUSTERED, *FEDTUNE, "algorithm.options.n_clusters=auto", "algorithm.options.center=true"],
     "fedit": ["algorithm.name=fedit"],
     "local": ["algorithm.name=local"],
-    "oracle": [*CLUSTERED, "algorithm.options.assign=oracle"],
-    "clustered-centred-all": [*CLUSTERED, "algorithm.options.n_clusters=auto", "algorithm.options.center=true",
+    "oracle": [*CLUSTERED, "algorithm.options.cluster_means=weighted",
+               "algorithm.options.cluster_models_from=cluster_round", "algorithm.options.assign=oracle"],
+    "clustered-centred-all": [*CLUSTERED, *FEDTUNE, "algorithm.options.n_clusters=auto", "algorithm.options.center=true",
                               "algorithm.options.cluster_on=both", "algorithm.options.cluster_layers=all"],
 }
-DEFAULT_METHODS = ["clustered", "clustered-centred", "fedit", "local", "oracle"]
+DEFAULT_METHODS = ["seed", "clustered", "clustered-centred", "fedit", "local", "oracle"]
 
 
 def scenario_overrides(key: str, rounds: int, steps: int) -> list[str]:
@@ -86,9 +97,10 @@ def run_scenario(key: str, args) -> list[dict]:
     sc = SCENARIOS[key]
     results = []
     for method in args.methods:
+        true_k = [f"algorithm.options.n_clusters={sc['k']}"] if method == "seed" else []
         cfg = load_config(sc["config"], [f"output_dir={Path(args.runs) / key}", f"name={method}",
                                          *scenario_overrides(key, args.rounds, args.steps), *METHODS[method],
-                                         *args.override])
+                                         *true_k, *args.override])
         res = execute(cfg, overwrite=True)
         results.append(result_row(key, method, res.run_dir))
         Console().print(f"{key} · {method}: {sc['metric']} {results[-1]['mean_client_metric']} ({res.seconds:.0f} s)")
@@ -103,6 +115,7 @@ def result_row(key: str, method: str, run_dir: Path) -> dict:
     last = run.rows[-1]
     return {
         "scenario": key, "method": method, "metric": metric, "mean_client_metric": last.get(metric),
+        "mean_client_metric_unweighted": last.get(metric.replace("client_eval/", "client_eval_unweighted/")),
         "client_metric_std": last.get(metric + "_std"),
         "per_group": group_metrics(run, metric),
         "rouge_l": last.get("client_eval/rougeL") if key == "c" else None,
@@ -112,6 +125,13 @@ def result_row(key: str, method: str, run_dir: Path) -> dict:
         "bytes_up": last["cum_bytes_up"], "bytes_down": last["cum_bytes_down"], "seconds": run.summary["seconds"],
         "run_dir": str(run_dir),
     }
+
+
+def unweighted_from_groups(per_group: dict) -> float | None:
+    """The unweighted mean over clients from the per-group means (each client holds one group)."""
+    if not per_group:
+        return None
+    return sum(v["mean"] * v["clients"] for v in per_group.values()) / sum(v["clients"] for v in per_group.values())
 
 
 def similarity_by_group(run_dir: Path, clustering: dict) -> dict | None:
@@ -163,8 +183,8 @@ def main() -> None:
     probe_after = matmul_gflops()
     table = Table(title=f"clustered FL · 8 clients · {args.rounds} rounds × {args.steps} local steps · "
                         f"matmul probe {probe_before:.0f} → {probe_after:.0f} GFLOP/s")
-    for col in ("scenario", "method", "metric", "mean per client", "per group", "ROUGE-L", "clusters", "ARI", "NMI",
-                "MB up", "MB down", "wall s"):
+    for col in ("scenario", "method", "metric", "mean per client (rows / unweighted)", "per group", "ROUGE-L",
+                "clusters", "ARI", "NMI", "MB up", "MB down", "wall s"):
         table.add_column(col, justify="left" if col in ("scenario", "method", "metric") else "right")
 
     def fmt(x, spec=".4f"):
@@ -172,7 +192,7 @@ def main() -> None:
 
     for r in results:
         groups = " ".join(f"{g} {v['mean']:.3f}" for g, v in r["per_group"].items())
-        table.add_row(r["scenario"], r["method"], r["metric"], fmt(r["mean_client_metric"]), groups or "-",
+        table.add_row(r["scenario"], r["method"], r["metric"], f"{fmt(r['mean_client_metric'])} / {fmt(r['mean_client_metric_unweighted'])}", groups or "-",
                       fmt(r["rouge_l"]), fmt(r["clusters"], "d"),
                       fmt(r["ari"], ".2f"), fmt(r["nmi"], ".2f"), f"{r['bytes_up'] / 1e6:,.1f}",
                       f"{r['bytes_down'] / 1e6:,.1f}", f"{r['seconds']:.0f}")
@@ -190,6 +210,8 @@ def main() -> None:
         if same:  # the probes of every run that made a row
             entry["matmul_gflops_before"] = min(held["matmul_gflops_before"], probe_before)
             entry["matmul_gflops_after"] = min(held["matmul_gflops_after"], probe_after)
+        for r in rows.values():
+            r.setdefault("mean_client_metric_unweighted", unweighted_from_groups(r["per_group"]))
         previous[key] = {**entry, "results": [rows[m] for m in METHODS if m in rows]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(previous, indent=2) + "\n")

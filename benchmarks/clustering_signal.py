@@ -5,7 +5,9 @@ Runs one scenario of ``benchmarks/clustered.py`` (same data, split and sizes) up
 (``--cluster-round``, default 2: one FedIT round first) with ``clustered``, and, from that round's client updates,
 clusters the clients (``n_clusters: auto``) for B / A / both × last / all, on the raw updates and on their
 directions less their mean (``center``). Reports ARI and NMI against the true groups, the number of clusters and
-the labels. The run itself is the ``clustered`` method with its defaults (B, last, raw).
+the labels, all with Ward on the unit updates (``ward_on: unit_updates``, as the recorded scores were made). The
+run itself is the ``clustered`` method with its defaults (B, last, raw). The recorded scenario c predates
+``last`` meaning the highest layer: its "last" is SmolLM2's layer 9, the last by string order of 30.
 
     python benchmarks/clustering_signal.py --scenario c --steps 12
 
@@ -58,7 +60,8 @@ def main() -> None:
                     vectors = [update_vector(u.tensors, state.model_of(u.client_id), chosen) for u in updates]
                     for centre in (False, True):
                         v = centred_directions(vectors)[0] if centre else vectors
-                        found = cluster_clients(cosine_similarity_matrix(v), "auto", algo.options.min_silhouette)
+                        found = cluster_clients(cosine_similarity_matrix(v), "auto", algo.options.min_silhouette,
+                                                ward_on="unit_updates")
                         scores[f"{on} · {layers} · {'centred' if centre else 'raw'}"] = {
                             "cluster_on": on, "cluster_layers": layers, "center": centre, "clusters": found.k,
                             "labels": found.labels, **agreement(found.labels, groups)}

@@ -1,6 +1,6 @@
-"""FedAMoLE against FedIT, FedIT-FT and local-only: the mean per-client test metric, 10 clients.
+"""FedAMoLE against FedIT, FedIT-FT and local-only: the per-client test metric, 10 clients.
 
-Scenarios (the seed's, scaled to a 2-core CPU machine):
+Scenarios (the reference code's, scaled to a 2-core CPU machine):
 
 - ``a-0.1``, ``a-1``, ``a-100``: MiniLM-L6 on SNLI as 3-way classification, Dirichlet(α) over the labels
   (accuracy);
@@ -12,22 +12,31 @@ Scenarios (the seed's, scaled to a 2-core CPU machine):
 Dirichlet(0.1) over SNLI's 3 labels leaves some of the 10 clients a handful of rows (5 at the default 2,000
 rows, seed 0), so every Dirichlet scenario accepts clients of 5 rows or more. Every client's shard: 20% test,
 10% auxiliary (FedAMoLE's routing embeddings; the other methods train on it too, so each trains on what it can
-use), the rest training. Methods: FedAMoLE (``model.finetune: mole``,
-the seed's defaults: 30 experts r = 8 per module, top-2, expert_choices 2, 2 to 8 experts per client);
-FedIT with the global model scored on each client's test shard; FedIT-FT, the same run scored right after
-each client's local training (``eval.after_local_training``); local-only. Against the seed's 200 local steps
-of batch 1 per round, each round here trains ``--steps`` steps of batch ``--batch`` (default 20 × 8).
+use), the rest training. Methods: FedAMoLE (``model.finetune: mole``, the reference code's defaults: 30
+experts r = 8 per module, top-2, expert_choices 2, 2 to 8 experts per client); FedIT with the global model
+scored on each client's test shard; FedIT-FT, the same run scored right after each client's local training
+(``eval.after_local_training``); local-only. Against the reference code's 200 local steps of batch 1 per
+round, each round here trains ``--steps`` steps of batch ``--batch`` (default 20 × 8), at the reference
+code's learning-rate decay lr · 0.99^(r − 1) (``--schedule exponential``; ``cosine`` for the earlier rows).
 
-The recorded results (README, "Personalised mixtures of LoRA experts") come from three invocations side by
-side, one worker each::
+Each method's figures: ``bmta``, the reference code's headline, the clients' unweighted mean at the best
+evaluated round (round 0, the initial model, included, as its scripts' ``test_init`` has it) and that round;
+``last_unweighted``, the last round's unweighted mean; ``value``, the last round's mean over the clients'
+pooled test rows; ``best_pooled``. Every round is evaluated (``--eval-every 1``).
 
-    python benchmarks/fedamole.py --scenarios a-0.1 a-1 a-100 --rounds 8 --steps 12 --batch 8 --workers 1
+The recorded results (README, "Personalised mixtures of LoRA experts"): scenarios a-0.1, a-1 and a-100 from
+
+    python benchmarks/fedamole.py --scenarios a-0.1 a-1 a-100 --rounds 6 --steps 8 --batch 8 --workers 1
+
+(exponential schedule, every round evaluated); b and c were recorded earlier, before the reference code's
+balance loss and schedule, with the last round evaluated only (no bmta), from two invocations side by side::
+
     python benchmarks/fedamole.py --scenarios b --rounds 4 --steps 5 --batch 4 --workers 1
     python benchmarks/fedamole.py --scenarios c --rows 500 --rounds 2 --steps 3 --batch 4 --new-tokens 64 --workers 1
 
-Writes ``benchmarks/results/fedamole.json``: per scenario and method the mean per-client test metric and
-its name, MB up/down, wall seconds and the mean experts per client (FedAMoLE), with the sizes used and a
-matmul probe per worker; scenarios not run keep their earlier entries.
+Writes ``benchmarks/results/fedamole.json``: per scenario and method the figures above and the metric's
+name, MB up/down, wall seconds and the mean experts per client (FedAMoLE), with the sizes used and a matmul
+probe per worker; scenarios not run keep their earlier entries.
 """
 
 from __future__ import annotations
@@ -102,9 +111,11 @@ METHODS = {
 def run_scenario(name: str, args) -> dict:
     overrides, metric = scenario(name, args)
     clients = [] if name == "c" else ["partition.num_clients=10"]  # c: one client per task file
+    schedule = (["train.lr_schedule=exponential", "train.lr_decay=0.99"] if args.schedule == "exponential" else
+                ["train.lr_schedule=cosine"])
     base = [f"output_dir={args.runs}", *clients, "partition.client_test_fraction=0.2",
             f"federation.rounds={args.rounds}", f"train.local_steps={args.steps}", f"train.batch_size={args.batch}",
-            "train.lr_schedule=cosine", "lora.r=8", "lora.alpha=16", "eval.every=0", "threads=1", "seed=0",
+            *schedule, "lora.r=8", "lora.alpha=16", f"eval.every={args.eval_every}", "threads=1", "seed=0",
             "data.max_eval_examples=200",  # FedIT's global model is also scored on the dev split: kept small
             *overrides]
     probe = matmul_gflops()
@@ -119,12 +130,12 @@ def run_scenario(name: str, args) -> dict:
         metrics = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
         entry = {"metric": metric, "mb_up": summary["cum_bytes_up"] / 1e6, "mb_down": summary["cum_bytes_down"] / 1e6,
                  "wall_s": wall}
-        final = res.final
+        final, best = res.final, summary["best"]
         if method == "fedit":
-            rows["fedit"] = {**entry, "value": final[f"client_eval/{metric}"]}
-            rows["fedit-ft"] = {**entry, "value": final[f"client_ft/{metric}"]}
+            rows["fedit"] = {**entry, **figures("client_eval", metric, final, best)}
+            rows["fedit-ft"] = {**entry, **figures("client_ft", metric, final, best)}
             continue
-        entry["value"] = final[f"client_eval/{metric}"]
+        entry.update(figures("client_eval", metric, final, best))
         experts = [r["agg/mean_experts_per_client"] for r in metrics if "agg/mean_experts_per_client" in r]
         if experts:
             entry["mean_experts_per_client"] = sum(experts) / len(experts)
@@ -132,18 +143,35 @@ def run_scenario(name: str, args) -> dict:
         print(json.dumps({"scenario": name, "method": method, "value": entry["value"], "wall_s": wall}), flush=True)
     return {"methods": rows, "matmul_gflops": {"before": probe, "after": matmul_gflops()},
             "sizes": {"rows": args.rows, "rounds": args.rounds, "steps": args.steps, "batch": args.batch,
-                      "new_tokens": args.new_tokens,
+                      "new_tokens": args.new_tokens, "eval_every": args.eval_every, "lr_schedule": args.schedule,
                       "clients": 10, "test_fraction": 0.2, "aux_fraction": 0.1}}
 
 
+def figures(prefix: str, metric: str, final: dict, best: dict) -> dict:
+    """A method's per-client figures: ``value``, the last round's mean over the clients' pooled test rows;
+    ``last_unweighted``, the last round's plain mean over clients; ``bmta`` (and its round), the reference code's
+    headline, the best round's plain mean over clients; ``best_pooled`` (and its round)."""
+    plain = f"{prefix}_unweighted/{metric}"
+    return {"value": final[f"{prefix}/{metric}"], "last_unweighted": final.get(plain),
+            "bmta": best.get(plain, {}).get("value"), "bmta_round": best.get(plain, {}).get("round"),
+            "best_pooled": best[f"{prefix}/{metric}"]["value"], "best_pooled_round": best[f"{prefix}/{metric}"]["round"]}
+
+
 def table(results: dict) -> Table:
-    t = Table(title="FedAMoLE benchmark (mean per-client test metric after the last round)")
+    t = Table(title="FedAMoLE benchmark: per-client test metric, bmta (best round's unweighted client mean, round) "
+                    "/ last round unweighted / last round over pooled rows")
     for col in ("scenario", "metric", "fedamole", "fedit", "fedit-ft", "local", "experts / client",
                 "MB up (amole / fedit)", "wall s (amole)"):
         t.add_column(col)
+
+    def cell(r: dict) -> str:
+        if r.get("bmta") is None:  # recorded before per-round, unweighted figures
+            return f"- / - / {r['value']:.4f}"
+        return f"{r['bmta']:.4f} ({r['bmta_round']}) / {r['last_unweighted']:.4f} / {r['value']:.4f}"
+
     for name, res in results.items():
         m = res["methods"]
-        t.add_row(name, m["fedamole"]["metric"], *(f"{m[k]['value']:.4f}" for k in ("fedamole", "fedit", "fedit-ft", "local")),
+        t.add_row(name, m["fedamole"]["metric"], *(cell(m[k]) for k in ("fedamole", "fedit", "fedit-ft", "local")),
                   f"{m['fedamole'].get('mean_experts_per_client', 0):.2f}",
                   f"{m['fedamole']['mb_up']:.1f} / {m['fedit']['mb_up']:.1f}", f"{m['fedamole']['wall_s']:.0f}")
     return t
@@ -157,6 +185,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--eval-every", type=int, default=1, help="rounds between per-client evaluations (0: last)")
+    parser.add_argument("--schedule", choices=["exponential", "cosine"], default="exponential",
+                        help="the clients' lr across rounds: the reference code's lr · 0.99^(r−1), or cosine")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--runs", default="runs/bench_fedamole")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -166,7 +197,8 @@ def main() -> None:
         print("RESULT " + json.dumps({args.one: run_scenario(args.one, args)}), flush=True)
         return
     flags = ["--rows", str(args.rows), "--rounds", str(args.rounds), "--steps", str(args.steps), "--batch",
-             str(args.batch), "--new-tokens", str(args.new_tokens), "--runs", args.runs]
+             str(args.batch), "--new-tokens", str(args.new_tokens), "--eval-every", str(args.eval_every),
+             "--schedule", args.schedule, "--runs", args.runs]
     out = Path(args.output)
     results = json.loads(out.read_text()) if out.is_file() else {}
     pending, running, failed = list(args.scenarios), [], []

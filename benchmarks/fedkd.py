@@ -4,12 +4,16 @@ The seed's setting: 4 clients, 10 rounds, 20% of the training split held by the 
 no client holds them; every method here leaves them out of the clients' data alike). Student: MiniLM-L6
 (22.7M parameters). Teacher: SmolLM2-135M-Instruct with a classification head (six times the student),
 LoRA r = 16 (full fine-tuning of it costs twice the time per step on CPU), pre-trained on the server's
-rows (5 epochs for CoLA, 3 for SST-2, the seed's) once per dataset: the r = 8 run pre-trains and saves it,
-the r = 16 and r = 32 runs reuse it by path. Each round: the teacher trains one epoch on the server's rows,
-then one epoch of mutual distillation (``kd_loss: standard``, T = 2).
+rows (5 epochs for CoLA, 3 for SST-2, the reference code's) once per dataset and invocation: the first
+FedKDLoRA run pre-trains and saves it, the later ones reuse it by path. Each round: the teacher trains one
+epoch on the server's rows, then one epoch of mutual distillation (``kd_loss: standard``, T = 2); each row
+records ``kd_student_shift_per_round``, how far distillation moved the student off the FedIT average.
 
-Methods per dataset: FedAvg (full), FedLoRA r = 8 / 16 / 32, FedKDLoRA r = 8 / 16 / 32, centralized LoRA
-(r = 8; the clients' pooled shards, the same steps per round as the four clients together).
+Methods per dataset: FedAvg (full), FedLoRA r = 8 / 16 / 32, FedKDLoRA r = 8 / 16 / 32 (α = 2r: scale 2 at
+every rank), centralized LoRA (r = 8; the clients' pooled shards, the same steps per round as the four
+clients together); on request (``--methods``), FedLoRA and FedKDLoRA at r = 16 and 32 with α = 16, as the
+reference code builds its students (kd-server.py, ``lora_alpha=16``: scale 1 and 0.5). A run of some methods
+keeps the recorded rows of the others (same sizes).
 
 Scale (a 2-core CPU machine, the whole benchmark within 90 minutes): each dataset's training split is a
 seeded subset of ``--train`` rows (default 800: the server holds 160, each client 160), dev accuracy and
@@ -18,6 +22,8 @@ parallel processes of one thread each.
 
     python benchmarks/fedkd.py                       # both datasets, writes benchmarks/results/fedkd.json
     python benchmarks/fedkd.py --datasets cola --train 400 --rounds 2   # a quick look
+    python benchmarks/fedkd.py --datasets sst2 --methods "fedlora r=32" "fedkdlora r=32" "fedlora r=16 α=16" \
+        "fedlora r=32 α=16" "fedkdlora r=16 α=16" "fedkdlora r=32 α=16"    # the rerun and α = 16 rows recorded
 
 Writes, per dataset and method: accuracy, MCC, MB up/down, wall seconds; the teacher's accuracy and MCC
 after pre-training and at the end; the sizes used; a matmul probe before and after each dataset's runs.
@@ -44,25 +50,35 @@ from fedtune.run import execute  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 PRETRAIN_EPOCHS = {"cola": 5, "sst2": 3}
 RANKS = (8, 16, 32)
+DEFAULT_METHODS = ["fedavg (full)", *(f"fedlora r={r}" for r in RANKS), *(f"fedkdlora r={r}" for r in RANKS),
+                   "centralized lora r=8"]
+"""What a plain invocation runs; the α = 16 rows run when named in ``--methods``."""
 
 
-def methods(dataset: str, teacher_dir: Path) -> dict[str, list[str]]:
+def methods() -> dict[str, list[str]]:
+    """Every method's overrides (a FedKDLoRA run's teacher is pre-trained by the first of them a worker runs and
+    reused by the others: :func:`run_dataset`)."""
     kd = ["algorithm.name=fedkd", "algorithm.options.teacher=smollm2-135m",
           "algorithm.options.teacher_finetune=lora", "algorithm.options.teacher_lora_r=16",
           "algorithm.options.teacher_lr=1e-3"]
     out = {"fedavg (full)": ["algorithm.name=fedit", "model.finetune=full", "train.lr=1e-4"]}
     out.update({f"fedlora r={r}": ["algorithm.name=fedit", f"lora.r={r}", f"lora.alpha={2 * r}"] for r in RANKS})
-    for r in RANKS:
-        reuse = ([f"algorithm.options.teacher_pretrain_epochs={PRETRAIN_EPOCHS[dataset]}"] if r == RANKS[0] else
-                 [f"algorithm.options.teacher={teacher_dir}", "algorithm.options.teacher_pretrain_epochs=0"])
-        out[f"fedkdlora r={r}"] = [*kd, *reuse, f"lora.r={r}", f"lora.alpha={2 * r}"]
+    out.update({f"fedkdlora r={r}": [*kd, f"lora.r={r}", f"lora.alpha={2 * r}"] for r in RANKS})
+    # α = 16 at every rank, as the reference code builds its students (kd-server.py: lora_alpha=16): the scale
+    # α / r is 2, 1, 0.5 at r = 8, 16, 32 (r = 8 is the row above)
+    out.update({f"fedlora r={r} α=16": ["algorithm.name=fedit", f"lora.r={r}", "lora.alpha=16"] for r in RANKS[1:]})
+    out.update({f"fedkdlora r={r} α=16": [*kd, f"lora.r={r}", "lora.alpha=16"] for r in RANKS[1:]})
     out["centralized lora r=8"] = ["algorithm.name=centralized"]
     return out
 
 
+def run_name(method: str) -> str:
+    return method.replace(" (full)", "-full").replace(" r=", "-r").replace(" α=", "-alpha").replace(" ", "-")
+
+
 def run_dataset(dataset: str, args) -> dict:
     runs = Path(args.runs) / dataset
-    teacher_dir = runs / "fedkdlora-r8" / "teacher"
+    teacher_dir = None  # the first FedKDLoRA run pre-trains the teacher; the later ones reuse it
     base = [f"output_dir={runs}", f"data.name={dataset}", f"data.max_train_examples={args.train}",
             f"data.max_eval_examples={args.eval}", "partition.method=iid", "partition.num_clients=4",
             "partition.server_fraction=0.2", "model.name=minilm", "model.max_length=64", "lora.r=8",
@@ -71,10 +87,17 @@ def run_dataset(dataset: str, args) -> dict:
             "threads=1", "seed=0"]
     probe_before = matmul_gflops()
     rows = {}
-    for method, overrides in methods(dataset, teacher_dir).items():
-        if args.methods and method not in args.methods:
+    for method, overrides in methods().items():
+        if method not in (args.methods or DEFAULT_METHODS):
             continue
-        name = method.replace(" (full)", "-full").replace(" r=", "-r").replace(" ", "-")
+        name = run_name(method)
+        if method.startswith("fedkdlora") and teacher_dir is None:
+            overrides = [*overrides, f"algorithm.options.teacher_pretrain_epochs={PRETRAIN_EPOCHS[dataset]}"]
+            teacher_dir = runs / name / "teacher"
+        elif method.startswith("fedkdlora"):  # the saved teacher knows its base model and LoRA rank
+            overrides = [o for o in overrides if o.split("=")[0] not in ("algorithm.options.teacher",
+                                                                         "algorithm.options.teacher_lora_r")]
+            overrides += [f"algorithm.options.teacher={teacher_dir}", "algorithm.options.teacher_pretrain_epochs=0"]
         cfg = load_config(None, [*base, f"name={name}", *overrides])
         t0 = time.perf_counter()
         res = execute(cfg, overwrite=True)
@@ -86,12 +109,16 @@ def run_dataset(dataset: str, args) -> dict:
                "wall_s": wall, "config": overrides,
                "per_round": {r["round"]: {"accuracy": r.get("eval/accuracy"), "mcc": r.get("eval/mcc")}
                              for r in metrics if "eval/accuracy" in r}}
+        shift = {r["round"]: r["agg/kd_student_shift"] for r in metrics if "agg/kd_student_shift" in r}
+        if shift:
+            row["kd_student_shift_per_round"] = shift
         if any("eval/teacher/accuracy" in r for r in metrics):
             teacher = [r for r in metrics if "eval/teacher/accuracy" in r]
             row["teacher"] = {"start": {"accuracy": teacher[0]["eval/teacher/accuracy"],
                                         "mcc": teacher[0]["eval/teacher/mcc"]},
                               "end": {"accuracy": teacher[-1]["eval/teacher/accuracy"],
                                       "mcc": teacher[-1]["eval/teacher/mcc"]}}
+        row["matmul_gflops"] = {"before": probe_before, "after": matmul_gflops()}  # of this row's invocation
         rows[method] = row
         print(json.dumps({"dataset": dataset, "method": method, **{k: v for k, v in row.items()
                                                                   if k not in ("per_round", "config")}}), flush=True)
@@ -143,11 +170,22 @@ def main() -> None:
                 print(line, end="", flush=True)
         if proc.wait() != 0:
             raise SystemExit(f"the {d} worker failed (exit {proc.returncode})")
-    results = {"datasets": datasets, "wall_s": time.perf_counter() - t0,
-               "note": "student MiniLM-L6; teacher SmolLM2-135M + class head, LoRA r=16; see the script's docstring"}
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    out = Path(args.output)
+    results = json.loads(out.read_text()) if out.is_file() else {"datasets": {}}
+    for d, res in datasets.items():  # rows of methods not run now are kept where the sizes match
+        held = results["datasets"].get(d)
+        if held and held["sizes"] == res["sizes"]:
+            held["methods"].update(res["methods"])
+        else:
+            results["datasets"][d] = res
+    results["wall_s"] = {**(results.get("wall_s") if isinstance(results.get("wall_s"), dict) else
+                            {"first invocation": results.get("wall_s")}), " ".join(sys.argv[1:]) or "all":
+                         time.perf_counter() - t0}
+    results["note"] = ("student MiniLM-L6; teacher SmolLM2-135M + class head, LoRA r=16; see the script's "
+                       "docstring; each row's matmul_gflops is its invocation's probe (the dataset's is the first's)")
+    out.write_text(json.dumps(results, indent=2) + "\n")
     Console().print(table(results))
-    print(f"wrote {args.output} ({results['wall_s'] / 60:.1f} min)")
+    print(f"wrote {args.output} ({(time.perf_counter() - t0) / 60:.1f} min)")
 
 
 if __name__ == "__main__":

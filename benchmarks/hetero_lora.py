@@ -3,8 +3,12 @@
 8 clients with LoRA ranks 64, 32, 16, 16, 8, 8, 4, 4 (scale alpha / r = 2 at
 every rank), Dirichlet(0.5) label skew, every client in every round. Methods:
 FedIT with zero-padding, FLoRA (stacking), FLoRIST (merge mode at τ = 0.9 and
-0.99, truncate mode at τ = 0.9), FlexLoRA, and, for reference,
-homogeneous-rank FedIT (every client r = 8).
+0.99, truncate mode at τ = 0.9), FlexLoRA, FFA-LoRA (A frozen, B averaged), and,
+for reference, homogeneous-rank FedIT (every client r = 8). FlexLoRA's accuracy is
+each client's own model (the global factors cut to its rank) scored and
+weighted by the clients' data, as the reference code scores it; the row also
+keeps each rank's score (``accuracy_by_model_per_round``; ``rank_64`` is the
+server's model, what rows recorded before per-client scoring measured).
 
 - ``minilm``: MiniLM-L6 classifier on SST-2 (dev accuracy).
 - ``smollm2``: SmolLM2-135M-Instruct on SNLI as instructions (choice-scoring accuracy).
@@ -65,6 +69,7 @@ METHODS: dict[str, list[str]] = {
     "florist-truncate τ=0.9": ["algorithm.name=florist", "algorithm.options.tau=0.9",
                                "algorithm.options.mode=truncate", f"lora.client_ranks={RANKS}"],
     "flexlora": ["algorithm.name=flexlora", f"lora.client_ranks={RANKS}"],
+    "ffa": ["algorithm.name=ffa", f"lora.client_ranks={RANKS}"],
 }
 
 VARIANTS: dict[str, list[str]] = {
@@ -90,6 +95,16 @@ def _effective(tensors: Tensors, scale: float) -> dict[str, torch.Tensor]:
     return out
 
 
+def _with_frozen_a(update: Tensors, global_tensors: Tensors) -> Tensors:
+    """An update that holds B alone (FFA-LoRA) with the frozen A₀ it multiplies, cut to B's rank."""
+    out = dict(update)
+    for name, b in update.items():
+        a_name = name.replace("lora_B", "lora_A")
+        if "lora_B" in name and a_name not in update:
+            out[a_name] = global_tensors[a_name][: b.shape[1]]
+    return out
+
+
 def _norm(mats) -> float:
     """Frobenius norm over a set of matrices, √Σ‖M‖²."""
     return float(sum(float(m.pow(2).sum()) for m in mats) ** 0.5)
@@ -111,7 +126,7 @@ class UpdateRecorder:
             new = inner(rnd, updates, state)
             before, after = _effective(state.global_tensors, scale), _effective(new.global_tensors, scale)
             p = normalized_weights([u.num_examples for u in updates])
-            clients = [_effective(u.tensors, scale) for u in updates]
+            clients = [_effective(_with_frozen_a(u.tensors, state.global_tensors), scale) for u in updates]
             mean = {m: sum(pi * c[m] for pi, c in zip(p, clients)) for m in after}
             head = [new.global_tensors[k].double() - state.global_tensors[k].double()
                     for k in new.global_tensors if k in state.global_tensors and "lora_" not in k
@@ -154,6 +169,7 @@ def run_model(model: str, args, out_root: Path) -> list[dict]:
             "model": model, "method": label, "final_accuracy": last.get(metric),
             "initial_accuracy": run.rows[0].get(metric),
             "accuracy_per_round": {r["round"]: r[metric] for r in run.rows if metric in r},
+            "accuracy_by_model_per_round": by_model(run.rows, metric),
             "train_loss_per_round": {r["round"]: r["train_loss"] for r in run.rows if r.get("train_loss") is not None},
             "bytes_up": last["cum_bytes_up"], "bytes_down": last["cum_bytes_down"], "seconds": res.seconds,
             "kept_rank_mean_per_round": ({r["round"]: r["agg/kept_rank_mean"] for r in run.rows
@@ -166,6 +182,18 @@ def run_model(model: str, args, out_root: Path) -> list[dict]:
     for r, path in zip(results, run_dirs):
         r["run_dir"] = str(path)
     return results
+
+
+def by_model(rows: list[dict], metric: str) -> dict[str, dict[int, float]] | None:
+    """``eval/<model>/<m>`` per round for every model scored beside ``metric`` (FlexLoRA's ranks); None if none."""
+    prefix, _, name = metric.partition("/")
+    out: dict[str, dict[int, float]] = {}
+    for r in rows:
+        for k, v in r.items():
+            parts = k.split("/")
+            if len(parts) == 3 and parts[0] == prefix and parts[2] == name:
+                out.setdefault(parts[1], {})[r["round"]] = v
+    return out or None
 
 
 def _mb(n: int) -> str:
@@ -245,7 +273,13 @@ def main() -> None:
         kept = {r["method"]: r for r in scale[model]["results"]} if same else {}
         kept.update({r["method"]: r for r in results if r["model"] == model})
         rows = [kept[m] for m in [*METHODS, *VARIANTS] if m in kept]
-        scale[model] = {"sizes": sizes, "results": rows, "plots": _plot(args, model, rows)}
+        gone = [r["method"] for r in rows if not Path(r["run_dir"], "metrics.jsonl").is_file()]
+        if gone and same:  # the plots would lose those runs' lines: keep the recorded ones
+            print(f"{args.label}/{model}: plots not redrawn, the run directories of {gone} are gone")
+            plots = scale[model].get("plots", [])
+        else:
+            plots = _plot(args, model, rows)
+        scale[model] = {"sizes": sizes, "results": rows, "plots": plots}
     out.write_text(json.dumps(previous, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out}")
 

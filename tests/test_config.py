@@ -372,3 +372,23 @@ def test_every_shipped_config_is_valid():
     assert len(configs) >= 8
     for path in configs:
         load_config(path)  # raises one line naming the problem
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.finetune=mole", "lora.r=16"], r"^invalid config: lora.r is a setting of the LoRA adapters \(model.finetune: "
+                                           r"lora\), but this run fine-tunes mole; the mixtures' own are under mole\.\*"),
+    (["mole.top_k=1", "mole.r=4"], r"mole.r, mole.top_k are settings of the mixtures of LoRA experts"),
+    (["model.finetune=full", "lora.alpha=32"], "but this run fine-tunes full; remove it$"),
+    (["train.lr_decay=0.9"], "train.lr_decay applies to train.lr_schedule: exponential, not constant"),
+    (["train.lr_schedule=exponential", "train.min_lr_ratio=0.2"], "train.min_lr_ratio applies to train.lr_schedule: cosine"),
+])
+def test_a_setting_the_run_would_ignore_is_a_one_line_error(overrides, message):
+    with pytest.raises(FedtuneError, match=message) as e:
+        load_config(None, overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_a_resolved_config_with_every_section_written_loads_again(tmp_path):
+    cfg = load_config(None, ["model.finetune=mole", "mole.r=4", "train.lr_schedule=exponential"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml").mole.r == 4

@@ -6,7 +6,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from fedtune.errors import FedtuneError
-from fedtune.evaluation import classification_metrics, evaluate_classifier, mean_metrics
+from fedtune.evaluation import classification_metrics, evaluate_classifier, mean_metrics, unweighted_mean_metrics
 
 LN3 = math.log(3)
 
@@ -111,6 +111,16 @@ def test_mean_metrics_weights_by_examples():
     assert m["loss"] == pytest.approx((0.2 + 3 * 1.0) / 4)
     assert m["accuracy_std"] == pytest.approx(0.5)  # population std of [1, 0]
     assert "loss_std" not in m
+
+
+def test_unweighted_mean_counts_every_client_once_beside_the_pooled_rows_mean():
+    """FedAMoLE's headline (main.py:242 and :253: test_acc[r] += a client's accuracy; test_acc[r] /= client_num)
+    is the plain mean over clients; fedtune's client_eval/ is the mean over their pooled test rows."""
+    per_client = {0: {"accuracy": 1.0, "n": 1}, 1: {"accuracy": 0.0, "n": 3}, 2: {"accuracy": 0.5, "n": 4},
+                  3: {"accuracy": 0.2, "n": 0}}  # no test rows: no score
+    expected = sum(m["accuracy"] for m in list(per_client.values())[:3]) / 3
+    assert unweighted_mean_metrics(per_client) == {"accuracy": pytest.approx(expected)}
+    assert mean_metrics(per_client)["accuracy"] == pytest.approx(3 / 8)
 
 
 def test_mean_metrics_are_the_same_bits_whatever_order_clients_answer_in():

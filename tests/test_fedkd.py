@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedtune.config import load_config
-from fedtune.distillation import attention_mse, mutual_losses
+from fedtune.distillation import attention_mse, mutual_losses, reference_attention_loss
 from fedtune.errors import FedtuneError
 
 
@@ -48,20 +48,60 @@ def test_standard_kd_losses_match_a_hand_computation():
     assert float(loss_t) == pytest.approx(a * ce_t + b * temperature**2 * kl_st, rel=1e-6)
 
 
-def test_seed_kd_losses_match_a_hand_computation():
+def test_adaptive_kd_losses_match_a_hand_computation():
     ce_s = _mean([_ce(s, y) for s, y in zip(S, Y)])
     ce_t = _mean([_ce(t, y) for t, y in zip(T, Y)])
     kl_ts = _mean([_kl(_softmax(t), _softmax(s)) for s, t in zip(S, T)])
     kl_st = _mean([_kl(_softmax(s), _softmax(t)) for s, t in zip(S, T)])
-    loss_s, loss_t = mutual_losses(torch.tensor(S), torch.tensor(T), torch.tensor(Y), "seed")
+    loss_s, loss_t = mutual_losses(torch.tensor(S), torch.tensor(T), torch.tensor(Y), "adaptive")
     assert float(loss_s) == pytest.approx(ce_s + kl_ts / (1 + ce_s + ce_t), rel=1e-6)
     assert float(loss_t) == pytest.approx(ce_t + kl_st / (1 + ce_s + ce_t), rel=1e-6)
+
+
+def _reference_distillation(s_logits, t_logits, labels, s_attentions, t_attentions):
+    """LLM-Data-Privacy/Federated-Learning-for-Fine-Tuning-Large-Language-Models distillation.py:12-14, 29-56,
+    transcribed: the task losses are the models' own (CrossEntropyLoss), eps = 1."""
+    kl_div_loss = torch.nn.KLDivLoss(reduction="batchmean", log_target=True)
+    mse = torch.nn.MSELoss()
+    s_task_loss = torch.nn.CrossEntropyLoss()(s_logits, labels)
+    t_task_loss = torch.nn.CrossEntropyLoss()(t_logits, labels)
+    s_kl_loss = kl_div_loss(t_logits.detach(), s_logits) / (s_task_loss.detach() + t_task_loss.detach() + 1)
+    t_kl_loss = kl_div_loss(s_logits.detach(), t_logits) / (s_task_loss.detach() + t_task_loss.detach() + 1)
+    attention_layer_ratio = len(t_attentions) // len(s_attentions)
+    mse_loss = 0.0
+    for s_layer in range(len(s_attentions)):
+        t_layer = s_layer * attention_layer_ratio
+        mse_loss += mse(s_attentions[-s_layer - 1], t_attentions[-t_layer - 1])
+    mse_loss = mse_loss / (s_task_loss + t_task_loss + 1)
+    total = s_task_loss + t_task_loss + mse_loss + s_kl_loss + t_kl_loss
+    return total, s_kl_loss, t_kl_loss
+
+
+def test_reference_kd_loss_is_the_reference_codes_with_its_attention_term():
+    g = torch.Generator().manual_seed(0)
+    s_att = [torch.rand(2, 3, 4, 4, generator=g, requires_grad=True) for _ in range(2)]
+    t_att = [torch.rand(2, 3, 4, 4, generator=g, requires_grad=True) for _ in range(4)]  # 4 layers: ratio 2
+    s = torch.tensor(S, requires_grad=True)
+    t = torch.tensor(T, requires_grad=True)
+    y = torch.tensor(Y)
+    total, s_kl, t_kl = _reference_distillation(s, t, y, s_att, t_att)
+    loss_s, loss_t = mutual_losses(s, t, y, "reference")
+    shared = reference_attention_loss(s_att, t_att, s, t, y)
+    ce_s, ce_t = torch.nn.functional.cross_entropy(s, y), torch.nn.functional.cross_entropy(t, y)
+    assert float(loss_s - ce_s) == pytest.approx(float(s_kl), rel=1e-6)  # 0.764 here; softmax KL/(1+CEs): 0.089
+    assert float(loss_t - ce_t) == pytest.approx(float(t_kl), rel=1e-6)
+    mine = loss_s + loss_t + shared
+    assert float(mine) == pytest.approx(float(total), rel=1e-6)
+    want = torch.autograd.grad(total, [s, t, *s_att, *t_att], allow_unused=True)
+    got = torch.autograd.grad(mine, [s, t, *s_att, *t_att], allow_unused=True)
+    for a, b in zip(want, got):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6)
 
 
 def test_each_loss_trains_only_its_own_model():
     s = torch.tensor(S, requires_grad=True)
     t = torch.tensor(T, requires_grad=True)
-    for form in ("standard", "seed"):
+    for form in ("standard", "adaptive", "reference"):
         loss_s, loss_t = mutual_losses(s, t, torch.tensor(Y), form, 2.0)
         gs, gt = torch.autograd.grad(loss_s, (s, t), allow_unused=True)
         assert gt is None and gs.abs().sum() > 0
@@ -75,11 +115,12 @@ def test_attention_mse_is_the_mean_over_layers():
     assert float(attention_mse(a, b)) == pytest.approx(0.5)
 
 
-def test_the_seed_form_refuses_temperature_and_weights():
+@pytest.mark.parametrize("form", ["adaptive", "reference"])
+def test_the_fixed_forms_refuse_temperature_and_weights(form):
     from fedtune.algorithms import build_algorithm
 
-    with pytest.raises(FedtuneError, match="kd_loss=seed has no temperature"):
-        build_algorithm("fedkd", {"kd_loss": "seed", "temperature": 3.0})
+    with pytest.raises(FedtuneError, match=f"kd_loss={form} has no temperature"):
+        build_algorithm("fedkd", {"kd_loss": form, "temperature": 3.0})
 
 
 def test_a_teacher_rank_without_a_lora_teacher_is_an_error():
@@ -180,6 +221,7 @@ def test_the_teacher_never_leaves_the_server_and_distillation_moves_the_student(
             assert not any(t.shape == v.shape and torch.equal(t, v) for v in teacher_values)
     assert state.extra and all(k.startswith("teacher/") for k in state.extra)
     assert row["agg/kd_student_loss"] > 0 and row["agg/teacher_loss"] > 0
+    assert row["agg/kd_student_shift"] > 0  # distillation moved the student off the FedIT average
     assert "eval/teacher/accuracy" in row
     # in-process, the server borrowed the clients' model and gave it back as it found it
     assert all(p.grad is None for p in exp.model.parameters())
@@ -194,6 +236,12 @@ def test_attention_distillation_needs_one_layout(tmp_path, tiny_model_dir, tiny_
     res = execute(_kd(tmp_path, tiny_model_dir, tiny_tsv_dataset, tiny_model_dir, "name=same-layout",
                       "algorithm.options.attention_weight=1.0"))
     assert math.isfinite(_rows(res.run_dir)[-1]["agg/kd_student_loss"])
+    with pytest.raises(FedtuneError, match="kd_loss: reference adds the reference code's attention term, which needs"):
+        execute(_kd(tmp_path, tiny_model_dir, tiny_tsv_dataset, tiny_teacher_dir, "name=ref",
+                    "algorithm.options.kd_loss=reference"))
+    res = execute(_kd(tmp_path, tiny_model_dir, tiny_tsv_dataset, tiny_model_dir, "name=ref-same",
+                      "algorithm.options.kd_loss=reference"))
+    assert _rows(res.run_dir)[-1]["agg/kd_attention_loss"] > 0
 
 
 def test_a_saved_teacher_is_reused_by_path_without_pretraining(tmp_path, tiny_model_dir, tiny_tsv_dataset,

@@ -305,3 +305,84 @@ def test_florist_tau_and_mode_from_a_config_reach_the_aggregation():
     # truncate: client 0 continues from the global rank-2 factors, B·A = the top-2 part of ΔW
     assert torch.allclose(sent[truncate][B_NAME] @ sent[truncate][A_NAME], _top(2), atol=1e-6)
     assert not any(k.startswith("round/") for k in sent[truncate])
+
+
+# --------------------------------------------------------------------------- FlexLoRA as the reference code scores it
+
+def test_flexlora_scores_each_clients_own_truncation_weighted_by_data_as_the_reference_code():
+    """FLoRIST's code (Anonymous-user-00/FLoRIST): fed_utils/model_aggregation.py:95-135 makes client i's adapter
+    from the data-weighted sum of products, ΔW = Σ_k w_k B_k A_k, by an SVD cut at the client's own rank
+    (B_new = U_k S_k, A_new = V_k); main.py:489-508 scores each client's model and reports
+    Σ_i w_i acc_i with w = normalize(local_dataset_len_dict of the selected clients, p=1)."""
+    from fedtune.runtime.server import weighted_model_metrics
+
+    algo = _algo("flexlora")
+    updates = [_update(0, 4, 10, 1), _update(1, 2, 30, 2), _update(2, 1, 20, 3)]
+    state = algo.aggregate(1, updates, algo.init(trainable_state(_model(4))))
+    w = torch.nn.functional.normalize(torch.tensor([10.0, 30.0, 20.0]), p=1, dim=0)
+    ba = sum(wk * (u.tensors[B_NAME] @ u.tensors[A_NAME]) for wk, u in zip(w, updates))
+    U, S, Vt = torch.linalg.svd(ba, full_matrices=False)
+    models = algo.evaluation_models(state)
+    assert algo.evaluation_weights(state) == {"rank_4": 10.0, "rank_2": 30.0, "rank_1": 20.0}
+    for u, rank in zip(updates, RANKS):
+        B_new, A_new = U[:, :rank] @ torch.diag(S[:rank]), Vt[:rank, :]
+        mine = models[f"rank_{rank}"][MERGED + W_NAME]
+        assert torch.allclose(mine, SCALE * (B_new @ A_new), atol=1e-5)
+        assert torch.allclose(algo.configure_evaluate([u.client_id], state)[u.client_id][MERGED + W_NAME], mine)
+    client_acc = torch.tensor([0.9, 0.6, 0.3])  # each client's model's accuracy, as if scored
+    scored = {f"rank_{r}": {"accuracy": float(a), "n": 100} for r, a in zip(RANKS, client_acc)}
+    assert weighted_model_metrics(scored, algo.evaluation_weights(state))["accuracy"] == pytest.approx(
+        float(torch.sum(w * client_acc)))
+    server = _algo("flexlora", evaluate="server_model")
+    assert list(server.evaluation_models(server.aggregate(1, updates, server.init(trainable_state(_model(4)))))) == [""]
+
+
+def test_flexlora_run_logs_each_ranks_score_and_their_weighted_mean(tmp_path, tiny_model_dir, tiny_tsv_dataset):
+    from fedtune.run import execute
+
+    res = execute(_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "flexlora", "federation.rounds=1",
+                       "eval.every=1"))
+    row = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    sizes = json.loads((res.run_dir / "partition.json").read_text())["sizes"]
+    ranks = {f"rank_{r}": n for r, n in zip(RANKS, sizes)}
+    assert set(ranks) <= {k.split("/")[1] for k in row if k.startswith("eval/rank_")}
+    want = sum(n * row[f"eval/{name}/accuracy"] for name, n in ranks.items()) / sum(sizes)
+    assert row["eval/accuracy"] == pytest.approx(want)
+
+
+# --------------------------------------------------------------------------- FFA-LoRA
+
+def test_ffa_averages_b_alone_which_is_exact_for_the_shared_a():
+    """FFA-LoRA (Sun et al., ICLR 2024): A₀ frozen and shared, so Σ p_i B_i A₀ = (Σ p_i B_i) A₀ at any ranks."""
+    algo = _algo("ffa")
+    initial = trainable_state(_model(4))
+    a0 = initial[A_NAME]
+    g = torch.Generator().manual_seed(4)
+    updates = [ClientUpdate(c, {B_NAME: torch.randn(5, r, generator=g)}, n) for c, r, n in zip(range(3), RANKS, (1, 3, 4))]
+    state = algo.aggregate(1, updates, algo.init(initial))
+    assert torch.equal(state.global_tensors[A_NAME], a0)
+    exact = sum(n / 8 * u.tensors[B_NAME] @ a0[:r] for u, r, n in zip(updates, RANKS, (1, 3, 4)))
+    assert torch.allclose(state.global_tensors[B_NAME] @ a0, exact, atol=1e-6)
+    payload = algo.configure(2, [1], state)[1].tensors
+    assert set(payload) == {B_NAME} and payload[B_NAME].shape == (5, 2)
+
+
+def test_ffa_run_never_trains_or_sends_a(tmp_path, tiny_model_dir, tiny_tsv_dataset):
+    from safetensors.torch import load_file
+
+    from fedtune.experiment import build_experiment
+    from fedtune.run import execute
+
+    cfg = _cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "ffa")
+    res = execute(cfg)
+    rows = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    exp = build_experiment(cfg)
+    b_names = [n for n in exp.initial if "lora_B" in n]
+    head = tensor_bytes({k: v for k, v in exp.initial.items() if "lora_" not in k})
+    per_rank = sum(4 * exp.initial[n].shape[0] for n in b_names)  # one column of every B
+    assert rows[1]["bytes_up"] == rows[2]["bytes_down"] == 3 * head + sum(RANKS) * per_rank
+    saved = load_file(res.run_dir / "adapter" / "adapter_model.safetensors")
+    a_saved = {k: v for k, v in saved.items() if "lora_A" in k}
+    a_initial = [v for k, v in exp.initial.items() if "lora_A" in k]
+    assert len(a_saved) == len(a_initial) and all(any(torch.equal(v, a) for a in a_initial) for v in a_saved.values())
+    assert "eval/accuracy" in rows[-1]

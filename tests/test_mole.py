@@ -80,3 +80,24 @@ def test_fresh_experts_leave_the_base_output_unchanged():
     layer = MoleLinear(base, 4, 2, alpha=4.0, dropout=0.05, top_k=2).eval()
     x = torch.randn(3, 3)
     assert torch.allclose(layer(x), base(x))
+
+
+def test_the_load_balancing_loss_at_top_two_is_the_reference_codes():
+    """zyc140345/FedAMoLE model/mole/layer.py:33-41: routing_probs = softmax(scores); top-k; num_tokens =
+    one_hot(selected).sum(0); P = routing_probs.mean(0); f = num_tokens / num_tokens.sum(); N · P·f."""
+    torch.manual_seed(3)
+    layer = _layer(num_experts=5, r=2, top_k=2, d_in=4)
+    layer.set_local([0, 2, 3, 4])
+    x = torch.randn(2, 7, 4)
+    layer.train()
+    layer(x)
+    a = torch.cat([layer.experts[e].A for e in layer.local], dim=0)  # (num_experts * r, dim)
+    flat = x.view(-1, 4)
+    expert_embs = torch.nn.functional.linear(flat, a).view(flat.shape[0], -1, layer.r)
+    scaled = torch.bmm(expert_embs, layer.token_proj(flat).unsqueeze(-1)).squeeze(-1) / math.sqrt(layer.r)
+    routing_probs = torch.softmax(scaled, dim=-1)
+    _, selected = routing_probs.topk(2, dim=-1)
+    num_tokens = torch.nn.functional.one_hot(selected.view(-1), 4).sum(0)
+    P = routing_probs.mean(dim=0)
+    f = (num_tokens / num_tokens.sum()).to(dtype=P.dtype)
+    assert float(layer.balance_loss) == pytest.approx(float(4 * torch.dot(P, f)), rel=1e-5)

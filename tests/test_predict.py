@@ -94,7 +94,8 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_tsv_dataset, tiny_llama_dir, tin
     local = execute(load_config(None, [*common, *classify_args, "name=local", "algorithm.name=local",
                                        "partition.client_test_fraction=0.2"])).run_dir
     clustered = execute(load_config(None, [*common, *classify_args, "name=clustered", "partition.num_clients=3",
-                                           "algorithm.name=clustered", "algorithm.options={n_clusters: 2}"])).run_dir
+                                           "algorithm.name=clustered", "algorithm.options={n_clusters: 2}",
+                                           "federation.rounds=2"])).run_dir
     pairs = _named_labels(tiny_tsv_dataset, root / "pairs", pair=True)
     pair = execute(load_config(None, [*common, f"model.name={tiny_model_dir}", f"data.name={pairs}", "name=pair",
                                       "data.text_column=sentence", "data.text_pair_column=other",

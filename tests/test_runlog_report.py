@@ -280,3 +280,27 @@ def test_report_gives_each_clients_model_and_final_metric_and_the_mean_per_group
         ["en", "2", "0.8000"], ["pt", "2", "0.6000"]]
     assert json.loads((tmp_path / "c" / "report.json").read_text())["runs"][0]["per_group"]["en"]["clients"] == 2
     assert build_report([tmp_path / "c"], metric="client_eval/accuracy").rows[0]["per_group"]
+
+
+def test_summary_best_and_report_unweighted_client_mean(tmp_path):
+    from fedtune.runlog import best_values
+
+    rows = fake_rows([0.5, 0.7, 0.6], 100)
+    for row, (pooled, plain) in zip(rows, [(0.5, 0.4), (0.7, 0.6), (0.65, 0.75)]):
+        row |= {"client_eval/accuracy": pooled, "client_eval_unweighted/accuracy": plain, "client_eval/n": 9}
+    best = best_values(rows)
+    assert best["client_eval_unweighted/accuracy"] == {"value": 0.75, "round": 2}
+    assert best["eval/loss"] == {"value": pytest.approx(0.3), "round": 1} and "client_eval/n" not in best
+    log = RunLog(tmp_path / "a")
+    log.write_config({"name": "a", "algorithm": {"name": "fedit"}})
+    for row in rows:
+        log.log_round(row)
+    report = build_report([tmp_path / "a"], metric="client_eval/accuracy")
+    r = report.rows[0]
+    assert (r["final"], r["best"], r["best_round"]) == (0.65, 0.7, 1)
+    assert r["unweighted"] == {"metric": "client_eval_unweighted/accuracy", "final": 0.75, "final_round": 2,
+                               "best": 0.75, "best_round": 2}
+    console = Console(record=True, width=200)
+    console.print(report.table)
+    text = console.export_text()
+    assert "0.7500 (2)" in text and "unweighted" in text

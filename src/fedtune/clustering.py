@@ -3,15 +3,26 @@
 Each client's update is flattened into one vector u_i (its trained tensors
 minus the ones it started from, restricted to the tensors chosen). The
 cosine similarity S_ij = ⟨u_i, u_j⟩ / (‖u_i‖ ‖u_j‖) compares directions only.
-Ward's hierarchical clustering (scipy) runs on the unit vectors u_i / ‖u_i‖,
-whose Euclidean distance √(2 − 2 S_ij) is a monotone function of S: Ward is
-defined for Euclidean distances, and on these it merges clients by how their
-updates point, as clustering S itself would.
+Ward's hierarchical clustering (scipy) then runs on one of two Euclidean
+pictures of S (``ward_on``):
 
-With ``n_clusters = "auto"`` the number of clusters k is the one with the
-best silhouette (on the same distances) over k = 2 … n − 1; when even that
-silhouette is below ``min_silhouette``, there is one cluster (no structure
-worth splitting). Fewer than three clients: one cluster.
+- ``similarity_rows`` (the reference code, ``fed_clustered.make_clusters``:
+  ``linkage(pdist(S), 'ward')``): client i is the point S_i· ∈ R^n, its row
+  of similarities; two clients are close when they agree with the same
+  clients (a second-order similarity). Clients whose updates are noise have
+  rows near their own unit vector, all at about √2 from each other, so they
+  form a group of their own;
+- ``unit_updates`` (fedtune's): client i is its unit update u_i / ‖u_i‖; the
+  distance √(2 − 2 S_ij) is a monotone function of S itself.
+
+A fixed number of clusters k is reached as the reference code reaches it
+(:func:`threshold_cut`): of 5,000 evenly spaced distance thresholds between
+the first and the last merge, the largest that leaves exactly k clusters cuts
+the tree (none does: one cluster); k ≥ n gives every client its own. With
+``n_clusters = "auto"`` (fedtune's) k is the one with the best silhouette (on
+the same distances) over k = 2 … n − 1; when even that silhouette is below
+``min_silhouette``, there is one cluster (no structure worth splitting).
+Fewer than three clients: one cluster.
 
 Centering (optional): ũ_i = u_i/‖u_i‖ − m, m = mean_j u_j/‖u_j‖. Updates of
 clients doing one task share a large common direction (learning the task),
@@ -27,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.spatial.distance import squareform
+from scipy.spatial.distance import pdist, squareform
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
 from fedtune.aggregation import Tensors
@@ -65,17 +76,40 @@ def cosine_similarity_matrix(vectors: list[torch.Tensor]) -> np.ndarray:
     return sim
 
 
-def _distances(sim: np.ndarray) -> np.ndarray:
-    """√(2 − 2 S): the Euclidean distance between unit vectors with cosine S."""
+WARD_ON = ("similarity_rows", "unit_updates")
+"""What Ward's method clusters (module docstring)."""
+
+SWEEP = 5000
+"""Distance thresholds :func:`threshold_cut` tries (the reference code's ``np.linspace(min, max, 5000)``)."""
+
+
+def distances(sim: np.ndarray, ward_on: str) -> np.ndarray:
+    """The n × n Euclidean distances Ward's method clusters: between the rows of ``sim`` (``similarity_rows``), or
+    √(2 − 2 S), between unit vectors with cosines S (``unit_updates``)."""
+    if ward_on == "similarity_rows":
+        return squareform(pdist(np.asarray(sim, dtype=np.float64)))
+    if ward_on != "unit_updates":
+        raise ValueError(f"unknown ward_on '{ward_on}' (choose one of: {', '.join(WARD_ON)})")
     d = np.sqrt(np.clip(2.0 - 2.0 * sim, 0.0, None))
     d = (d + d.T) / 2
     np.fill_diagonal(d, 0.0)
     return d
 
 
-def ward_linkage(sim: np.ndarray) -> np.ndarray:
-    """scipy's linkage matrix of Ward clustering on √(2 − 2 S)."""
-    return linkage(squareform(_distances(sim), checks=False), method="ward")
+def ward_linkage(sim: np.ndarray, ward_on: str) -> np.ndarray:
+    """scipy's linkage matrix of Ward clustering on :func:`distances`."""
+    return linkage(squareform(distances(sim, ward_on), checks=False), method="ward")
+
+
+def threshold_cut(z: np.ndarray, k: int) -> np.ndarray:
+    """The reference code's cut of the tree ``z`` into k clusters: of :data:`SWEEP` thresholds evenly spaced from
+    the first merge's distance to the last's, the largest leaving exactly k flat clusters; none: the last (one
+    cluster). Returns scipy's labels 1 … k."""
+    chosen = z[-1, 2]
+    for t in np.linspace(z[0, 2], z[-1, 2], SWEEP):
+        if len(np.unique(fcluster(z, t, "distance"))) == k:
+            chosen = t
+    return fcluster(z, chosen, "distance")
 
 
 @dataclass
@@ -95,17 +129,20 @@ def _renumber(raw: np.ndarray) -> list[int]:
     return [order.setdefault(int(x), len(order)) for x in raw]
 
 
-def cluster_clients(sim: np.ndarray, n_clusters: int | str = "auto", min_silhouette: float = 0.1) -> Clustering:
-    """Ward clusters of the clients whose cosine similarities are ``sim`` (n × n)."""
+def cluster_clients(sim: np.ndarray, n_clusters: int | str = "auto", min_silhouette: float = 0.1, *,
+                    ward_on: str) -> Clustering:
+    """Ward clusters of the clients whose cosine similarities are ``sim`` (n × n), on ``ward_on``'s distances."""
     n = len(sim)
     if n_clusters != "auto":
-        k = min(int(n_clusters), n)
+        k = int(n_clusters)
         if k <= 1 or n < 2:
             return Clustering([0] * n, {})
-        return Clustering(_renumber(fcluster(ward_linkage(sim), t=k, criterion="maxclust")), {})
+        if k >= n:  # the reference code: one cluster per client
+            return Clustering(list(range(n)), {})
+        return Clustering(_renumber(threshold_cut(ward_linkage(sim, ward_on), k)), {})
     if n < 3:
         return Clustering([0] * n, {})
-    z, d = ward_linkage(sim), _distances(sim)
+    z, d = ward_linkage(sim, ward_on), distances(sim, ward_on)
     scores: dict[int, float] = {}
     cuts: dict[int, np.ndarray] = {}
     for k in range(2, n):

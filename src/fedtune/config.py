@@ -312,10 +312,13 @@ class TrainConfig(_Strict):
     server optimiser sees the round's union batch gradient."""
     momentum: float = Field(default=0.0, ge=0, lt=1)
     """Heavy-ball momentum of ``optimizer: sgd``."""
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    """Across rounds: round r uses lr · s(r); cosine decays to ``min_lr_ratio`` · lr at the last round."""
+    lr_schedule: Literal["constant", "cosine", "exponential"] = "constant"
+    """Across rounds: round r uses lr · s(r); cosine decays to ``min_lr_ratio`` · lr at the last round;
+    exponential multiplies it by ``lr_decay`` every round, s(r) = lr_decay^(r − 1) (FedAMoLE's code)."""
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     """``cosine``: where the learning rate ends, as a fraction of ``lr``."""
+    lr_decay: float = Field(default=0.99, gt=0, le=1)
+    """``exponential``: the factor from one round's learning rate to the next."""
     weight_decay: float = Field(default=0.0, ge=0)
     """Decoupled weight decay (AdamW) or L2 penalty (SGD)."""
     max_grad_norm: float | None = Field(default=1.0, gt=0)
@@ -357,6 +360,10 @@ class TrainConfig(_Strict):
         if self.gpu_fraction is not None and self.device == "cpu":
             raise ValueError("train.gpu_fraction shares a GPU between Flower's virtual clients, but train.device is "
                              "cpu; remove it or set train.device=cuda")
+        for key, schedule in (("min_lr_ratio", "cosine"), ("lr_decay", "exponential")):
+            if getattr(self, key) != type(self).model_fields[key].default and self.lr_schedule != schedule:
+                raise ValueError(f"train.{key} applies to train.lr_schedule: {schedule}, not {self.lr_schedule}; "
+                                 f"remove it, or set that schedule")
         return self
 
 
@@ -538,6 +545,25 @@ class RunConfig(_Strict):
             raise ValueError(f"name {name!r} must be one folder name inside output_dir (no '/', not '.' or '..')")
         return name
 
+    @model_validator(mode="after")
+    def _adapter_sections_apply(self) -> "RunConfig":
+        """``lora.*`` and ``mole.*`` configure their kind of ``model.finetune`` only: a setting of the other's
+        section would be ignored (a resolved config, with every default written, passes)."""
+        finetune = self.model.finetune
+        for section, own in (("lora", "the LoRA adapters"), ("mole", "the mixtures of LoRA experts")):
+            if finetune == section:
+                continue
+            held, default = getattr(self, section), type(getattr(self, section))()
+            changed = [f"{section}.{k}" for k in type(held).model_fields
+                       if k not in ("client_ranks", "rank_tiers") and getattr(held, k) != getattr(default, k)]
+            if changed:
+                other = {"mole": "; the mixtures' own are under mole.*", "lora": "; LoRA's own are under lora.*"}
+                one = len(changed) == 1
+                raise ValueError(f"{', '.join(changed)} {'is a setting' if one else 'are settings'} of {own} "
+                                 f"(model.finetune: {section}), but this run fine-tunes {finetune}"
+                                 f"{other.get(finetune, '')}; remove {'it' if one else 'them'}")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return self.output_dir / self.name
@@ -626,6 +652,8 @@ def explain(err: ValidationError, root: type[BaseModel] | None = None, prefix: s
             close = difflib.get_close_matches(loc[-1], valid, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             lines.append(f"unknown key '{where}'{hint} (valid keys here: {', '.join(valid) or 'none'})")
+        elif not loc and e["type"] == "value_error":  # a rule across sections: its message names the keys
+            lines.append(e["msg"].removeprefix("Value error, "))
         else:
             lines.append(f"'{where}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
     return "; ".join(lines)

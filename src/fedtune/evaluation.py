@@ -406,3 +406,14 @@ def mean_metrics(
             out[f"{k}_std"] = float(values.std())
     out["n"] = int(n.sum())
     return out
+
+
+def unweighted_mean_metrics(per_client: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """Each metric m as the plain mean (1/K) Σₖ mₖ over the K clients with nₖ > 0, every client counting once
+    whatever its number of test examples (FedAMoLE's and FedMLLM's reported figure); only metrics every such
+    client reports; summed in client-id order."""
+    results = [per_client[c] for c in sorted(per_client) if per_client[c]["n"] > 0]
+    if not results:
+        raise ValueError("unweighted_mean_metrics needs at least one client with n > 0")
+    keys = [k for k in results[0] if k != "n" and all(k in r for r in results)]
+    return {k: float(np.mean(np.array([r[k] for r in results], dtype=np.float64))) for k in keys}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -160,7 +161,11 @@ class Experiment:
     @property
     def forward(self) -> Forward:
         """The training forward pass of the run's task (outputs carry ``.loss``)."""
-        return causal_lm_forward if self.cfg.model.task == "sft" else model_forward
+        if self.cfg.model.task != "sft":
+            return model_forward
+        if adapter_for(self.cfg).shares_prompt_prefix:
+            return causal_lm_forward
+        return partial(causal_lm_forward, share_prefix=False)
 
     def eval_metrics(self, data: Encoded) -> list[str]:
         """Decoder metrics on ``data``: as configured, else choice scoring where it has candidates, and perplexity."""

@@ -18,7 +18,10 @@ different runs do not overwrite each other's plots.
 The default metric is one every run records in its last evaluated round: a run
 of several models (clustered FL) no longer scores ``eval/accuracy`` after it
 splits, so it is compared on its clients' own ``client_eval/`` metric, each
-client scored with its model. Runs that share no eval metric (a run without
+client scored with its model. For a ``client_eval/`` (or ``client_ft/``) metric,
+which averages the clients' test rows, the table also gives the clients'
+unweighted mean (``client_eval_unweighted/``, every client once), final and best.
+Runs that share no eval metric (a run without
 evaluation) are compared on ``train_loss``, and the report says so. A clustered
 run's table row gives the clusters of its last clustering round with their ARI
 and NMI against the clients' groups; where the eval split has the group column,
@@ -48,13 +51,14 @@ from rich.table import Table
 from rich.text import Text
 
 from fedtune.errors import FedtuneError
+from fedtune.runlog import LOWER_IS_BETTER
 from fedtune.runlog import METRIC_PREFIXES as _METRIC_PREFIXES
 from fedtune.runlog import AGG, GROUP_SEP, Run, load_models, load_run, model_assignment
 from fedtune.units import human_bytes, human_seconds
 
 _PREFERRED = ("eval/accuracy", "eval/loss", "client_eval/accuracy", "client_eval/loss")
 _TRAIN_LOSS = "train_loss"
-_LOWER_IS_BETTER = ("loss", "perplexity", "_std")
+WARD_AXIS = {"similarity_rows": "the rows of cos", "unit_updates": "√(2 − 2 cos)"}
 
 
 @dataclass
@@ -120,31 +124,46 @@ def _evaluated(run: Run, metric: str) -> list[dict[str, Any]]:
     return [row for row in run.rows if row.get(metric) is not None]
 
 
-def _summarise(run: Run, metric: str) -> dict[str, Any]:
+def _final_and_best(run: Run, metric: str) -> dict[str, Any] | None:
+    """``metric``'s value in the last round that has it, its best value (:data:`~fedtune.runlog.LOWER_IS_BETTER`)
+    and that round; None when no round has it."""
     points = [(row["round"], row[metric]) for row in _evaluated(run, metric)]
     if not points:
+        return None
+    pick = min if metric.endswith(LOWER_IS_BETTER) else max
+    best_round, best = pick(points, key=lambda p: p[1])
+    return {"final": points[-1][1], "final_round": points[-1][0], "best": best, "best_round": best_round}
+
+
+def unweighted_twin(metric: str) -> str | None:
+    """``client_eval/m`` → ``client_eval_unweighted/m`` (the clients' plain mean beside their rows' mean)."""
+    prefix, _, name = metric.partition("/")
+    return f"{prefix}_unweighted/{name}" if prefix in ("client_eval", "client_ft") else None
+
+
+def _summarise(run: Run, metric: str) -> dict[str, Any]:
+    values = _final_and_best(run, metric)
+    if values is None:
         raise FedtuneError(
             f"run {run.name} has no metric '{metric}'; available: {', '.join(available_metrics(run)) or 'none'}"
         )
-    pick = min if metric.endswith(_LOWER_IS_BETTER) else max
-    best_round, best = pick(points, key=lambda p: p[1])
+    twin = unweighted_twin(metric)
+    unweighted = _final_and_best(run, twin) if twin else None
     last = run.rows[-1]
-    evaluated = _last_evaluated(run).get("round", points[-1][0])
+    evaluated = _last_evaluated(run).get("round", values["final_round"])
     return {
         "name": run.name,
         "path": str(run.path),
         "algorithm": run.config.get("algorithm", {}).get("name", "?"),
         "rounds": max(row["round"] for row in run.rows),
-        "final": points[-1][1],
-        "best": best,
-        "best_round": best_round,
+        **values,
+        "unweighted": {"metric": twin, **unweighted} if unweighted else None,
         "bytes_up": last.get("cum_bytes_up", 0),
         "bytes_down": last.get("cum_bytes_down", 0),
         "wall_time_s": sum(row.get("time_round_s", 0.0) for row in run.rows),
         "clients_left_out": left_out(run),
         "models": load_models(run.path),
         "per_group": group_metrics(run, metric),
-        "final_round": points[-1][0],
         "last_evaluated_round": evaluated,
         "clustering": clustering_result(run),
         "eval_groups": eval_group_accuracy(run),
@@ -231,18 +250,24 @@ def _table(rows: list[dict[str, Any]], metric: str) -> Table:
     table.add_column("run", style="bold", overflow="fold")
     table.add_column("algorithm", no_wrap=True)
     clustered = any(r["clustering"] for r in rows)
-    columns = ["rounds", "final", "best\n(round)", *(["clusters\n(ARI, NMI)"] if clustered else []), "bytes\nup",
-               "bytes\ndown", "wall\ntime", "clients\nleft out"]
+    unweighted = any(r["unweighted"] for r in rows)  # client metrics: their plain mean over clients beside
+    columns = ["rounds", "final", "best\n(round)"]
+    columns += ["unweighted\nfinal", "unweighted\nbest (round)"] if unweighted else []
+    columns += [*(["clusters\n(ARI, NMI)"] if clustered else []), "bytes\nup", "bytes\ndown", "wall\ntime",
+                "clients\nleft out"]
     for col in columns:
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         final = f"{r['final']:.4f}" + (f" (r{r['final_round']})" if r["final_round"] != r["last_evaluated_round"] else "")
+        u = r["unweighted"]
+        twin = ([f"{u['final']:.4f}", f"{u['best']:.4f} ({u['best_round']})"] if u else ["-", "-"]) if unweighted else []
         table.add_row(
             r["name"],
             r["algorithm"],
             str(r["rounds"]),
             final,
             f"{r['best']:.4f} ({r['best_round']})",
+            *twin,
             *([_clusters_cell(r["clustering"])] if clustered else []),
             human_bytes(r["bytes_up"]),
             human_bytes(r["bytes_down"]),
@@ -353,6 +378,7 @@ def clustering_plots(run: Run, out_dir: Path, prefix: str = "") -> list[Path]:
         cluster_of = row.get("agg/cluster_of", {})
         labels = [_client_label(c, groups if column else None, cluster_of) for c in clients]
         rnd = row["round"]
+        on = row.get("agg/ward_on", "unit_updates")  # runs before the option clustered unit updates
         fig = Figure(figsize=(5.6, 4.8), layout="constrained")
         ax = fig.add_subplot()
         im = ax.imshow(sim, vmin=-1, vmax=1, cmap="RdBu_r")
@@ -366,8 +392,8 @@ def clustering_plots(run: Run, out_dir: Path, prefix: str = "") -> list[Path]:
         fig = Figure(figsize=(6.4, 4.2), layout="constrained")
         ax = fig.add_subplot()
         if len(sim) >= 2:
-            dendrogram(ward_linkage(sim), labels=labels, ax=ax, leaf_rotation=90, leaf_font_size=8)
-        ax.set(title=f"{run.name}\nWard dendrogram, round {rnd}", ylabel="Ward distance on √(2 − 2 cos)")
+            dendrogram(ward_linkage(sim, on), labels=labels, ax=ax, leaf_rotation=90, leaf_font_size=8)
+        ax.set(title=f"{run.name}\nWard dendrogram, round {rnd}", ylabel=f"Ward distance on {WARD_AXIS[on]}")
         paths.append(out_dir / f"{prefix}clustering_round{rnd}_dendrogram.png")
         fig.savefig(paths[-1], dpi=120, bbox_inches="tight")  # scipy sets the leaf labels after the layout
     return paths

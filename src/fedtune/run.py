@@ -40,7 +40,8 @@ from fedtune.models.base import public_model_name
 from fedtune.models.lora import MERGED, MERGED_FILE
 from fedtune.progress import RunProgress
 from fedtune.report import clustering_plots
-from fedtune.runlog import CONFIG, METRIC_PREFIXES, METRICS, SUMMARY, RunLog, load_run, read_rows, write_models
+from fedtune.runlog import (CONFIG, METRIC_PREFIXES, METRICS, SUMMARY, RunLog, best_values, load_run, read_rows,
+                            write_models)
 from fedtune.runtime.checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
 from fedtune.runtime.inprocess import InProcessPool
 from fedtune.runtime.server import ClientPool, run_rounds
@@ -172,7 +173,8 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
     run = load_run(cfg.run_dir)
     problems = [p for row in run.rows for p in row.get("client_problems", [])]
     clustering_plots(run, cfg.run_dir)
-    log.write_summary({"final": final, "rounds": cfg.federation.rounds, "seconds": seconds, "runtime": runtime,
+    log.write_summary({"final": final, "best": best_values(run.rows), "rounds": cfg.federation.rounds,
+                       "seconds": seconds, "runtime": runtime,
                        "resumed_after_round": ckpt.round if ckpt else None,
                        "cum_bytes_up": last["cum_bytes_up"], "cum_bytes_down": last["cum_bytes_down"],
                        "client_problems": problems, "attack": exp.attack.record() if exp.attack else None})

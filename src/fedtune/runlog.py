@@ -12,10 +12,12 @@ A metrics row is flat: ``round``, ``lr``, ``clients``, ``num_clients``,
 ``train_loss``, ``train_examples``, ``bytes_up``/``bytes_down`` and their running
 totals ``cum_bytes_up``/``cum_bytes_down``, ``time_{train,aggregate,eval,round}_s``,
 and, on evaluated rounds, ``eval/<metric>`` and ``client_eval/<metric>`` keys (the clients' example-weighted
-mean, and ``_std`` their spread) with each client's own metrics under ``client_metrics: {"<id>": {...}}``,
-and ``client_ft/<metric>`` with ``eval.after_local_training`` (the round's clients scored right after training);
+mean, and ``_std`` their spread; ``client_eval_unweighted/<metric>``, their plain mean, each client once) with
+each client's own metrics under ``client_metrics: {"<id>": {...}}``, and ``client_ft/<metric>`` (and
+``client_ft_unweighted/``) with ``eval.after_local_training`` (the round's clients scored right after training);
 ``eval/…/accuracy@<group>`` where the eval split has the column of the clients' groups; and ``agg/…``, what the
 algorithm's aggregation recorded (clustered FL: ``agg/clusters``, ``agg/cluster_of``, ``agg/ari``, ``agg/nmi``).
+``summary.json`` holds every metric's ``final`` value and its ``best`` over the evaluated rounds, with the round.
 :class:`RunLog` writes a directory, :func:`load_run` reads one back.
 """
 
@@ -32,9 +34,27 @@ from typing import Any
 
 import yaml
 
-METRIC_PREFIXES = ("eval/", "client_eval/", "client_ft/")
+METRIC_PREFIXES = ("eval/", "client_eval/", "client_ft/", "client_eval_unweighted/", "client_ft_unweighted/")
 """The metrics of a row, by where they were measured: the held-out split (``eval/``), each client's own test shard
-with the model it is evaluated with (``client_eval/``), or right after its local training (``client_ft/``)."""
+with the model it is evaluated with (``client_eval/``), or right after its local training (``client_ft/``); the
+clients' means over their pooled test rows, or over the clients, each once (``…_unweighted/``)."""
+LOWER_IS_BETTER = ("loss", "perplexity", "_std")
+"""Metric names ending so are better when lower (losses, perplexities, spreads); every other metric when higher."""
+
+
+def best_values(rows: list[Mapping[str, Any]]) -> dict[str, dict[str, float | int]]:
+    """Every metric's best value over the rows that hold it (:data:`LOWER_IS_BETTER`; example counts ``*/n`` and
+    NaN aside), and its round (the first, on ties): ``{metric: {"value": v, "round": r}}``."""
+    best: dict[str, dict[str, float | int]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if (not key.startswith(METRIC_PREFIXES) or key.endswith("/n") or not isinstance(value, (int, float))
+                    or value != value):
+                continue
+            held = best.get(key)
+            if held is None or (value < held["value"] if key.endswith(LOWER_IS_BETTER) else value > held["value"]):
+                best[key] = {"value": value, "round": row["round"]}
+    return best
 
 from fedtune.errors import FedtuneError
 from fedtune.files import atomic_write_text

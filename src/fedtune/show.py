@@ -35,7 +35,8 @@ def _header(metric: str) -> str:
     if metric in CLUSTERING:
         return CLUSTERING[metric]
     prefix, _, name = metric.partition("/")
-    words = {"client_eval": "clients", "client_ft": "clients trained"}.get(prefix, prefix)
+    words = {"client_eval": "clients", "client_ft": "clients trained", "client_eval_unweighted": "clients unweighted",
+             "client_ft_unweighted": "clients trained unweighted"}.get(prefix, prefix)
     return f"{words} {name.replace('_', ' ')}"
 
 

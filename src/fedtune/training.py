@@ -214,7 +214,9 @@ def local_steps(cfg: TrainConfig, num_examples: int) -> int:
 
 
 def round_lr(cfg: TrainConfig, rnd: int, rounds: int) -> float:
-    """Learning rate of round ``rnd`` (1-based): constant, or cosine from lr to min_lr_ratio · lr."""
+    """Learning rate of round ``rnd`` (1-based): constant, cosine from lr to min_lr_ratio · lr, or lr · lr_decay^(rnd−1)."""
+    if cfg.lr_schedule == "exponential":
+        return cfg.lr * cfg.lr_decay ** (rnd - 1)
     if cfg.lr_schedule == "constant" or rounds <= 1:
         return cfg.lr
     progress = (rnd - 1) / (rounds - 1)
@@ -238,7 +240,7 @@ class LMOutputs:
     """Logits of the scored positions only (those predicting a target ≠ IGNORE), in batch order."""
 
 
-def causal_lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LMOutputs:
+def causal_lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> LMOutputs:
     """Next-token cross-entropy, mean over the scored tokens: −(1/|S|) Σ_{(b,t)∈S} log p(y_bt | x_b,<t).
 
     The same loss and gradients as the model's own ``labels=`` path, computed
@@ -246,7 +248,7 @@ def causal_lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     prompt prefix every row of the batch shares (a template's preamble), up to
     the first scored position, runs once; its key/value cache is repeated over
     the batch, and gradients flow back through it (with ``lora.dropout`` > 0 the
-    batch shares the prefix's dropout mask).
+    batch shares the prefix's dropout mask). ``share_prefix=False``: one forward pass over the whole batch.
     """
     body, head = body_and_head(model)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -254,7 +256,7 @@ def causal_lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     scored = targets != IGNORE
     # gradient checkpointing recomputes each layer without its cache: every row runs its prefix itself
     checkpointing = body.training and any(getattr(m, "gradient_checkpointing", False) for m in body.modules())
-    p = 0 if checkpointing else _shared_prefix_length(ids, mask, scored)
+    p = 0 if checkpointing or not share_prefix else _shared_prefix_length(ids, mask, scored)
     if p > 0 and len(ids) > 1:
         hidden = continue_prefix(body, prefix_cache(body, ids[:1, :p]), ids[:, p:], mask)
         scored_hidden = hidden[:, :-1][scored[:, p:]]

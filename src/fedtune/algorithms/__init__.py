@@ -21,6 +21,7 @@ from fedtune.algorithms.clustered import Clustered
 from fedtune.algorithms.fedkd import FedKD
 from fedtune.algorithms.fedamole import FedAMoLE
 from fedtune.algorithms.fedit import Centralized, FedIT
+from fedtune.algorithms.ffa import FFALoRA
 from fedtune.algorithms.fedprox import FedProx
 from fedtune.algorithms.hetero_lora import FLoRA, FLoRIST, FlexLoRA
 from fedtune.algorithms.local import LocalOnly
@@ -32,7 +33,7 @@ from fedtune.errors import FedtuneError
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls
     for cls in (FedIT, FedProx, Scaffold, FedAvgM, FedAdam, FedYogi, FedAdagrad, Clustered, LocalOnly, Centralized,
-                FLoRA, FLoRIST, FlexLoRA, FedKD, FedAMoLE)
+                FLoRA, FLoRIST, FlexLoRA, FFALoRA, FedKD, FedAMoLE)
 }
 
 

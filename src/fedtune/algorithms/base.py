@@ -408,6 +408,11 @@ class Algorithm(ABC):
         ``eval/<name>/<metric>``. Default: the global model, or each of ``state.models``."""
         return dict(state.models) if state.models else {"": state.global_tensors}
 
+    def evaluation_weights(self, state: ServerState) -> dict[str, float]:
+        """Weights w of some of :meth:`evaluation_models`' models: their mean Σ w·m / Σ w of each metric m is logged
+        as ``eval/<metric>`` (e.g. each client's own model, weighted by its data). Default: none."""
+        return {}
+
     # ------------------------------------------------------------------ client side
     def prepare(self, ctx: ClientContext, payload: Payload) -> None:
         """Default: load the received tensors into the model."""

@@ -14,17 +14,25 @@ assigns it, routed per token. Each round, per module::
                          Ē_e ← the mean of ē_ec over its holders; RSEA (:mod:`fedtune.expert_assignment`)
                          on P = softmax_c(Ē T̄ᵀ / √r) gives the next X
 
-Round 1's X is the same program on softmax of random scores. A client's last token embedding is kept for
-rounds it misses (one never seen scores 0 against every expert). Evaluation is personalised: each client's
-model as it left its last local training (kept in its state), on its own test shard.
+Round 1's X is the same program on softmax of scores drawn uniformly from [0, 1) (the reference code's
+``torch.rand``). A client's last token embedding is kept for rounds it misses (one never seen scores 0
+against every expert). Evaluation is personalised: each client's model as it left its last local training
+(kept in its state), on its own test shard; the reference code's headline is the clients' unweighted mean
+at the best round (``client_eval_unweighted/`` and ``summary.json``'s ``best``).
 
-Ablations (the seed's): ``static_arch`` keeps round 1's X (FedAMoLE-R); ``homo_arch`` gives every client
-the same number of experts, E·k / C; ``random_dispatch`` draws X from random scores every round;
-``embedding_noise`` ε adds to every uploaded embedding v ∈ R^r the noise ρ·u, ρ ~ Gamma(r, 1/ε) and u
-uniform on the unit sphere (density ∝ exp(−ε‖z‖), metric differential privacy of the embeddings).
+Ablations (the reference code's): ``static_arch`` keeps round 1's X (FedAMoLE-R) and so computes and uploads
+no embeddings; ``homo_arch`` gives every client the same number of experts, E·k / C; ``random_dispatch``
+draws X from random scores every round; ``embedding_noise`` ε noises every uploaded embedding v ∈ R^r
+(``embedding_noise_form``): ``radial`` adds ρ·u, ρ ~ Gamma(r, 1/ε) and u uniform on the unit sphere (density
+∝ exp(−ε‖z‖), metric differential privacy of the embeddings); ``per_coordinate``, the reference code's
+(``model/mole/util.py``), adds z_j = ρ_j·s_j, ρ_j ~ Gamma(r, 1/ε), s_j ~ U(−1, 1), then scales v + z down to
+the largest clean norm c when it is longer: c = max(‖first aux row's mean‖, ‖each later row's token sum‖), the
+statistics the reference code's accumulator keeps over aux batches of one row.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import torch
@@ -40,13 +48,14 @@ from fedtune.models.lora import load_trainable
 from fedtune.models.mole import (balance_loss, expert_names, held_experts, held_state, is_expert, mole_layers,
                                  set_local_experts)
 from fedtune.seeds import derive_seed
-from fedtune.training import eval_batches
 
 RSEA = "rsea/"
 """Prefix of the routing embeddings a client uploads: ``rsea/token/<module>`` (r), ``rsea/expert/<module>``
 (its experts × r) and ``rsea/ids/<module>`` (its experts' ids)."""
 _ASSIGN, _TOKENS, _EXPERTS = "assign/", "tokens/", "experts/"  # server state: X (E × C), T̄ (C × r), Ē (E × r)
 _SEED = 48_611
+_AUX_BATCH = 32
+"""Auxiliary rows per forward pass when measuring the embeddings (the means do not depend on it)."""
 
 
 class FedAMoLEOptions(NoOptions):
@@ -65,13 +74,28 @@ class FedAMoLEOptions(NoOptions):
     random_dispatch: bool = False
     """Assign experts from random scores every round, not from the embeddings."""
     embedding_noise: float | None = Field(default=None, gt=0)
-    """ε of the Gamma·Uniform noise on the uploaded embeddings (smaller: more noise); null: none."""
+    """ε of the Gamma noise on the uploaded embeddings (smaller: more noise); null: none."""
+    embedding_noise_form: Literal["radial", "per_coordinate"] = "radial"
+    """``radial``: one Gamma(r, 1/ε) radius on a uniform direction (metric DP); ``per_coordinate``: the reference
+    code's Gamma(r, 1/ε)·U(−1, 1) on every coordinate, scaled down to the largest clean norm."""
 
     @model_validator(mode="after")
-    def _one_ablation_of_the_assignment(self) -> "FedAMoLEOptions":
+    def _no_option_is_ignored(self) -> "FedAMoLEOptions":
+        given = self.model_fields_set
         if self.static_arch and self.random_dispatch:
             raise ValueError("static_arch keeps round 1's assignment and random_dispatch redraws it each round; "
                              "choose one")
+        if self.static_arch and given & {"embedding_noise", "aux_examples"}:
+            raise ValueError(f"static_arch measures and uploads no embeddings; remove "
+                             f"{', '.join(sorted(given & {'embedding_noise', 'aux_examples'}))}")
+        if self.random_dispatch and self.embedding_noise is not None:
+            raise ValueError("random_dispatch assigns experts without the embeddings, so their noise changes "
+                             "nothing; remove embedding_noise")
+        if "embedding_noise_form" in given and self.embedding_noise is None:
+            raise ValueError("embedding_noise_form shapes the noise of embedding_noise; set embedding_noise (ε) too")
+        if self.homo_arch and given & {"min_experts", "max_experts"}:
+            raise ValueError(f"homo_arch gives every client E · expert_choices / C experts; remove "
+                             f"{', '.join(sorted(given & {'min_experts', 'max_experts'}))}")
         return self
 
 
@@ -116,7 +140,7 @@ class FedAMoLE(Algorithm):
 
     def _random_assignment(self, rnd: int, module: str) -> torch.Tensor:
         rng = np.random.default_rng(derive_seed(self.seed, rnd, self.modules.index(module), _SEED))
-        scores = rng.normal(size=(self.num_experts, self.num_clients))
+        scores = rng.random(size=(self.num_experts, self.num_clients))
         p = np.exp(scores - scores.max(axis=1, keepdims=True))
         return torch.from_numpy(assign_experts(p / p.sum(axis=1, keepdims=True), self.options.expert_choices,
                                                *self._bounds()))
@@ -137,8 +161,11 @@ class FedAMoLE(Algorithm):
 
     def expected_update(self, client_id: int, payload: Payload, state: ServerState) -> dict[str, Expected]:
         """The tensors the client received (its experts, the shared expert, router and head), and per mixture
-        the routing embeddings: t̄ (r), ē of each held expert (n_held × r) and the held experts' ids."""
+        the routing embeddings: t̄ (r), ē of each held expert (n_held × r) and the held experts' ids (none under
+        ``static_arch``)."""
         expected = {n: Expected(tuple(t.shape), start=t) for n, t in payload.tensors.items()}
+        if self.options.static_arch:  # a kept assignment: no embeddings
+            return expected
         held = held_experts(payload.tensors)
         for m in self.modules:
             ids = held.get(m, [])
@@ -163,7 +190,7 @@ class FedAMoLE(Algorithm):
                 if holders:
                     new[a], new[b] = _mean([t[a] for t in holders]), _mean([t[b] for t in holders])
             uploaded: dict[int, list[torch.Tensor]] = {}
-            for u in updates:
+            for u in (u for u in updates if RSEA + "token/" + m in u.tensors):  # static_arch: none uploaded
                 tokens[u.client_id] = u.tensors[RSEA + "token/" + m].double()
                 for e, emb in zip(u.tensors[RSEA + "ids/" + m].tolist(), u.tensors[RSEA + "expert/" + m]):
                     uploaded.setdefault(e, []).append(emb.double())
@@ -201,12 +228,13 @@ class FedAMoLE(Algorithm):
         tensors = held_state(ctx.model)
         ctx.state.clear()
         ctx.state.update(tensors)  # the client's own model, as it left local training: its personal model
-        tensors.update(self._embeddings(ctx))
+        if not self.options.static_arch:  # a kept assignment needs no embeddings
+            tensors.update(self._embeddings(ctx))
         return ClientUpdate(ctx.client_id, tensors, ctx.num_examples)
 
     @torch.no_grad()
     def _embeddings(self, ctx: ClientContext) -> Tensors:
-        """t̄ and ē of every mixture, means over the tokens of the client's auxiliary rows (padding aside)."""
+        """t̄ and ē of every mixture, means over the tokens of the client's auxiliary rows (padding aside), noised."""
         rows = np.asarray(ctx.aux)[: self.options.aux_examples]
         if not len(rows):
             raise FedtuneError(f"client {ctx.client_id} has no auxiliary rows; raise partition.client_aux_fraction")
@@ -214,53 +242,76 @@ class FedAMoLE(Algorithm):
         inputs: dict[str, torch.Tensor] = {}
         hooks = [layer.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
                  for name, layer in layers.items()]
-        token_sum = {n: torch.zeros(layer.r, dtype=torch.float64) for n, layer in layers.items()}
-        expert_sum = {n: torch.zeros(len(layer.local), layer.r, dtype=torch.float64) for n, layer in layers.items()}
-        count = 0
+        token_rows = {n: [] for n in layers}  # per aux row, in order: Σ_t W_t x_t (r) and Σ_t A_e x_t (experts × r)
+        expert_rows = {n: [] for n in layers}
+        counts = []
         body = _body(ctx.model)
         was_training = ctx.model.training
         ctx.model.eval()
         try:
-            for batch in eval_batches(ctx.examples, rows, 32):
-                batch = to_device(batch, ctx.device)
-                mask = batch["attention_mask"].bool()
+            for start in range(0, len(rows), _AUX_BATCH):
+                batch = to_device(ctx.examples.collate(rows[start:start + _AUX_BATCH]), ctx.device)
+                mask = batch["attention_mask"].to(torch.float32)
                 body(**{k: v for k, v in batch.items() if k != "labels"})
                 for n, layer in layers.items():
-                    x = inputs[n][mask]  # tokens × d_in
-                    token_sum[n] += layer.token_proj(x).sum(0).double().cpu()
-                    if layer.local:
-                        a = torch.stack([layer.experts[e].A for e in layer.local])
-                        expert_sum[n] += torch.einsum("td,nrd->nr", x, a).double().cpu()
-                count += int(mask.sum())
+                    x = inputs[n]  # rows × tokens × d_in
+                    mask = mask.to(x.dtype)
+                    token_rows[n].append(torch.einsum("btr,bt->br", layer.token_proj(x), mask).double().cpu())
+                    a = (torch.stack([layer.experts[e].A for e in layer.local]) if layer.local
+                         else x.new_zeros(0, layer.r, x.shape[-1]))
+                    expert_rows[n].append(torch.einsum("btd,nrd,bt->bnr", x, a.to(x.dtype), mask).double().cpu())
+                counts.append(mask.sum(1).double().cpu())
         finally:
             for h in hooks:
                 h.remove()
             ctx.model.train(was_training)
+        count = torch.cat(counts)
         noise = self._noise(ctx)
         out: Tensors = {}
         for n, layer in layers.items():
-            out[RSEA + "token/" + n] = noise(token_sum[n] / count).float()
-            out[RSEA + "expert/" + n] = torch.stack([noise(v) for v in expert_sum[n] / count]).float() \
-                if layer.local else torch.zeros(0, layer.r)
+            out[RSEA + "token/" + n] = noise(torch.cat(token_rows[n]), count).float()
+            out[RSEA + "expert/" + n] = noise(torch.cat(expert_rows[n]), count).float()
             out[RSEA + "ids/" + n] = torch.tensor(layer.local, dtype=torch.int64)
         return out
 
     def _noise(self, ctx: ClientContext):
-        eps = self.options.embedding_noise
-        if eps is None:
-            return lambda v: v
+        """f(row sums, token counts) → the mean over the tokens, noised (``embedding_noise``, module docstring)."""
+        eps, form = self.options.embedding_noise, self.options.embedding_noise_form
         rng = np.random.default_rng(derive_seed(self.seed, ctx.round, ctx.client_id, _SEED))
 
-        def add(v: torch.Tensor) -> torch.Tensor:
-            direction = rng.normal(size=v.shape[-1])
-            direction /= np.linalg.norm(direction)
-            return v + torch.from_numpy(rng.gamma(v.shape[-1], 1.0 / eps) * direction)
+        def noised(row_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+            mean = row_sums.sum(0) / counts.sum()
+            if eps is None:
+                return mean
+            if form == "per_coordinate":
+                return per_coordinate_noise(mean, largest_clean_norm(row_sums, counts), eps, rng)
+            direction = torch.from_numpy(rng.normal(size=mean.shape))
+            direction /= direction.norm(dim=-1, keepdim=True)
+            radius = torch.from_numpy(rng.gamma(mean.shape[-1], 1.0 / eps, size=mean.shape[:-1] + (1,)))
+            return mean + radius * direction
 
-        return add
+        return noised
 
     def personal_tensors(self, ctx: ClientContext) -> Tensors:
         """The client's model after its last local training; before any, the base model (shared expert only)."""
         return ctx.state or {n: t for n, t in ctx.initial.items() if not is_expert(n)}
+
+
+def largest_clean_norm(row_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The reference code's clamp bound (TempAccumulator over aux batches of one row): the norm of the first row's
+    mean embedding, or of a later row's token sum, whichever is largest; per vector (rows × … × r → … × 1)."""
+    norms = row_sums.norm(dim=-1, keepdim=True)
+    first = (row_sums[0] / counts[0]).norm(dim=-1, keepdim=True)
+    return torch.cat([first[None], norms[1:]]).amax(0)
+
+
+def per_coordinate_noise(mean: torch.Tensor, bound: torch.Tensor, eps: float, rng: np.random.Generator
+                         ) -> torch.Tensor:
+    """The reference code's noise (``sample_noise`` and the clamp of ``mean_token_embs``): v + z with
+    z_j = ρ_j·s_j, ρ_j ~ Gamma(r, 1/ε), s_j ~ U(−1, 1), times min(1, bound / ‖v + z‖) per vector."""
+    rho = torch.from_numpy(rng.gamma(mean.shape[-1], 1.0 / eps, size=mean.shape))
+    noisy = mean + rho * torch.from_numpy(rng.uniform(-1.0, 1.0, size=mean.shape))
+    return noisy * (bound / noisy.norm(dim=-1, keepdim=True)).clamp(max=1.0)
 
 
 def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:

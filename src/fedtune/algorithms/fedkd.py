@@ -5,7 +5,8 @@ Each round::
     s ← Σ_i p_i θ_i                         FedIT: the clients' LoRA (and head), weighted by n_i
     teacher: teacher_epochs of CE on D_server
     mutual distillation, kd_epochs on D_server: the student descends L_s, the teacher L_t
-    (:mod:`fedtune.distillation`: ``standard`` T²-scaled KL, or the seed code's ``seed`` form)
+    (:mod:`fedtune.distillation`: ``standard`` T²-scaled KL, FedKD's ``adaptive`` form, or the
+    ``reference`` code's loss with its attention term)
     the distilled student goes to the clients
 
 D_server is ``partition.server_fraction`` of the training split, rows no client holds. The teacher is any
@@ -15,7 +16,8 @@ or with LoRA. It never leaves the server: its tensors live in the server state (
 never in a payload), so the bytes are FedIT's. The pre-trained teacher is saved in ``<run>/teacher/``;
 a later run reuses it by giving that folder as ``teacher`` with ``teacher_pretrain_epochs: 0``.
 
-With ``kd_epochs: 0`` and ``teacher_epochs: 0`` the student is FedIT's average, exactly.
+With ``kd_epochs: 0`` and ``teacher_epochs: 0`` the student is FedIT's average, exactly. Each round logs
+``kd_student_shift``, ‖distilled student − FedIT average‖ over the student's tensors: what distillation did.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from fedtune.aggregation import Tensors
 from fedtune.algorithms.base import ClientUpdate, NoOptions, ServerState
 from fedtune.algorithms.fedit import FedIT
 from fedtune.config import LoraConfig
-from fedtune.distillation import attention_mse, mutual_losses
+from fedtune.distillation import attention_mse, mutual_losses, reference_attention_loss
 from fedtune.errors import FedtuneError
 from fedtune.models.adapters import Full, Lora
 from fedtune.device import to_device
@@ -65,28 +67,32 @@ class FedKDOptions(NoOptions):
     """Epochs of CE on the server's data for the teacher alone, each round, before distillation."""
     kd_epochs: float = Field(default=1.0, ge=0)
     """Epochs of mutual distillation on the server's data each round (0: the student is FedIT's average)."""
-    kd_loss: Literal["standard", "seed"] = "standard"
-    """``standard``: CE + T²·KL(softmax(t/T) ‖ softmax(s/T)), and symmetrically for the teacher. ``seed``: the seed
-    code's form, KL on raw logits divided by 1 + both CEs (no temperature or weights; see fedtune.distillation)."""
+    kd_loss: Literal["standard", "adaptive", "reference"] = "standard"
+    """``standard``: CE + T²·KL(softmax(t/T) ‖ softmax(s/T)), and symmetrically for the teacher. ``adaptive``:
+    FedKD's, softmax KL over 1 + both CEs; ``reference``: the reference code's, KLDivLoss on raw logits over
+    1 + both (detached) CEs, and its attention term (see fedtune.distillation). Neither has a temperature or
+    weights."""
     temperature: float = Field(default=2.0, gt=0)
     """``standard``: the softmax temperature T."""
     ce_weight: float = Field(default=1.0, ge=0)
     """``standard``: the weight of each model's own cross-entropy."""
     kd_weight: float = Field(default=1.0, ge=0)
     """``standard``: the weight of the T²-scaled KL term."""
-    attention_weight: float = Field(default=0.0, ge=0)
-    """Weight of the attention-map MSE between teacher and student (both losses); needs the same layers, heads
-    and tokenizer in both models (an error otherwise). 0: no attention term."""
+    attention_weight: float | None = Field(default=None, ge=0)
+    """Weight of an attention-map MSE between teacher and student. ``standard`` / ``adaptive``: the mean over
+    layers, in models of the same layers and heads (default 0: none). ``reference``: the reference code's term,
+    every student layer against the teacher's layer mapped from the top, over 1 + both CEs (default 1, as the
+    reference code always adds it; 0 leaves it out). Both need the same heads and tokenizer in both models."""
     teacher_lr: float | None = Field(default=None, gt=0)
     """The teacher's learning rate; default 5e-5 (full) or 5e-4 (LoRA)."""
     student_lr: float | None = Field(default=None, gt=0)
     """The student's learning rate in distillation; default the clients' learning rate of the round."""
 
     @model_validator(mode="after")
-    def _seed_form_has_no_knobs(self) -> "FedKDOptions":
+    def _fixed_forms_have_no_knobs(self) -> "FedKDOptions":
         knobs = sorted({"temperature", "ce_weight", "kd_weight"} & self.model_fields_set)
-        if self.kd_loss == "seed" and knobs:
-            raise ValueError(f"kd_loss=seed has no temperature or weights; remove {', '.join(knobs)}")
+        if self.kd_loss != "standard" and knobs:
+            raise ValueError(f"kd_loss={self.kd_loss} has no temperature or weights; remove {', '.join(knobs)}")
         if "teacher_lora_r" in self.model_fields_set and self.teacher_finetune != "lora":
             raise ValueError("teacher_lora_r is the rank of a LoRA teacher; set teacher_finetune: lora, or remove it")
         return self
@@ -109,7 +115,7 @@ class FedKD(FedIT):
         self.teacher_data, self.teacher_eval = server.encode(tokenizer)
         self.teacher_tokenizer = tokenizer
         self.teacher_lr = o.teacher_lr or (5e-5 if self.teacher_kind == "full" else 5e-4)
-        if o.attention_weight:
+        if self.attention_weight:
             self._check_attention_layouts()
         total = sum(p.numel() for p in self.teacher.parameters())
         trained = sum(p.numel() for p in self.teacher.parameters() if p.requires_grad)
@@ -151,16 +157,28 @@ class FedKD(FedIT):
             model = kind.build(model, "classification")
         return model, tokenizer, o.teacher_finetune, o.teacher
 
+    @property
+    def attention_weight(self) -> float:
+        """The attention term's weight: as set, else 1 for ``kd_loss: reference`` (the reference code's) and 0."""
+        o = self.options
+        return o.attention_weight if o.attention_weight is not None else float(o.kd_loss == "reference")
+
     def _check_attention_layouts(self) -> None:
+        """Attention maps of one shape in both models: the same heads and tokens, and (but for the reference
+        form, which maps layers) the same layers."""
         s_cfg, t_cfg = self.server.model.config, self.teacher.config
         s_layout = (s_cfg.num_hidden_layers, s_cfg.num_attention_heads)
         t_layout = (t_cfg.num_hidden_layers, t_cfg.num_attention_heads)
         same_tokens = self.server.examples.features["input_ids"] == self.teacher_data.features["input_ids"]
-        if s_layout != t_layout or not same_tokens:
+        mapped = self.options.kd_loss == "reference"
+        same_layout = s_layout[1] == t_layout[1] if mapped else s_layout == t_layout
+        if not same_layout or not same_tokens:
             why = (f"the student has {s_layout[0]} layers × {s_layout[1]} heads, the teacher {t_layout[0]} × "
-                   f"{t_layout[1]}" if s_layout != t_layout else "their tokenizers split the server's texts differently")
-            raise FedtuneError(f"algorithm.options.attention_weight needs attention maps of one layout in teacher and "
-                               f"student: {why}; set attention_weight: 0")
+                   f"{t_layout[1]}" if same_tokens else "their tokenizers split the server's texts differently")
+            what = ("kd_loss: reference adds the reference code's attention term, which" if mapped and
+                    self.options.attention_weight is None else "algorithm.options.attention_weight")
+            raise FedtuneError(f"{what} needs attention maps of one layout in teacher and student: {why}; set "
+                               "attention_weight: 0")
         self.teacher.set_attn_implementation("eager")
 
     def _teacher_state(self) -> Tensors:
@@ -220,7 +238,9 @@ class FedKD(FedIT):
             with server.borrowed_model() as model:
                 server.load_state(student)
                 metrics.update(self._distil(model, rnd, seed + 1))
-                student = {n: t for n, t in trainable_state(model).items() if n in student}
+                averaged, student = student, {n: t for n, t in trainable_state(model).items() if n in student}
+                metrics["kd_student_shift"] = float(sum((student[n].double() - averaged[n].double()).pow(2).sum()
+                                                        for n in student) ** 0.5)
         return ServerState(round=rnd, global_tensors=student, extra=self._teacher_state(), metrics=metrics)
 
     def _distil(self, student: torch.nn.Module, rnd: int, seed: int) -> dict[str, float]:
@@ -228,7 +248,7 @@ class FedKD(FedIT):
         with its own tokens), one backward of L_s + L_t, one step of each model's optimiser."""
         o, server = self.options, self.server
         train = server.cfg.train
-        attention = o.attention_weight > 0
+        attention = self.attention_weight > 0
         if attention:
             student.set_attn_implementation("eager")  # restored when the borrowed model is given back
         s_lr = o.student_lr or round_lr(train, rnd, server.cfg.federation.rounds)
@@ -240,7 +260,7 @@ class FedKD(FedIT):
         order = iter(())
         student.train()
         self.teacher.train()
-        totals, n = np.zeros(2), 0
+        totals, n = np.zeros(3), 0
         for _ in range(server.steps(o.kd_epochs)):
             idx = next(order, None)
             if idx is None:  # a new epoch: a fresh permutation of the server's rows
@@ -255,20 +275,27 @@ class FedKD(FedIT):
             t_out = self.teacher(**t_batch, output_attentions=attention)
             loss_s, loss_t = mutual_losses(s_out.logits, t_out.logits, labels, o.kd_loss, o.temperature,
                                            o.ce_weight, o.kd_weight)
-            if attention:
-                loss_s = loss_s + o.attention_weight * attention_mse(s_out.attentions,
-                                                                     [a.detach() for a in t_out.attentions])
-                loss_t = loss_t + o.attention_weight * attention_mse(t_out.attentions,
-                                                                     [a.detach() for a in s_out.attentions])
-            (loss_s + loss_t).backward()
+            shared = torch.zeros(())  # a term that trains both models
+            if attention and o.kd_loss == "reference":
+                shared = self.attention_weight * reference_attention_loss(
+                    s_out.attentions, t_out.attentions, s_out.logits, t_out.logits, labels)
+            elif attention:
+                loss_s = loss_s + self.attention_weight * attention_mse(s_out.attentions,
+                                                                        [a.detach() for a in t_out.attentions])
+                loss_t = loss_t + self.attention_weight * attention_mse(t_out.attentions,
+                                                                        [a.detach() for a in s_out.attentions])
+            (loss_s + loss_t + shared).backward()
             for opt, ps in zip(optimizers, params):
                 if train.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(ps, train.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            totals += (loss_s.item() * len(idx), loss_t.item() * len(idx))
+            totals += (loss_s.item() * len(idx), loss_t.item() * len(idx), shared.item() * len(idx))
             n += len(idx)
-        return {"kd_student_loss": totals[0] / max(n, 1), "kd_teacher_loss": totals[1] / max(n, 1)}
+        out = {"kd_student_loss": totals[0] / max(n, 1), "kd_teacher_loss": totals[1] / max(n, 1)}
+        if attention and o.kd_loss == "reference":
+            out["kd_attention_loss"] = totals[2] / max(n, 1)
+        return out
 
     def evaluate_on_server(self, state: ServerState) -> dict[str, dict[str, float]]:
         """The teacher, scored on the eval split (its own tokens): ``eval/teacher/<metric>``."""

@@ -17,7 +17,10 @@ separately does not give.
   client i continues from (A_g, B_g) cut or zero-padded to r_i, and the server
   model is W + s B_g A_g.
 - **FlexLoRA** (Bai et al., NeurIPS 2024): the dense ΔW = Σ p_i B_i A_i, then a
-  truncated SVD to each client's rank r_i; the server model is W + s ΔW.
+  truncated SVD to each client's rank r_i: client i's model is W + s B_g[:, :r_i] A_g[:r_i]. As the
+  reference code scores it (``evaluate: clients``), every client's own model is scored on the eval split
+  and ``eval/`` is their mean weighted by the round's clients' data (each rank's as ``eval/rank_<r>/``);
+  ``evaluate: server_model`` scores only the server's model, the rank-r_max truncation.
 
 Merged updates reach a client that missed rounds: the server keeps each
 round's merge factors until every client has them, and a client receives the
@@ -38,11 +41,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedtune.aggregation import (
     Tensors,
     dense_svd_factors,
+    fit_rank,
     florist,
     stack_factors,
     weighted_product_sum,
 )
-from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, Payload, ServerState
+from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, NoOptions, Payload, ServerState
 from fedtune.models.lora import MERGED, base_weight_name, lora_factor_names, lora_modules
 
 _SYNCED = "synced"
@@ -229,11 +233,62 @@ class FLoRISTTruncate(_FloristFactors, _ContinueFromGlobal):
     Options = FLoRISTOptions
 
 
+class FlexLoRAOptions(NoOptions):
+    evaluate: Literal["clients", "server_model"] = "clients"
+    """``clients``: each client's own model (the global factors cut to its rank) scored on the eval split, their
+    mean weighted by the round's clients' data as ``eval/`` (the reference code); ``server_model``: the server's
+    model at the largest rank only."""
+
+
+_EVAL_WEIGHT = "eval_weight/"
+"""Server state: the data size of the round's clients at each rank (``eval_weight/<r>``), the weights of ``eval/``."""
+
+
 class FlexLoRA(_ContinueFromGlobal):
     name = "flexlora"
     summary = "dense Σ p_i B_i A_i, then a truncated SVD to each client's rank"
+    Options = FlexLoRAOptions
 
     def module_factors(self, As, Bs, weights):
         delta = weighted_product_sum(As, Bs, weights)
         r_keep = self.lora.max_rank or max(A.shape[0] for A in As)
         return dense_svd_factors(delta, min(r_keep, *delta.shape))
+
+    def _rank(self, client_id: int, state: ServerState) -> int:
+        """Client ``client_id``'s rank (one rank for all: the global factors')."""
+        rank = self.lora.rank(client_id)
+        return rank if rank is not None else next(v.shape[0] for k, v in state.extra.items() if k.startswith("global/"))
+
+    def aggregate(self, rnd: int, updates: Iterable[ClientUpdate], state: ServerState) -> ServerState:
+        updates = sorted(updates, key=lambda u: u.client_id)  # read twice: the SVD, and each rank's data weight
+        new = super().aggregate(rnd, updates, state)
+        for u in updates:
+            key = f"{_EVAL_WEIGHT}{self._rank(u.client_id, new)}"
+            new.extra[key] = new.extra.get(key, torch.tensor(0.0, dtype=torch.float64)) + u.num_examples
+        return new
+
+    def model_at_rank(self, state: ServerState, rank: int) -> Tensors:
+        """A client's model at ``rank``: the base plus s·B_g[:, :rank] A_g[:rank] per module, and the head."""
+        tensors = {k: v for k, v in state.global_tensors.items() if not k.startswith(MERGED)}
+        for key in [k for k in state.extra if k.startswith("global/") and k.endswith("/A")]:
+            module = key[len("global/"):-2]
+            A, B = fit_rank(state.extra[key], state.extra[f"global/{module}/B"], rank)
+            tensors[MERGED + base_weight_name(module)] = (self.lora.scale * (B.double() @ A.double())).float()
+        return tensors
+
+    def evaluation_weights(self, state: ServerState) -> dict[str, float]:
+        if self.options.evaluate == "server_model":
+            return {}
+        return {f"rank_{k[len(_EVAL_WEIGHT):]}": float(v) for k, v in state.extra.items() if k.startswith(_EVAL_WEIGHT)}
+
+    def evaluation_models(self, state: ServerState) -> dict[str, Tensors]:
+        weights = self.evaluation_weights(state)
+        if not weights:  # the server model; before round 1, the initial model every client holds
+            return super().evaluation_models(state)
+        return {name: self.model_at_rank(state, int(name[len("rank_"):])) for name in weights}
+
+    def configure_evaluate(self, client_ids: list[int], state: ServerState) -> dict[int, Tensors]:
+        """Each client is scored on its own test shard with its own model (the global factors cut to its rank)."""
+        if not any(k.startswith("global/") for k in state.extra):
+            return super().configure_evaluate(client_ids, state)
+        return {cid: self.model_at_rank(state, self._rank(cid, state)) for cid in client_ids}

@@ -132,6 +132,9 @@ class Wrapper(Algorithm):
     def evaluation_models(self, state: ServerState) -> dict[str, Tensors]:
         return self.inner.evaluation_models(state)
 
+    def evaluation_weights(self, state: ServerState) -> dict[str, float]:
+        return self.inner.evaluation_weights(state)
+
     def decisions(self, rnd: int, metrics: dict[str, Any]) -> list[str]:
         return self.inner.decisions(rnd, metrics)
 

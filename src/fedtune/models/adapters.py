@@ -42,6 +42,9 @@ class AdapterKind(ABC):
     """One way of fine-tuning: how it is built into the base model, described and saved."""
 
     name: ClassVar[str]
+    shares_prompt_prefix: ClassVar[bool] = True
+    """Training may run the prompt prefix a causal LM batch shares once for all its rows
+    (:func:`~fedtune.training.causal_lm_forward`); False where a loss needs each row's own forward pass."""
 
     @abstractmethod
     def build(self, model: torch.nn.Module, task: str, rank: int | None = None) -> torch.nn.Module:
@@ -110,6 +113,7 @@ class Mole(AdapterKind):
     """Mixtures of LoRA experts on the target modules (FedAMoLE's AMoLE)."""
 
     name = "mole"
+    shares_prompt_prefix = False  # the load-balancing loss counts every position of the batch
 
     def __init__(self, cfg: MoleConfig | None = None):
         self.cfg = cfg or MoleConfig()

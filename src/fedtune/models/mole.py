@@ -10,12 +10,15 @@ expert (A_s, B_s), scale s = α / r and a router projection W_t ∈ R^{r×d_in},
 An expert outside L (one the client does not hold) takes no part in routing and gets no weight, so its
 tensors receive no gradient. Dropout acts on the experts' input, not on the router's.
 
-Load balancing over L (|L| = N), from the last forward pass::
+Load balancing over L (|L| = N), from the last forward pass, as FedAMoLE's code computes it::
 
     loss = N · Σ_{e ∈ L} f_e P_e
-    f_e = the fraction of tokens whose top-k holds e,  P_e = the mean of p_e over the tokens
+    f_e = the share of the T·k routing choices (each of the T tokens picks k experts) that go to e,
+    P_e = the mean of p_e over the tokens
 
-(every position of the batch counts, padding included; with top-1 this is the Switch Transformer loss).
+(Σ_e f_e = 1; every position of the batch counts, padding included; with top-1 this is the Switch
+Transformer loss). Training runs each batch through the model in one forward pass, so the loss sees every
+position of it (a causal LM's shared prompt prefix is not run apart: :attr:`Mole.shares_prompt_prefix`).
 """
 
 from __future__ import annotations
@@ -89,7 +92,8 @@ class MoleLinear(nn.Module):
         p, weights = self.routing(x)
         if self.training:
             chosen = (weights > 0).to(p.dtype).reshape(-1, len(self.local))
-            self.balance_loss = len(self.local) * (chosen.mean(0) * p.reshape(-1, len(self.local)).mean(0)).sum()
+            share = chosen.sum(0) / chosen.sum()  # f_e: e's share of the T·k choices
+            self.balance_loss = len(self.local) * (share * p.reshape(-1, len(self.local)).mean(0)).sum()
         a = torch.stack([self.experts[e].A for e in self.local])
         b = torch.stack([self.experts[e].B for e in self.local])  # N × d_out × r
         weighted = weights.unsqueeze(-1) * torch.einsum("...d,nrd->...nr", h, a)

@@ -19,7 +19,7 @@ import torch
 from fedtune.aggregation import Tensors, tensor_bytes
 from fedtune.algorithms import ClientUpdate, Payload, ServerState
 from fedtune.errors import FedtuneError
-from fedtune.evaluation import mean_metrics
+from fedtune.evaluation import mean_metrics, unweighted_mean_metrics
 from fedtune.experiment import Experiment, clients_per_round, derive_seed, evaluated_round
 from fedtune.runtime.client import FT
 from fedtune.runlog import RunLog
@@ -78,6 +78,14 @@ def sample_clients(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
 def evaluate_global(exp: Experiment, tensors: Tensors) -> dict[str, float]:
     exp.load(tensors)
     return exp.evaluate(exp.eval)
+
+
+def weighted_model_metrics(metrics: dict[str, dict[str, float]], weights: dict[str, float]) -> dict[str, float]:
+    """Each metric that every model reports, as Σ w_k m_k / Σ w_k over the models k (``n`` aside)."""
+    names = list(weights)
+    total = sum(weights[k] for k in names)
+    shared = [m for m in metrics[names[0]] if m != "n" and all(m in metrics[k] for k in names)]
+    return {m: sum(weights[k] * metrics[k][m] for k in names) / total for m in shared}
 
 
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -264,17 +272,23 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
 
     def evaluation(rnd: int, state: ServerState) -> tuple[dict[str, Any], list[dict]]:
         """The round's ``eval/`` metrics (``eval/<model>/`` for several models), the clients' ``client_eval/``
-        means (and spread), and each client's own metrics as ``client_metrics: {"<client id>": {...}}``;
+        means over their test rows (and spread) and ``client_eval_unweighted/`` means over the clients, and each
+        client's own metrics as ``client_metrics: {"<client id>": {...}}``;
         nothing on rounds that are not evaluated. Also the clients lost while evaluating."""
         if not evaluated_round(cfg, rnd):
             return {}, []
         out: dict[str, Any] = {}
         lost: list[dict] = []
         if exp.eval is not None and not algo.personalized:
+            scored = {}
             for name, tensors in algo.evaluation_models(state).items():
                 if hooks:
                     hooks.on_eval_start(rnd, f"the eval split ({name})" if name else "the eval split", len(exp.eval))
-                out.update(_prefixed(f"eval/{name}" if name else "eval", evaluate_global(exp, tensors)))
+                scored[name] = evaluate_global(exp, tensors)
+                out.update(_prefixed(f"eval/{name}" if name else "eval", scored[name]))
+            weights = algo.evaluation_weights(state)
+            if weights:
+                out.update(_prefixed("eval", weighted_model_metrics({k: scored[k] for k in weights}, weights)))
             for name, metrics in algo.evaluate_on_server(state).items():
                 out.update(_prefixed(f"eval/{name}", metrics))
         if per_client:
@@ -286,6 +300,7 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
             clients = pool.evaluate(algo.configure_evaluate(cids, state))
             lost = lost_clients(rnd, "evaluate", pool, tolerate)
             out.update(_prefixed("client_eval", mean_metrics(clients)))
+            out.update(_prefixed("client_eval_unweighted", unweighted_mean_metrics(clients)))
             out["client_metrics"] = {str(c): clients[c] for c in sorted(clients)}
         return out, lost
 
@@ -346,7 +361,9 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         metrics, lost_eval = evaluation(rnd, state)
         trained = intake.trained_metrics()
         if any(trained.values()):
-            metrics.update(_prefixed("client_ft", mean_metrics({c: m for c, m in trained.items() if m})))
+            scored = {c: m for c, m in trained.items() if m}
+            metrics.update(_prefixed("client_ft", mean_metrics(scored)))
+            metrics.update(_prefixed("client_ft_unweighted", unweighted_mean_metrics(scored)))
         t_end = now()
         loss, n_seen = intake.train_loss()
         reduced = algo.reducer.round_report()
