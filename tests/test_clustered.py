@@ -431,3 +431,12 @@ def test_clusters_the_run_has_no_round_left_to_make_are_an_error(options, messag
     build_algorithm("clustered", {"cluster_round": 2}).check(cfg)
     with pytest.raises(FedtuneError, match=message):
         build_algorithm("clustered", options).check(cfg)
+
+
+def test_more_clusters_than_clients_is_one_line_error():
+    """A fixed n_clusters above the clients there are is an error once the partition is known (k = n, one
+    cluster per client, is the reference code's edge case and stays allowed)."""
+    with pytest.raises(FedtuneError, match=r"n_clusters=5 but the federation has 4 clients to cluster; set "
+                                           r"n_clusters to at most 4"):
+        build_algorithm("clustered", {"n_clusters": 5}, num_clients=4)
+    assert build_algorithm("clustered", {"n_clusters": 4}, num_clients=4).options.n_clusters == 4

@@ -166,6 +166,12 @@ class Clustered(FedIT):
             raise FedtuneError(str(e).replace("algorithm.options", "algorithm.options.server_options")) from None
 
     def bind(self, facts):
+        """Also: a fixed ``n_clusters`` must not exceed the clients there are to cluster (known once the
+        partition is drawn, e.g. one client per group under ``partition.method: natural``)."""
+        k, n = self.options.n_clusters, facts.num_clients
+        if isinstance(k, int) and n is not None and k > n:
+            raise FedtuneError(f"algorithm.options.n_clusters={k} but the federation has {n} clients to cluster; "
+                               f"set n_clusters to at most {n}, or 'auto'")
         self.server.bind(facts)
         return super().bind(facts)
 
