@@ -440,3 +440,20 @@ def test_more_clusters_than_clients_is_one_line_error():
                                            r"n_clusters to at most 4"):
         build_algorithm("clustered", {"n_clusters": 5}, num_clients=4)
     assert build_algorithm("clustered", {"n_clusters": 4}, num_clients=4).options.n_clusters == 4
+
+
+def test_each_cluster_is_reduced_by_the_runs_reducer():
+    """algorithm.reducer applies per cluster: the cluster server (FedIT, or a server optimiser) reduces its
+    members with the run's rule, here the coordinate-wise median of a cluster holding an outlier."""
+    from fedtune.reducers import build_reducer
+
+    x = _x()
+    algo = build_algorithm("clustered", {"n_clusters": 2, **FEDTUNE_TIMING}, num_clients=6)
+    algo.reducer = build_reducer("median")
+    state = algo.aggregate(1, _updates(x, [0, 0, 0, 1, 1, 1]), algo.init(x))
+    members = [c for c, k in state.assignment.items() if k == state.assignment[0]]
+    model = state.models[state.assignment[0]]
+    shifts = [1.0, 2.0, 1000.0]
+    after = algo.aggregate(2, [ClientUpdate(c, {k: v + s for k, v in model.items()}, 10 * (i + 1))
+                               for i, (c, s) in enumerate(zip(members, shifts))], state)
+    assert torch.allclose(after.models[state.assignment[0]][B], model[B] + 2.0)

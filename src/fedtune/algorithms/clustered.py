@@ -164,6 +164,18 @@ class Clustered(FedIT):
             self.server = SERVERS[o.server].create(o.server_options, self.lora)
         except FedtuneError as e:
             raise FedtuneError(str(e).replace("algorithm.options", "algorithm.options.server_options")) from None
+        self.server.reducer = self.reducer
+
+    @property
+    def reducer(self):
+        """The run's reducer, shared with ``server``: each cluster's model is reduced by the run's rule."""
+        return self._reducer
+
+    @reducer.setter
+    def reducer(self, value) -> None:
+        self._reducer = value
+        if "server" in self.__dict__:
+            self.server.reducer = value
 
     def bind(self, facts):
         """Also: a fixed ``n_clusters`` must not exceed the clients there are to cluster (known once the
