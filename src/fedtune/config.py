@@ -425,6 +425,12 @@ class FederationConfig(_Strict):
     """Clients sampled each round; default all (or ``fraction`` of them)."""
     fraction: float | None = Field(default=None, gt=0, le=1)
     """Fraction of the clients sampled each round, instead of ``clients_per_round``."""
+    sampling: Literal["fixed", "poisson"] = "fixed"
+    """How a round's clients are drawn, seeded by (seed, round). ``fixed``: exactly ``clients_per_round`` (or
+    ``fraction`` of them) without replacement. ``poisson``: each client joins independently with probability
+    q = ``fraction`` (or ``clients_per_round`` / number of clients), so a round holds q·N clients on average and
+    may hold none (a round without clients leaves the model as it is, except under the ``dp`` wrapper, which
+    aggregates noise alone). Client-level differential privacy is accounted for the sampling the run does."""
     min_clients_per_round: int = Field(default=1, ge=1)
     """Fewest usable updates a round aggregates; with fewer (clients failed, were dropped or had their update
     rejected) the run stops with an error naming them (resume it with ``resume``)."""
@@ -506,6 +512,55 @@ class EvalConfig(_Strict):
     """Generation (``rouge``): tokens generated per example, greedily."""
 
 
+class DpSgdConfig(_Strict):
+    """Record-level DP-SGD inside every client (Abadi et al., CCS 2016): each local step draws every training row
+    of the client with probability q = ``train.batch_size`` / n_i (Poisson sampling), clips each row's gradient of
+    the trainable tensors to norm C, adds N(0, σ²C²) to their sum and divides by the expected batch size q·n_i."""
+
+    enabled: bool = False
+    """Train every client with DP-SGD (record-level differential privacy)."""
+    clip: float = Field(default=1.0, gt=0)
+    """C: the largest L2 norm of one row's gradient (over every trainable tensor)."""
+    noise_multiplier: float | None = Field(default=None, ge=0)
+    """σ: the noise's standard deviation in units of C. null: calibrated per client to
+    ``privacy.target_epsilon`` (``privacy.on_target: calibrate``)."""
+
+
+class PrivacyConfig(_Strict):
+    """Differential privacy: the ε a run reaches at ``delta``, for the unit its mechanism protects — one client
+    (the ``dp`` wrapper in ``algorithm.wrappers``) or one training row of a client (``dp_sgd``)."""
+
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    """δ of the (ε, δ) guarantee. Keep it well below 1 / (the number of units protected): below 1/N for client-
+    level DP over N clients, below 1/n_i for record-level DP over a client's n_i rows (the run says so when not)."""
+    target_epsilon: float | None = Field(default=None, gt=0)
+    """The ε the run must not exceed (null: none; ε is still reported after every round)."""
+    on_target: Literal["stop", "calibrate"] = "stop"
+    """With ``target_epsilon``: ``stop`` ends the run before the round that would take ε past it; ``calibrate``
+    chooses the noise multiplier before the run (the ``dp`` wrapper's z, or each client's DP-SGD σ_i) as the
+    smallest with which the planned rounds reach at most ``target_epsilon`` (then leave the noise multiplier
+    unset)."""
+    accountant: Literal["rdp", "pld"] = "rdp"
+    """Google's dp-accounting: ``rdp`` (Rényi DP; any sampling) or ``pld`` (privacy loss distributions: tighter,
+    for Poisson sampling only)."""
+    dp_sgd: DpSgdConfig = Field(default_factory=DpSgdConfig)
+    """Record-level DP-SGD inside every client (``enabled``)."""
+
+    @model_validator(mode="after")
+    def _calibrate_what(self) -> "PrivacyConfig":
+        if self.on_target == "calibrate" and self.target_epsilon is None:
+            raise ValueError("privacy.on_target=calibrate chooses the noise for privacy.target_epsilon; set it")
+        if self.dp_sgd.enabled:
+            sigma = self.dp_sgd.noise_multiplier
+            if sigma is None and self.on_target != "calibrate":
+                raise ValueError("privacy.dp_sgd needs noise_multiplier (σ), or privacy.target_epsilon with "
+                                 "privacy.on_target: calibrate to choose it")
+            if sigma is not None and self.on_target == "calibrate":
+                raise ValueError("privacy.on_target=calibrate chooses privacy.dp_sgd.noise_multiplier; remove it, or "
+                                 "set privacy.on_target: stop")
+        return self
+
+
 class LogConfig(_Strict):
     """Where a run's metrics go besides ``metrics.jsonl``."""
 
@@ -533,6 +588,7 @@ class RunConfig(_Strict):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     threads: int | None = Field(default=None, ge=1)
     """torch intra-op threads; default: all cores. On a loaded machine, set the cores you can have (e.g. 1).

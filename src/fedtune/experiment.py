@@ -27,6 +27,7 @@ from fedtune.data.templates import Template
 from fedtune.device import autocast, resolve_device
 from fedtune.errors import FedtuneError
 from fedtune.reducers import build_reducer
+from fedtune.sampling import clients_per_round, sampling_rate
 from fedtune.evaluation import (
     classification_metrics, classifier_outputs, evaluate_classifier, evaluate_instructions, group_accuracy,
 )
@@ -34,6 +35,7 @@ from fedtune.models.base import load_causal_lm, load_classifier, quiet_loading
 from fedtune.models.adapters import adapter_for
 from fedtune.models.lora import HEAD_NAMES, adapted_base_weights, load_state, trainable_state
 from fedtune.models.quantization import check_quantization, prepare_quantized, quantization_config
+from fedtune.privacy import Privacy, check_privacy, privacy_for
 from fedtune.seeds import derive_seed, seed_everything
 from fedtune.server_context import ServerContext
 from fedtune.training import (
@@ -94,6 +96,8 @@ class Experiment:
     """Where ``model`` computes (``train.device`` resolved); every tensor outside the model is on the CPU."""
     attack: Attack | None = None
     """The run's simulated attack (``federation.attack``), which its clients apply; None: no attack."""
+    privacy: Privacy | None = None
+    """The run's differential privacy (the ``dp`` wrapper or ``privacy.dp_sgd``) and its accountant; None: none."""
     _server: ServerContext | None = field(default=None, repr=False)
 
     def server_context(self, run_dir: Path | None = None) -> ServerContext:
@@ -160,10 +164,11 @@ class Experiment:
 
     @property
     def forward(self) -> Forward:
-        """The training forward pass of the run's task (outputs carry ``.loss``)."""
+        """The training forward pass of the run's task (outputs carry ``.loss``). Under DP-SGD every row of an
+        instruction batch runs its own prompt prefix: a row's gradient must come from that row alone."""
         if self.cfg.model.task != "sft":
             return model_forward
-        if adapter_for(self.cfg).shares_prompt_prefix:
+        if adapter_for(self.cfg).shares_prompt_prefix and not self.cfg.privacy.dp_sgd.enabled:
             return causal_lm_forward
         return partial(causal_lm_forward, share_prefix=False)
 
@@ -238,19 +243,6 @@ def evaluated_round(cfg: RunConfig, rnd: int) -> bool:
     return cfg.eval.enabled and (rnd == cfg.federation.rounds or bool(every and rnd % every == 0))
 
 
-def clients_per_round(cfg: RunConfig, num_clients: int) -> int:
-    fed = cfg.federation
-    if fed.clients_per_round is not None:
-        if fed.clients_per_round > num_clients:
-            raise FedtuneError(
-                f"federation.clients_per_round={fed.clients_per_round} exceeds partition.num_clients={num_clients}"
-            )
-        return fed.clients_per_round
-    if fed.fraction is not None:
-        return max(1, round(fed.fraction * num_clients))
-    return num_clients
-
-
 def _weights(p: torch.Tensor) -> int:
     """The weights a parameter stands for (a 4-bit one packs two per byte: its quantisation state has the shape)."""
     state = getattr(p, "quant_state", None)
@@ -315,11 +307,14 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
         raise FedtuneError("eval.after_local_training scores each client on its own test shard; set "
                            "partition.client_test_fraction (e.g. 0.2)")
     check_attack(cfg, algorithm, cfg.partition.num_clients)
+    check_privacy(cfg, algorithm)
     load = _node_local_data if cfg.partition.method == "files" else _split_data
     data = load(cfg, algorithm, holds, data_path, note)
     algorithm.bind(RunFacts(seed=cfg.seed, rounds=cfg.federation.rounds, num_clients=data.num_clients,
                             clients_per_round=1 if algorithm.pools_data else clients_per_round(cfg, data.num_clients),
+                            sampling_rate=None if algorithm.pools_data else sampling_rate(cfg, data.num_clients),
                             client_groups=data.client_groups))
+    privacy = privacy_for(cfg, algorithm, data.num_clients)
     attack = (attack_for(cfg, algorithm, data.num_clients, [tr for tr, _ in data.sizes],
                          clients_per_round(cfg, data.num_clients)) if cfg.federation.attack.kind != "none" else None)
     if ranks and len(ranks) != data.num_clients:
@@ -396,6 +391,7 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
         note=note,
         device=device,
         attack=attack,
+        privacy=privacy,
     )
     if cfg.partition.method == "files" and holds == "all":
         exp.describe_clients({cid: exp.client_report(cid) for cid in clients})

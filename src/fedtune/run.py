@@ -173,11 +173,13 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
     run = load_run(cfg.run_dir)
     problems = [p for row in run.rows for p in row.get("client_problems", [])]
     clustering_plots(run, cfg.run_dir)
-    log.write_summary({"final": final, "best": best_values(run.rows), "rounds": cfg.federation.rounds,
+    log.write_summary({"final": final, "best": best_values(run.rows), "rounds": last["round"],
                        "seconds": seconds, "runtime": runtime,
                        "resumed_after_round": ckpt.round if ckpt else None,
                        "cum_bytes_up": last["cum_bytes_up"], "cum_bytes_down": last["cum_bytes_down"],
-                       "client_problems": problems, "attack": exp.attack.record() if exp.attack else None})
+                       "client_problems": problems, "attack": exp.attack.record() if exp.attack else None,
+                       "privacy": (exp.privacy.record([tr for tr, _ in exp.client_sizes]) if exp.privacy
+                                   else None)})
     write_model_cards(cfg.run_dir)
     if problems:
         clients = sorted({p["client"] for p in problems})
@@ -201,6 +203,11 @@ def _describe_data(exp: Experiment, log: RunLog, console: Console) -> None:
         console.print(f"note: {gap}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     for line in exp.algorithm.advice(exp.cfg.train):
         console.print(f"[yellow]note: {line}")
+    if exp.privacy is not None:
+        sizes = [tr for tr, _ in exp.client_sizes]
+        console.print(exp.privacy.start_line(sizes), markup=False, highlight=False, soft_wrap=True)
+        for line in exp.privacy.notes(sizes):
+            console.print(f"note: {line}", style="yellow", markup=False, highlight=False, soft_wrap=True)
 
 
 def save_adapters(exp: Experiment, state: ServerState, client_states, run_dir: Path) -> None:

@@ -14,6 +14,7 @@ import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from fedtune.data.templates import Template
 from fedtune.device import autocast, grad_scaler, model_device, to_device
 from fedtune.errors import FedtuneError
 from fedtune.models.base import body_and_head, continue_prefix, prefix_cache, quiet_loading
+
+if TYPE_CHECKING:
+    from fedtune.dp_sgd import PrivateGradient
 
 GROUP = 50
 """Batches per length-sorting group."""
@@ -58,8 +62,13 @@ class Encoded:
         return np.fromiter((len(x) for x in self.features["input_ids"]), dtype=np.int64, count=len(self))
 
     def collate(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Pad the examples ``idx`` (on the right) to their longest member; attention mask marks real tokens."""
+        """Pad the examples ``idx`` (on the right) to their longest member; attention mask marks real tokens.
+        No examples: a batch of zero rows (a Poisson sample can draw none)."""
         ids = self.features["input_ids"]
+        if not len(idx):
+            labels = (0,) if isinstance(self.labels, np.ndarray) else (0, 0)
+            return {**{k: torch.zeros((0, 0), dtype=torch.long) for k in [*self.features, "attention_mask"]},
+                    "labels": torch.zeros(labels, dtype=torch.long)}
         width = max(len(ids[i]) for i in idx)
         batch: dict[str, torch.Tensor] = {}
         for name, rows in self.features.items():
@@ -298,6 +307,7 @@ def train_local(
     after_step: Callable[[], None] = lambda: None,
     on_step: Callable[[], None] = lambda: None,
     forward: Forward = model_forward,
+    private: PrivateGradient | None = None,
 ) -> tuple[float, int]:
     """Run ``steps`` optimiser steps (``cfg.optimizer``) of ``grad_accum`` micro-batches; return (mean loss, examples seen).
 
@@ -305,6 +315,7 @@ def train_local(
     With ``cfg.lora_plus_ratio`` λ the LoRA B factors train at λ · lr (LoRA+).
     Batches move to the model's device; the forward pass and ``loss_fn`` run under ``cfg.precision``'s
     autocast, and fp16 scales the loss (its steps with overflowing gradients are skipped; :mod:`fedtune.device`).
+    ``private``: each step's gradient is DP-SGD's (:mod:`fedtune.dp_sgd`), one batch per step.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(model, cfg, lr)
@@ -313,15 +324,21 @@ def train_local(
     model.train()
     total, seen = 0.0, 0
     for _ in range(steps):
-        for _ in range(cfg.grad_accum):
+        if private is not None:  # one Poisson batch, its gradient privatised
             batch = to_device(next(batches), device)
-            with autocast(cfg.precision, device):
-                loss = loss_fn(batch, forward(model, batch))
-            scaled = loss / cfg.grad_accum
-            (scaled if scaler is None else scaler.scale(scaled)).backward()
-            n = len(batch["input_ids"])
-            total += loss.item() * n
+            loss_sum, n = private.backward(model, batch, forward, loss_fn, lambda: autocast(cfg.precision, device))
+            total += loss_sum
             seen += n
+        else:
+            for _ in range(cfg.grad_accum):
+                batch = to_device(next(batches), device)
+                with autocast(cfg.precision, device):
+                    loss = loss_fn(batch, forward(model, batch))
+                scaled = loss / cfg.grad_accum
+                (scaled if scaler is None else scaler.scale(scaled)).backward()
+                n = len(batch["input_ids"])
+                total += loss.item() * n
+                seen += n
         if scaler is not None:
             scaler.unscale_(opt)  # clip the true gradients
         if cfg.max_grad_norm is not None:

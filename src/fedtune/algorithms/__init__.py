@@ -18,6 +18,7 @@ from fedtune.algorithms.base import (
 )
 from fedtune.algorithms.clip import Clip
 from fedtune.algorithms.clustered import Clustered
+from fedtune.algorithms.dp import Dp
 from fedtune.algorithms.fedkd import FedKD
 from fedtune.algorithms.fedamole import FedAMoLE
 from fedtune.algorithms.fedit import Centralized, FedIT
@@ -37,7 +38,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
 }
 
 
-WRAPPERS: dict[str, type[Wrapper]] = {cls.name: cls for cls in (Clip,)}
+WRAPPERS: dict[str, type[Wrapper]] = {cls.name: cls for cls in (Clip, Dp)}
 """The wrappers ``algorithm.wrappers`` can name."""
 
 

@@ -188,7 +188,10 @@ class RunFacts:
     num_clients: int | None = None
     """How many clients the federation has."""
     clients_per_round: int | None = None
-    """How many clients each round samples."""
+    """How many clients each round samples (with Poisson sampling: the nearest whole number to q·N)."""
+    sampling_rate: float | None = None
+    """``federation.sampling: poisson``: the probability q with which each client joins a round; None: each round
+    samples exactly ``clients_per_round``."""
     client_groups: tuple[str, ...] | None = None
     """Each client's group (the most frequent value of ``partition.by`` in its shard) when the partition is over
     a column; reference variants (e.g. oracle clusters) and agreement scores use it."""
@@ -207,7 +210,7 @@ class Algorithm(ABC):
     """Base class: FedAvg-style defaults that subclasses override hook by hook; ``aggregate`` is theirs to define.
 
     Capabilities (``personalized``, ``pools_data``, ``uses_base_weights``, ``adapters``, ``uses_aux_split``,
-    ``trains_on_server``) are declared on the class and read from the instance, so a wrapper
+    ``trains_on_server``, ...) are declared on the class and read from the instance, so a wrapper
     (:class:`~fedtune.algorithms.wrapper.Wrapper`) answers for the algorithm it wraps.
     """
 
@@ -237,6 +240,17 @@ class Algorithm(ABC):
     combines_factors: ClassVar[bool] = False
     """Its aggregate combines LoRA factors by stacking or SVD (not a mean of each tensor): a robust
     ``algorithm.reducer`` has no meaning there."""
+    mean_of_changes: ClassVar[bool] = False
+    """Its aggregate depends on the round's updates only through the mean of the clients' model tensors, every
+    client having started from the one global model (FedIT, FedProx, the server optimisers, FedKD's student),
+    so the mean of one update θ⁰ + Δ̄ stands for it: client-level differential privacy (the ``dp`` wrapper)
+    replaces Δ̄ by a noised mean of clipped changes."""
+    aggregates_empty_round: ClassVar[bool] = False
+    """It aggregates a round whose sampling drew no client (Poisson sampling), e.g. noise alone; otherwise
+    such a round leaves the server state as it is."""
+    loss_reads_batch: ClassVar[bool] = False
+    """Its :meth:`loss` adds to the task loss a term of the batch (e.g. a routing balance over the batch's
+    tokens), not of the parameters alone: record-level DP-SGD, which privatises each row's task loss, refuses it."""
 
     def __init__(self, options: dict[str, Any] | None = None, lora: LoraSetup | None = None):
         self.lora = lora or LoraSetup()
@@ -419,7 +433,8 @@ class Algorithm(ABC):
         self.load(ctx, payload.tensors)
 
     def loss(self, ctx: ClientContext, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
-        """The local objective; default: the model's own task loss."""
+        """The local objective; default: the model's own task loss. Anything added to ``outputs.loss`` is a term
+        of the parameters alone, unless the algorithm declares :attr:`loss_reads_batch`."""
         return outputs.loss
 
     def after_step(self, ctx: ClientContext) -> None:

@@ -149,6 +149,7 @@ class Clustered(FedIT):
     summary = "clustered FL (FedMLLM): Ward clusters of the clients' update directions, FedIT within each cluster"
     Options = ClusteredOptions
     adapters = ("lora",)
+    mean_of_changes = False  # it clusters on each client's own update
     requires = ("one LoRA rank for every client; assign=oracle needs a partition by a group column "
                 "(natural or group_clusters); per-client evaluation (eval.per_client) scores each client's cluster")
 

@@ -28,6 +28,9 @@ draws X from random scores every round; ``embedding_noise`` ε noises every uplo
 (``model/mole/util.py``), adds z_j = ρ_j·s_j, ρ_j ~ Gamma(r, 1/ε), s_j ~ U(−1, 1), then scales v + z down to
 the largest clean norm c when it is longer: c = max(‖first aux row's mean‖, ‖each later row's token sum‖), the
 statistics the reference code's accumulator keeps over aux batches of one row.
+That ε is not accounted: it is a per-embedding metric-DP parameter, composed over no rounds, layers or rows,
+at no δ, so fedtune claims no (ε, δ) for FedAMoLE runs (``fedtune algorithms`` and the model card say so);
+``privacy`` (the ``dp`` wrapper, DP-SGD) does not apply to FedAMoLE.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ class FedAMoLEOptions(NoOptions):
     random_dispatch: bool = False
     """Assign experts from random scores every round, not from the embeddings."""
     embedding_noise: float | None = Field(default=None, gt=0)
-    """ε of the Gamma noise on the uploaded embeddings (smaller: more noise); null: none."""
+    """ε of the Gamma noise on the uploaded embeddings (smaller: more noise); null: none. Unaccounted:
+    a per-embedding metric-DP parameter, not an (ε, δ) of the run; fedtune claims no ε for it."""
     embedding_noise_form: Literal["radial", "per_coordinate"] = "radial"
     """``radial``: one Gamma(r, 1/ε) radius on a uniform direction (metric DP); ``per_coordinate``: the reference
     code's Gamma(r, 1/ε)·U(−1, 1) on every coordinate, scaled down to the largest clean norm."""
@@ -106,6 +110,7 @@ class FedAMoLE(Algorithm):
     personalized = True
     adapters = ("mole",)
     uses_aux_split = True
+    loss_reads_batch = True  # the load-balancing term counts the batch's routing
 
     # ------------------------------------------------------------------ server side
     def _layout(self, tensors: Tensors) -> None:

@@ -30,6 +30,7 @@ from fedtune.models.lora import fit_lora_rank
 class FedIT(Algorithm):
     name = "fedit"
     summary = "FedAvg of the trained tensors (LoRA A, B and head, or every parameter), weighted by client data size"
+    mean_of_changes = True
 
     def aggregate(self, rnd: int, updates: Iterable[ClientUpdate], state: ServerState) -> ServerState:
         r = self.lora.max_rank
@@ -48,3 +49,4 @@ class Centralized(FedIT):
     name = "centralized"
     summary = "pooled data, one trainer (the upper reference; no communication)"
     pools_data = True
+    mean_of_changes = False

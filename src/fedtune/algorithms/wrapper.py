@@ -93,6 +93,9 @@ class Wrapper(Algorithm):
     trains_on_server = property(lambda self: self.inner.trains_on_server)
     combines_factors = property(lambda self: self.inner.combines_factors)
     sends_model = property(lambda self: self.inner.sends_model)
+    mean_of_changes = property(lambda self: self.inner.mean_of_changes)
+    aggregates_empty_round = property(lambda self: self.inner.aggregates_empty_round)
+    loss_reads_batch = property(lambda self: self.inner.loss_reads_batch)
 
     def bind(self, facts: RunFacts) -> Algorithm:
         self.inner.bind(facts)

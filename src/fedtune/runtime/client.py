@@ -9,6 +9,7 @@ import torch
 
 from fedtune.aggregation import Tensors
 from fedtune.algorithms import ClientContext, ClientUpdate, Payload
+from fedtune.dp_sgd import PrivateGradient, poisson_batches
 from fedtune.experiment import Experiment, derive_seed, evaluated_round
 from fedtune.models.lora import trainable_state
 from fedtune.training import batch_stream, local_steps, train_local
@@ -30,8 +31,8 @@ def client_round(
 ) -> ClientUpdate:
     """Train client ``client_id`` for one round and return its update; ``state`` is its persistent tensors.
 
-    Seeded by (run seed, round, client): dropout and batch order are the same
-    on any runtime and in any client order.
+    Seeded by (run seed, round, client): dropout and batch order (and DP-SGD's row samples and noise) are the
+    same on any runtime and in any client order.
     """
     algo, cfg = exp.algorithm, exp.cfg
     data = exp.client(client_id)
@@ -44,7 +45,14 @@ def client_round(
     ctx.start = trainable_state(exp.model)  # detached copies
     seed = derive_seed(cfg.seed, rnd, client_id)
     torch.manual_seed(seed)
-    batches = batch_stream(data.examples, shard, cfg.train.batch_size, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    private = None
+    if cfg.privacy.dp_sgd.enabled:  # record-level DP: Poisson samples of the rows, privatised gradients
+        mechanism = exp.privacy.record_mechanism(client_id, len(shard))
+        private = PrivateGradient(cfg.privacy.dp_sgd.clip, mechanism.noise_multiplier, mechanism.rate * len(shard))
+        batches = poisson_batches(data.examples, shard, mechanism.rate, rng)
+    else:
+        batches = batch_stream(data.examples, shard, cfg.train.batch_size, rng)
     with Usage(exp.device) as usage:
         loss, seen = train_local(
             exp.model, usage.count(batches), steps, cfg.train, lr,
@@ -52,6 +60,7 @@ def client_round(
             after_step=lambda: algo.after_step(ctx),
             on_step=on_step,
             forward=exp.forward,
+            private=private,
         )
     ctx.train_loss = loss
     update = algo.update(ctx)

@@ -13,18 +13,18 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from fedtune.aggregation import Tensors, tensor_bytes
 from fedtune.algorithms import ClientUpdate, Payload, ServerState
 from fedtune.errors import FedtuneError
 from fedtune.evaluation import mean_metrics, unweighted_mean_metrics
-from fedtune.experiment import Experiment, clients_per_round, derive_seed, evaluated_round
+from fedtune.experiment import Experiment, evaluated_round
 from fedtune.runtime.client import FT
 from fedtune.runlog import RunLog
 from fedtune.runtime.diagnostics import cosines, sketch
 from fedtune.runtime.update_check import change, check_update, over_reference, oversized, reference_change
+from fedtune.sampling import clients_per_round, sample_clients, sampling_rate
 from fedtune.training import round_lr
 from fedtune.usage import round_usage
 
@@ -65,14 +65,6 @@ class ClientPool(Protocol):
 
     def final_client_states(self) -> dict[int, Tensors]:
         """Every client's state after the last round (personalised adapters are saved from it)."""
-
-
-def sample_clients(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
-    """The round's clients: k of num_clients drawn without replacement, seeded by (seed, round)."""
-    if k >= num_clients:
-        return list(range(num_clients))
-    rng = np.random.default_rng(derive_seed(seed, rnd, 7919))
-    return sorted(rng.choice(num_clients, size=k, replace=False).tolist())
 
 
 def evaluate_global(exp: Experiment, tensors: Tensors) -> dict[str, float]:
@@ -259,11 +251,19 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
     ``federation.tolerate_client_failures``; with fewer than
     ``federation.min_clients_per_round`` usable updates the run stops with an
     error. The centralized reference (``pools_data``) logs zero bytes: nothing
-    is communicated. Returns the final server state and the last row.
+    is communicated. A round whose sampling drew no client (``federation.sampling:
+    poisson``) keeps the state, unless the algorithm aggregates empty rounds
+    (:attr:`~fedtune.algorithms.Algorithm.aggregates_empty_round`: the ``dp``
+    wrapper's noise); its row lists no clients. With differential privacy
+    (``exp.privacy``) each round composes its mechanism's uses, logs ε
+    (``privacy/epsilon``) and carries the accountant's state in ``state.extra``;
+    ``privacy.target_epsilon`` with ``on_target: stop`` ends the run before the
+    round that would exceed it. Returns the final server state and the last row.
     """
-    cfg, algo = exp.cfg, exp.algorithm
+    cfg, algo, privacy = exp.cfg, exp.algorithm, exp.privacy
     rounds = cfg.federation.rounds
     k = 1 if algo.pools_data else clients_per_round(cfg, exp.num_clients)
+    rate = None if algo.pools_data else sampling_rate(cfg, exp.num_clients)
     min_clients = 1 if algo.pools_data else cfg.federation.min_clients_per_round
     if min_clients > k:
         raise FedtuneError(f"federation.min_clients_per_round={min_clients} exceeds the {k} clients sampled per round")
@@ -315,6 +315,8 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         algo.setup_server(exp.server_context(log.run_dir))
     if start is not None:
         state, row = start
+        if privacy is not None:
+            privacy.restore(state.extra)
     else:
         state = algo.init(exp.initial)
         t0 = now()
@@ -325,7 +327,12 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
 
     for rnd in range(row["round"] + 1, rounds + 1):
         t_start = now()
-        clients = algo.participants(rnd, sample_clients(cfg.seed, rnd, exp.num_clients, k))
+        clients = algo.participants(rnd, sample_clients(cfg.seed, rnd, exp.num_clients, k, rate))
+        sizes = [tr for tr, _ in exp.client_sizes]
+        stop = privacy.stops_before(rnd, clients, sizes) if privacy is not None else None
+        if stop:
+            exp.note(stop)
+            break
         if hooks:
             hooks.on_round_start(rnd, clients)
         lr = round_lr(cfg.train, rnd, rounds)
@@ -333,23 +340,33 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
         bytes_down = sum(tensor_bytes(p.tensors) for p in payloads.values())
         algo.reducer.begin_round()
         intake = RoundIntake(exp, rnd, payloads, state, list(row.get("update_norms", {}).values()), tolerate, now)
+        least = min(min_clients, len(clients))  # a Poisson round may sample fewer
         t_trained = now()
         try:
-            new_state = algo.aggregate(rnd, intake.accepted(pool.train(rnd, payloads, lr)), state)
-            intake.drain()
+            if clients or algo.aggregates_empty_round:
+                new_state = algo.aggregate(rnd, intake.accepted(pool.train(rnd, payloads, lr) if clients else iter(())),
+                                           state)
+                intake.drain()
+            else:  # no client sampled: nothing to aggregate
+                new_state = state
         except ClientRejected:
             raise
         except Exception:
             lost_clients(rnd, "train", pool, tolerate)  # a client that failed first is the one to name
-            if len(intake.accepted_ids) < min_clients:
+            if len(intake.accepted_ids) < least:
                 raise _too_few(rnd, clients, intake, pool, min_clients) from None
             raise
-        lost = lost_clients(rnd, "train", pool, tolerate)
-        if len(intake.accepted_ids) < min_clients:
+        lost = lost_clients(rnd, "train", pool, tolerate) if clients else []
+        if len(intake.accepted_ids) < least:
             raise _too_few(rnd, clients, intake, pool, min_clients)
         state = new_state
+        private = {}
+        if privacy is not None:
+            privacy.spend(clients, sizes)
+            state.extra = {**state.extra, **privacy.state()}
+            private = privacy.row(sizes)
         bytes_up, wire = intake.bytes_up, {}
-        if pool.round_bytes is not None:  # measured on the wire by the runtime
+        if pool.round_bytes is not None and clients:  # measured on the wire by the runtime
             bytes_up, bytes_down, wire_up, wire_down = pool.round_bytes
             wire = {"wire_bytes_up": wire_up, "wire_bytes_down": wire_down}
         if algo.pools_data:  # the centralized reference stands for pooled data: nothing is communicated
@@ -376,7 +393,7 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
                         metrics={**{f"agg/{k}": v for k, v in state.metrics.items()},
                                  **({"reducer": reduced} if reduced else {}),
                                  **round_usage([intake.client_metrics[c] for c in sorted(intake.client_metrics)]),
-                                 **metrics})
+                                 **private, **metrics})
         record(state, row)
     return state, row
 
