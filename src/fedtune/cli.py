@@ -200,7 +200,7 @@ def predict(
 def show(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR")]) -> None:
     """Show one run (a folder written by 'fedtune run', also while it runs) round by round: loss, metrics, bytes."""
     from fedtune.runlog import load_run
-    from fedtune.show import fitted_tables, round_table
+    from fedtune.show import fitted_tables, privacy_line, round_table
 
     run = load_run(run_dir)
     console = Console()
@@ -212,6 +212,9 @@ def show(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR")]) -> None:
         console.width = max(console.width, whole)
     for table in tables:
         console.print(table)
+    line = privacy_line(run)
+    if line:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @config_app.command("init")

@@ -86,6 +86,7 @@ def model_card(cfg: RunConfig, summary: dict[str, Any], partition: dict[str, Any
     if summary.get("attack"):
         lines += [f"**This run was attacked**, on purpose, to measure a defence: {_attack(summary['attack'])} "
                   "(`federation.attack`).", ""]
+    lines += _privacy(cfg, summary)
     lines += ["## Training", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in _training_rows(cfg, summary, partition, adapter, base)]
     lines += ["", "## Results after the last round", ""]
@@ -117,6 +118,8 @@ def _training_rows(cfg: RunConfig, summary: dict, partition: dict, adapter: dict
     ranks = cfg.lora.ranks(p.num_clients)
     per_round = (f"{fed.clients_per_round} clients" if fed.clients_per_round else
                  f"a fraction {fed.fraction:g} of the clients" if fed.fraction else "all clients")
+    if fed.sampling == "poisson":
+        per_round = f"each client with probability {fed.fraction or (fed.clients_per_round or p.num_clients) / p.num_clients:.4g}"
     steps = f"{train.local_steps} steps" if train.local_steps else f"{train.local_epochs:g} epochs"
     data = f"`{cfg.data.name}`"
     if partition.get("num_examples"):
@@ -133,7 +136,8 @@ def _training_rows(cfg: RunConfig, summary: dict, partition: dict, adapter: dict
         ("partition", f"{p.method}{skew}, {p.num_clients} clients"
          + (f" of {min(sizes):,}–{max(sizes):,} examples" if sizes else "")
          + (f", {p.client_test_fraction:g} of each held out" if p.client_test_fraction else "")),
-        ("rounds", f"{summary.get('rounds', fed.rounds)}, {per_round} per round"),
+        ("rounds", f"{summary.get('rounds', fed.rounds)}, {per_round} per round"
+         + (" (Poisson sampling)" if fed.sampling == "poisson" else "")),
         ("local training", f"{steps} of batch {train.batch_size}, {train.optimizer} lr {train.lr:g}"
          + (f" ({train.lr_schedule})" if train.lr_schedule != "constant" else "") + _precision(cfg)),
         ("fine-tuning", "every parameter (`model.finetune: full`)") if not adapter else
@@ -144,6 +148,21 @@ def _training_rows(cfg: RunConfig, summary: dict, partition: dict, adapter: dict
         ("communication", f"{human_bytes(summary['cum_bytes_up'])} up, {human_bytes(summary['cum_bytes_down'])} down"),
         ("time", f"{human_seconds(summary['seconds'])} ({summary.get('runtime', 'inprocess')} runtime)"),
     ]
+
+
+def _privacy(cfg: RunConfig, summary: dict) -> list[str]:
+    """The card's privacy paragraph: the run's (ε, δ) guarantee, or that FedAMoLE's embedding noise has none."""
+    from fedtune.privacy import guarantee
+
+    lines = []
+    if summary.get("privacy"):
+        lines += ["## Privacy", "", f"{guarantee(summary['privacy'])}.", ""]
+    if cfg.algorithm.name == "fedamole" and cfg.algorithm.options.get("embedding_noise"):
+        lines += ["## Privacy", "", f"The uploaded routing embeddings carry noise of ε = "
+                  f"{cfg.algorithm.options['embedding_noise']:g} per embedding (metric differential privacy, "
+                  "`embedding_noise`). It is not accounted: no (ε, δ) is claimed for this run, and the adapters "
+                  "clients send are not noised.", ""]
+    return lines
 
 
 def _attack(attack: dict) -> str:

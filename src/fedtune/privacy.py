@@ -389,6 +389,20 @@ class Privacy:
         return out
 
 
+def guarantee(record: dict[str, Any]) -> str:
+    """One line on what a run's ``privacy`` record (:meth:`Privacy.record`, in ``summary.json``) guarantees: ε
+    at δ, the unit it protects, the mechanism and the sampling the accountant assumed (``fedtune show``, the
+    model card and ``fedtune report`` print it)."""
+    eps = record["epsilon"]
+    value = "∞ (no noise)" if math.isinf(eps) else f"{eps:.4g}"
+    unit = ("one client (all its data)" if record["unit"] == "client" else
+            "one training row of a client (the largest of the clients' ε)")
+    stop = (f"; the run stopped before round {record['stopped_before_round']} to stay within ε = "
+            f"{record['target_epsilon']:g}" if record.get("stopped_before_round") else "")
+    return (f"(ε = {value}, δ = {record['delta']:g})-differential privacy for {unit}: {record['mechanism']}; "
+            f"{record['sampling']}; {record['accountant'].upper()} accountant (dp-accounting){stop}")
+
+
 def privacy_for(cfg: RunConfig, algorithm, num_clients: int) -> Privacy | None:
     """The run's :class:`Privacy` (calibrating the dp wrapper's z where asked), or None without a mechanism."""
     from fedtune.algorithms.dp import find_dp

@@ -8,6 +8,9 @@ writes, into ``out_dir``:
 - ``<metric>_vs_bytes.png``: the metric over cumulative communication
   (up + down, log axis; round 0, with nothing sent yet, is not drawn there,
   and a run that never communicates is a dashed line at its final value)
+- ``<metric>_vs_epsilon.png``, where a run is differentially private: the
+  metric over the ε spent by each evaluated round (``privacy/epsilon``); the
+  table gives each run's final ε with its unit and δ
 
 where ``<metric>`` is the metric name with ``/`` replaced by ``_``, e.g.
 ``eval_accuracy_vs_round.png``. ``out_dir`` defaults to the run's own directory
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fedtune.errors import FedtuneError
+from fedtune.privacy import EPSILON, UNIT
 from fedtune.runlog import LOWER_IS_BETTER
 from fedtune.runlog import METRIC_PREFIXES as _METRIC_PREFIXES
 from fedtune.runlog import AGG, GROUP_SEP, Run, load_models, load_run, model_assignment
@@ -167,6 +172,7 @@ def _summarise(run: Run, metric: str) -> dict[str, Any]:
         "last_evaluated_round": evaluated,
         "clustering": clustering_result(run),
         "eval_groups": eval_group_accuracy(run),
+        "privacy": (run.summary or {}).get("privacy"),
     }
 
 
@@ -250,10 +256,11 @@ def _table(rows: list[dict[str, Any]], metric: str) -> Table:
     table.add_column("run", style="bold", overflow="fold")
     table.add_column("algorithm", no_wrap=True)
     clustered = any(r["clustering"] for r in rows)
+    private = any(r["privacy"] for r in rows)
     unweighted = any(r["unweighted"] for r in rows)  # client metrics: their plain mean over clients beside
     columns = ["rounds", "final", "best\n(round)"]
     columns += ["unweighted\nfinal", "unweighted\nbest (round)"] if unweighted else []
-    columns += [*(["clusters\n(ARI, NMI)"] if clustered else []), "bytes\nup", "bytes\ndown", "wall\ntime",
+    columns += [*(["clusters\n(ARI, NMI)"] if clustered else []), *(["ε\n(unit, δ)"] if private else []), "bytes\nup", "bytes\ndown", "wall\ntime",
                 "clients\nleft out"]
     for col in columns:
         table.add_column(col, justify="right", no_wrap=True)
@@ -269,12 +276,19 @@ def _table(rows: list[dict[str, Any]], metric: str) -> Table:
             f"{r['best']:.4f} ({r['best_round']})",
             *twin,
             *([_clusters_cell(r["clustering"])] if clustered else []),
+            *([_epsilon_cell(r["privacy"])] if private else []),
             human_bytes(r["bytes_up"]),
             human_bytes(r["bytes_down"]),
             human_seconds(r["wall_time_s"]),
             str(len(r["clients_left_out"])),
         )
     return table
+
+
+def _epsilon_cell(record: dict[str, Any] | None) -> str:
+    if not record:
+        return "-"
+    return f"{record['epsilon']:.3g} ({record['unit']}, {record['delta']:g})"
 
 
 def _axes(metric: str, title: str, xlabel: str) -> tuple[Figure, Any]:
@@ -318,6 +332,23 @@ def _plot_vs_bytes(runs: list[Run], metric: str, path: Path) -> Path:
             ax.set_xscale("log")
         else:
             ax.axhline(rows[-1][metric], color=f"C{i % 10}", linestyle="--", label=f"{run.name} (no communication)")
+    return _save(fig, ax, path)
+
+
+def _plot_vs_epsilon(runs: list[Run], metric: str, path: Path) -> Path | None:
+    """x = the ε spent by each evaluated round (round 0: none yet); runs without differential privacy are left
+    out. None when no run has any ε."""
+    private = [(i, run) for i, run in enumerate(runs) if any(EPSILON in row for row in run.rows)]
+    if not private:
+        return None
+    units = sorted({row[UNIT] for _, run in private for row in run.rows if UNIT in row})
+    fig, ax = _axes(metric, "ε", f"ε spent (one {' / '.join(units)}; log axis)")
+    for i, run in private:
+        pts = [(row[EPSILON], row[metric]) for row in _evaluated(run, metric)
+               if 0 < row.get(EPSILON, 0) < math.inf]
+        if pts:
+            _line(ax, *map(list, zip(*pts)), i, run.name)
+    ax.set_xscale("log")
     return _save(fig, ax, path)
 
 
@@ -445,6 +476,7 @@ def build_report(run_dirs: list[Path], metric: str | None = None, out_dir: Path 
             _plot_vs_round(runs, metric, out_dir / f"{stem}_vs_round.png"),
             _plot_vs_bytes(runs, metric, out_dir / f"{stem}_vs_bytes.png"),
         ]
+        plots += [p for p in [_plot_vs_epsilon(runs, metric, out_dir / f"{stem}_vs_epsilon.png")] if p]
         for run in runs:
             prefix = "" if len(runs) == 1 else f"{run.name}_"
             plots += clustering_plots(run, out_dir, prefix=prefix) + update_plots(run, out_dir, prefix=prefix)
@@ -527,6 +559,8 @@ def run_lines(report: Report) -> list[str]:
         if found:
             parts.append(f"{found['clusters']} clusters" + (f", ARI {found['ari']:.2f}, NMI {found['nmi']:.2f}"
                                                             if "ari" in found else ""))
+        if r["privacy"]:
+            parts.append(f"ε {_epsilon_cell(r['privacy'])}")
         parts += [f"{human_bytes(r['bytes_up'])} up, {human_bytes(r['bytes_down'])} down",
                   human_seconds(r["wall_time_s"]), f"{len(r['clients_left_out'])} clients left out"]
         lines.append(f"{r['name']}: " + " · ".join(parts))

@@ -1,8 +1,9 @@
 """One run, round by round: the table ``fedtune show RUN_DIR`` prints, drawn from its ``metrics.jsonl``.
 
 Columns: the train loss, every ``eval/`` and ``client_eval/`` metric but the per-group ones of the eval split
-(``…@<group>``, which ``fedtune report`` tabulates), and for clustered runs the clusters found with their ARI
-and NMI against the clients' groups on the rounds that clustered.
+(``…@<group>``, which ``fedtune report`` tabulates), for clustered runs the clusters found with their ARI
+and NMI against the clients' groups on the rounds that clustered, and for differentially private runs the ε
+spent so far (``privacy/epsilon``; :func:`privacy_line` says at which δ, for which unit and sampling).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from fedtune.runlog import AGG, GROUP_SEP, METRIC_PREFIXES, Run
 
 CLUSTERING = {f"{AGG}clusters": "clusters", f"{AGG}ari": "ARI", f"{AGG}nmi": "NMI"}
 """What a clustering round recorded, by column header."""
+
+from fedtune.privacy import EPSILON, UNIT, guarantee
 from fedtune.units import human_bytes, human_seconds
 from fedtune.usage import PEAK
 
@@ -34,6 +37,8 @@ def _header(metric: str) -> str:
     """``client_eval/macro_f1`` → 'clients macro f1': words, so that a narrow terminal wraps headers."""
     if metric in CLUSTERING:
         return CLUSTERING[metric]
+    if metric == EPSILON:
+        return "ε"
     prefix, _, name = metric.partition("/")
     words = {"client_eval": "clients", "client_ft": "clients trained", "client_eval_unweighted": "clients unweighted",
              "client_ft_unweighted": "clients trained unweighted"}.get(prefix, prefix)
@@ -44,7 +49,7 @@ def metrics_of(run: Run) -> list[str]:
     """The run's ``eval/`` and ``client_eval/`` keys, first seen first (per-group ones aside), then the
     clustering columns it has."""
     keys = dict.fromkeys(k for row in run.rows for k in row if k.startswith(METRIC_PREFIXES) and GROUP_SEP not in k)
-    return [*keys, *(k for k in CLUSTERING if any(k in row for row in run.rows))]
+    return [*keys, *(k for k in [*CLUSTERING, EPSILON] if any(k in row for row in run.rows))]
 
 
 def round_table(run: Run, metrics: list[str] | None = None, totals: bool = True) -> Table:
@@ -86,9 +91,22 @@ def fitted_tables(run: Run, console: Console) -> list[Table]:
     ``eval/`` metrics (with the totals) and one of the clients' (``client_eval/``, ``client_ft/``)."""
     table = round_table(run)
     metrics = metrics_of(run)
-    first = ("eval/", AGG)
+    first = ("eval/", AGG, EPSILON)
     groups = [[m for m in metrics if m.startswith(first)], [m for m in metrics if not m.startswith(first)]]
     wide = console.measure(table, options=console.options.update_width(10_000)).maximum > console.width
     if not wide or not all(groups):
         return [table]
     return [round_table(run, groups[0]), round_table(run, groups[1], totals=False)]
+
+
+def privacy_line(run: Run) -> str | None:
+    """What the ε column means: the guarantee of a finished run (:func:`~fedtune.privacy.guarantee`), or for one
+    still running, the unit and δ its ε is for; None for a run without differential privacy."""
+    record = (run.summary or {}).get("privacy")
+    if record:
+        return f"privacy: {guarantee(record)}"
+    last = next((row for row in reversed(run.rows) if EPSILON in row), None)
+    if last is None:
+        return None
+    delta = run.config.get("privacy", {}).get("delta")
+    return f"privacy: ε so far for one {last[UNIT]} at δ = {delta:g} (the run has not finished)"

@@ -45,7 +45,6 @@ from fedtune.algorithms.base import (
 )
 from fedtune.algorithms.wrapper import Wrapper
 from fedtune.errors import FedtuneError
-from fedtune.models.lora import MERGED
 from fedtune.seeds import derive_seed
 
 CLIP = "dp/clip"
@@ -58,7 +57,7 @@ _SEED = 52_711  # noise: (run seed, round, _SEED) at the server; (run seed, roun
 class DpOptions(NoOptions):
     clip: Annotated[float, Field(gt=0)] = 1.0
     """S: the largest L2 norm of a client's change over its model tensors (with ``adaptive``: S at round 1)."""
-    noise_multiplier: Annotated[float, Field(ge=0)] | None = None
+    noise_multiplier: float | None = Field(default=None, ge=0)
     """z: the whole mechanism's noise in units of S (the change's noise is z_Δ·S). null: calibrated to
     ``privacy.target_epsilon`` (``privacy.on_target: calibrate``)."""
     noise: Literal["central", "distributed"] = "central"
@@ -70,7 +69,7 @@ class DpOptions(NoOptions):
     """γ: the share of clients whose change S should leave unclipped."""
     clip_lr: Annotated[float, Field(gt=0)] = 0.2
     """η: S_{t+1} = S_t · exp(−η (b̄ − γ))."""
-    count_std: Annotated[float, Field(gt=0)] | None = None
+    count_std: float | None = Field(default=None, gt=0)
     """σ_b: the noise on the count of unclipped clients; default m/20 (m: the expected clients per round)."""
 
     @model_validator(mode="after")
@@ -96,14 +95,13 @@ class Dp(Wrapper):
                "equal weights, Gaussian noise z·S on their sum, fixed or adaptive S (Andrew et al., NeurIPS 2021)")
     Options = DpOptions
     wraps = ("an algorithm whose aggregate is a mean of client changes to one global model: fedit, fedprox, "
-             "fedavgm, fedadam, fedyogi, fedadagrad, fedkd")
+             "fedavgm, fedadam, fedyogi, fedadagrad, fedkd, ffa (B and the head)")
     aggregates_empty_round = True
 
     def __init__(self, inner: Algorithm, options=None):
         super().__init__(inner, options)
         self.noise_multiplier: float | None = self.options.noise_multiplier
         """z, once known (calibrated before the run where the config leaves it unset)."""
-        self._round: tuple[dict[int, Payload], ServerState] | None = None
 
     def refuses(self, inner: Algorithm) -> str | None:
         if inner.pools_data:
@@ -188,10 +186,16 @@ class Dp(Wrapper):
         """S of the round that starts from ``state``."""
         return float(state.extra[CLIP]) if CLIP in state.extra else self.options.clip
 
+    def model_start(self, state: ServerState) -> Tensors:
+        """θ⁰: the model tensors every client of the round starts from and sends back changed (what the wrapped
+        algorithm declares as the update's model, :class:`~fedtune.algorithms.Expected`; side channels and
+        tensors that never travel, such as FFA-LoRA's frozen A, are not part of it)."""
+        expected = self.inner.expected_update(0, Payload(), state)
+        return {n: e.start for n, e in sorted(expected.items()) if e.is_model}
+
     # ------------------------------------------------------------------ server side
     def configure(self, rnd: int, client_ids: list[int], state: ServerState) -> dict[int, Payload]:
         payloads = self.inner.configure(rnd, client_ids, state)
-        self._round = (payloads, state)
         if self.options.noise == "distributed":
             for p in payloads.values():
                 p.config[CLIP] = self.clip_of(state)
@@ -204,7 +208,7 @@ class Dp(Wrapper):
         return expected
 
     def aggregate(self, rnd: int, updates: Iterable[ClientUpdate], state: ServerState) -> ServerState:
-        start = {n: t for n, t in state.global_tensors.items() if not n.startswith(MERGED)}
+        start = self.model_start(state)
         clip, central = self.clip_of(state), self.options.noise == "central"
         total = {n: torch.zeros(t.shape, dtype=torch.float64) for n, t in start.items()}
         below, count = 0.0, 0
@@ -213,7 +217,7 @@ class Dp(Wrapper):
             if central:
                 below += float(_norm(delta) <= clip) - 0.5
                 delta, _ = clip_change(delta, clip)
-            else:
+            else:  # each client clipped and noised its own change
                 below += float(u.tensors[BELOW]) if self.options.adaptive else 0.0
             for n, d in delta.items():
                 total[n] += d
@@ -221,7 +225,7 @@ class Dp(Wrapper):
         m = self.expected_clients
         if central and self.noise_multiplier:
             g = torch.Generator().manual_seed(derive_seed(self.seed, rnd, _SEED))
-            for n in sorted(total):
+            for n in total:
                 total[n] += torch.randn(total[n].shape, generator=g, dtype=torch.float64) * (self.change_noise * clip)
             below += float(torch.randn((), generator=g, dtype=torch.float64)) * self.count_std
         mean = ClientUpdate(-1, {n: (t.double() + total[n] / m).to(t.dtype) for n, t in start.items()}, 1)
