@@ -295,6 +295,10 @@ def test_calibrate_chooses_z_for_the_planned_rounds(tmp_path, tiny_model_dir, ti
     eps = lambda z: _rdp(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(z)),  # noqa: E731
                          ADD_REMOVE, 3)
     assert eps(z) <= 5.0 < eps(z * 0.998)
+    line = exp.privacy.start_line([tr for tr, _ in exp.client_sizes])  # printed before round 1
+    assert line.startswith("privacy: client-level DP (DP-FedAvg, clip S = 0.5") and "δ = 1e-05" in line
+    assert "Poisson sampling (q = 0.5, add/remove-one neighbours)" in line and f"z = {z:.4g}" in line
+    assert line.endswith(f"the 3 planned rounds reach ε = {eps(z):.4g}; target ε = 5 (calibrate)")
 
 
 def test_a_resumed_run_reports_the_same_epsilon(tmp_path, tiny_model_dir, tiny_tsv_dataset, monkeypatch):
@@ -311,3 +315,20 @@ def test_a_resumed_run_reports_the_same_epsilon(tmp_path, tiny_model_dir, tiny_t
     fixed = dp_accounting.SampledWithoutReplacementDpEvent(4, 2, dp_accounting.GaussianDpEvent(0.5))
     assert b.summary["privacy"]["epsilon"] == pytest.approx(_rdp(fixed, REPLACE, 4), rel=1e-9)
     assert json.loads((cut.run_dir / "summary.json").read_text())["privacy"]["sampling"].startswith("2 of 4")
+
+
+@pytest.mark.parametrize("noise, sampling", [("central", "poisson"), ("distributed", "fixed")])
+def test_a_dp_run_is_the_same_on_flower(noise, sampling, tmp_path, tiny_model_dir, tiny_tsv_dataset):
+    """Distributed noise is drawn in the client half, which Flower's nodes run; an empty Poisson round sends
+    nothing, on either runtime."""
+    from fedtune.run import execute_with
+    from test_flower import LocalGrid, local_grid_driver
+
+    dp = {"clip": 0.5, "noise_multiplier": 1.0, "noise": noise}
+    plain = execute(_dp_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "plain", 4, sampling, dp=dp))
+    flower = execute_with(_dp_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "flower", 4, sampling, dp=dp),
+                          local_grid_driver(LocalGrid(4)), "flower")
+    a, b = adapter(plain.run_dir), adapter(flower.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = load_run(flower.run_dir).rows[1:]
+    assert [r["privacy/epsilon"] for r in load_run(plain.run_dir).rows[1:]] == [r["privacy/epsilon"] for r in rows]
