@@ -38,9 +38,12 @@ def _llama_cfg(tmp_path, model_dir, data_path, *overrides):
 
 
 def _plain_train_local(model, batches, steps, cfg, lr, loss_fn, after_step=lambda: None, on_step=lambda: None,
-                       forward=None):
-    """``training.train_local`` as it was before devices and precision (fedtune at commit df92bda)."""
+                       forward=None, private=None):
+    """``training.train_local`` as it was before devices and precision (fedtune at commit df92bda); ``private``
+    (DP-SGD, which came later) is never set here."""
     from fedtune.training import make_optimizer
+
+    assert private is None
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(model, cfg, lr)

@@ -11,7 +11,7 @@ import torch
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-from fedtune.algorithms import ClientUpdate, ServerState, build_algorithm, wrap
+from fedtune.algorithms import ClientUpdate, RunFacts, ServerState, build_algorithm, wrap
 from fedtune.config import WrapperConfig, load_config
 from fedtune.errors import FedtuneError
 from fedtune.experiment import build_experiment
@@ -87,7 +87,6 @@ def test_poisson_sampling_draws_each_client_with_probability_q_and_may_draw_none
 def _dp(inner="fedit", clients=4, k=4, rate=None, **options):
     algo = build_algorithm(inner)
     dp = wrap(algo, [WrapperConfig(name="dp", options=options)])
-    from fedtune.algorithms import RunFacts
     dp.bind(RunFacts(seed=11, rounds=10, num_clients=clients, clients_per_round=k, sampling_rate=rate))
     return dp
 
@@ -157,8 +156,7 @@ def test_central_noise_has_std_z_s_on_the_sum(rate):
 
 
 def test_distributed_noise_shares_sum_to_std_z_s():
-    from fedtune.algorithms import ClientContext, Payload
-    from fedtune.algorithms.dp import CLIP
+    from fedtune.algorithms import ClientContext
     from fedtune.models.lora import trainable_state
 
     z, s, k = 2.0, 0.3, 4
