@@ -42,6 +42,7 @@ from fedtune.aggregation import Tensors
 from fedtune.config import TrainConfig, explain
 from fedtune.device import model_device
 from fedtune.errors import FedtuneError
+from fedtune.models.kinds import kinds_with
 from fedtune.models.lora import MERGED, fit_lora_rank, load_state, trainable_state
 from fedtune.reducers import Mean, Reducer
 from fedtune.server_context import ServerContext
@@ -225,8 +226,9 @@ class Algorithm(ABC):
     """Train on the union of all shards as one client (the centralized reference)."""
     uses_base_weights: ClassVar[bool] = False
     """The global model holds ``merged/`` updates of the base weights, so clients reset them each round."""
-    adapters: ClassVar[tuple[str, ...]] = ("lora", "full")
-    """The kinds of fine-tuning (``model.finetune``) the algorithm federates; LoRA-factor methods: ``lora`` only."""
+    adapters: ClassVar[tuple[str, ...]] = kinds_with("averaged")
+    """The kinds of fine-tuning (``model.finetune``) the algorithm federates, by their capabilities
+    (:mod:`fedtune.models.kinds`): every averaged kind; methods on LoRA factors, the factorised ones."""
     uses_aux_split: ClassVar[bool] = False
     """The client half reads the client's auxiliary split (``partition.client_aux_fraction``, :attr:`ClientContext.aux`)."""
     trains_on_server: ClassVar[bool] = False

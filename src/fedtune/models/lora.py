@@ -16,7 +16,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
 
 from fedtune.aggregation import Tensors, fit_rank
-from fedtune.config import LoraConfig
+from fedtune.models.kinds.lora import LoraConfig
 from fedtune.errors import FedtuneError
 
 # Attention projections per architecture (config.model_type); the LoRA paper's
