@@ -17,8 +17,10 @@ from fedtune.models.kinds.base import CLASSIFIER_CONFIG, AdapterKind
 from fedtune.models.kinds.full import Full
 from fedtune.models.kinds.lora import Lora
 from fedtune.models.kinds.mole import Mole
+from fedtune.models.kinds.prompt import Prompt
+from fedtune.models.kinds.ptuning import PTuning
 
-KINDS: dict[str, type[AdapterKind]] = {k.name: k for k in (Lora, Full, Mole)}
+KINDS: dict[str, type[AdapterKind]] = {k.name: k for k in (Lora, Full, Mole, Prompt, PTuning)}
 
 
 def kind_named(name: str) -> type[AdapterKind]:

@@ -92,17 +92,7 @@ class Lora(AdapterKind):
         return f"LoRA {rank}"
 
     def save(self, model, tokenizer, folder, base_name, classification):
-        from peft.utils.constants import EMBEDDING_LAYER_NAMES
-
-        for cfg in model.peft_config.values():
-            cfg.base_model_name_or_path = base_name
-        # peft's "auto" would ask the Hub for the base's config.json to decide whether to save the embeddings;
-        # they travel only when LoRA targets them, which peft then detects from target_modules itself.
-        targets = {t for cfg in model.peft_config.values() for t in (cfg.target_modules or ())}
-        model.save_pretrained(folder, save_embedding_layers="auto" if targets & set(EMBEDDING_LAYER_NAMES) else False)
-        tokenizer.save_pretrained(folder)
-        if classification:
-            model.get_base_model().config.to_json_file(folder / CLASSIFIER_CONFIG)
+        save_peft_adapter(model, tokenizer, folder, base_name, classification)
 
     @classmethod
     def saved_in(cls, folder):
@@ -125,3 +115,19 @@ class Lora(AdapterKind):
         return ("LoRA", f"r = {saved['r']}, α = {saved['lora_alpha']:g} on {', '.join(sorted(saved['target_modules']))}"
                 + (f" (clients train ranks {min(ranks)}–{max(ranks)})" if ranks else "")
                 + ("; classifier head trained" if cfg.model.task == "classification" and cfg.lora.train_head else ""))
+
+
+def save_peft_adapter(model, tokenizer, folder, base_name: str, classification: bool) -> None:
+    """A peft model as peft saves it, naming ``base_name`` as its base, with the tokenizer and (a classifier) the
+    base config it was trained with (:data:`~fedtune.models.kinds.base.CLASSIFIER_CONFIG`)."""
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    for cfg in model.peft_config.values():
+        cfg.base_model_name_or_path = base_name
+    # peft's "auto" would ask the Hub for the base's config.json to decide whether to save the embeddings;
+    # they travel only when LoRA targets them, which peft then detects from target_modules itself.
+    targets = {t for cfg in model.peft_config.values() for t in (getattr(cfg, "target_modules", None) or ())}
+    model.save_pretrained(folder, save_embedding_layers="auto" if targets & set(EMBEDDING_LAYER_NAMES) else False)
+    tokenizer.save_pretrained(folder)
+    if classification:
+        model.get_base_model().config.to_json_file(folder / CLASSIFIER_CONFIG)
