@@ -154,6 +154,9 @@ class ClientContext:
     """The client's tokenised examples (:class:`~fedtune.training.Encoded`; rows ``aux`` are its auxiliary split)."""
     aux: Any = None
     """The rows of ``examples`` in the client's auxiliary split (``uses_aux_split`` algorithms)."""
+    forward: Any = None
+    """The forward pass of the run's task on ``model`` (:attr:`~fedtune.experiment.Experiment.forward`: outputs
+    carry ``.loss``), for algorithms that score the model themselves."""
     _on_device: dict[str, Tensors] = field(default_factory=dict, repr=False)
 
     @property
@@ -433,7 +436,8 @@ class Algorithm(ABC):
                             ctx.num_examples)
 
     def personal_tensors(self, ctx: ClientContext) -> Tensors | None:
-        """The client's own model for per-client evaluation; None: it uses the global model."""
+        """The client's own model for per-client evaluation; None: it uses the global model (``ctx.payload``: what
+        :meth:`configure_evaluate` sent it). What it writes into ``ctx.state`` is kept, on every runtime."""
         return None
 
     # ------------------------------------------------------------------ ranks
