@@ -37,7 +37,7 @@ The recorded results (README, "Personalised mixtures of LoRA experts"): scenario
     python benchmarks/fedamole.py --scenarios a-0.1 a-1 a-100 --rounds 6 --steps 8 --batch 8 --workers 1
 
 (exponential schedule, every round evaluated); the rows of FedPrompt, FedPTuning, FDLoRA and the equal-bytes
-settings, in a-1 only, from
+settings, in a-1 and a-100 (not a-0.1, b, c), from one invocation per scenario
 
     python benchmarks/fedamole.py --scenarios a-1 --rounds 6 --steps 8 --batch 8 --workers 1 \
         --methods fedprompt fedptuning fdlora fedit-r60 fedamole-r1
@@ -202,8 +202,8 @@ def table(results: dict) -> Table:
     for name, res in results.items():
         for method, r in res["methods"].items():
             experts = r.get("mean_experts_per_client")
-            t.add_row(name, method, r["metric"], cell(r), f"{r['mb_up']:.1f} / {r['mb_down']:.1f}", f"{r['wall_s']:.0f}",
-                      f"{experts:.2f}" if experts else "")
+            t.add_row(name, method, r["metric"], cell(r), f"{r['mb_up']:.1f} / {r['mb_down']:.1f}",
+                      f"{r['wall_s']:.0f}", f"{experts:.2f}" if experts else "")
     return t
 
 
@@ -243,7 +243,8 @@ def main() -> None:
         name, proc = running.pop(0)
         for line in proc.stdout:
             if line.startswith("RESULT "):  # merged into the file as it is now: another invocation may share it
-                results = merged(json.loads(out.read_text()) if out.is_file() else {}, json.loads(line[len("RESULT "):]))
+                recorded = json.loads(out.read_text()) if out.is_file() else {}
+                results = merged(recorded, json.loads(line[len("RESULT "):]))
                 out.write_text(json.dumps(results, indent=2) + "\n")
             else:
                 print(line, end="", flush=True)
