@@ -1,4 +1,5 @@
-"""FedAMoLE against FedIT, FedIT-FT and local-only: the per-client test metric, 10 clients.
+"""FedAMoLE against the other ways of personalising: FedIT, FedPrompt, FedPTuning, FDLoRA (and their -FT forms),
+local-only, and at equal bytes; the per-client test metric, 10 clients.
 
 Scenarios (the reference code's, scaled to a 2-core CPU machine):
 
@@ -15,7 +16,14 @@ rows, seed 0), so every Dirichlet scenario accepts clients of 5 rows or more. Ev
 use), the rest training. Methods: FedAMoLE (``model.finetune: mole``, the reference code's defaults: 30
 experts r = 8 per module, top-2, expert_choices 2, 2 to 8 experts per client); FedIT with the global model
 scored on each client's test shard; FedIT-FT, the same run scored right after each client's local training
-(``eval.after_local_training``); local-only. Against the reference code's 200 local steps of batch 1 per
+(``eval.after_local_training``); local-only; FedPrompt and FedPTuning, FedIT on prompt tuning
+(20 virtual tokens) and P-tuning (20 virtual tokens, an MLP encoder of width 1024, the reference code's), with
+their -FT rows from the same runs; FDLoRA (``algorithm.name: fdlora``, the reference code's defaults: sync every
+5 rounds, NGOpt budget 5; it reads the auxiliary split like FedAMoLE) and FDLoRA-FT (its shared LoRA right after
+local training). At equal bytes: ``fedit-r60``, FedIT at rank 60 (α = 120), whose adapters weigh what FedAMoLE's
+defaults move, and ``fedamole-r1``, FedAMoLE with rank-1 experts, which moves about what FedIT's rank 8 does.
+``--methods`` runs some of them; a scenario's other rows stay as recorded (under ``earlier``: their probe and
+sizes). Against the reference code's 200 local steps of batch 1 per
 round, each round here trains ``--steps`` steps of batch ``--batch`` (default 20 × 8), at the reference
 code's learning-rate decay lr · 0.99^(r − 1) (``--schedule exponential``; ``cosine`` for the earlier rows).
 
@@ -28,7 +36,13 @@ The recorded results (README, "Personalised mixtures of LoRA experts"): scenario
 
     python benchmarks/fedamole.py --scenarios a-0.1 a-1 a-100 --rounds 6 --steps 8 --batch 8 --workers 1
 
-(exponential schedule, every round evaluated); b and c were recorded earlier, before the reference code's
+(exponential schedule, every round evaluated); the rows of FedPrompt, FedPTuning, FDLoRA and the equal-bytes
+settings, in a-1 and a-100 (not a-0.1, b, c), from one invocation per scenario
+
+    python benchmarks/fedamole.py --scenarios a-1 --rounds 6 --steps 8 --batch 8 --workers 1 \
+        --methods fedprompt fedptuning fdlora fedit-r60 fedamole-r1
+
+b and c were recorded earlier, before the reference code's
 balance loss and schedule, with the last round evaluated only (no bmta), from two invocations side by side::
 
     python benchmarks/fedamole.py --scenarios b --rounds 4 --steps 5 --batch 4 --workers 1
@@ -101,11 +115,26 @@ def ni_task_files(folder: Path, rows: int) -> list[str]:
     return files
 
 
+FT = ["eval.per_client=true", "eval.after_local_training=true"]
+"""A FedAvg-family run scored on each client's test shard with its global model, and (its -FT form) right after
+each client's local training: one run gives both rows."""
 METHODS = {
     "fedamole": ["algorithm.name=fedamole", "model.finetune=mole"],
-    "fedit": ["algorithm.name=fedit", "eval.per_client=true", "eval.after_local_training=true"],
+    "fedit": ["algorithm.name=fedit", *FT],
     "local": ["algorithm.name=local"],
+    "fedprompt": ["algorithm.name=fedit", "model.finetune=prompt", *FT],
+    "fedptuning": ["algorithm.name=fedit", "model.finetune=ptuning", *FT],
+    "fdlora": ["algorithm.name=fdlora", "eval.after_local_training=true"],
+    # equal bytes: FedIT at the rank whose adapters weigh what FedAMoLE's defaults move (7.4× r = 8: r = 60, the
+    # scale alpha / r kept), and FedAMoLE with rank-1 experts, which move about what FedIT's r = 8 adapters do
+    "fedit-r60": ["algorithm.name=fedit", "lora.r=60", "lora.alpha=120", *FT],
+    "fedamole-r1": ["algorithm.name=fedamole", "model.finetune=mole", "mole.r=1", "mole.alpha=2"],
 }
+FT_ROWS = {"fedit": "fedit-ft", "fedprompt": "fedprompt-ft", "fedptuning": "fedptuning-ft", "fdlora": "fdlora-ft",
+           "fedit-r60": "fedit-r60-ft"}
+"""The methods whose runs also give an -FT row (``client_ft``: each client scored right after local training)."""
+AUX = ("fedamole", "fedamole-r1", "fdlora")
+"""The methods that read each client's auxiliary split (routing embeddings, FDLoRA's fusion)."""
 
 
 def run_scenario(name: str, args) -> dict:
@@ -115,14 +144,16 @@ def run_scenario(name: str, args) -> dict:
                 ["train.lr_schedule=cosine"])
     base = [f"output_dir={args.runs}", *clients, "partition.client_test_fraction=0.2",
             f"federation.rounds={args.rounds}", f"train.local_steps={args.steps}", f"train.batch_size={args.batch}",
-            *schedule, "lora.r=8", "lora.alpha=16", f"eval.every={args.eval_every}", "threads=1", "seed=0",
+            *schedule, f"eval.every={args.eval_every}", "threads=1", "seed=0",
             "data.max_eval_examples=200",  # FedIT's global model is also scored on the dev split: kept small
             *overrides]
     probe = matmul_gflops()
     rows = {}
-    for method, extra in METHODS.items():
-        aux = ["partition.client_aux_fraction=0.1"] if method == "fedamole" else []
-        cfg = load_config(None, [*base, f"name={name}-{method}", *extra, *aux])
+    for method in args.methods:
+        extra = METHODS[method]
+        lora = [] if any(o.startswith(("lora.", "model.finetune=")) for o in extra) else ["lora.r=8", "lora.alpha=16"]
+        aux = ["partition.client_aux_fraction=0.1"] if method in AUX else []
+        cfg = load_config(None, [*base, f"name={name}-{method}", *lora, *extra, *aux])
         t0 = time.perf_counter()
         res = execute(cfg, overwrite=True)
         wall = time.perf_counter() - t0
@@ -131,10 +162,8 @@ def run_scenario(name: str, args) -> dict:
         entry = {"metric": metric, "mb_up": summary["cum_bytes_up"] / 1e6, "mb_down": summary["cum_bytes_down"] / 1e6,
                  "wall_s": wall}
         final, best = res.final, summary["best"]
-        if method == "fedit":
-            rows["fedit"] = {**entry, **figures("client_eval", metric, final, best)}
-            rows["fedit-ft"] = {**entry, **figures("client_ft", metric, final, best)}
-            continue
+        if method in FT_ROWS:
+            rows[FT_ROWS[method]] = {**entry, **figures("client_ft", metric, final, best)}
         entry.update(figures("client_eval", metric, final, best))
         experts = [r["agg/mean_experts_per_client"] for r in metrics if "agg/mean_experts_per_client" in r]
         if experts:
@@ -142,6 +171,7 @@ def run_scenario(name: str, args) -> dict:
         rows[method] = entry
         print(json.dumps({"scenario": name, "method": method, "value": entry["value"], "wall_s": wall}), flush=True)
     return {"methods": rows, "matmul_gflops": {"before": probe, "after": matmul_gflops()},
+            "methods_run": list(args.methods),
             "sizes": {"rows": args.rows, "rounds": args.rounds, "steps": args.steps, "batch": args.batch,
                       "new_tokens": args.new_tokens, "eval_every": args.eval_every, "lr_schedule": args.schedule,
                       "clients": 10, "test_fraction": 0.2, "aux_fraction": 0.1}}
@@ -160,8 +190,8 @@ def figures(prefix: str, metric: str, final: dict, best: dict) -> dict:
 def table(results: dict) -> Table:
     t = Table(title="FedAMoLE benchmark: per-client test metric, bmta (best round's unweighted client mean, round) "
                     "/ last round unweighted / last round over pooled rows")
-    for col in ("scenario", "metric", "fedamole", "fedit", "fedit-ft", "local", "experts / client",
-                "MB up (amole / fedit)", "wall s (amole)"):
+    for col in ("scenario", "method", "metric", "bmta (round) / last unweighted / last pooled", "MB up / down",
+                "wall s", "experts / client"):
         t.add_column(col)
 
     def cell(r: dict) -> str:
@@ -170,10 +200,10 @@ def table(results: dict) -> Table:
         return f"{r['bmta']:.4f} ({r['bmta_round']}) / {r['last_unweighted']:.4f} / {r['value']:.4f}"
 
     for name, res in results.items():
-        m = res["methods"]
-        t.add_row(name, m["fedamole"]["metric"], *(cell(m[k]) for k in ("fedamole", "fedit", "fedit-ft", "local")),
-                  f"{m['fedamole'].get('mean_experts_per_client', 0):.2f}",
-                  f"{m['fedamole']['mb_up']:.1f} / {m['fedit']['mb_up']:.1f}", f"{m['fedamole']['wall_s']:.0f}")
+        for method, r in res["methods"].items():
+            experts = r.get("mean_experts_per_client")
+            t.add_row(name, method, r["metric"], cell(r), f"{r['mb_up']:.1f} / {r['mb_down']:.1f}",
+                      f"{r['wall_s']:.0f}", f"{experts:.2f}" if experts else "")
     return t
 
 
@@ -188,6 +218,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=1, help="rounds between per-client evaluations (0: last)")
     parser.add_argument("--schedule", choices=["exponential", "cosine"], default="exponential",
                         help="the clients' lr across rounds: the reference code's lr · 0.99^(r−1), or cosine")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="the methods to run; a scenario's other methods keep their recorded rows")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--runs", default="runs/bench_fedamole")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -198,7 +230,7 @@ def main() -> None:
         return
     flags = ["--rows", str(args.rows), "--rounds", str(args.rounds), "--steps", str(args.steps), "--batch",
              str(args.batch), "--new-tokens", str(args.new_tokens), "--eval-every", str(args.eval_every),
-             "--schedule", args.schedule, "--runs", args.runs]
+             "--schedule", args.schedule, "--runs", args.runs, "--methods", *args.methods]
     out = Path(args.output)
     results = json.loads(out.read_text()) if out.is_file() else {}
     pending, running, failed = list(args.scenarios), [], []
@@ -211,7 +243,8 @@ def main() -> None:
         name, proc = running.pop(0)
         for line in proc.stdout:
             if line.startswith("RESULT "):  # merged into the file as it is now: another invocation may share it
-                results = {**(json.loads(out.read_text()) if out.is_file() else {}), **json.loads(line[len("RESULT "):])}
+                recorded = json.loads(out.read_text()) if out.is_file() else {}
+                results = merged(recorded, json.loads(line[len("RESULT "):]))
                 out.write_text(json.dumps(results, indent=2) + "\n")
             else:
                 print(line, end="", flush=True)
@@ -221,6 +254,22 @@ def main() -> None:
         raise SystemExit(f"scenarios {failed} failed (see their errors above); the others are in {out}")
     Console().print(table({k: results[k] for k in args.scenarios if k in results}))
     print(f"wrote {out} ({(time.perf_counter() - t0) / 60:.1f} min)")
+
+
+def merged(recorded: dict, new: dict) -> dict:
+    """``recorded`` with ``new``'s scenarios: a scenario's methods that were not rerun keep their rows (and the
+    probe and sizes of their run, under ``earlier``)."""
+    out = dict(recorded)
+    for name, res in new.items():
+        old = recorded.get(name)
+        if old is None or set(res["methods_run"]) >= set(METHODS):
+            out[name] = res
+            continue
+        kept = {k: v for k, v in old["methods"].items() if k not in res["methods"]}
+        earlier = {k: old[k] for k in ("matmul_gflops", "sizes", "methods_run") if k in old}
+        out[name] = {**res, "methods": {**kept, **res["methods"]}, "earlier": {**old.get("earlier", {}), **earlier,
+                                                                          "methods": sorted(kept)}}
+    return out
 
 
 if __name__ == "__main__":

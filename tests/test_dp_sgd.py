@@ -158,6 +158,8 @@ def test_a_dp_sgd_run_reports_each_clients_epsilon_from_its_own_steps(tmp_path, 
     ("train.precision=fp16", "fp16 scales the loss"),
     ("train.gradient_checkpointing=true", "gradient_checkpointing"),
     ("algorithm.name=fedamole", "adds a term of the whole batch"),
+    ("model.finetune=prompt", "model.finetune=prompt: its virtual tokens are one tensor"),
+    ("model.finetune=ptuning", "model.finetune=ptuning: its virtual tokens are one tensor"),
 ])
 def test_dp_sgd_refuses_what_it_cannot_privatise_in_one_line(override, message):
     cfg = load_config(None, ["privacy.dp_sgd={enabled: true, noise_multiplier: 1.0}", override,

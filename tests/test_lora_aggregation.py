@@ -135,3 +135,40 @@ def test_errors():
         energy_rank(torch.ones(3), 0.0)
     with pytest.raises(ValueError, match="rank"):
         dense_svd_factors(torch.ones(4, 3), 4)
+
+
+def test_a_model_carries_named_lora_adapters_each_found_and_fitted_by_name(tiny_llama_dir):
+    """Two LoRA adapters on one model (e.g. a shared and a private one): each under its own name, both in the
+    forward pass once active, and the factor helpers find and cut each adapter's factors by name."""
+    from fedtune.config import LoraConfig, ModelConfig
+    from fedtune.models.base import load_causal_lm
+    from fedtune.models.lora import (
+        adapted_base_weights, apply_lora, fit_lora_rank, lora_adapters, lora_factor_names, lora_modules,
+        trainable_state,
+    )
+
+    torch.manual_seed(0)
+    base, _ = load_causal_lm(ModelConfig(name=str(tiny_llama_dir)))
+    model = apply_lora(base, LoraConfig(r=4, alpha=8), "sft", adapter_name="shared")
+    model = apply_lora(model, LoraConfig(r=2, alpha=4), "sft", adapter_name="private")
+    model.base_model.set_adapter(["shared", "private"])
+    state = trainable_state(model)
+    assert lora_adapters(state) == ["shared", "private"]
+    shared, private = lora_modules(state, "shared"), lora_modules(state, "private")
+    assert shared.keys() == private.keys() and len(shared) == 4  # q_proj and v_proj of 2 layers
+    module = next(iter(shared))
+    assert shared[module] == lora_factor_names(module, "shared") and state[private[module][0]].shape[0] == 2
+    assert not lora_modules(state)  # no adapter named "default"
+    cut = fit_lora_rank(state, 1)
+    assert all(cut[a].shape[0] == 1 and cut[b].shape[1] == 1 for ab in (*shared.values(), *private.values())
+               for a, b in [ab])
+    assert len(adapted_base_weights(model)) == 4
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    with torch.no_grad():
+        for name, t in state.items():
+            if "lora_B" in name:
+                dict(model.named_parameters())[name].normal_()
+        both = model(input_ids=ids).logits
+        model.base_model.set_adapter("shared")
+        alone = model(input_ids=ids).logits
+    assert not torch.allclose(both, alone)  # the private adapter takes part once active

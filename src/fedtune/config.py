@@ -16,18 +16,21 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from fedtune.errors import FedtuneError
+from fedtune.models.kinds import KINDS
+from fedtune.models.kinds.lora import LoraConfig, RankTier  # noqa: F401  the kinds' sections, where a run's are
+from fedtune.models.kinds.mole import MoleConfig  # noqa: F401
+from fedtune.sections import Section as _Strict
 
 
 DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
 """What ``train.device`` may say."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
-    """Field docstrings become field descriptions: the comments of ``fedtune config init`` / ``show``."""
+FinetuneKind = Literal[tuple(KINDS)]
+"""What ``model.finetune`` may say: a registered adapter kind (:mod:`fedtune.models.kinds`)."""
 
 
 class DataConfig(_Strict):
@@ -175,11 +178,11 @@ class ModelConfig(_Strict):
     """Inputs are truncated to this many tokens; batches are padded only to their longest member."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of the base model's weights and compute."""
-    finetune: Literal["lora", "full", "mole"] = "lora"
-    """What the clients train and the federation moves: ``lora`` (the adapters of the ``lora`` section, and the
-    head), ``full`` (every parameter of the model; the run saves a complete model folder) or ``mole`` (mixtures
-    of LoRA experts, the ``mole`` section; for ``fedamole``). Heterogeneous ranks and the algorithms built on
-    LoRA factors need ``lora``."""
+    finetune: FinetuneKind = "lora"
+    """What the clients train and the federation moves: an adapter kind (:mod:`fedtune.models.kinds`), configured
+    by the section of its name: ``lora`` (LoRA adapters and the head), ``full`` (every parameter; the run saves a
+    complete model folder), ``mole`` (mixtures of LoRA experts, for ``fedamole``). Heterogeneous ranks and the
+    algorithms built on LoRA factors need a factorised kind (``lora``)."""
     quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
     """Store the base model's linear weights in fewer bits (bitsandbytes) and train LoRA on top, as QLoRA does
     (Dettmers et al., 2023): ``nf4`` / ``fp4`` (4 bits, per block of 64 weights a scale), ``int8`` (LLM.int8()).
@@ -217,80 +220,6 @@ class SftConfig(_Strict):
         if self.system_prompt is not None and self.template != "chat":
             raise ValueError(f"sft.system_prompt applies to sft.template=chat, not '{self.template}'; remove it or use chat")
         return self
-
-
-class RankTier(_Strict):
-    """One tier of ``lora.rank_tiers``: the next ``clients`` clients train rank ``rank``."""
-
-    clients: int = Field(ge=1)
-    """Number of consecutive clients in this tier."""
-    rank: int = Field(ge=1)
-    """The LoRA rank they train."""
-
-
-class LoraConfig(_Strict):
-    """LoRA adapters (peft): W + (alpha / r) · B A on each target module."""
-
-    r: int = Field(default=8, ge=1)
-    """Adapter rank; with ``client_ranks`` / ``rank_tiers`` it sets only the scale alpha / r."""
-    alpha: float = Field(default=16.0, gt=0)
-    """LoRA alpha: the update is scaled by alpha / r."""
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    """Dropout on the adapters' input."""
-    target_modules: list[str] | None = None
-    """Module names to adapt; default: the attention projections of the architecture."""
-    train_head: bool = True
-    """Train (and federate) the task head, e.g. the classifier of a classification model."""
-    client_ranks: list[int] | None = None
-    """Heterogeneous ranks: client i trains rank ``client_ranks[i]`` (one entry per client). Every client keeps
-    the scale alpha / r, so ranks change capacity, not step size."""
-    rank_tiers: list[RankTier] | None = None
-    """Heterogeneous ranks by client index, e.g. ``[{clients: 10, rank: 64}, {clients: 90, rank: 4}]``:
-    the first 10 clients train rank 64, the rest rank 4. Set this or ``client_ranks``."""
-
-    @model_validator(mode="after")
-    def _ranks_or_tiers(self) -> "LoraConfig":
-        if self.client_ranks is not None and self.rank_tiers is not None:
-            raise ValueError("set only one of lora.client_ranks and lora.rank_tiers")
-        if self.client_ranks is not None and (not self.client_ranks or min(self.client_ranks) < 1):
-            raise ValueError("lora.client_ranks must be a non-empty list of positive ranks")
-        return self
-
-    def ranks(self, num_clients: int | None) -> list[int] | None:
-        """Each client's rank, or None when every client trains rank ``r`` (``num_clients`` None: not checked)."""
-        if self.rank_tiers is not None:
-            ranks = [t.rank for t in self.rank_tiers for _ in range(t.clients)]
-        elif self.client_ranks is not None:
-            ranks = list(self.client_ranks)
-        else:
-            return None
-        if num_clients is not None and len(ranks) != num_clients:
-            what = "lora.rank_tiers cover" if self.rank_tiers is not None else "lora.client_ranks has"
-            raise FedtuneError(f"{what} {len(ranks)} clients but partition.num_clients is {num_clients}; "
-                               "give one rank per client")
-        return ranks
-
-
-class MoleConfig(_Strict):
-    """Mixtures of LoRA experts (``model.finetune: mole``): FedAMoLE's AMoLE on each target module, y = W₀x +
-    s·B_s A_s x + Σ_{e ∈ top-k} p̃_e s·B_e A_e x over the experts a client holds, routed per token."""
-
-    num_experts: int = Field(default=30, ge=1)
-    """Domain experts per target module (the server assigns each client a subset)."""
-    r: int = Field(default=8, ge=1)
-    """Rank of every expert (and of the router's token projection)."""
-    alpha: float = Field(default=16.0, gt=0)
-    """Every expert's update is scaled by alpha / r."""
-    dropout: float = Field(default=0.05, ge=0, lt=1)
-    """Dropout on the experts' input (not on the router's)."""
-    top_k: int = Field(default=2, ge=1)
-    """Experts mixed per token, among the client's own; their router probabilities are renormalised."""
-    balance_weight: float = Field(default=0.001, ge=0)
-    """Weight of the load-balancing loss N · Σ_e f_e P_e, summed over the target modules."""
-    target_modules: list[str] | None = None
-    """Linear modules to put mixtures on; default: the attention projections of the architecture (as LoRA's)."""
-    train_head: bool = True
-    """Train (and federate) the task head of a classification model."""
 
 
 class TrainConfig(_Strict):
@@ -569,8 +498,8 @@ class LogConfig(_Strict):
     ``<run dir>/tensorboard/`` (needs ``pip install tensorboard``; view with ``tensorboard --logdir runs``)."""
 
 
-class RunConfig(_Strict):
-    """Everything that defines a run."""
+class _RunHead(_Strict):
+    """The first sections of a run's config; the adapter kinds' sections follow (:class:`RunConfig`)."""
 
     name: str = "run"
     """The run's folder name: it is written to ``output_dir/name`` (one folder name: no ``/``, not ``..``)."""
@@ -581,8 +510,26 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    mole: MoleConfig = Field(default_factory=MoleConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        if not name.strip() or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+            raise ValueError(f"name {name!r} must be one folder name inside output_dir (no '/', not '.' or '..')")
+        return name
+
+
+_RunWithKinds = create_model(
+    "_RunWithKinds", __base__=_RunHead, __module__=__name__,
+    **{name: (kind.Options, Field(default_factory=kind.Options, description=kind.Options.__doc__))
+       for name, kind in KINDS.items() if kind.Options is not None})
+"""The run config up to the adapter kinds' own sections, one per kind that has options, named as the kind."""
+
+
+class RunConfig(_RunWithKinds):
+    """Everything that defines a run: the sections of :class:`_RunHead`, a section per adapter kind with options
+    (``lora``, ``mole``, ...: :mod:`fedtune.models.kinds`), then these."""
+
     sft: SftConfig = Field(default_factory=SftConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
@@ -594,30 +541,24 @@ class RunConfig(_Strict):
     """torch intra-op threads; default: all cores. On a loaded machine, set the cores you can have (e.g. 1).
     Flower simulation: each virtual client reserves this many CPUs (default 1)."""
 
-    @field_validator("name")
-    @classmethod
-    def _one_folder(cls, name: str) -> str:
-        if not name.strip() or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
-            raise ValueError(f"name {name!r} must be one folder name inside output_dir (no '/', not '.' or '..')")
-        return name
-
     @model_validator(mode="after")
     def _adapter_sections_apply(self) -> "RunConfig":
-        """``lora.*`` and ``mole.*`` configure their kind of ``model.finetune`` only: a setting of the other's
-        section would be ignored (a resolved config, with every default written, passes)."""
-        finetune = self.model.finetune
-        for section, own in (("lora", "the LoRA adapters"), ("mole", "the mixtures of LoRA experts")):
-            if finetune == section:
+        """An adapter kind's section (``lora.*``, ``mole.*``, ...) configures that kind of ``model.finetune`` only:
+        a setting of another kind's section would be ignored (a resolved config, with every default written,
+        passes)."""
+        finetune = KINDS[self.model.finetune]
+        for section, kind in KINDS.items():
+            if kind is finetune or kind.Options is None:
                 continue
-            held, default = getattr(self, section), type(getattr(self, section))()
-            changed = [f"{section}.{k}" for k in type(held).model_fields
-                       if k not in ("client_ranks", "rank_tiers") and getattr(held, k) != getattr(default, k)]
+            held, default = getattr(self, section), kind.Options()
+            changed = [f"{section}.{k}" for k in kind.Options.model_fields
+                       if k not in kind.checked_by_run and getattr(held, k) != getattr(default, k)]
             if changed:
-                other = {"mole": "; the mixtures' own are under mole.*", "lora": "; LoRA's own are under lora.*"}
+                other = f"; {finetune.owner} own are under {finetune.name}.*" if finetune.Options is not None else ""
                 one = len(changed) == 1
-                raise ValueError(f"{', '.join(changed)} {'is a setting' if one else 'are settings'} of {own} "
-                                 f"(model.finetune: {section}), but this run fine-tunes {finetune}"
-                                 f"{other.get(finetune, '')}; remove {'it' if one else 'them'}")
+                raise ValueError(f"{', '.join(changed)} {'is a setting' if one else 'are settings'} of "
+                                 f"{kind.section_title} (model.finetune: {section}), but this run fine-tunes "
+                                 f"{finetune.name}{other}; remove {'it' if one else 'them'}")
         return self
 
     @property

@@ -32,7 +32,7 @@ from fedtune.evaluation import (
     classification_metrics, classifier_outputs, evaluate_classifier, evaluate_instructions, group_accuracy,
 )
 from fedtune.models.base import load_causal_lm, load_classifier, quiet_loading
-from fedtune.models.adapters import adapter_for
+from fedtune.models.kinds import AdapterKind, kind_for
 from fedtune.models.lora import HEAD_NAMES, adapted_base_weights, load_state, trainable_state
 from fedtune.models.quantization import check_quantization, prepare_quantized, quantization_config
 from fedtune.privacy import Privacy, check_privacy, privacy_for
@@ -46,7 +46,6 @@ from fedtune.training import (
     encode_instructions,
     eval_batches,
     eval_order,
-    model_forward,
     truncation_note,
 )
 
@@ -164,13 +163,16 @@ class Experiment:
 
     @property
     def forward(self) -> Forward:
-        """The training forward pass of the run's task (outputs carry ``.loss``). Under DP-SGD every row of an
-        instruction batch runs its own prompt prefix: a row's gradient must come from that row alone."""
-        if self.cfg.model.task != "sft":
-            return model_forward
-        if adapter_for(self.cfg).shares_prompt_prefix and not self.cfg.privacy.dp_sgd.enabled:
-            return causal_lm_forward
-        return partial(causal_lm_forward, share_prefix=False)
+        """The training forward pass of the run's task (outputs carry ``.loss``): the kind's. Under DP-SGD every
+        row of an instruction batch runs its own prompt prefix: a row's gradient must come from that row alone."""
+        if self.cfg.model.task == "sft" and self.cfg.privacy.dp_sgd.enabled:
+            return partial(causal_lm_forward, share_prefix=False)
+        return self.kind.forward(self.cfg.model.task)
+
+    @property
+    def kind(self) -> AdapterKind:
+        """What the clients train (``model.finetune``), with its section of the config."""
+        return kind_for(self.cfg)
 
     def eval_metrics(self, data: Encoded) -> list[str]:
         """Decoder metrics on ``data``: as configured, else choice scoring where it has candidates, and perplexity."""
@@ -298,10 +300,10 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
     sft = cfg.model.task == "sft"
     if cfg.data.tasks is not None and not sft:
         raise FedtuneError("data.tasks (a multitask mixture) is for model.task=sft")
-    finetune = cfg.model.finetune
-    if ranks and finetune != "lora":
-        raise FedtuneError(f"lora.client_ranks / rank_tiers give clients LoRA ranks, but model.finetune={finetune} "
-                           "trains every parameter; remove them or use model.finetune=lora")
+    adapter = kind_for(cfg)
+    if ranks and not adapter.factorised:
+        raise FedtuneError(f"lora.client_ranks / rank_tiers give clients LoRA ranks, but model.finetune={adapter.name} "
+                           f"trains {adapter.trains}; remove them or use model.finetune=lora")
     check_quantization(cfg, algorithm)
     if cfg.eval.after_local_training and cfg.partition.client_test_fraction <= 0:
         raise FedtuneError("eval.after_local_training scores each client on its own test shard; set "
@@ -349,7 +351,6 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
     elif cfg.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(derive_seed(cfg.seed, 1))
-    adapter = adapter_for(cfg)
     with quiet_loading():
         model = adapter.build(base, cfg.model.task, lora.max_rank)
     if not quantized:  # built on the CPU (the same initial adapters on every device), then moved once

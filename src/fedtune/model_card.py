@@ -1,7 +1,8 @@
 """The model card (``README.md``) of each adapter folder a run saves, written from the run directory.
 
 Everything in it comes from the run's ``config.yaml``, ``summary.json``,
-``metrics.jsonl``, ``partition.json`` and the folder's ``adapter_config.json``: how
+``metrics.jsonl``, ``partition.json`` and what the folder says of itself (its adapter kind's config file,
+:mod:`fedtune.models.kinds`): how
 the adapter was trained (method, data, partition, clients, rounds, local
 training, LoRA), the final metrics of the model in that folder and the bytes it
 cost, and the lines of plain transformers + peft that load it. In a run of
@@ -23,8 +24,8 @@ from fedtune.models.base import PACKAGED
 from fedtune.models.lora import MERGED_FILE
 from fedtune.report import human_bytes, human_seconds
 from fedtune.runlog import CONFIG, GROUP_SEP, SUMMARY, load_run, model_assignment
-from fedtune.models.adapters import CLASSIFIER_CONFIG, MOLE_CONFIG
-from fedtune.saved_model import ADAPTER_CONFIG, PARTITION, adapter_folders, is_full_model, personal_clients
+from fedtune.models.kinds import CLASSIFIER_CONFIG, AdapterKind, saved_kind
+from fedtune.saved_model import PARTITION, adapter_folders, personal_clients
 
 CARD = "README.md"
 
@@ -40,9 +41,7 @@ def write_model_cards(run_dir: Path) -> list[Path]:
     rows = load_run(run_dir).rows
     written = []
     for name, folder in folders.items():
-        adapter = ({} if is_full_model(folder) else
-                   {"mole": json.loads((folder / MOLE_CONFIG).read_text())} if (folder / MOLE_CONFIG).is_file() else
-                   json.loads((folder / ADAPTER_CONFIG).read_text()))
+        kind = saved_kind(folder)
         if personal:
             client = int(name[len("client_"):])
             who, personalized, users = f"client {client}'s own model", True, [client]
@@ -51,48 +50,43 @@ def write_model_cards(run_dir: Path) -> list[Path]:
             client, personalized = (users[0] if users and name else None), False
             who = f"model `{name}`, used by clients {users}" if name else ("the global model" if assignment else "")
         results = folder_results(rows, summary, name, users) if personal or assignment else None
-        atomic_write_text(folder / CARD, model_card(cfg, summary, partition, adapter, folder, who, client,
+        atomic_write_text(folder / CARD, model_card(cfg, summary, partition, kind, folder, who, client,
                                                     personalized, results))
         written.append(folder / CARD)
     return written
 
 
-def model_card(cfg: RunConfig, summary: dict[str, Any], partition: dict[str, Any], adapter: dict[str, Any],
+def model_card(cfg: RunConfig, summary: dict[str, Any], partition: dict[str, Any], kind: type[AdapterKind],
                folder: Path, who: str = "", client: int | None = None, personalized: bool = False,
                results: list[str] | None = None) -> str:
-    """The card of the adapter in ``folder`` as Markdown (``adapter``: its ``adapter_config.json``; empty for a
-    complete model, ``model.finetune: full``; ``{"mole": <mole_config.json>}`` for mixtures of experts). ``who``:
+    """The card of the model ``kind`` saved in ``folder``, as Markdown. ``who``:
     which of the run's models it is (e.g. client 3's own); ``client``: a client that uses it (``fedtune predict
     --client``); ``results``: the lines of its results section (default: the run's final metrics)."""
     from fedtune.algorithms import ALGORITHMS
     from fedtune.models.base import public_model_name
 
-    full, mole = not adapter, adapter.get("mole")
-    base = (public_model_name(cfg.model.name) if full else
-            mole["base_model_name_or_path"] if mole else adapter["base_model_name_or_path"])
+    saved = kind.saved_config(folder)
+    base = public_model_name(cfg.model.name) if kind.complete else saved["base_model_name_or_path"]
     classification = cfg.model.task == "classification"
     on_hub = not Path(base).is_absolute()
-    library = "transformers" if full else "fedtune" if mole else "peft"
-    tag = "full-fine-tuning" if full else "mixture-of-experts" if mole else "lora"
-    front = ["---", f"library_name: {library}"] + ([f"base_model: {base}"] if on_hub else []) + [
+    front = ["---", f"library_name: {kind.library}"] + ([f"base_model: {base}"] if on_hub else []) + [
         f"pipeline_tag: {'text-classification' if classification else 'text-generation'}",
-        "tags:", "- fedtune", f"- {tag}", "- federated-learning",
+        "tags:", "- fedtune", f"- {kind.tag}", "- federated-learning",
         f"- {cfg.algorithm.name}", "---", ""]
     algo = ALGORITHMS.get(cfg.algorithm.name)
-    what = (f"{base}, fine-tuned in full" if full else f"mixtures of LoRA experts for {base}" if mole else
-            f"a LoRA adapter for {base}")
-    lines = [f"# {cfg.name}: {what}" + (f" ({who})" if who else ""), "",
+    lines = [f"# {cfg.name}: {kind.card_title(base)}" + (f" ({who})" if who else ""), "",
              f"Trained by fedtune with `{cfg.algorithm.name}`" + (f": {algo.summary}." if algo else "."), ""]
     if summary.get("attack"):
         lines += [f"**This run was attacked**, on purpose, to measure a defence: {_attack(summary['attack'])} "
                   "(`federation.attack`).", ""]
     lines += _privacy(cfg, summary)
     lines += ["## Training", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in _training_rows(cfg, summary, partition, adapter, base)]
+    lines += [f"| {k} | {v} |" for k, v in _training_rows(cfg, summary, partition, kind.card_row(saved, cfg), base)]
     lines += ["", "## Results after the last round", ""]
     lines += results if results is not None else _results(summary, personalized)
     lines += ["", "## Using it", ""]
-    lines += _mole_usage(folder, client) if mole else _usage(cfg, partition, folder, base, client, full)
+    lines += (_fedtune_usage(folder, client, kind) if kind.library == "fedtune" else
+              _usage(cfg, partition, folder, base, client, kind.complete))
     if (folder / MERGED_FILE).is_file():
         lines += ["", f"`{cfg.algorithm.name}` merges part of the update into the base weights: add "
                   f"`{MERGED_FILE}` (ΔW by parameter name) to them after loading, or the model is incomplete:", "",
@@ -108,14 +102,14 @@ def model_card(cfg: RunConfig, summary: dict[str, Any], partition: dict[str, Any
     return "\n".join(front + lines) + "\n"
 
 
-def _training_rows(cfg: RunConfig, summary: dict, partition: dict, adapter: dict, base: str) -> list[tuple[str, str]]:
+def _training_rows(cfg: RunConfig, summary: dict, partition: dict, kind_row: tuple[str, str],
+                   base: str) -> list[tuple[str, str]]:
     options = ", ".join(f"{k}={v}" for k, v in cfg.algorithm.options.items())
     p, fed, train = cfg.partition, cfg.federation, cfg.train
     skew = {"dirichlet": f" (α = {p.alpha:g} over `{p.by}`)",
             "pathological": f" ({p.classes_per_client} classes each)",
             "natural": f" (by `{p.by}`)", "quantity": f" (size skew {p.quantity_skew:g})"}.get(p.method, "")
     sizes = partition.get("sizes")
-    ranks = cfg.lora.ranks(p.num_clients)
     per_round = (f"{fed.clients_per_round} clients" if fed.clients_per_round else
                  f"a fraction {fed.fraction:g} of the clients" if fed.fraction else "all clients")
     if fed.sampling == "poisson":
@@ -140,11 +134,7 @@ def _training_rows(cfg: RunConfig, summary: dict, partition: dict, adapter: dict
          + (" (Poisson sampling)" if fed.sampling == "poisson" else "")),
         ("local training", f"{steps} of batch {train.batch_size}, {train.optimizer} lr {train.lr:g}"
          + (f" ({train.lr_schedule})" if train.lr_schedule != "constant" else "") + _precision(cfg)),
-        ("fine-tuning", "every parameter (`model.finetune: full`)") if not adapter else
-        ("mixtures", _mole_row(adapter["mole"])) if "mole" in adapter else
-        ("LoRA", f"r = {adapter['r']}, α = {adapter['lora_alpha']:g} on {', '.join(sorted(adapter['target_modules']))}"
-         + (f" (clients train ranks {min(ranks)}–{max(ranks)})" if ranks else "")
-         + ("; classifier head trained" if cfg.model.task == "classification" and cfg.lora.train_head else "")),
+        kind_row,
         ("communication", f"{human_bytes(summary['cum_bytes_up'])} up, {human_bytes(summary['cum_bytes_down'])} down"),
         ("time", f"{human_seconds(summary['seconds'])} ({summary.get('runtime', 'inprocess')} runtime)"),
     ]
@@ -250,18 +240,11 @@ def _global_eval(key: str) -> bool:
     return key.startswith("eval/") and key.count("/") == 1 and GROUP_SEP not in key
 
 
-def _mole_row(mole: dict) -> str:
-    held = [len(e) for e in mole["experts"].values()]
-    return (f"{mole['num_experts']} LoRA experts (r = {mole['r']}, α = {mole['alpha']:g}, top-{mole['top_k']}) and a "
-            f"shared one on {', '.join(mole['target_modules'])}; this model holds {sum(held) / len(held):.1f} "
-            "experts per module")
-
-
-def _mole_usage(folder: Path, client: int | None) -> list[str]:
+def _fedtune_usage(folder: Path, client: int | None, kind: type[AdapterKind]) -> list[str]:
     run = folder.parent.parent if folder.parent.name == "adapters" else folder.parent
     flag = f" --client {client}" if client is not None else ""
-    return ["Mixtures of LoRA experts have no transformers or peft format; fedtune loads them on the base model "
-            "(`fedtune.models.adapters.load_mole(base, folder)`), or from the run directory:", "",
+    return [f"`model.finetune: {kind.name}` has no transformers or peft format; fedtune loads it on the base model "
+            f"(`fedtune.models.kinds.KINDS[{kind.name!r}].load(base, folder, task)`), or from the run directory:", "",
             "```bash", f'fedtune predict {run}{flag} --text "..."', "```"]
 
 

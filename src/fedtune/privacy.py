@@ -47,6 +47,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from fedtune.aggregation import Tensors
 from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError
+from fedtune.models.kinds import kind_named
 from fedtune.sampling import clients_per_round, sample_clients, sampling_rate
 from fedtune.training import local_steps
 
@@ -164,6 +165,7 @@ def check_privacy(cfg: RunConfig, algorithm) -> None:
     if not p.dp_sgd.enabled:
         return
     t, m = cfg.train, cfg.model
+    kind = kind_named(m.finetune)
     why = (f"algorithm '{algorithm.name}' adds a term of the whole batch to its loss, which per-row gradients "
            "cannot privatise" if algorithm.loss_reads_batch else
            "train.grad_accum > 1: DP-SGD's steps are Poisson samples of the rows, each step one batch; set "
@@ -173,7 +175,8 @@ def check_privacy(cfg: RunConfig, algorithm) -> None:
            "train.gradient_checkpointing recomputes layers in the backward pass, where per-row gradients are "
            "taken; turn it off" if t.gradient_checkpointing else
            "model.quantization: per-row gradients are taken layer by layer, which quantised layers do not "
-           "support; set model.quantization: none" if m.quantization != "none" else None)
+           "support; set model.quantization: none" if m.quantization != "none" else
+           f"model.finetune={m.finetune}: {kind.no_per_row_gradients}" if kind.no_per_row_gradients else None)
     if why:
         raise FedtuneError(f"privacy.dp_sgd: {why}")
 

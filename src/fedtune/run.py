@@ -227,7 +227,7 @@ def save_adapters(exp: Experiment, state: ServerState, client_states, run_dir: P
 
     def save(folder: Path, extra: Tensors | None = None) -> None:
         with replaced_folder(folder) as staged:
-            save_model_folder(exp.model, exp.tokenizer, staged, base_name, classification)
+            save_model_folder(exp.model, exp.tokenizer, staged, base_name, classification, exp.kind)
             if extra:
                 save_file(extra, str(staged / MERGED_FILE))
 

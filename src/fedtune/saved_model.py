@@ -15,11 +15,11 @@ one per cluster; per client ``adapters/client_<i>/`` for personalised algorithms
 - ``merged.safetensors`` where the algorithm merges updates into base weights;
 - ``README.md``, the model card (:mod:`fedtune.model_card`).
 
-With ``model.finetune: full`` the same folders hold a complete model instead
-(``config.json``, ``model.safetensors``, the tokenizer and the card), loadable by
-``AutoModelForSequenceClassification`` / ``AutoModelForCausalLM.from_pretrained``; with ``mole`` they hold
-``mole_config.json`` and ``mole_model.safetensors`` (the experts that model holds), which fedtune loads back on
-the base (:func:`~fedtune.models.adapters.load_mole`).
+That is ``lora``'s format; each adapter kind (:mod:`fedtune.models.kinds`) saves its own and recognises it: with
+``model.finetune: full`` the same folders hold a complete model instead (``config.json``, ``model.safetensors``,
+the tokenizer and the card), loadable by ``AutoModelForSequenceClassification`` /
+``AutoModelForCausalLM.from_pretrained``; with ``mole`` they hold ``mole_config.json`` and
+``mole_model.safetensors`` (the experts that model holds), which fedtune loads back on the base.
 
 fedtune loads a run's model offline: a packaged base comes from its package (the
 run's ``model.name``), not from the Hub id the adapter names.
@@ -38,26 +38,20 @@ import torch
 from fedtune.config import RunConfig, load_config
 from fedtune.data.templates import Template
 from fedtune.errors import FedtuneError
-from fedtune.models.adapters import MOLE_CONFIG, kind_of
+from fedtune.models.kinds import AdapterKind, saved_kind
 from fedtune.runlog import CONFIG, load_models, load_run, model_assignment
 
-ADAPTER_CONFIG = "adapter_config.json"
-MODEL_CONFIG = "config.json"
 PARTITION = "partition.json"
 
 
-def save_model_folder(model, tokenizer, folder: Path, base_name: str, classification: bool) -> None:
-    """Save ``model`` as its adapter kind saves (a peft adapter, mixtures, or a complete model), with its tokenizer."""
-    kind_of(model).save(model, tokenizer, folder, base_name, classification)
-
-
-def is_full_model(folder: Path) -> bool:
-    """The folder holds a complete model (``model.finetune: full``), not a peft adapter."""
-    return (folder / MODEL_CONFIG).is_file() and not (folder / ADAPTER_CONFIG).is_file()
+def save_model_folder(model, tokenizer, folder: Path, base_name: str, classification: bool,
+                      kind: AdapterKind) -> None:
+    """Save ``model`` with its tokenizer as its adapter ``kind`` saves (a peft adapter, mixtures, a complete model)."""
+    kind.save(model, tokenizer, folder, base_name, classification)
 
 
 def _saved(folder: Path) -> bool:
-    return any((folder / f).is_file() for f in (ADAPTER_CONFIG, MODEL_CONFIG, MOLE_CONFIG))
+    return saved_kind(folder) is not None
 
 
 def adapter_folders(run_dir: Path) -> dict[str, Path]:
@@ -155,17 +149,15 @@ def load_run_model(run_dir: Path, client: int | None = None, model_name: str | N
     """The model a run saved (the one client ``client`` uses, or the one named ``model_name``; see
     :func:`adapter_folder`), on its base model resolved offline."""
     from fedtune.models.base import PACKAGED, load_causal_lm, load_classifier
-    from fedtune.models.lora import load_adapter
 
     run_dir = Path(run_dir)
     load_run(run_dir)  # one line when it is not a run directory
     folder = adapter_folder(run_dir, client, model_name)
     cfg = load_config(run_dir / CONFIG)
     partition = json.loads((run_dir / PARTITION).read_text()) if (run_dir / PARTITION).is_file() else {}
-    full, mole = is_full_model(folder), (folder / MOLE_CONFIG).is_file()
-    named = json.loads((folder / (MOLE_CONFIG if mole else ADAPTER_CONFIG)).read_text()).get(
-        "base_model_name_or_path") if not full else None
-    name = str(folder) if full else cfg.model.name if cfg.model.name in PACKAGED or not named else named
+    kind = saved_kind(folder)
+    named = None if kind.complete else kind.base_named(folder)
+    name = str(folder) if kind.complete else cfg.model.name if cfg.model.name in PACKAGED or not named else named
     base = cfg.model.model_copy(update={"name": name})
     if cfg.model.task == "sft":
         model, tok = load_causal_lm(base)
@@ -177,12 +169,7 @@ def load_run_model(run_dir: Path, client: int | None = None, model_name: str | N
         names = partition["label_names"]
         model, tok = load_classifier(base, len(names), names)
         columns = partition["text_columns"]
-    if mole:
-        from fedtune.models.adapters import load_mole
-
-        model = load_mole(model, folder, cfg.model.task)
-    elif not full:
-        model = load_adapter(model, folder)
+    model = kind.load(model, folder, cfg.model.task)
     return RunModel(cfg, model.eval(), tok, folder, columns)
 
 

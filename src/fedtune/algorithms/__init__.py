@@ -20,6 +20,7 @@ from fedtune.algorithms.clip import Clip
 from fedtune.algorithms.clustered import Clustered
 from fedtune.algorithms.dp import Dp
 from fedtune.algorithms.fedkd import FedKD
+from fedtune.algorithms.fdlora import FDLoRA
 from fedtune.algorithms.fedamole import FedAMoLE
 from fedtune.algorithms.fedit import Centralized, FedIT
 from fedtune.algorithms.ffa import FFALoRA
@@ -34,7 +35,7 @@ from fedtune.errors import FedtuneError
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls
     for cls in (FedIT, FedProx, Scaffold, FedAvgM, FedAdam, FedYogi, FedAdagrad, Clustered, LocalOnly, Centralized,
-                FLoRA, FLoRIST, FlexLoRA, FFALoRA, FedKD, FedAMoLE)
+                FLoRA, FLoRIST, FlexLoRA, FFALoRA, FedKD, FedAMoLE, FDLoRA)
 }
 
 

@@ -42,6 +42,7 @@ from fedtune.aggregation import Tensors
 from fedtune.config import TrainConfig, explain
 from fedtune.device import model_device
 from fedtune.errors import FedtuneError
+from fedtune.models.kinds import kinds_with
 from fedtune.models.lora import MERGED, fit_lora_rank, load_state, trainable_state
 from fedtune.reducers import Mean, Reducer
 from fedtune.server_context import ServerContext
@@ -153,6 +154,9 @@ class ClientContext:
     """The client's tokenised examples (:class:`~fedtune.training.Encoded`; rows ``aux`` are its auxiliary split)."""
     aux: Any = None
     """The rows of ``examples`` in the client's auxiliary split (``uses_aux_split`` algorithms)."""
+    forward: Any = None
+    """The forward pass of the run's task on ``model`` (:attr:`~fedtune.experiment.Experiment.forward`: outputs
+    carry ``.loss``), for algorithms that score the model themselves."""
     _on_device: dict[str, Tensors] = field(default_factory=dict, repr=False)
 
     @property
@@ -228,8 +232,9 @@ class Algorithm(ABC):
     """Train on the union of all shards as one client (the centralized reference)."""
     uses_base_weights: ClassVar[bool] = False
     """The global model holds ``merged/`` updates of the base weights, so clients reset them each round."""
-    adapters: ClassVar[tuple[str, ...]] = ("lora", "full")
-    """The kinds of fine-tuning (``model.finetune``) the algorithm federates; LoRA-factor methods: ``lora`` only."""
+    adapters: ClassVar[tuple[str, ...]] = kinds_with("averaged")
+    """The kinds of fine-tuning (``model.finetune``) the algorithm federates, by their capabilities
+    (:mod:`fedtune.models.kinds`): every averaged kind; methods on LoRA factors, the factorised ones."""
     uses_aux_split: ClassVar[bool] = False
     """The client half reads the client's auxiliary split (``partition.client_aux_fraction``, :attr:`ClientContext.aux`)."""
     trains_on_server: ClassVar[bool] = False
@@ -446,7 +451,8 @@ class Algorithm(ABC):
                             ctx.num_examples)
 
     def personal_tensors(self, ctx: ClientContext) -> Tensors | None:
-        """The client's own model for per-client evaluation; None: it uses the global model."""
+        """The client's own model for per-client evaluation; None: it uses the global model (``ctx.payload``: what
+        :meth:`configure_evaluate` sent it). What it writes into ``ctx.state`` is kept, on every runtime."""
         return None
 
     # ------------------------------------------------------------------ ranks

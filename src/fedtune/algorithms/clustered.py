@@ -63,6 +63,7 @@ from fedtune.clustering import (
     agreement, centre, centred_directions, cluster_clients, cosine_similarity_matrix, nearest_cluster, update_vector,
 )
 from fedtune.errors import FedtuneError
+from fedtune.models.kinds import kinds_with
 
 CENTROID = "clustered/centroid/"
 SERVER = "clustered/server/"
@@ -148,7 +149,7 @@ class Clustered(FedIT):
     name = "clustered"
     summary = "clustered FL (FedMLLM): Ward clusters of the clients' update directions, FedIT within each cluster"
     Options = ClusteredOptions
-    adapters = ("lora",)
+    adapters = kinds_with("factorised")
     mean_of_changes = False  # it clusters on each client's own update
     requires = ("one LoRA rank for every client; assign=oracle needs a partition by a group column "
                 "(natural or group_clusters); per-client evaluation (eval.per_client) scores each client's cluster")

@@ -34,12 +34,12 @@ from pydantic import Field, model_validator
 from fedtune.aggregation import Tensors
 from fedtune.algorithms.base import ClientUpdate, NoOptions, ServerState
 from fedtune.algorithms.fedit import FedIT
-from fedtune.config import LoraConfig
 from fedtune.distillation import attention_mse, mutual_losses, reference_attention_loss
 from fedtune.errors import FedtuneError
-from fedtune.models.adapters import Full, Lora
 from fedtune.device import to_device
 from fedtune.models.base import public_model_name, quiet_loading
+from fedtune.models.kinds.full import Full
+from fedtune.models.kinds.lora import Lora, LoraConfig
 from fedtune.models.lora import load_trainable, trainable_state
 from fedtune.seeds import derive_seed
 from fedtune.server_context import ServerContext

@@ -21,6 +21,7 @@ import torch
 from fedtune.aggregation import Tensors
 from fedtune.algorithms.base import ClientContext, ClientUpdate, Expected, Payload, ServerState
 from fedtune.algorithms.fedit import FedIT
+from fedtune.models.kinds import kinds_with
 from fedtune.models.lora import trainable_state
 
 _A, _B = ".lora_A.", ".lora_B."
@@ -45,7 +46,7 @@ def fit_b(tensors: Tensors, rank: int | None) -> Tensors:
 class FFALoRA(FedIT):
     name = "ffa"
     summary = "FFA-LoRA: A frozen at its shared initialisation, B trained and averaged (exact Σ p_i B_i A₀)"
-    adapters = ("lora",)
+    adapters = kinds_with("factorised")
 
     def configure(self, rnd: int, client_ids: list[int], state: ServerState) -> dict[int, Payload]:
         """B (cut to each client's rank) and the head; A₀ stays where it is, on every client."""

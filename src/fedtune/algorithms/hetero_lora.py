@@ -47,6 +47,7 @@ from fedtune.aggregation import (
     weighted_product_sum,
 )
 from fedtune.algorithms.base import Algorithm, ClientContext, ClientUpdate, NoOptions, Payload, ServerState
+from fedtune.models.kinds import kinds_with
 from fedtune.models.lora import MERGED, base_weight_name, lora_factor_names, lora_modules
 
 _SYNCED = "synced"
@@ -60,7 +61,7 @@ def _history_key(rnd: int, module: str, factor: str) -> str:
 class _FactorAggregation(Algorithm):
     """Shared parts: split updates into per-module factors and the rest; the server model holds dense merges."""
 
-    adapters = ("lora",)
+    adapters = kinds_with("factorised")
     uses_base_weights = True
     combines_factors = True
     requires = "meant for heterogeneous ranks: lora.client_ranks or lora.rank_tiers (runs with one rank too)"

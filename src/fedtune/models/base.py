@@ -240,10 +240,14 @@ def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mod
 
     Training and scoring project only the positions they need through the head:
     the logits of every position would be batch × length × vocabulary floats,
-    and the head is a fifth of a small LM's compute per token.
+    and the head is a fifth of a small LM's compute per token. A prompt-learning model's body puts its virtual
+    tokens in front of every sequence (:class:`~fedtune.models.prompt.PromptedBody`).
     """
+    from fedtune.models.prompt import PromptedBody, is_prompt_learning
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+    body = PromptedBody(model) if is_prompt_learning(model) else getattr(base, base.base_model_prefix)
+    return body, base.get_output_embeddings()
 
 
 @functools.cache
@@ -254,7 +258,7 @@ def _cache_name(cls: type) -> str:
 
 
 def _cache_key(body: torch.nn.Module) -> str:
-    return _cache_name(type(body))
+    return getattr(body, "cache_name", None) or _cache_name(type(body))
 
 
 def prefix_cache(body: torch.nn.Module, prefix_ids: torch.Tensor):

@@ -9,6 +9,7 @@ named tensors that require gradients (LoRA factors, and the task head when
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
 
 from fedtune.aggregation import Tensors, fit_rank
-from fedtune.config import LoraConfig
+from fedtune.models.kinds.lora import LoraConfig
 from fedtune.errors import FedtuneError
 
 # Attention projections per architecture (config.model_type); the LoRA paper's
@@ -40,6 +41,9 @@ def default_targets(model_type: str) -> list[str]:
     return DEFAULT_TARGETS[model_type]
 
 
+DEFAULT_ADAPTER = "default"
+"""peft's name for a model's first adapter; a model may carry more, each under its own name."""
+
 HEAD_NAMES = ("classifier", "score")
 """The names of a classification model's task head (BERT-style, Llama-style)."""
 
@@ -56,8 +60,10 @@ def check_targets(model: torch.nn.Module, targets: list[str] | None, key: str) -
     return targets
 
 
-def apply_lora(model: torch.nn.Module, cfg: LoraConfig, task: str = "classification", rank: int | None = None) -> PeftModel:
-    """Wrap ``model`` with LoRA adapters (initialised from the current torch RNG state).
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig, task: str = "classification", rank: int | None = None,
+               adapter_name: str = DEFAULT_ADAPTER) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters named ``adapter_name`` (initialised from the current torch RNG state);
+    a peft model gets them beside the adapters it has (peft runs the active ones: ``set_adapter``).
 
     ``rank``: the adapters' rank when clients train different ranks (their largest);
     alpha is scaled with it, so the scale alpha / r of ``cfg`` holds at every rank.
@@ -72,7 +78,11 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig, task: str = "classificat
         target_modules=targets,
         modules_to_save=None,
     )
-    peft_model = get_peft_model(model, peft_cfg)
+    if isinstance(model, PeftModel):
+        model.add_adapter(adapter_name, peft_cfg)
+        peft_model = model
+    else:
+        peft_model = get_peft_model(model, peft_cfg, adapter_name=adapter_name)
     if not cfg.train_head:
         for name, p in peft_model.named_parameters():
             if any(h in name for h in HEAD_NAMES):
@@ -124,21 +134,28 @@ def load_adapter(model: torch.nn.Module, path: Path) -> PeftModel:
 
 # --------------------------------------------------------------------------- factors by module and rank
 
-_A, _B = ".lora_A.default.weight", ".lora_B.default.weight"
+FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.(?P<adapter>[^.]+)\.weight$")
+"""The parameter name of a LoRA factor: ``<module>.lora_A.<adapter>.weight`` / ``lora_B``."""
 MERGED = "merged/"
 """Key prefix of a dense update ΔW merged into a base weight: ``merged/<base weight name>``."""
 MERGED_FILE = "merged.safetensors"
 """Beside a saved adapter: the updates merged into its base weights (``merged/<W>`` → ΔW)."""
 
 
-def lora_modules(tensors: Tensors) -> dict[str, tuple[str, str]]:
-    """Adapted module → (name of A, name of B), for the LoRA factors among ``tensors``."""
-    return {n[: -len(_A)]: lora_factor_names(n[: -len(_A)]) for n in tensors if n.endswith(_A)}
+def lora_modules(tensors: Tensors, adapter: str = DEFAULT_ADAPTER) -> dict[str, tuple[str, str]]:
+    """Adapted module → (name of A, name of B), for the factors of ``adapter`` among ``tensors``."""
+    return {m["module"]: lora_factor_names(m["module"], adapter) for n in tensors
+            if (m := FACTOR.match(n)) and m["factor"] == "A" and m["adapter"] == adapter}
 
 
-def lora_factor_names(module: str) -> tuple[str, str]:
-    """The parameter names of an adapted module's A and B."""
-    return module + _A, module + _B
+def lora_adapters(tensors: Tensors) -> list[str]:
+    """The names of the adapters whose LoRA factors are among ``tensors``, in order of appearance."""
+    return list(dict.fromkeys(m["adapter"] for n in tensors if (m := FACTOR.match(n))))
+
+
+def lora_factor_names(module: str, adapter: str = DEFAULT_ADAPTER) -> tuple[str, str]:
+    """The parameter names of an adapted module's A and B in ``adapter``."""
+    return f"{module}.lora_A.{adapter}.weight", f"{module}.lora_B.{adapter}.weight"
 
 
 def base_weight_name(module: str) -> str:
@@ -153,14 +170,16 @@ def fit_lora_rank(tensors: Tensors, rank: int) -> Tensors:
     columns of B are zero, so they add nothing to B·A and their gradients stay zero.
     """
     out = dict(tensors)
-    for a, b in lora_modules(tensors).values():
-        out[a], out[b] = fit_rank(tensors[a], tensors[b], rank)
+    for adapter in lora_adapters(tensors):
+        for a, b in lora_modules(tensors, adapter).values():
+            out[a], out[b] = fit_rank(tensors[a], tensors[b], rank)
     return out
 
 
 def adapted_base_weights(model: torch.nn.Module) -> Tensors:
     """CPU copies of the frozen weights W of every LoRA-adapted module, by parameter name."""
-    names = {base_weight_name(m) for m in lora_modules(dict(model.named_parameters()))}
+    params = dict(model.named_parameters())
+    names = {base_weight_name(m) for adapter in lora_adapters(params) for m in lora_modules(params, adapter)}
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if n in names}
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtune.config import MoleConfig
+from fedtune.models.kinds.mole import MoleConfig
 from fedtune.errors import FedtuneError
 from fedtune.models.lora import HEAD_NAMES, check_targets, trainable_state
 

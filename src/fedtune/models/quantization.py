@@ -30,6 +30,7 @@ from torch import nn
 
 from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError
+from fedtune.models.kinds import kind_named
 from fedtune.models.lora import HEAD_NAMES
 
 BITS = {"nf4": 4, "fp4": 4, "int8": 8}
@@ -54,13 +55,11 @@ def check_quantization(cfg: RunConfig, algorithm) -> None:
     if q == "none":
         return
     bits = BITS[q]
-    if cfg.model.finetune == "full":
+    kind = kind_named(cfg.model.finetune)
+    if kind.unquantizable:
         raise FedtuneError(f"model.quantization={q} stores the base weights in {bits} bits, which cannot be trained, "
-                           "but model.finetune=full trains every parameter; use model.finetune=lora (QLoRA) or "
+                           f"but model.finetune={kind.name} {kind.unquantizable}; use model.finetune=lora (QLoRA) or "
                            "model.quantization=none")
-    if cfg.model.finetune == "mole":
-        raise FedtuneError("model.finetune=mole builds its mixtures on full-precision linear layers; quantised bases "
-                           f"are for model.finetune=lora: set model.quantization=none (not {q})")
     if algorithm.uses_base_weights:
         raise FedtuneError(f"algorithm '{algorithm.name}' adds its aggregated updates s·B·A to the base weights, which "
                            f"model.quantization={q} keeps in {bits} bits (re-quantising W + ΔW would round most of "

@@ -40,7 +40,7 @@ def client_round(
     steps = local_steps(cfg.train, len(shard)) * exp.steps_multiplier
     ctx = ClientContext(client_id=client_id, round=rnd, model=exp.model, initial=exp.initial, state=state,
                         base=exp.base, payload=payload, lr=lr, steps=steps, num_examples=len(shard),
-                        examples=data.examples, aux=data.aux)
+                        examples=data.examples, aux=data.aux, forward=exp.forward)
     algo.prepare(ctx, payload)
     ctx.start = trainable_state(exp.model)  # detached copies
     seed = derive_seed(cfg.seed, rnd, client_id)
@@ -75,9 +75,10 @@ def client_round(
 def client_evaluate(exp: Experiment, client_id: int, tensors: Tensors, state: Tensors) -> dict[str, float]:
     """Metrics of client ``client_id``'s model on its own test shard: its personal tensors, else ``tensors``
     (what :meth:`~fedtune.algorithms.Algorithm.configure_evaluate` chose for it)."""
+    data = exp.client(client_id)
     ctx = ClientContext(client_id=client_id, round=0, model=exp.model, initial=exp.initial, state=state,
-                        base=exp.base)
+                        base=exp.base, payload=Payload(tensors), examples=data.examples, aux=data.aux,
+                        forward=exp.forward)
     personal = exp.algorithm.personal_tensors(ctx)
     exp.algorithm.load(ctx, tensors if personal is None else personal)
-    data = exp.client(client_id)
     return exp.evaluate(data.examples, data.test)

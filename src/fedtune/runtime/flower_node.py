@@ -239,7 +239,9 @@ def answer(message_type: str, content: RecordDict, node_config: dict[str, Any], 
     if message_type == "evaluate":
         exp, cid, _ = _meta_of(content, node_config, deployed)
         metrics = client_evaluate(exp, cid, record_to_tensors(content["model"]), held)
-        return RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()})}), None
+        # an algorithm may keep what evaluating found (FDLoRA's fused model), as the in-process pool does
+        return (RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()})}),
+                tensors_to_record(held) if held or state is not None else None)
     action = content["fedtune"]["action"]
     if action == "state":
         return RecordDict({"state": state if state is not None else ArrayRecord()}), None
