@@ -41,8 +41,8 @@ class Alive:
         self.most = max(self.most, sum(r() is not None for r in self.refs))
 
 
-def _fake_exp(algo, n):
-    cfg = RunConfig.model_validate({})
+def _fake_exp(algo, n, guard: bool = True):
+    cfg = RunConfig.model_validate({} if guard else {"federation": {"max_update_ratio": 0}})
     return SimpleNamespace(algorithm=algo, client_sizes=[(10, 0)] * n, cfg=cfg)
 
 
@@ -53,14 +53,14 @@ def _updates(n: int, alive: Alive):
         alive.sample()
 
 
-def _round(name: str, n: int, previous: list[float]) -> int:
+def _round(name: str, n: int, previous: list[float], guard: bool = True) -> int:
     """The most updates alive at once while ``name`` aggregates a round of ``n`` clients in-process."""
     algo = build_algorithm(name, {"n_clusters": 2} if name == "clustered" else None, num_clients=n)
     start = {W: torch.zeros(SIZE), "b": torch.zeros(8)}
     state = algo.init(start)
     payloads = {c: Payload(tensors=start) for c in range(n)}
     alive = Alive()
-    intake = RoundIntake(_fake_exp(algo, n), 1 if name != "clustered" else algo.options.cluster_round, payloads,
+    intake = RoundIntake(_fake_exp(algo, n, guard), 1 if name != "clustered" else algo.options.cluster_round, payloads,
                          state, previous, tolerate=False, now=lambda: 0.0)
     algo.aggregate(1, intake.accepted(_updates(n, alive)), state)
     intake.drain()
@@ -88,6 +88,10 @@ def _scaffold_updates(n: int, alive: Alive):
 def test_the_first_round_holds_its_updates_for_the_guard_and_clustering_holds_them_all():
     assert _round("fedit", 10, []) == 10 and _round("fedit", 100, []) == 100  # no previous changes to judge by
     assert _round("clustered", 40, [1.0] * 3) == 40  # clustering compares every update of its round
+
+
+def test_the_first_round_holds_nothing_with_the_guard_off():
+    assert _round("fedit", 10, [], guard=False) == _round("fedit", 100, [], guard=False) <= 2
 
 
 class LazyGrid:

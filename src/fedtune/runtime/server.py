@@ -123,7 +123,8 @@ class RoundIntake:
     kept as scalars, so that a round holds a constant number of updates whatever the number of clients.
 
     The update guard judges an update as it arrives against the previous round's accepted changes; with fewer
-    than three of those (the first round) the round's valid updates are held and judged together.
+    than three of those (the first round) the round's valid updates are held and judged together, unless the
+    guard is off (``federation.max_update_ratio: 0``), when nothing needs holding.
     """
 
     def __init__(self, exp: Experiment, rnd: int, payloads: dict[int, Payload], state: ServerState,
@@ -157,7 +158,7 @@ class RoundIntake:
             if measured is None:
                 continue
             norm, sketched = measured
-            if self.reference is None:  # nothing to judge against yet: judged with the round's others below
+            if self.ratio > 0 and self.reference is None:  # nothing to judge against yet: judged with the others
                 held.append((u, norm, sketched))
                 continue
             why = over_reference(norm, self.reference, self.ratio)
