@@ -39,14 +39,15 @@ the RSS at the round's start through ``/proc/self/clear_refs``), the peak's grow
 and the most updates alive at once (weak references to each update's tensors). Modes: ``mean`` (the streaming mean, the guard
 judging each update against the previous round's changes: every round after the first), ``mean-first`` (the
 first round: no previous changes, so the guard holds the round's valid updates), ``mean-first-off`` (the first
-round with the guard off), ``mean-list`` (every update held in a list before the mean: the server before
+round with the guard off: nothing to judge, so nothing is held), ``mean-list`` (every update held in a list before the mean: the server before
 streaming) and ``median`` (a reducer that holds the round).
 
     python benchmarks/robust.py accuracy [--algorithms fedit ...] [--attacks ...] [--defences ...] [--missing]
     python benchmarks/robust.py memory [--clients 10 100 1000] [--modes ...]
 
 Writes ``benchmarks/results/robust.json``; a run of a subset replaces only its own rows (rows recorded at other
-sizes are dropped). Each row carries the matmul probe of the command that made it.
+sizes are dropped); ``accuracy --missing`` with nothing missing prints the table of the recorded rows. Each row
+carries the matmul probe of the command that made it and its run directory.
 """
 
 from __future__ import annotations
