@@ -8,21 +8,29 @@ on a sized-down quick-start, at client level (the dp wrapper) and record level (
     no amplification by sampling (every round a plain Gaussian of z, as Flower's accountant counts).
 (b) client level: ``configs/quickstart.yaml`` sized down (MiniLM + LoRA on SST-2, the first ``--train-rows``
     training rows over ``--clients`` Dirichlet(0.5) clients, Poisson sampling at q = ``--rate``, ``--rounds``
-    rounds of ``--steps`` local steps), FedIT inside the dp wrapper (clip S = ``--clip``, noise z for each of
-    ``--z``), and FedIT without the wrapper for reference.
+    rounds of ``--steps`` local steps), ``--algorithm`` (FedIT, FedAdam, ...) inside the dp wrapper (clip
+    S = ``--clip``, noise z for each of ``--z``), and the algorithm without the wrapper for reference
+    (``--no-reference`` skips it).
 (c) record level: the quick-start's 8 clients on the same rows, 4 per round (fixed), DP-SGD in every client
-    (C = ``--row-clip``, σ for each of ``--sigma``), and FedIT without DP-SGD for reference; ε is each client's
-    own, from its own steps, and the table gives the largest.
+    (C = ``--row-clip``, σ for each of ``--sigma``), and the algorithm without DP-SGD for reference; ε is each
+    client's own, from its own steps, and the table gives the largest.
 
-Every ε is at δ = 1e-5 and names its unit and sampling. A table, a matmul probe before and after (this shared
-machine's speed varies), and ``benchmarks/results/privacy.json``.
+``--parts`` chooses (b), (c) or both. Each run is written to the JSON as soon as it ends, keyed by its level,
+name, algorithm and size (clients, sampling, rounds, steps, rows): a run of another size or algorithm adds rows
+beside the recorded ones, the same key replaces its row. Each invocation's arguments, matmul probes and wall
+time are kept in ``invocations``; a row names its invocation.
 
-    OMP_NUM_THREADS=1 python benchmarks/privacy.py [--z 0 0.5 1 2] [--sigma 0.5 1] [--rounds 16] [--steps 8]
+Every ε is at δ = 1e-5 and names its unit and sampling. Tables of every recorded row, a matmul probe before
+and after (this shared machine's speed varies), and ``benchmarks/results/privacy.json``.
+
+    OMP_NUM_THREADS=1 python benchmarks/privacy.py [--parts client record] [--algorithm fedit] [--clients 100]
+        [--rate 0.1] [--z 0 0.5 1 2] [--sigma 0 0.5 1 2] [--rounds 16] [--steps 8] [--no-reference]
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import time
@@ -66,81 +74,142 @@ def epsilon_table() -> list[dict]:
     return rows
 
 
-def run(args, name: str, overrides: list[str]) -> dict:
+def run(args, level: str, name: str, overrides: list[str]) -> dict:
+    """One training run; the row carries its size (clients, rounds, steps, rows) and algorithm, its key."""
     cfg = load_config(args.config, [f"output_dir={args.runs}", f"name={name}", "threads=1",
                                     f"data.max_train_examples={args.train_rows}", "eval.every=0",
                                     f"federation.rounds={args.rounds}", f"train.local_steps={args.steps}",
-                                    *overrides])
+                                    f"algorithm.name={args.algorithm}", *overrides])
     t0 = time.perf_counter()
     res = execute(cfg, overwrite=True)
     r = load_run(res.run_dir)
     last, privacy = r.rows[-1], (r.summary or {}).get("privacy")
-    out = {"name": name, "overrides": overrides, "accuracy": last.get("eval/accuracy"), "mcc": last.get("eval/mcc"),
+    per_round = (f"Poisson q = {cfg.federation.fraction:g}" if cfg.federation.sampling == "poisson" else
+                 f"{cfg.federation.clients_per_round} of {cfg.partition.num_clients}")
+    out = {"level": level, "name": name, "algorithm": args.algorithm, "clients": cfg.partition.num_clients,
+           "per_round": per_round, "rounds": args.rounds, "steps": args.steps, "train_rows": args.train_rows,
+           "overrides": overrides, "accuracy": last.get("eval/accuracy"), "mcc": last.get("eval/mcc"),
            "seconds": time.perf_counter() - t0, "run_dir": str(res.run_dir),
            "rounds_with_no_client": sum(1 for row in r.rows[1:] if not row["clients"]),
            "epsilon": privacy["epsilon"] if privacy else None, "unit": privacy["unit"] if privacy else None,
            "delta": privacy["delta"] if privacy else None, "sampling": privacy["sampling"] if privacy else None,
            "privacy": privacy}
-    Console().print(f"{name}: accuracy {out['accuracy']:.4f}, ε {out['epsilon']} ({out['seconds']:.0f} s)")
+    Console().print(f"{name} ({args.algorithm}, {out['clients']} clients): accuracy {out['accuracy']:.4f}, "
+                    f"ε {out['epsilon']} ({out['seconds']:.0f} s)")
     return out
+
+
+KEY = ("level", "name", "algorithm", "clients", "per_round", "rounds", "steps", "train_rows")
+
+
+def record(path: Path, update) -> dict:
+    """Read ``privacy.json``, apply ``update`` to it, write it back: each run is kept as soon as it ends, so an
+    interrupted invocation leaves its finished rows, and rows of other sizes or algorithms are kept beside them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:  # locked: two invocations may run side by side
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        text = f.read()
+        results = json.loads(text) if text else {"invocations": [], "runs": []}
+        update(results)
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def upsert(row: dict):
+    """An update that puts ``row`` in place of the row with its key (level, name, algorithm and size), if any."""
+    def update(results: dict) -> None:
+        key = tuple(row[k] for k in KEY)
+        results["runs"] = [r for r in results["runs"] if tuple(r.get(k) for k in KEY) != key] + [row]
+    return update
+
+
+def print_tables(results: dict, console: Console) -> None:
+    t = Table(title=f"(a) ε, 20 clients, 2 per round, z = 1, 200 rounds, δ = {DELTA:g} (unit: client)")
+    for col in ("accounting", "ε"):
+        t.add_column(col, justify="left" if col == "accounting" else "right")
+    for r in results.get("epsilon_example", []):
+        t.add_row(r["accounting"], f"{r['epsilon']:.2f}")
+    console.print(t)
+    probes = ", ".join(f"{i['matmul_gflops_before']:.0f} → "
+                       + ("?" if i.get("matmul_gflops_after") is None else f"{i['matmul_gflops_after']:.0f}")
+                       for i in results["invocations"])
+    t = Table(title=f"(b, c) sized-down quick-start · matmul probe per invocation (GFLOP/s): {probes}")
+    for col in ("level", "algorithm", "clients", "per round", "rounds × steps", "run", "accuracy", "MCC",
+                "ε (unit, δ)", "empty rounds", "wall s"):
+        t.add_column(col, justify="right" if col in ("accuracy", "MCC", "ε (unit, δ)", "empty rounds", "wall s",
+                                                     "clients") else "left", no_wrap=True)
+    for r in sorted(results["runs"], key=lambda r: (r["level"], r["algorithm"], r["clients"], r["rounds"])):
+        eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.3g} ({r['unit']}, {r['delta']:g})"
+        t.add_row(r["level"], r["algorithm"], str(r["clients"]), r["per_round"], f"{r['rounds']} × {r['steps']}",
+                  r["name"], f"{r['accuracy']:.4f}", f"{r['mcc']:.4f}", eps, str(r["rounds_with_no_client"]),
+                  f"{r['seconds']:.0f}")
+    console.print(t)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/quickstart.yaml")
+    ap.add_argument("--parts", nargs="*", choices=["client", "record"], default=["client", "record"],
+                    help="which of (b) client level and (c) record level to run (the ε example always is)")
+    ap.add_argument("--algorithm", default="fedit", help="the wrapped algorithm (fedit, fedadam, ...)")
+    ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the algorithm without DP at each size")
     ap.add_argument("--train-rows", type=int, default=4000)
-    ap.add_argument("--clients", type=int, default=20)
-    ap.add_argument("--rate", type=float, default=0.2)
+    ap.add_argument("--clients", type=int, default=100)
+    ap.add_argument("--rate", type=float, default=0.1)
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--z", type=float, nargs="*", default=[0.0, 0.5, 1.0, 2.0])
     ap.add_argument("--row-clip", type=float, default=1.0)
-    ap.add_argument("--sigma", type=float, nargs="*", default=[0.5, 1.0])
+    ap.add_argument("--sigma", type=float, nargs="*", default=[0.0, 0.5, 1.0, 2.0])
     ap.add_argument("--runs", default="/tmp/fedtune-bench/privacy")
     ap.add_argument("--results", default="benchmarks/results")
     args = ap.parse_args()
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's notes on RDP orders it leaves out
-    probe_before = matmul_gflops()
-    eps_rows = epsilon_table()
-    client = [f"partition.num_clients={args.clients}", "federation.sampling=poisson",
-              f"federation.fraction={args.rate}", "federation.clients_per_round=null"]
-    runs = [run(args, "client_none", client)]
-    for z in args.z:
-        runs.append(run(args, f"client_z{z:g}", [*client, "federation.max_update_ratio=0",
-                                                 f"algorithm.wrappers=[{{name: dp, options: {{clip: {args.clip}, "
-                                                 f"noise_multiplier: {z}}}}}]"]))
-    runs.append(run(args, "record_none", []))
-    for sigma in args.sigma:
-        runs.append(run(args, f"record_sigma{sigma:g}", ["privacy.dp_sgd.enabled=true",
-                                                         f"privacy.dp_sgd.clip={args.row_clip}",
-                                                         f"privacy.dp_sgd.noise_multiplier={sigma}"]))
-    probe_after = matmul_gflops()
-
-    console = Console(width=max(Console().width, 150))  # a log file is not 80 columns
-    t = Table(title=f"(a) ε, 20 clients, 2 per round, z = 1, 200 rounds, δ = {DELTA:g} (unit: client)")
-    for col in ("accounting", "ε"):
-        t.add_column(col, justify="left" if col == "accounting" else "right")
-    for r in eps_rows:
-        t.add_row(r["accounting"], f"{r['epsilon']:.2f}")
-    console.print(t)
-    t = Table(title=f"(b, c) sized-down quick-start · matmul probe {probe_before:.0f} → {probe_after:.0f} GFLOP/s")
-    for col in ("run", "accuracy", "MCC", "ε (unit, δ)", "sampling", "empty rounds", "wall s"):
-        t.add_column(col, justify="left" if col in ("run", "sampling") else "right", no_wrap=True)
-    for r in runs:
-        eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.3g} ({r['unit']}, {r['delta']:g})"
-        sampling = (f"clients: Poisson q = {args.rate:g}" if r["name"].startswith("client") else
-                    "clients: 4 of 8; rows: Poisson q_i = B/n_i" if r["unit"] else "clients: 4 of 8")
-        t.add_row(r["name"], f"{r['accuracy']:.4f}", f"{r['mcc']:.4f}", eps, sampling,
-                  str(r["rounds_with_no_client"]), f"{r['seconds']:.0f}")
-    console.print(t)
     out = Path(args.results) / "privacy.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": args.config, "args": {k: v for k, v in vars(args).items()},
-                               "matmul_gflops_before": probe_before, "matmul_gflops_after": probe_after,
-                               "epsilon_example": eps_rows, "runs": runs}, indent=2) + "\n")
-    console.print(f"wrote {out}")
+    t_start = time.perf_counter()
+    invocation = {"args": {k: v for k, v in vars(args).items()}, "matmul_gflops_before": matmul_gflops(),
+                  "matmul_gflops_after": None, "seconds": None}
+
+    def start(results: dict) -> None:
+        results["config"] = args.config
+        results["epsilon_example"] = epsilon_table()
+        results["invocations"].append(invocation)
+    index = len(record(out, start)["invocations"]) - 1
+
+    def keep(row: dict) -> None:
+        row["invocation"] = index
+        record(out, upsert(row))
+
+    if "client" in args.parts:
+        client = [f"partition.num_clients={args.clients}", "federation.sampling=poisson",
+                  f"federation.fraction={args.rate}", "federation.clients_per_round=null"]
+        if args.reference:
+            keep(run(args, "client", f"{args.algorithm}_{args.clients}c_none", client))
+        for z in args.z:
+            keep(run(args, "client", f"{args.algorithm}_{args.clients}c_z{z:g}",
+                     [*client, "federation.max_update_ratio=0",
+                      f"algorithm.wrappers=[{{name: dp, options: {{clip: {args.clip}, noise_multiplier: {z}}}}}]"]))
+    if "record" in args.parts:
+        if args.reference:
+            keep(run(args, "record", f"{args.algorithm}_silos_none", []))
+        for sigma in args.sigma:
+            keep(run(args, "record", f"{args.algorithm}_silos_sigma{sigma:g}",
+                     ["privacy.dp_sgd.enabled=true", f"privacy.dp_sgd.clip={args.row_clip}",
+                      f"privacy.dp_sgd.noise_multiplier={sigma}"]))
+
+    probe_after, seconds = matmul_gflops(), time.perf_counter() - t_start
+
+    def finish(results: dict) -> None:
+        results["invocations"][index].update(matmul_gflops_after=probe_after, seconds=seconds)
+    results = record(out, finish)
+    print_tables(results, Console(width=max(Console().width, 170)))  # a log file is not 80 columns
+    Console().print(f"wrote {out}")
 
 
 if __name__ == "__main__":
