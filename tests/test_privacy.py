@@ -127,13 +127,23 @@ def test_changes_are_clipped_to_s_weighted_equally_and_divided_by_the_expected_c
     assert new.metrics["dp/clients"] == 3 and new.metrics["dp/clip"] == 1.0
 
 
-def test_without_noise_or_clipping_the_wrapper_equals_fedit_on_equal_clients():
-    state = _state()
-    updates = _updates(state, [0.1, 0.3, 0.2, 0.4], examples=(5, 5, 5, 5))
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_without_noise_or_clipping_the_wrapper_equals_fedit_on_equal_clients_bit_for_bit(k):
+    """z = 0, S = ∞, fixed sampling (m = k) and equal row counts (FedIT's weights 1/k): the same float32 tensors.
+
+    FedIT sums p_i·θ_i in float64; the wrapper adds Σ_i (θ_i − θ⁰) / k to θ⁰ in float64. For k a power of two
+    both are the exact mean of the float32 θ_i wherever it fits float64's 53 bits, so both round it to the same
+    float32. For other k they are not bit-identical: FedIT multiplies by the rounded 1/k, the wrapper divides
+    by k, and where the two float64 results straddle a float32 rounding boundary the float32 tensors differ in
+    the last bit (k = 3: one element in about 10⁵ when the changes span eight orders of magnitude)."""
+    state = _state(shape=(64, 48))
+    g = torch.Generator().manual_seed(k)
+    updates = _updates(state, [float(10 ** torch.randint(-6, 1, (), generator=g)) for _ in range(k)],
+                       examples=(5,) * k)
     plain = build_algorithm("fedit").aggregate(1, iter(updates), state)
-    dp = _dp(clip=math.inf, noise_multiplier=0.0).aggregate(1, iter(updates), state)
+    dp = _dp(clip=math.inf, noise_multiplier=0.0, clients=2 * k, k=k).aggregate(1, iter(updates), state)
     for n in state.global_tensors:
-        torch.testing.assert_close(dp.global_tensors[n], plain.global_tensors[n], rtol=0, atol=1e-6)
+        assert torch.equal(dp.global_tensors[n], plain.global_tensors[n])
 
 
 @pytest.mark.parametrize("rate", [None, 0.2])
