@@ -6,14 +6,15 @@ on a sized-down quick-start, at client level (the dp wrapper) and record level (
     2S a replaced client moves the sum: fedtune's accounting); the same composed with the unhalved multiplier
     (what dp-accounting returns when given GaussianDpEvent(z) with replace-one neighbours, its issue #378); and
     no amplification by sampling (every round a plain Gaussian of z, as Flower's accountant counts).
-(b) client level: ``configs/quickstart.yaml`` sized down (MiniLM + LoRA on SST-2, the first ``--train-rows``
-    training rows over ``--clients`` Dirichlet(0.5) clients, Poisson sampling at q = ``--rate``, ``--rounds``
-    rounds of ``--steps`` local steps), ``--algorithm`` (FedIT, FedAdam, ...) inside the dp wrapper (clip
-    S = ``--clip``, noise z for each of ``--z``), and the algorithm without the wrapper for reference
-    (``--no-reference`` skips it).
-(c) record level: the quick-start's 8 clients on the same rows, 4 per round (fixed), DP-SGD in every client
-    (C = ``--row-clip``, σ for each of ``--sigma``), and the algorithm without DP-SGD for reference; ε is each
-    client's own, from its own steps, and the table gives the largest.
+(b) client level: ``configs/quickstart.yaml`` sized down (MiniLM + LoRA on SST-2, the first ``--client-rows``
+    training rows, by default all 67,349: over 4,000 no Dirichlet draw gives each of 100 clients 10 rows),
+    over ``--clients`` Dirichlet(0.5) clients, Poisson sampling at q = ``--rate``, ``--rounds`` rounds of
+    ``--steps`` local steps, ``--algorithm`` (FedIT, FedAdam, ...) inside the dp wrapper (clip S = ``--clip``,
+    noise z for each of ``--z``), and the algorithm without the wrapper for reference (``--no-reference``
+    skips it).
+(c) record level: the quick-start's 8 clients on the first ``--record-rows`` training rows, 4 per round
+    (fixed), DP-SGD in every client (C = ``--row-clip``, σ for each of ``--sigma``), and the algorithm without
+    DP-SGD for reference; ε is each client's own, from its own steps, and the table gives the largest.
 
 ``--parts`` chooses (b), (c) or both. Each run is written to the JSON as soon as it ends, keyed by its level,
 name, algorithm and size (clients, sampling, rounds, steps, rows): a run of another size or algorithm adds rows
@@ -74,10 +75,10 @@ def epsilon_table() -> list[dict]:
     return rows
 
 
-def run(args, level: str, name: str, overrides: list[str]) -> dict:
+def run(args, level: str, name: str, rows: int, overrides: list[str]) -> dict:
     """One training run; the row carries its size (clients, rounds, steps, rows) and algorithm, its key."""
     cfg = load_config(args.config, [f"output_dir={args.runs}", f"name={name}", "threads=1",
-                                    f"data.max_train_examples={args.train_rows}", "eval.every=0",
+                                    f"data.max_train_examples={rows}", "eval.every=0",
                                     f"federation.rounds={args.rounds}", f"train.local_steps={args.steps}",
                                     f"algorithm.name={args.algorithm}", *overrides])
     t0 = time.perf_counter()
@@ -87,7 +88,7 @@ def run(args, level: str, name: str, overrides: list[str]) -> dict:
     per_round = (f"Poisson q = {cfg.federation.fraction:g}" if cfg.federation.sampling == "poisson" else
                  f"{cfg.federation.clients_per_round} of {cfg.partition.num_clients}")
     out = {"level": level, "name": name, "algorithm": args.algorithm, "clients": cfg.partition.num_clients,
-           "per_round": per_round, "rounds": args.rounds, "steps": args.steps, "train_rows": args.train_rows,
+           "per_round": per_round, "rounds": args.rounds, "steps": args.steps, "train_rows": rows,
            "overrides": overrides, "accuracy": last.get("eval/accuracy"), "mcc": last.get("eval/mcc"),
            "seconds": time.perf_counter() - t0, "run_dir": str(res.run_dir),
            "rounds_with_no_client": sum(1 for row in r.rows[1:] if not row["clients"]),
@@ -157,7 +158,9 @@ def main() -> None:
     ap.add_argument("--algorithm", default="fedit", help="the wrapped algorithm (fedit, fedadam, ...)")
     ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the algorithm without DP at each size")
-    ap.add_argument("--train-rows", type=int, default=4000)
+    ap.add_argument("--client-rows", type=int, default=67349,
+                    help="training rows at client level (all of SST-2: 100 Dirichlet clients need them)")
+    ap.add_argument("--record-rows", type=int, default=4000, help="training rows at record level")
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--rate", type=float, default=0.1)
     ap.add_argument("--rounds", type=int, default=16)
@@ -190,16 +193,16 @@ def main() -> None:
         client = [f"partition.num_clients={args.clients}", "federation.sampling=poisson",
                   f"federation.fraction={args.rate}", "federation.clients_per_round=null"]
         if args.reference:
-            keep(run(args, "client", f"{args.algorithm}_{args.clients}c_none", client))
+            keep(run(args, "client", f"{args.algorithm}_{args.clients}c_none", args.client_rows, client))
         for z in args.z:
-            keep(run(args, "client", f"{args.algorithm}_{args.clients}c_z{z:g}",
+            keep(run(args, "client", f"{args.algorithm}_{args.clients}c_z{z:g}", args.client_rows,
                      [*client, "federation.max_update_ratio=0",
                       f"algorithm.wrappers=[{{name: dp, options: {{clip: {args.clip}, noise_multiplier: {z}}}}}]"]))
     if "record" in args.parts:
         if args.reference:
-            keep(run(args, "record", f"{args.algorithm}_silos_none", []))
+            keep(run(args, "record", f"{args.algorithm}_silos_none", args.record_rows, []))
         for sigma in args.sigma:
-            keep(run(args, "record", f"{args.algorithm}_silos_sigma{sigma:g}",
+            keep(run(args, "record", f"{args.algorithm}_silos_sigma{sigma:g}", args.record_rows,
                      ["privacy.dp_sgd.enabled=true", f"privacy.dp_sgd.clip={args.row_clip}",
                       f"privacy.dp_sgd.noise_multiplier={sigma}"]))
 
