@@ -27,6 +27,7 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 from fedtune.errors import FedtuneError
 from fedtune.models.base import body_and_head, continue_prefix, prefix_cache
 from fedtune.models.packed import packed_linears
+from fedtune.models.prompt import is_prompt_learning, prompted_generate
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -289,12 +290,17 @@ def perplexity_metrics(nll_sum: float, tokens: int, n: int) -> dict[str, float]:
     return {"loss": loss, "perplexity": float(np.exp(min(loss, 700.0))), "n": n}
 
 
+def _generate(model: torch.nn.Module, **kwargs) -> torch.Tensor:
+    return model.generate(**kwargs)
+
+
 @torch.no_grad()
 def generate_greedy(model: torch.nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,
                     batch_size: int = 16) -> list[str]:
     """Greedy continuations of token-id prompts, batched with left padding; decoded up to EOS.
 
-    Decoding runs the linear layers (output head included) on packed weights (:mod:`fedtune.models.packed`).
+    Decoding runs the linear layers (output head included) on packed weights (:mod:`fedtune.models.packed`); a
+    prompt-learning model generates through :func:`~fedtune.models.prompt.prompted_generate`.
     """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
@@ -310,8 +316,9 @@ def generate_greedy(model: torch.nn.Module, tokenizer, prompts: list[list[int]],
                 ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
                 mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx],
                                     device=device)
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                out = (prompted_generate if is_prompt_learning(model) else _generate)(
+                    model, input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                    pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
                 for row, i in enumerate(idx):
                     new = out[row, width:].tolist()
                     if tokenizer.eos_token_id in new:

@@ -104,6 +104,22 @@ class PromptedBody(nn.Module):
         return out
 
 
+def prompted_generate(model: PeftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      **kwargs: Any) -> torch.Tensor:
+    """``model.generate`` for a prompt-learning decoder, batched with left padding: [input_ids, new tokens].
+
+    peft's own ``generate`` drops the position ids transformers derives from the mask ("Position ids are not
+    supported"), so a left-padded row counts its pads and continues differently from the same row alone. Here
+    the base model generates from the embeddings [virtual tokens, input] with the mask over both, whose positions
+    transformers derives as ``cumsum(mask) − 1``: the real tokens before each, whatever the padding."""
+    rows, virtual = len(input_ids), model.active_peft_config.num_virtual_tokens
+    embeds = model.word_embeddings(input_ids)
+    embeds = torch.cat([model.get_prompt(batch_size=rows).to(embeds.dtype), embeds], dim=1)
+    mask = torch.cat([attention_mask.new_ones(rows, virtual), attention_mask], dim=1)
+    new = model.get_base_model().generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+    return torch.cat([input_ids, new], dim=1)
+
+
 def last_token_forward(self: PeftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        labels: torch.Tensor | None = None, **_: Any) -> SequenceClassifierOutputWithPast:
     """A decoder classifier under prompt learning: the head on the last real token of each row (left or right
