@@ -160,9 +160,10 @@ def test_central_noise_has_std_z_s_on_the_sum(rate):
     draws = torch.cat(noise)
     assert float(draws.mean()) == pytest.approx(0.0, abs=0.01)
     assert float(draws.std()) == pytest.approx(z * s, rel=0.01)
-    again = dp.aggregate(3, iter([]), state)  # seeded by (run seed, round)
-    assert torch.equal(again.global_tensors["l.lora_A.weight"], dp.aggregate(3, iter([]), state)
-                       .global_tensors["l.lora_A.weight"])
+    keyed = dp.aggregate(1, iter([]), state)  # the server's secret key, now in its state
+    again = [dp.aggregate(3, iter([]), keyed).global_tensors["l.lora_A.weight"] for _ in range(2)]
+    assert torch.equal(*again)  # a round redone from the same state adds the same noise
+    assert not torch.equal(again[0], dp.aggregate(3, iter([]), state).global_tensors["l.lora_A.weight"])
 
 
 def test_distributed_noise_shares_sum_to_std_z_s():
@@ -310,8 +311,9 @@ def test_calibrate_chooses_z_for_the_planned_rounds(tmp_path, tiny_model_dir, ti
 
 
 def test_a_resumed_run_reports_the_same_epsilon(tmp_path, tiny_model_dir, tiny_tsv_dataset, monkeypatch):
-    full = _dp_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "full", rounds=4, sampling="fixed")
-    cut = _dp_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "cut", rounds=4, sampling="fixed")
+    same = {"reproducible_noise": True}  # two runs, one noise: their tensors can be compared
+    full = _dp_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "full", rounds=4, sampling="fixed", privacy=same)
+    cut = _dp_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "cut", rounds=4, sampling="fixed", privacy=same)
     execute(full)
     execute_stopped_at(cut, 3, monkeypatch)
     execute(cut, resume=True)
@@ -333,8 +335,9 @@ def test_a_dp_run_is_the_same_on_flower(noise, sampling, tmp_path, tiny_model_di
     from test_flower import LocalGrid, local_grid_driver
 
     dp = {"clip": 0.5, "noise_multiplier": 1.0, "noise": noise}
-    plain = execute(_dp_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "plain", 4, sampling, dp=dp))
-    flower = execute_with(_dp_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "flower", 4, sampling, dp=dp),
+    same = {"reproducible_noise": True}
+    plain = execute(_dp_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "plain", 4, sampling, same, dp))
+    flower = execute_with(_dp_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "flower", 4, sampling, same, dp),
                           local_grid_driver(LocalGrid(4)), "flower")
     a, b = adapter(plain.run_dir), adapter(flower.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -7,8 +7,9 @@ A step of client i (n_i training rows, B = ``train.batch_size``, q_i = B / n_i, 
     g_j = ∇_θ ℓ_j(θ) for each j ∈ S          ℓ_j: row j's own task loss, θ: the trainable tensors only
     g̃  = ( Σ_{j∈S} g_j · min(1, C / ‖g_j‖₂)  +  N(0, σ² C² I) ) / B  +  ∇_θ r(θ)
 
-and the client's optimiser steps with g̃; r is what the algorithm adds to the task loss, a term of the
-parameters alone (FedProx's μ/2 ‖θ − θ_g‖²), whose gradient needs no privatising. ``train.max_grad_norm`` then
+and the client's optimiser steps with g̃ (the noise drawn from the client's secret key, :mod:`fedtune.dp_noise`);
+r is what the algorithm adds to the task loss, a term of the parameters alone (FedProx's μ/2 ‖θ − θ_g‖²), whose
+gradient needs no privatising. ``train.max_grad_norm`` then
 bounds the step as ever (post-processing). :mod:`fedtune.privacy` accounts each step as a Poisson-sampled
 Gaussian with add/remove-one neighbours.
 
@@ -134,12 +135,13 @@ class _ParameterTerms:
 
 @dataclass
 class PrivateGradient:
-    """Client i's DP-SGD step (module docstring): per-row clip ``clip``, noise ``noise_multiplier``, divided
-    by ``expected_batch`` (q_i · n_i)."""
+    """Client i's DP-SGD step (module docstring): per-row clip ``clip``, noise ``noise_multiplier`` drawn from
+    ``generator`` (:func:`fedtune.dp_noise.noise_generator`), divided by ``expected_batch`` (q_i · n_i)."""
 
     clip: float
     noise_multiplier: float
     expected_batch: float
+    generator: torch.Generator
     clipped_norms: list[float] = field(default_factory=list)
     """Every row's gradient norm after clipping, in this round's steps (for tests and checks)."""
 
@@ -173,7 +175,7 @@ class PrivateGradient:
                 summed[n] = torch.einsum("b,b...->...", factors.to(g.dtype), g)
         scale = self.noise_multiplier * self.clip
         for n, p in params:
-            noise = torch.randn(p.shape, dtype=p.dtype) * scale if scale else 0.0  # the CPU generator, any device
+            noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype) * scale if scale else 0.0
             g = (summed[n] + (noise.to(p.device) if scale else 0.0)) / self.expected_batch
             p.grad = g if regulariser[n] is None else g + regulariser[n]
         return total, rows

@@ -315,6 +315,7 @@ def build_experiment(cfg: RunConfig, note: Callable[[str], None] | None = None, 
     algorithm.bind(RunFacts(seed=cfg.seed, rounds=cfg.federation.rounds, num_clients=data.num_clients,
                             clients_per_round=1 if algorithm.pools_data else clients_per_round(cfg, data.num_clients),
                             sampling_rate=None if algorithm.pools_data else sampling_rate(cfg, data.num_clients),
+                            noise_seed=cfg.seed if cfg.privacy.reproducible_noise else None,
                             client_groups=data.client_groups))
     privacy = privacy_for(cfg, algorithm, data.num_clients)
     attack = (attack_for(cfg, algorithm, data.num_clients, [tr for tr, _ in data.sizes],

@@ -22,7 +22,10 @@ counted as amplification there.
 The accountant's state is how many uses were composed: the rounds run (client level, ``privacy/rounds``) or
 each client's steps (record level, ``privacy/steps``, one entry per client, counted for every client a round
 sampled: one that failed may have trained). It lives in the server state's ``extra``, so a checkpoint carries
-it and a resumed run composes exactly the events an uninterrupted one does.
+it and a resumed run composes exactly the events an uninterrupted one does. Composing the round redone after a
+resume once is right because its noise is the noise it drew before: each party draws from its own secret key
+(:mod:`fedtune.dp_noise`), which the checkpoint keeps (the server's; in-process, the clients' too); a Flower run
+whose clients add noise keeps their keys on the nodes and cannot be resumed.
 
 ``privacy.target_epsilon`` either stops the run before the round that would take ε past it (``stop``) or
 chooses the noise before the run (``calibrate``): the smallest z (client level) or σ_i (record level, each
@@ -365,6 +368,8 @@ class Privacy:
             units = "clients" if self.dp is not None else "rows of the smallest client"
             out.append(f"privacy.delta={p.delta:g} is not below 1/{population} ({units}): an (ε, δ) guarantee "
                        "with δ ≥ 1/n allows one unit in the clear; lower it")
+        if p.reproducible_noise:
+            out.append(REPRODUCIBLE)
         if self.dp is not None and self.dp.options.noise == "distributed":
             out.append("noise: distributed — each client adds its share of the noise, for use with secure "
                        "aggregation, which fedtune does not have yet: the server sees every share, and the ε holds "
@@ -378,7 +383,8 @@ class Privacy:
         out: dict[str, Any] = {"unit": self.unit, "epsilon": self.epsilon(rows), "delta": p.delta,
                                "accountant": p.accountant, "target_epsilon": p.target_epsilon,
                                "on_target": p.on_target if p.target_epsilon is not None else None,
-                               "stopped_before_round": self.stopped_before}
+                               "stopped_before_round": self.stopped_before,
+                               "reproducible_noise": p.reproducible_noise}
         if self.dp is not None:
             out.update(mechanism=self.dp.describe(), sampling=self.mechanism.describe(),
                        noise_multiplier=self.dp.noise_multiplier, rounds_composed=self.rounds_run)
@@ -392,6 +398,11 @@ class Privacy:
         return out
 
 
+REPRODUCIBLE = ("privacy.reproducible_noise: the noise is drawn from the run's seed, so this ε holds against no "
+                "one who knows config.yaml's seed (for tests and benchmarks only)")
+"""Said wherever a run's privacy is reported, when its noise can be regenerated from its seed."""
+
+
 def guarantee(record: dict[str, Any]) -> str:
     """One line on what a run's ``privacy`` record (:meth:`Privacy.record`, in ``summary.json``) guarantees: ε
     at δ, the unit it protects, the mechanism and the sampling the accountant assumed (``fedtune show``, the
@@ -402,8 +413,9 @@ def guarantee(record: dict[str, Any]) -> str:
             "one training row of a client (the largest of the clients' ε)")
     stop = (f"; the run stopped before round {record['stopped_before_round']} to stay within ε = "
             f"{record['target_epsilon']:g}" if record.get("stopped_before_round") else "")
+    void = f"; {REPRODUCIBLE}" if record.get("reproducible_noise") else ""
     return (f"(ε = {value}, δ = {record['delta']:g})-differential privacy for {unit}: {record['mechanism']}; "
-            f"{record['sampling']}; {record['accountant'].upper()} accountant (dp-accounting){stop}")
+            f"{record['sampling']}; {record['accountant'].upper()} accountant (dp-accounting){stop}{void}")
 
 
 def privacy_for(cfg: RunConfig, algorithm, num_clients: int) -> Privacy | None:

@@ -86,6 +86,15 @@ def execute(cfg: RunConfig, overwrite: bool = False, console: Console | None = N
     return execute_with(cfg, drivers[runtime], runtime, overwrite=overwrite, console=console, resume=resume)
 
 
+def _node_state(cfg: RunConfig) -> str:
+    """What a Flower node keeps for its client across rounds under ``cfg``, in words."""
+    noise = cfg.privacy.dp_sgd.enabled or any(
+        w.name == "dp" and w.options.get("noise") == "distributed" for w in cfg.algorithm.wrappers)
+    return ("the secret keys of their DP noise: resumed, they would draw new keys and release the interrupted "
+            "round again under other noise, which the ε does not count" if noise else
+            f"algorithm '{cfg.algorithm.name}' keeps each client's own tensors there")
+
+
 def _resume_point(cfg: RunConfig, note: Callable[[str], None]) -> Checkpoint:
     """The checkpoint a resume continues from (a corrupt latest one: the previous, with a line to ``note``).
     One-line errors for a run that never started (no folder, or no completed round) and for a config that
@@ -139,8 +148,8 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
             return RunResult(cfg.run_dir, summary.get("final", {}), 0.0, already_finished=True)
         if ckpt.clients_with_state_on_nodes:
             raise FedtuneError(
-                f"cannot resume {cfg.run_dir}: algorithm '{cfg.algorithm.name}' kept per-client state on the Flower "
-                f"nodes of clients {ckpt.clients_with_state_on_nodes}, which the checkpoint does not hold; rerun it"
+                f"cannot resume {cfg.run_dir}: the Flower nodes of clients {ckpt.clients_with_state_on_nodes} kept "
+                f"per-client state ({_node_state(cfg)}), which the checkpoint does not hold; rerun it"
             )
         log = _reopen_log(cfg, ckpt, say)
         console.print(f"resuming {cfg.run_dir} after round {ckpt.round}")

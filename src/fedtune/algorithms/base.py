@@ -196,6 +196,9 @@ class RunFacts:
     sampling_rate: float | None = None
     """``federation.sampling: poisson``: the probability q with which each client joins a round; None: each round
     samples exactly ``clients_per_round``."""
+    noise_seed: int | None = None
+    """``privacy.reproducible_noise``: the run's seed, from which DP noise is then drawn (tests, benchmarks; no
+    guarantee against whoever knows it); None: each party draws a secret key (:mod:`fedtune.dp_noise`)."""
     client_groups: tuple[str, ...] | None = None
     """Each client's group (the most frequent value of ``partition.by`` in its shard) when the partition is over
     a column; reference variants (e.g. oracle clusters) and agreement scores use it."""

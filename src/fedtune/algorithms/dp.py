@@ -26,8 +26,9 @@ change's noise is z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) for the z the run st
 σ_b defaults to m/20, the paper's choice, and must exceed z/2). The same split holds for replace-one
 neighbours, where both sensitivities double.
 
-The guarantee covers what the server releases (every round's global model); the run log is the server's own
-record and lists each round's clients and their change norms.
+The noise is drawn from a secret key of the party that adds it (the server, or each client), never from the
+run's seed (:mod:`fedtune.dp_noise`). The guarantee covers what the server releases (every round's global
+model); the run log is the server's own record and lists each round's clients and their change norms.
 """
 
 from __future__ import annotations
@@ -44,14 +45,13 @@ from fedtune.algorithms.base import (
     Algorithm, ClientContext, ClientUpdate, Expected, NoOptions, Payload, Rule, ServerState,
 )
 from fedtune.algorithms.wrapper import Wrapper
+from fedtune.dp_noise import NOISE_KEY, noise_generator, noise_key
 from fedtune.errors import FedtuneError
-from fedtune.seeds import derive_seed
 
 CLIP = "dp/clip"
 """State (``extra``) and payload config: the clip S_t of the round (adaptive clipping)."""
 BELOW = "dp/below"
 """Distributed adaptive clipping: the side channel of a client's noised b_i."""
-_SEED = 52_711  # noise: (run seed, round, _SEED) at the server; (run seed, round, client, _SEED) on a client
 
 
 class DpOptions(NoOptions):
@@ -223,8 +223,9 @@ class Dp(Wrapper):
                 total[n] += d
             count += 1
         m = self.expected_clients
+        secret = {NOISE_KEY: state.extra[NOISE_KEY]} if NOISE_KEY in state.extra else {}
         if central and self.noise_multiplier:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, rnd, _SEED))
+            g = noise_generator(noise_key(secret, self.facts.noise_seed, "server"), "dp central", rnd)
             for n in total:
                 total[n] += torch.randn(total[n].shape, generator=g, dtype=torch.float64) * (self.change_noise * clip)
             below += float(torch.randn((), generator=g, dtype=torch.float64)) * self.count_std
@@ -237,6 +238,7 @@ class Dp(Wrapper):
                 -self.options.clip_lr * (unclipped - self.options.target_quantile)), dtype=torch.float64)}
             metrics["dp/unclipped"] = unclipped
         new.metrics = {**new.metrics, **metrics}
+        new.extra = {**new.extra, **secret}  # the server's key stays in its state (and checkpoint), nowhere else
         return new
 
     # ------------------------------------------------------------------ client side (distributed noise)
@@ -251,7 +253,8 @@ class Dp(Wrapper):
         k = self.facts.clients_per_round
         unclipped = _norm(delta) <= clip
         delta, _ = clip_change(delta, clip)
-        g = torch.Generator().manual_seed(derive_seed(self.seed, ctx.round, ctx.client_id, _SEED))
+        g = noise_generator(noise_key(ctx.state, self.facts.noise_seed, "client", ctx.client_id), "dp share",
+                            ctx.round)
         tensors = dict(u.tensors)
         for n in names:
             share = torch.randn(delta[n].shape, generator=g, dtype=torch.float64) * (self.change_noise * clip / k**0.5)

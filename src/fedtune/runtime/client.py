@@ -9,6 +9,7 @@ import torch
 
 from fedtune.aggregation import Tensors
 from fedtune.algorithms import ClientContext, ClientUpdate, Payload
+from fedtune.dp_noise import noise_generator, noise_key
 from fedtune.dp_sgd import PrivateGradient, poisson_batches
 from fedtune.experiment import Experiment, derive_seed, evaluated_round
 from fedtune.models.lora import trainable_state
@@ -31,8 +32,9 @@ def client_round(
 ) -> ClientUpdate:
     """Train client ``client_id`` for one round and return its update; ``state`` is its persistent tensors.
 
-    Seeded by (run seed, round, client): dropout and batch order (and DP-SGD's row samples and noise) are the
-    same on any runtime and in any client order.
+    Seeded by (run seed, round, client): dropout and batch order (and DP-SGD's row samples) are the same on any
+    runtime and in any client order. DP-SGD's noise comes from the client's own secret key, kept in ``state``
+    (:mod:`fedtune.dp_noise`; from the run's seed only under ``privacy.reproducible_noise``).
     """
     algo, cfg = exp.algorithm, exp.cfg
     data = exp.client(client_id)
@@ -49,7 +51,9 @@ def client_round(
     private = None
     if cfg.privacy.dp_sgd.enabled:  # record-level DP: Poisson samples of the rows, privatised gradients
         mechanism = exp.privacy.record_mechanism(client_id, len(shard))
-        private = PrivateGradient(cfg.privacy.dp_sgd.clip, mechanism.noise_multiplier, mechanism.rate * len(shard))
+        key = noise_key(state, exp.algorithm.facts.noise_seed, "client", client_id)
+        private = PrivateGradient(cfg.privacy.dp_sgd.clip, mechanism.noise_multiplier, mechanism.rate * len(shard),
+                                  noise_generator(key, "dp-sgd", rnd))
         batches = poisson_batches(data.examples, shard, mechanism.rate, rng)
     else:
         batches = batch_stream(data.examples, shard, cfg.train.batch_size, rng)

@@ -48,6 +48,7 @@ from fedtune.algorithms import Payload
 from fedtune.config import RunConfig
 from fedtune.data.registry import REGISTRY
 from fedtune.device import on_node
+from fedtune.dp_noise import public
 from fedtune.errors import FedtuneError, public_error
 from fedtune.experiment import Experiment, build_experiment
 from fedtune.models.base import PACKAGED
@@ -243,8 +244,8 @@ def answer(message_type: str, content: RecordDict, node_config: dict[str, Any], 
         return (RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()})}),
                 tensors_to_record(held) if held or state is not None else None)
     action = content["fedtune"]["action"]
-    if action == "state":
-        return RecordDict({"state": state if state is not None else ArrayRecord()}), None
+    if action == "state":  # never its secrets (the client's DP noise key)
+        return RecordDict({"state": tensors_to_record(public(held))}), None
     # "hello", at a run's start: build the experiment (reading the data file afresh if it changed), say who this is
     exp, cid, _ = _meta_of(content, node_config, deployed, fresh=True)
     report: dict[str, Any] = {"client_id": cid}

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from fedtune.aggregation import Tensors
 from fedtune.algorithms import ClientUpdate, Payload
+from fedtune.dp_noise import public
 from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment
 from fedtune.runtime.client import client_evaluate, client_round
@@ -76,4 +77,4 @@ class InProcessPool:
         return []
 
     def final_client_states(self) -> dict[int, Tensors]:
-        return self.client_states
+        return {cid: public(state) for cid, state in self.client_states.items()}
