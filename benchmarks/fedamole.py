@@ -137,7 +137,9 @@ AUX = ("fedamole", "fedamole-r1", "fdlora")
 """The methods that read each client's auxiliary split (routing embeddings, FDLoRA's fusion)."""
 
 
-def run_scenario(name: str, args) -> dict:
+def run_scenario(name: str, args, emit=lambda result: None) -> dict:
+    """Scenario ``name``'s rows for ``args.methods``; ``emit`` gets the result so far after each method (so that
+    an invocation stopped part way keeps the methods it finished)."""
     overrides, metric = scenario(name, args)
     clients = [] if name == "c" else ["partition.num_clients=10"]  # c: one client per task file
     schedule = (["train.lr_schedule=exponential", "train.lr_decay=0.99"] if args.schedule == "exponential" else
@@ -170,11 +172,13 @@ def run_scenario(name: str, args) -> dict:
             entry["mean_experts_per_client"] = sum(experts) / len(experts)
         rows[method] = entry
         print(json.dumps({"scenario": name, "method": method, "value": entry["value"], "wall_s": wall}), flush=True)
-    return {"methods": rows, "matmul_gflops": {"before": probe, "after": matmul_gflops()},
-            "methods_run": list(args.methods),
-            "sizes": {"rows": args.rows, "rounds": args.rounds, "steps": args.steps, "batch": args.batch,
-                      "new_tokens": args.new_tokens, "eval_every": args.eval_every, "lr_schedule": args.schedule,
-                      "clients": 10, "test_fraction": 0.2, "aux_fraction": 0.1}}
+        result = {"methods": dict(rows), "matmul_gflops": {"before": probe, "after": matmul_gflops()},
+                  "methods_run": [m for m in args.methods if m in rows], "invocation": args.invocation,
+                  "sizes": {"rows": args.rows, "rounds": args.rounds, "steps": args.steps, "batch": args.batch,
+                            "new_tokens": args.new_tokens, "eval_every": args.eval_every,
+                            "lr_schedule": args.schedule, "clients": 10, "test_fraction": 0.2, "aux_fraction": 0.1}}
+        emit(result)
+    return result
 
 
 def figures(prefix: str, metric: str, final: dict, best: dict) -> dict:
@@ -223,14 +227,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--runs", default="runs/bench_fedamole")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--invocation", default=time.strftime("%Y-%m-%dT%H:%M:%S"), help=argparse.SUPPRESS)
     parser.add_argument("-o", "--output", default=str(RESULTS / "fedamole.json"))
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps({args.one: run_scenario(args.one, args)}), flush=True)
+        run_scenario(args.one, args, lambda result: print("RESULT " + json.dumps({args.one: result}), flush=True))
         return
     flags = ["--rows", str(args.rows), "--rounds", str(args.rounds), "--steps", str(args.steps), "--batch",
              str(args.batch), "--new-tokens", str(args.new_tokens), "--eval-every", str(args.eval_every),
-             "--schedule", args.schedule, "--runs", args.runs, "--methods", *args.methods]
+             "--schedule", args.schedule, "--runs", args.runs, "--invocation", args.invocation,
+             "--methods", *args.methods]
     out = Path(args.output)
     results = json.loads(out.read_text()) if out.is_file() else {}
     pending, running, failed = list(args.scenarios), [], []
@@ -262,6 +268,13 @@ def merged(recorded: dict, new: dict) -> dict:
     out = dict(recorded)
     for name, res in new.items():
         old = recorded.get(name)
+        if old is not None and old.get("invocation") == res["invocation"]:  # this invocation's result, grown
+            earlier = old.get("earlier", {})
+            kept = {k: v for k, v in old["methods"].items()
+                    if k in earlier.get("methods", []) and k not in res["methods"]}
+            out[name] = {**res, "methods": {**kept, **res["methods"]},
+                         **({"earlier": {**earlier, "methods": sorted(kept)}} if kept else {})}
+            continue
         if old is None or set(res["methods_run"]) >= set(METHODS):
             out[name] = res
             continue
