@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fedtune.config import load_config
+from fedtune.dp_noise import SecretStream, noise_key
 from fedtune.dp_sgd import PrivateGradient, example_losses, per_row_gradients, poisson_batches
 from fedtune.errors import FedtuneError
 from fedtune.experiment import build_experiment
@@ -72,7 +73,7 @@ def test_a_private_step_clips_every_row_and_adds_noise_of_sigma_c_over_b(tmp_pat
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     # no clipping (C huge), no noise: the sum of the rows' gradients over the expected batch
-    exact = PrivateGradient(clip=1e9, noise_multiplier=0.0, expected_batch=4.0, generator=torch.Generator())
+    exact = PrivateGradient(clip=1e9, noise_multiplier=0.0, expected_batch=4.0, noise=SecretStream(noise_key({}, None), "test", 1))
     exact.backward(model, batch, exp.forward, task, lambda: torch.autocast("cpu", enabled=False))
     private = [p.grad.clone() for _, p in params]
     mean = model(**batch).loss  # the batch's mean loss: its gradient times 8 rows / 4 expected
@@ -82,7 +83,7 @@ def test_a_private_step_clips_every_row_and_adds_noise_of_sigma_c_over_b(tmp_pat
 
     # a small C: every row's clipped gradient has norm ≤ C, and the sum over the expected batch is bounded by it
     small = PrivateGradient(clip=1e-3, noise_multiplier=0.0, expected_batch=8.0,
-                            generator=torch.Generator())
+                            noise=SecretStream(noise_key({}, None), "test", 1))
     small.backward(model, batch, exp.forward, task, lambda: torch.autocast("cpu", enabled=False))
     assert len(small.clipped_norms) == 8 and max(small.clipped_norms) <= 1e-3 * (1 + 1e-9)
     assert sum(float(p.grad.pow(2).sum()) for _, p in params) ** 0.5 <= 1e-3 * 8 / 8 * (1 + 1e-6)
@@ -90,7 +91,7 @@ def test_a_private_step_clips_every_row_and_adds_noise_of_sigma_c_over_b(tmp_pat
     # an empty Poisson batch: the step is the noise alone, N(0, σ²C²) / B per coordinate
     empty = exp.client(0).examples.collate([])
     noisy = PrivateGradient(clip=0.5, noise_multiplier=2.0, expected_batch=4.0,
-                            generator=torch.Generator().manual_seed(0))
+                            noise=SecretStream(noise_key({}, None), "test", 1))
     draws = []
     for _ in range(40):
         noisy.backward(model, empty, exp.forward, task, lambda: torch.autocast("cpu", enabled=False))
@@ -109,7 +110,7 @@ def test_fedprox_under_dp_sgd_adds_its_proximal_gradient_unclipped(tmp_path, tin
     algo = build_algorithm("fedprox", {"mu": 0.7})
     ctx = ClientContext(0, 1, model, exp.initial, {}, start=start)
     empty = exp.client(0).examples.collate([])
-    PrivateGradient(clip=1.0, noise_multiplier=0.0, expected_batch=4.0, generator=torch.Generator()).backward(
+    PrivateGradient(clip=1.0, noise_multiplier=0.0, expected_batch=4.0, noise=SecretStream(noise_key({}, None), "test", 1)).backward(
         model, empty, exp.forward, lambda b, out: algo.loss(ctx, b, out), lambda: torch.autocast("cpu", enabled=False))
     for n, p in params:  # no rows, no noise: the gradient is μ(θ − θ_g) alone, not clipped to C
         torch.testing.assert_close(p.grad, 0.7 * (p.detach() - start[n]))

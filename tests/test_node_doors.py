@@ -168,3 +168,13 @@ def test_a_deployed_node_refuses_to_attack_on_the_servers_say(tmp_path, tiny_mod
     node = {"client-id": 0, "data-path": str(files[0]), "model-root": str(tiny_model_dir)}
     with pytest.raises(WorkerError, match="a deployed node never misbehaves on the server's say"):
         worker_call(worker.folder, ("query", _hello(cfg), node, None))
+
+
+def test_a_deployed_node_refuses_seeded_dp_noise_on_the_servers_say(tmp_path, tiny_model_dir, tiny_tsv_dataset,
+                                                                     worker):
+    files = client_files(tmp_path / "nodes", tiny_tsv_dataset)
+    cfg = files_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "a", federation={"rounds": 1},
+                    privacy={"reproducible_noise": True, "dp_sgd": {"enabled": True, "noise_multiplier": 1.0}})
+    node = {"client-id": 0, "data-path": str(files[0]), "model-root": str(tiny_model_dir)}
+    with pytest.raises(WorkerError, match="a deployed node draws it from a key of its own"):
+        worker_call(worker.folder, ("query", _hello(cfg), node, None))

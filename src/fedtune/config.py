@@ -475,10 +475,11 @@ class PrivacyConfig(_Strict):
     dp_sgd: DpSgdConfig = Field(default_factory=DpSgdConfig)
     """Record-level DP-SGD inside every client (``enabled``)."""
     reproducible_noise: bool = False
-    """Draw the DP noise from the run's seed, so that two runs of one config agree bit for bit (tests,
-    benchmarks). The seed is in config.yaml: anyone who knows it can regenerate the noise and remove it, so the
-    run's ε holds against no one who has the config, and every report of its privacy says so. Default: each
-    party that adds noise draws it from a secret key of its own (os CSPRNG) that never leaves it."""
+    """Draw the DP noise and samples from the run's seed, so that two runs of one config agree bit for bit
+    (tests, benchmarks). The seed is in config.yaml: anyone who knows it can regenerate the noise and remove it,
+    so the run's ε holds against no one who has the config; every report of its privacy says so, and a deployed
+    node refuses it. Default: each party draws them from a secret key of its own (OS CSPRNG) that never leaves
+    it (:mod:`fedtune.dp_noise`)."""
 
     @model_validator(mode="after")
     def _calibrate_what(self) -> "PrivacyConfig":

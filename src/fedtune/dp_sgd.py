@@ -7,7 +7,7 @@ A step of client i (n_i training rows, B = ``train.batch_size``, q_i = B / n_i, 
     g_j = ∇_θ ℓ_j(θ) for each j ∈ S          ℓ_j: row j's own task loss, θ: the trainable tensors only
     g̃  = ( Σ_{j∈S} g_j · min(1, C / ‖g_j‖₂)  +  N(0, σ² C² I) ) / B  +  ∇_θ r(θ)
 
-and the client's optimiser steps with g̃ (the noise drawn from the client's secret key, :mod:`fedtune.dp_noise`);
+and the client's optimiser steps with g̃ (S and the noise drawn from the client's secret key, :mod:`fedtune.dp_noise`);
 r is what the algorithm adds to the task loss, a term of the parameters alone (FedProx's μ/2 ‖θ − θ_g‖²), whose
 gradient needs no privatising. ``train.max_grad_norm`` then
 bounds the step as ever (post-processing). :mod:`fedtune.privacy` accounts each step as a Poisson-sampled
@@ -33,13 +33,15 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
+from fedtune.dp_noise import SecretStream
 from fedtune.errors import FedtuneError
 from fedtune.training import IGNORE, Encoded, LMOutputs
 
 
-def poisson_batches(data: Encoded, indices: np.ndarray, rate: float, rng: np.random.Generator):
+def poisson_batches(data: Encoded, indices: np.ndarray, rate: float, rng: SecretStream | np.random.Generator):
     """Endless batches of ``indices``, each row in each batch independently with probability ``rate``
-    (a batch may be empty: zero rows)."""
+    (a batch may be empty: zero rows); ``rng.random(n)`` gives the uniforms (a run draws them from the client's
+    :class:`~fedtune.dp_noise.SecretStream`)."""
     indices = np.asarray(indices)
     if len(indices) == 0:
         raise ValueError("a client with no training examples cannot train")
@@ -136,12 +138,12 @@ class _ParameterTerms:
 @dataclass
 class PrivateGradient:
     """Client i's DP-SGD step (module docstring): per-row clip ``clip``, noise ``noise_multiplier`` drawn from
-    ``generator`` (:func:`fedtune.dp_noise.noise_generator`), divided by ``expected_batch`` (q_i · n_i)."""
+    ``noise`` (the client's :class:`~fedtune.dp_noise.SecretStream`), divided by ``expected_batch`` (q_i · n_i)."""
 
     clip: float
     noise_multiplier: float
     expected_batch: float
-    generator: torch.Generator
+    noise: SecretStream
     clipped_norms: list[float] = field(default_factory=list)
     """Every row's gradient norm after clipping, in this round's steps (for tests and checks)."""
 
@@ -175,7 +177,7 @@ class PrivateGradient:
                 summed[n] = torch.einsum("b,b...->...", factors.to(g.dtype), g)
         scale = self.noise_multiplier * self.clip
         for n, p in params:
-            noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype) * scale if scale else 0.0
+            noise = self.noise.normal(p.shape).to(p.dtype) * scale if scale else 0.0
             g = (summed[n] + (noise.to(p.device) if scale else 0.0)) / self.expected_batch
             p.grad = g if regulariser[n] is None else g + regulariser[n]
         return total, rows

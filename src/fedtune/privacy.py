@@ -238,7 +238,8 @@ class Privacy:
         return self.mechanism_with(self.dp.noise_multiplier)
 
     def round_clients(self, rnd: int) -> list[int]:
-        """The clients round ``rnd`` trains, as the round loop samples them."""
+        """The clients round ``rnd`` trains, as the round loop samples them at record level (from the run's seed;
+        under the dp wrapper the server samples from its secret key, and ε does not depend on who)."""
         return self.algorithm.participants(rnd, sample_clients(self.cfg.seed, rnd, self.num_clients, self._k,
                                                                self._rate))
 
@@ -416,6 +417,12 @@ def guarantee(record: dict[str, Any]) -> str:
     void = f"; {REPRODUCIBLE}" if record.get("reproducible_noise") else ""
     return (f"(ε = {value}, δ = {record['delta']:g})-differential privacy for {unit}: {record['mechanism']}; "
             f"{record['sampling']}; {record['accountant'].upper()} accountant (dp-accounting){stop}{void}")
+
+
+def clients_add_noise(cfg: RunConfig) -> bool:
+    """Whether ``cfg``'s clients draw DP randomness from keys of their own (DP-SGD, or distributed noise)."""
+    return cfg.privacy.dp_sgd.enabled or any(
+        w.name == "dp" and w.options.get("noise") == "distributed" for w in cfg.algorithm.wrappers)
 
 
 def privacy_for(cfg: RunConfig, algorithm, num_clients: int) -> Privacy | None:

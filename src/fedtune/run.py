@@ -38,6 +38,7 @@ from fedtune.algorithms import ClientContext, ServerState
 from fedtune.model_card import write_model_cards
 from fedtune.models.base import public_model_name
 from fedtune.models.lora import MERGED, MERGED_FILE
+from fedtune.privacy import clients_add_noise
 from fedtune.progress import RunProgress
 from fedtune.report import clustering_plots
 from fedtune.runlog import (CONFIG, METRIC_PREFIXES, METRICS, SUMMARY, RunLog, best_values, load_run, read_rows,
@@ -84,15 +85,6 @@ def execute(cfg: RunConfig, overwrite: bool = False, console: Console | None = N
     if runtime not in drivers:
         raise FedtuneError(f"unknown runtime '{runtime}'; choose one of: {', '.join(RUNTIMES)}")
     return execute_with(cfg, drivers[runtime], runtime, overwrite=overwrite, console=console, resume=resume)
-
-
-def _node_state(cfg: RunConfig) -> str:
-    """What a Flower node keeps for its client across rounds under ``cfg``, in words."""
-    noise = cfg.privacy.dp_sgd.enabled or any(
-        w.name == "dp" and w.options.get("noise") == "distributed" for w in cfg.algorithm.wrappers)
-    return ("the secret keys of their DP noise: resumed, they would draw new keys and release the interrupted "
-            "round again under other noise, which the ε does not count" if noise else
-            f"algorithm '{cfg.algorithm.name}' keeps each client's own tensors there")
 
 
 def _resume_point(cfg: RunConfig, note: Callable[[str], None]) -> Checkpoint:
@@ -148,9 +140,14 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
             return RunResult(cfg.run_dir, summary.get("final", {}), 0.0, already_finished=True)
         if ckpt.clients_with_state_on_nodes:
             raise FedtuneError(
-                f"cannot resume {cfg.run_dir}: the Flower nodes of clients {ckpt.clients_with_state_on_nodes} kept "
-                f"per-client state ({_node_state(cfg)}), which the checkpoint does not hold; rerun it"
+                f"cannot resume {cfg.run_dir}: algorithm '{cfg.algorithm.name}' kept per-client state on the Flower "
+                f"nodes of clients {ckpt.clients_with_state_on_nodes}, which the checkpoint does not hold; rerun it"
             )
+        if runtime == "flower" and clients_add_noise(cfg):
+            raise FedtuneError(
+                f"cannot resume {cfg.run_dir} on Flower: its clients' DP keys lived on their nodes for that run only, "
+                "so a resumed run would draw new ones and release the interrupted round again under other noise, "
+                "which the ε does not count; rerun it (a rerun spends ε again)")
         log = _reopen_log(cfg, ckpt, say)
         console.print(f"resuming {cfg.run_dir} after round {ckpt.round}")
     else:

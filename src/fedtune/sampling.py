@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedtune.config import RunConfig
+from fedtune.dp_noise import SecretStream
 from fedtune.errors import FedtuneError
 from fedtune.seeds import derive_seed
 
@@ -47,9 +48,17 @@ def sampling_rate(cfg: RunConfig, num_clients: int) -> float | None:
     return clients_per_round(cfg, num_clients) / num_clients
 
 
-def sample_clients(seed: int, rnd: int, num_clients: int, k: int, rate: float | None = None) -> list[int]:
+def sample_clients(seed: int, rnd: int, num_clients: int, k: int, rate: float | None = None,
+                   secret: SecretStream | None = None) -> list[int]:
     """Round ``rnd``'s clients in order: each with probability ``rate`` (Poisson sampling), else k of
-    ``num_clients`` drawn without replacement (all of them when k ≥ N)."""
+    ``num_clients`` drawn without replacement (all of them when k ≥ N). Drawn from (``seed``, ``rnd``), or from
+    ``secret`` (the dp wrapper's server key: a sample no one else can recompute), where the k of N are the k
+    smallest of N uniforms."""
+    if secret is not None:
+        u = secret.random(num_clients)
+        if rate is not None:
+            return np.flatnonzero(u < rate).tolist()
+        return sorted(np.argsort(u, kind="stable")[:k].tolist())
     rng = np.random.default_rng(derive_seed(seed, rnd, _SEED))
     if rate is not None:
         return np.flatnonzero(rng.random(num_clients) < rate).tolist()

@@ -157,6 +157,9 @@ class ClientContext:
     forward: Any = None
     """The forward pass of the run's task on ``model`` (:attr:`~fedtune.experiment.Experiment.forward`: outputs
     carry ``.loss``), for algorithms that score the model themselves."""
+    secrets: Tensors = field(default_factory=dict)
+    """The client's secrets (its DP key, :mod:`fedtune.dp_noise`): kept by the runtime beside ``state``, never
+    handed on, and not part of the algorithm's state."""
     _on_device: dict[str, Tensors] = field(default_factory=dict, repr=False)
 
     @property

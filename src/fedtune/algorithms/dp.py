@@ -26,8 +26,9 @@ change's noise is z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) for the z the run st
 σ_b defaults to m/20, the paper's choice, and must exceed z/2). The same split holds for replace-one
 neighbours, where both sensitivities double.
 
-The noise is drawn from a secret key of the party that adds it (the server, or each client), never from the
-run's seed (:mod:`fedtune.dp_noise`). The guarantee covers what the server releases (every round's global
+The noise and the server's client sampling are drawn from a secret key of the party that draws them (the
+server's is made with the initial state; each client's), never from the run's seed (:mod:`fedtune.dp_noise`):
+amplification by sampling needs a sample that whoever knows the config cannot recompute. The guarantee covers what the server releases (every round's global
 model); the run log is the server's own record and lists each round's clients and their change norms.
 """
 
@@ -45,7 +46,7 @@ from fedtune.algorithms.base import (
     Algorithm, ClientContext, ClientUpdate, Expected, NoOptions, Payload, Rule, ServerState,
 )
 from fedtune.algorithms.wrapper import Wrapper
-from fedtune.dp_noise import NOISE_KEY, noise_generator, noise_key
+from fedtune.dp_noise import NOISE_KEY, SecretStream, noise_key, round_key
 from fedtune.errors import FedtuneError
 
 CLIP = "dp/clip"
@@ -182,6 +183,17 @@ class Dp(Wrapper):
         return (f"DP-FedAvg, {clip}, equal weights, {o.noise} noise z_Δ = {self.change_noise:.4g} on the sum, "
                 f"mean over m = {self.expected_clients:g} expected clients")
 
+    def server_key(self, state: ServerState) -> torch.Tensor:
+        """The server's secret key (:mod:`fedtune.dp_noise`), made with the initial state."""
+        if NOISE_KEY not in state.extra:
+            raise FedtuneError("the dp wrapper's server state has no noise key: it was not made by this wrapper's "
+                               "init (a checkpoint from a run without dp?); start the run afresh")
+        return state.extra[NOISE_KEY]
+
+    def sampling(self, state: ServerState, rnd: int) -> SecretStream:
+        """Round ``rnd``'s client sampling, drawn from the server's key."""
+        return SecretStream(self.server_key(state), "client sampling", rnd)
+
     def clip_of(self, state: ServerState) -> float:
         """S of the round that starts from ``state``."""
         return float(state.extra[CLIP]) if CLIP in state.extra else self.options.clip
@@ -194,6 +206,11 @@ class Dp(Wrapper):
         return {n: e.start for n, e in sorted(expected.items()) if e.is_model}
 
     # ------------------------------------------------------------------ server side
+    def init(self, initial: Tensors) -> ServerState:
+        state = self.inner.init(initial)
+        noise_key(state.extra, self.facts.noise_seed, "server")
+        return state
+
     def configure(self, rnd: int, client_ids: list[int], state: ServerState) -> dict[int, Payload]:
         payloads = self.inner.configure(rnd, client_ids, state)
         if self.options.noise == "distributed":
@@ -223,12 +240,11 @@ class Dp(Wrapper):
                 total[n] += d
             count += 1
         m = self.expected_clients
-        secret = {NOISE_KEY: state.extra[NOISE_KEY]} if NOISE_KEY in state.extra else {}
         if central and self.noise_multiplier:
-            g = noise_generator(noise_key(secret, self.facts.noise_seed, "server"), "dp central", rnd)
+            noise = SecretStream(self.server_key(state), "dp central noise", rnd)
             for n in total:
-                total[n] += torch.randn(total[n].shape, generator=g, dtype=torch.float64) * (self.change_noise * clip)
-            below += float(torch.randn((), generator=g, dtype=torch.float64)) * self.count_std
+                total[n] += noise.normal(total[n].shape) * (self.change_noise * clip)
+            below += float(noise.normal((1,))[0]) * self.count_std
         mean = ClientUpdate(-1, {n: (t.double() + total[n] / m).to(t.dtype) for n, t in start.items()}, 1)
         new = self.inner.aggregate(rnd, [mean], state)
         metrics = {"dp/clip": clip, "dp/clients": count}
@@ -238,7 +254,7 @@ class Dp(Wrapper):
                 -self.options.clip_lr * (unclipped - self.options.target_quantile)), dtype=torch.float64)}
             metrics["dp/unclipped"] = unclipped
         new.metrics = {**new.metrics, **metrics}
-        new.extra = {**new.extra, **secret}  # the server's key stays in its state (and checkpoint), nowhere else
+        new.extra = {**new.extra, NOISE_KEY: self.server_key(state)}  # kept in the server's state, nowhere else
         return new
 
     # ------------------------------------------------------------------ client side (distributed noise)
@@ -253,14 +269,14 @@ class Dp(Wrapper):
         k = self.facts.clients_per_round
         unclipped = _norm(delta) <= clip
         delta, _ = clip_change(delta, clip)
-        g = noise_generator(noise_key(ctx.state, self.facts.noise_seed, "client", ctx.client_id), "dp share",
-                            ctx.round)
+        shares = SecretStream(round_key(ctx.secrets, self.facts.noise_seed, ctx.client_id, ctx.round),
+                              "dp noise share", ctx.round)
         tensors = dict(u.tensors)
         for n in names:
-            share = torch.randn(delta[n].shape, generator=g, dtype=torch.float64) * (self.change_noise * clip / k**0.5)
+            share = shares.normal(delta[n].shape) * (self.change_noise * clip / k**0.5)
             tensors[n] = (start[n].double() + delta[n] + share).to(u.tensors[n].dtype)
         if self.options.adaptive:
-            noise = float(torch.randn((), generator=g, dtype=torch.float64)) * self.count_std / k**0.5
+            noise = float(shares.normal((1,))[0]) * self.count_std / k**0.5
             tensors[BELOW] = torch.tensor(float(unclipped) - 0.5 + noise, dtype=torch.float32)
         return ClientUpdate(u.client_id, tensors, u.num_examples, u.metrics)
 

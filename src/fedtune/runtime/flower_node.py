@@ -182,6 +182,10 @@ def node_experiment(run_json: str, node_config: dict[str, Any], deployed: bool =
         if cfg.federation.attack.kind != "none":
             raise public_error(f"the run asks nodes to attack (federation.attack: {cfg.federation.attack.kind}); a "
                                "deployed node never misbehaves on the server's say: attacks are for simulations")
+        if cfg.privacy.reproducible_noise:
+            raise public_error("the run asks nodes to draw their DP noise from the run's seed "
+                               "(privacy.reproducible_noise), which the server chose and anyone with the config knows; "
+                               "a deployed node draws it from a key of its own")
     run_hash = hashlib.sha256(run_json.encode()).hexdigest()
     with _LOCK:
         built = _BUILT
@@ -233,7 +237,7 @@ def answer(message_type: str, content: RecordDict, node_config: dict[str, Any], 
         exp, cid, meta = _meta_of(content, node_config, deployed)
         payload = Payload(record_to_tensors(content["payload"]), dict(content["config"]))
         update = client_round(exp, cid, int(meta["round"]), payload, held, float(meta["lr"]))
-        metrics = {"client_id": cid, "num_examples": int(update.num_examples), "state_tensors": len(held)}
+        metrics = {"client_id": cid, "num_examples": int(update.num_examples), "state_tensors": len(public(held))}
         metrics.update({f"m.{k}": float(v) for k, v in update.metrics.items()})
         return (RecordDict({"update": tensors_to_record(update.tensors), "metrics": MetricRecord(metrics)}),
                 tensors_to_record(held))

@@ -14,9 +14,10 @@ from typing import TypeVar
 
 from fedtune.aggregation import Tensors
 from fedtune.algorithms import ClientUpdate, Payload
-from fedtune.dp_noise import public
+from fedtune.dp_noise import noise_key, public
 from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment
+from fedtune.privacy import clients_add_noise
 from fedtune.runtime.client import client_evaluate, client_round
 
 log = logging.getLogger("fedtune.inprocess")
@@ -37,6 +38,9 @@ class InProcessPool:
         self.on_step = on_step
         self.tolerate = exp.cfg.federation.tolerate_client_failures
         self.client_states: dict[int, Tensors] = {cid: {} for cid in range(exp.num_clients)}
+        if clients_add_noise(exp.cfg):  # each client's DP key from the start, so that round 0's checkpoint holds it
+            for cid, state in self.client_states.items():
+                noise_key(state, exp.algorithm.facts.noise_seed, "client", cid)
         self.failures: dict[int, str] = {}
         self.dropped: dict[int, str] = {}
         self.round_bytes = None  # nothing crosses a wire

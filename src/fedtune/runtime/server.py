@@ -328,7 +328,8 @@ def run_rounds(exp: Experiment, pool: ClientPool, log: RunLog, hooks: RoundHooks
 
     for rnd in range(row["round"] + 1, rounds + 1):
         t_start = now()
-        clients = algo.participants(rnd, sample_clients(cfg.seed, rnd, exp.num_clients, k, rate))
+        secret = privacy.dp.sampling(state, rnd) if privacy is not None and privacy.dp is not None else None
+        clients = algo.participants(rnd, sample_clients(cfg.seed, rnd, exp.num_clients, k, rate, secret))
         sizes = [tr for tr, _ in exp.client_sizes]
         stop = privacy.stops_before(rnd, clients, sizes) if privacy is not None else None
         if stop:
