@@ -223,15 +223,20 @@ def test_round_key_draws_each_round_once():
             round_key(store, None, 5, again)
 
 
-def test_a_flower_run_whose_clients_add_noise_is_not_resumed(tmp_path, tiny_model_dir, tiny_tsv_dataset,
+@pytest.mark.parametrize("again", ["flower", "inprocess"])
+def test_a_flower_run_whose_clients_add_noise_is_not_resumed(again, tmp_path, tiny_model_dir, tiny_tsv_dataset,
                                                              monkeypatch):
+    """On Flower or in-process: either would draw new client keys and redo the interrupted round."""
     import fedtune.run as run_module
 
     cfg = _dp_sgd_cfg(tmp_path, tiny_model_dir, tiny_tsv_dataset, "flower-sgd")
-    monkeypatch.setattr(run_module, "save_checkpoint", _stopping_at(1, {}, "first"))
+    monkeypatch.setattr(run_module, "save_checkpoint", _stopping_at(2, {}, "first"))
     with pytest.raises(Stop):
         execute_with(cfg, local_grid_driver(LocalGrid(3)), "flower")
     monkeypatch.undo()
-    with pytest.raises(FedtuneError, match=r"on Flower: its clients' DP keys lived on their nodes for that run only") as e:
-        execute_with(cfg, local_grid_driver(LocalGrid(3)), "flower", resume=True)
+    with pytest.raises(FedtuneError, match=r"its clients' DP keys are not in its checkpoint") as e:
+        if again == "flower":
+            execute_with(cfg, local_grid_driver(LocalGrid(3)), "flower", resume=True)
+        else:
+            execute(cfg, resume=True)
     assert "\n" not in str(e.value) and "a rerun spends ε again" in str(e.value)

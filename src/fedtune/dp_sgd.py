@@ -177,7 +177,7 @@ class PrivateGradient:
                 summed[n] = torch.einsum("b,b...->...", factors.to(g.dtype), g)
         scale = self.noise_multiplier * self.clip
         for n, p in params:
-            noise = self.noise.normal(p.shape).to(p.dtype) * scale if scale else 0.0
+            noise = (self.noise.normal(p.shape) * scale).to(p.dtype) if scale else 0.0
             g = (summed[n] + (noise.to(p.device) if scale else 0.0)) / self.expected_batch
             p.grad = g if regulariser[n] is None else g + regulariser[n]
         return total, rows

@@ -38,6 +38,7 @@ from fedtune.algorithms import ClientContext, ServerState
 from fedtune.model_card import write_model_cards
 from fedtune.models.base import public_model_name
 from fedtune.models.lora import MERGED, MERGED_FILE
+from fedtune.dp_noise import NOISE_KEY
 from fedtune.privacy import clients_add_noise
 from fedtune.progress import RunProgress
 from fedtune.report import clustering_plots
@@ -143,11 +144,12 @@ def execute_with(cfg: RunConfig, driver: Driver, runtime: str, overwrite: bool =
                 f"cannot resume {cfg.run_dir}: algorithm '{cfg.algorithm.name}' kept per-client state on the Flower "
                 f"nodes of clients {ckpt.clients_with_state_on_nodes}, which the checkpoint does not hold; rerun it"
             )
-        if runtime == "flower" and clients_add_noise(cfg):
+        if clients_add_noise(cfg) and (ckpt.client_states is None or any(
+                NOISE_KEY not in state for state in ckpt.client_states.values())):
             raise FedtuneError(
-                f"cannot resume {cfg.run_dir} on Flower: its clients' DP keys lived on their nodes for that run only, "
-                "so a resumed run would draw new ones and release the interrupted round again under other noise, "
-                "which the ε does not count; rerun it (a rerun spends ε again)")
+                f"cannot resume {cfg.run_dir}: its clients' DP keys are not in its checkpoint (a Flower run keeps them "
+                "on its nodes, for that run only), so a resumed run would draw new ones and release the interrupted "
+                "round again under other noise, which the ε does not count; rerun it (a rerun spends ε again)")
         log = _reopen_log(cfg, ckpt, say)
         console.print(f"resuming {cfg.run_dir} after round {ckpt.round}")
     else:
