@@ -37,16 +37,17 @@ The recorded results (README, "Personalised mixtures of LoRA experts"): scenario
     python benchmarks/fedamole.py --scenarios a-0.1 a-1 a-100 --rounds 6 --steps 8 --batch 8 --workers 1
 
 (exponential schedule, every round evaluated); the rows of FedPrompt, FedPTuning, FDLoRA and the equal-bytes
-settings, in a-1 and a-100 (not a-0.1, b, c), from one invocation per scenario
+settings, in a-0.1, a-1 and a-100, from one invocation per scenario
 
     python benchmarks/fedamole.py --scenarios a-1 --rounds 6 --steps 8 --batch 8 --workers 1 \
         --methods fedprompt fedptuning fdlora fedit-r60 fedamole-r1
 
-b and c were recorded earlier, before the reference code's
-balance loss and schedule, with the last round evaluated only (no bmta), from two invocations side by side::
+b and c, every method, from two invocations side by side::
 
-    python benchmarks/fedamole.py --scenarios b --rounds 4 --steps 5 --batch 4 --workers 1
-    python benchmarks/fedamole.py --scenarios c --rows 500 --rounds 2 --steps 3 --batch 4 --new-tokens 64 --workers 1
+    python benchmarks/fedamole.py --scenarios b --rounds 4 --steps 5 --batch 4 --workers 1 --methods fedprompt \
+        fedptuning fdlora fedit-r60 fedamole-r1 fedamole fedit local
+    python benchmarks/fedamole.py --scenarios c --rows 500 --rounds 2 --steps 3 --batch 4 --new-tokens 64 \
+        --workers 1 --methods fedprompt fedptuning fdlora fedit-r60 fedamole-r1 fedamole fedit local
 
 Writes ``benchmarks/results/fedamole.json``: per scenario and method the figures above and the metric's
 name, MB up/down, wall seconds and the mean experts per client (FedAMoLE), with the sizes used and a matmul
