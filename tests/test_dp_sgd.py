@@ -73,7 +73,8 @@ def test_a_private_step_clips_every_row_and_adds_noise_of_sigma_c_over_b(tmp_pat
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     # no clipping (C huge), no noise: the sum of the rows' gradients over the expected batch
-    exact = PrivateGradient(clip=1e9, noise_multiplier=0.0, expected_batch=4.0, noise=SecretStream(noise_key({}, None), "test", 1))
+    exact = PrivateGradient(clip=1e9, noise_multiplier=0.0, expected_batch=4.0,
+                            noise=SecretStream(noise_key({}, None), "test", 1))
     exact.backward(model, batch, exp.forward, task, lambda: torch.autocast("cpu", enabled=False))
     private = [p.grad.clone() for _, p in params]
     mean = model(**batch).loss  # the batch's mean loss: its gradient times 8 rows / 4 expected
@@ -110,7 +111,9 @@ def test_fedprox_under_dp_sgd_adds_its_proximal_gradient_unclipped(tmp_path, tin
     algo = build_algorithm("fedprox", {"mu": 0.7})
     ctx = ClientContext(0, 1, model, exp.initial, {}, start=start)
     empty = exp.client(0).examples.collate([])
-    PrivateGradient(clip=1.0, noise_multiplier=0.0, expected_batch=4.0, noise=SecretStream(noise_key({}, None), "test", 1)).backward(
+    step = PrivateGradient(clip=1.0, noise_multiplier=0.0, expected_batch=4.0,
+                           noise=SecretStream(noise_key({}, None), "test", 1))
+    step.backward(
         model, empty, exp.forward, lambda b, out: algo.loss(ctx, b, out), lambda: torch.autocast("cpu", enabled=False))
     for n, p in params:  # no rows, no noise: the gradient is μ(θ − θ_g) alone, not clipped to C
         torch.testing.assert_close(p.grad, 0.7 * (p.detach() - start[n]))

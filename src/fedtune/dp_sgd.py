@@ -7,10 +7,10 @@ A step of client i (n_i training rows, B = ``train.batch_size``, q_i = B / n_i, 
     g_j = ∇_θ ℓ_j(θ) for each j ∈ S          ℓ_j: row j's own task loss, θ: the trainable tensors only
     g̃  = ( Σ_{j∈S} g_j · min(1, C / ‖g_j‖₂)  +  N(0, σ² C² I) ) / B  +  ∇_θ r(θ)
 
-and the client's optimiser steps with g̃ (S and the noise drawn from the client's secret key, :mod:`fedtune.dp_noise`);
-r is what the algorithm adds to the task loss, a term of the parameters alone (FedProx's μ/2 ‖θ − θ_g‖²), whose
-gradient needs no privatising. ``train.max_grad_norm`` then
-bounds the step as ever (post-processing). :mod:`fedtune.privacy` accounts each step as a Poisson-sampled
+and the client's optimiser steps with g̃ (S and the noise drawn from the client's secret key,
+:mod:`fedtune.dp_noise`); r is what the algorithm adds to the task loss, a term of the parameters alone
+(FedProx's μ/2 ‖θ − θ_g‖²), whose gradient needs no privatising. ``train.max_grad_norm`` then bounds the step
+as ever (post-processing). :mod:`fedtune.privacy` accounts each step as a Poisson-sampled
 Gaussian with add/remove-one neighbours.
 
 Per-row gradients are taken layer by layer, as Opacus's functorch path does: forward hooks keep each input of

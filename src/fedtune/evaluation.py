@@ -290,10 +290,6 @@ def perplexity_metrics(nll_sum: float, tokens: int, n: int) -> dict[str, float]:
     return {"loss": loss, "perplexity": float(np.exp(min(loss, 700.0))), "n": n}
 
 
-def _generate(model: torch.nn.Module, **kwargs) -> torch.Tensor:
-    return model.generate(**kwargs)
-
-
 @torch.no_grad()
 def generate_greedy(model: torch.nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,
                     batch_size: int = 16) -> list[str]:
@@ -316,9 +312,9 @@ def generate_greedy(model: torch.nn.Module, tokenizer, prompts: list[list[int]],
                 ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
                 mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx],
                                     device=device)
-                out = (prompted_generate if is_prompt_learning(model) else _generate)(
-                    model, input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                    pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                greedy = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                out = prompted_generate(model, **greedy) if is_prompt_learning(model) else model.generate(**greedy)
                 for row, i in enumerate(idx):
                     new = out[row, width:].tolist()
                     if tokenizer.eos_token_id in new:

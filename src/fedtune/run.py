@@ -31,6 +31,7 @@ from rich.console import Console
 from fedtune.aggregation import Tensors
 from fedtune.config import RunConfig, differences
 from fedtune.data import summary_table
+from fedtune.dp_noise import NOISE_KEY
 from fedtune.errors import FedtuneError
 from fedtune.experiment import Experiment, build_experiment
 from fedtune.files import replaced_folder
@@ -38,7 +39,6 @@ from fedtune.algorithms import ClientContext, ServerState
 from fedtune.model_card import write_model_cards
 from fedtune.models.base import public_model_name
 from fedtune.models.lora import MERGED, MERGED_FILE
-from fedtune.dp_noise import NOISE_KEY
 from fedtune.privacy import clients_add_noise
 from fedtune.progress import RunProgress
 from fedtune.report import clustering_plots

@@ -28,8 +28,9 @@ neighbours, where both sensitivities double.
 
 The noise and the server's client sampling are drawn from a secret key of the party that draws them (the
 server's is made with the initial state; each client's), never from the run's seed (:mod:`fedtune.dp_noise`):
-amplification by sampling needs a sample that whoever knows the config cannot recompute. The guarantee covers what the server releases (every round's global
-model); the run log is the server's own record and lists each round's clients and their change norms.
+amplification by sampling needs a sample that whoever knows the config cannot recompute. The guarantee covers
+what the server releases (every round's global model); the run log is the server's own record and lists each
+round's clients and their change norms.
 """
 
 from __future__ import annotations
@@ -239,9 +240,9 @@ class Dp(Wrapper):
             for n, d in delta.items():
                 total[n] += d
             count += 1
-        m = self.expected_clients
+        m, key = self.expected_clients, self.server_key(state)
         if central and self.noise_multiplier:
-            noise = SecretStream(self.server_key(state), "dp central noise", rnd)
+            noise = SecretStream(key, "dp central noise", rnd)
             for n in total:
                 total[n] += noise.normal(total[n].shape) * (self.change_noise * clip)
             below += float(noise.normal((1,))[0]) * self.count_std
@@ -254,7 +255,7 @@ class Dp(Wrapper):
                 -self.options.clip_lr * (unclipped - self.options.target_quantile)), dtype=torch.float64)}
             metrics["dp/unclipped"] = unclipped
         new.metrics = {**new.metrics, **metrics}
-        new.extra = {**new.extra, NOISE_KEY: self.server_key(state)}  # kept in the server's state, nowhere else
+        new.extra = {**new.extra, NOISE_KEY: key}  # kept in the server's state, nowhere else
         return new
 
     # ------------------------------------------------------------------ client side (distributed noise)
